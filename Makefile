@@ -1,0 +1,25 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: deps build wasm test run bench lint clean
+
+deps:
+	@scripts/deps.sh
+
+wasm: deps
+	$(CARGO) build --release --target wasm32-wasip1 -p openclaw-filter
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+# Every test: unit tests, the sidecar against the MongoDB-wire server, the built
+# .wasm in a real Envoy, end-to-end through the whole stack.
+test: build
+	scripts/with-mongo.sh $(CARGO) test --workspace --no-fail-fast
+
+lint: deps
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

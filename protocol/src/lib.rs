@@ -1,0 +1,214 @@
+//! The contract between the Envoy filter and the billing sidecar.
+//!
+//! Both sides compile these types, so the JSON shapes of `/internal/reserve` and
+//! `/internal/settle` are defined exactly once. The OpenAI error object lives here
+//! too, because the sidecar writes refusals that the filter relays verbatim.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Path of the reservation call (the balance precheck).
+pub const RESERVE_PATH: &str = "/internal/reserve";
+/// Path of the batched settlement call.
+pub const SETTLE_PATH: &str = "/internal/settle";
+/// Header carrying the optional shared secret of the internal API.
+pub const INTERNAL_TOKEN_HEADER: &str = "x-bridge-internal-token";
+/// Most records one settlement batch may carry; the filter never sends more.
+pub const MAX_SETTLE_BATCH: usize = 500;
+
+/// SHA-256 of a user key, lower-case hex. Keys are stored and looked up only by
+/// this digest, so the plain key never leaves the filter.
+pub fn key_hash(api_key: &str) -> String {
+    hex::encode(Sha256::digest(api_key.as_bytes()))
+}
+
+/// A request id becomes a field name inside the key's MongoDB document, so it is
+/// limited to characters that cannot form an operator or a dotted path.
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// `true` when `s` looks like a SHA-256 hex digest as produced by [`key_hash`].
+pub fn valid_key_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The OpenAI error object: `{"error":{"message","type","param","code"}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// Envelope around [`ErrorBody`], exactly as OpenAI clients parse it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+impl ErrorEnvelope {
+    pub fn new(message: impl Into<String>, kind: &str, param: Option<&str>, code: Option<&str>) -> Self {
+        Self {
+            error: ErrorBody {
+                message: message.into(),
+                kind: kind.to_owned(),
+                param: param.map(str::to_owned),
+                code: code.map(str::to_owned),
+            },
+        }
+    }
+
+    /// Serialized form; a struct of strings always serializes.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Hold `estimate` tokens of the key's balance for one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveRequest {
+    pub key_hash: String,
+    pub request_id: String,
+    pub model: String,
+    pub estimate: i64,
+}
+
+/// The sidecar's answer to a reservation. A refusal is a normal 200 reply carrying
+/// the status and error the client must see; any non-200 reply means the sidecar
+/// failed, which the filter must never turn into a 401 or 429.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum ReserveReply {
+    Admit { balance_tokens: i64 },
+    Refuse { status: u16, error: ErrorBody },
+}
+
+/// Where the token counts of a settlement came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageSource {
+    /// The `usage` object the upstream reported: exact, includes reasoning tokens.
+    Upstream,
+    /// Counted by the filter with tiktoken because no usage arrived.
+    Tiktoken,
+    /// The reserved estimate, charged when a hold expired unsettled.
+    Estimate,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Upstream => "upstream",
+            UsageSource::Tiktoken => "tiktoken",
+            UsageSource::Estimate => "estimate",
+        }
+    }
+}
+
+/// What one admitted request consumed, sent by the filter after the request ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleRecord {
+    pub request_id: String,
+    pub key_hash: String,
+    pub model: String,
+    /// Tokens the reservation held; the sidecar refunds or debits the difference.
+    pub reserved: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub usage_source: UsageSource,
+    pub duration_ms: i64,
+    pub status_code: u16,
+    pub stream: bool,
+    /// Admitted without a hold because the sidecar was unreachable and the
+    /// plugin's failure mode is `allow`.
+    #[serde(default)]
+    pub unreserved: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleBatch {
+    pub records: Vec<SettleRecord>,
+}
+
+/// Fate of one settlement record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettleOutcome {
+    /// The hold was replaced by the actual usage and the audit row written.
+    Settled,
+    /// This request id was settled before; nothing changed.
+    AlreadySettled,
+    /// The hold had expired and was charged by the sidecar; nothing changed.
+    Expired,
+    /// No hold and no audit row for this id under this key.
+    Unknown,
+    /// The record itself is malformed (bad id, negative counts, wrong hold size).
+    Invalid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleResult {
+    pub request_id: String,
+    pub outcome: SettleOutcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettleReply {
+    pub results: Vec<SettleResult>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_hash_is_sha256_hex() {
+        // sha256("abc") from FIPS 180-2.
+        assert_eq!(
+            key_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(valid_key_hash(&key_hash("sk-anything")));
+        assert!(!valid_key_hash("ABC"));
+    }
+
+    #[test]
+    fn request_ids_cannot_form_paths_or_operators() {
+        assert!(valid_request_id("0f3a-9b_Z"));
+        for bad in ["", "a.b", "$set", "a b", &"x".repeat(129)] {
+            assert!(!valid_request_id(bad), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn reserve_reply_is_tagged_by_verdict() {
+        let admit: ReserveReply =
+            serde_json::from_str(r#"{"verdict":"admit","balance_tokens":7}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(admit, ReserveReply::Admit { balance_tokens: 7 });
+        let refuse = ReserveReply::Refuse {
+            status: 429,
+            error: ErrorEnvelope::new("no", "insufficient_quota", None, Some("insufficient_quota")).error,
+        };
+        let text = serde_json::to_string(&refuse).unwrap_or_default();
+        assert!(text.starts_with(r#"{"verdict":"refuse","status":429,"error":{"message":"no","type":"insufficient_quota""#), "{text}");
+    }
+
+    #[test]
+    fn error_envelope_has_all_four_fields() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&ErrorEnvelope::new("m", "t", None, None).to_json()).unwrap_or_default();
+        assert_eq!(v, serde_json::json!({"error":{"message":"m","type":"t","param":null,"code":null}}));
+    }
+}

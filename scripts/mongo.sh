@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Starts and stops the MongoDB-wire-compatible server (SecantusDB from PyPI) on
+# loopback, on a free port, for tests and local runs.
+#   scripts/mongo.sh start DIR   -> prints the connection URI; DIR holds pid, uri, log, data
+#   scripts/mongo.sh stop DIR    -> stops the server started there (by pid)
+set -euo pipefail
+cmd="${1:-}"; dir="${2:-}"
+[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+mkdir -p "$dir"
+dir="$(cd "$dir" && pwd)"
+
+case "$cmd" in
+start)
+  if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then cat "$dir/uri"; exit 0; fi
+  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  storage="${MONGO_STORAGE:-$dir/data}"
+  # setsid: its own process group, so a Ctrl-C at the terminal reaches it only through us.
+  setsid secantusd-py --host 127.0.0.1 --port "$port" --storage-path "$storage" --log-level WARNING \
+    >"$dir/log" 2>&1 < /dev/null &
+  echo $! > "$dir/pid"
+  # retryWrites=false: the server's retry bookkeeping slows writes after ~10k.
+  uri="mongodb://127.0.0.1:$port/?retryWrites=false"
+  echo "$uri" > "$dir/uri"
+  for _ in $(seq 1 300); do
+    if python3 - "$uri" <<'PY' 2>/dev/null; then echo "$uri"; exit 0; fi
+import sys, pymongo
+pymongo.MongoClient(sys.argv[1], serverSelectionTimeoutMS=300).admin.command("ping")
+PY
+    kill -0 "$(cat "$dir/pid")" 2>/dev/null || { echo "mongo: the server exited; see $dir/log" >&2; cat "$dir/log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "mongo: no answer on $uri after 30 s; see $dir/log" >&2; exit 1 ;;
+stop)
+  if [ -f "$dir/pid" ]; then
+    pid="$(cat "$dir/pid")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$dir/pid"
+  fi ;;
+*) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+esac

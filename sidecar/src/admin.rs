@@ -1,0 +1,165 @@
+//! The admin API of the seed: create, list, top up and freeze keys.
+//! Bodies are checked field by field so every 400 names the field at fault.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde_json::{Map, Value};
+
+use crate::error::{AppError, Json};
+use crate::keys;
+use crate::store::{KeyStatus, KeyView, NewKey};
+use crate::AppState;
+
+const DEFAULT_PAGE: i64 = 100;
+const MAX_PAGE: i64 = 1000;
+
+fn object(body: Value) -> Result<Map<String, Value>, AppError> {
+    match body {
+        Value::Object(map) => Ok(map),
+        _ => Err(AppError::bad_request("The body must be a JSON object.", None)),
+    }
+}
+
+fn reject_unknown(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), AppError> {
+    match map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(field) => Err(AppError::bad_request(
+            format!("Unknown field '{field}'; allowed: {}.", allowed.join(", ")),
+            Some(field),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn integer(map: &Map<String, Value>, field: &str) -> Result<Option<i64>, AppError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
+            AppError::bad_request(format!("{field} must be a whole number of tokens."), Some(field))
+        }),
+        Some(_) => Err(AppError::bad_request(format!("{field} must be an integer."), Some(field))),
+    }
+}
+
+fn string<'a>(map: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, AppError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(AppError::bad_request(format!("{field} must be a string."), Some(field))),
+    }
+}
+
+fn status(map: &Map<String, Value>) -> Result<Option<KeyStatus>, AppError> {
+    string(map, "status")?
+        .map(|s| {
+            KeyStatus::parse(s).ok_or_else(|| {
+                AppError::bad_request(
+                    format!("status must be 'active' or 'frozen', not '{s}'."),
+                    Some("status"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// `POST /admin/keys`: `{api_key?, user_name, balance_tokens, status?}`.
+#[tracing::instrument(skip_all)]
+pub async fn create_key(
+    State(state): State<AppState>,
+    Json(body): Json<Value>,
+) -> Result<(StatusCode, Json<KeyView>), AppError> {
+    let map = object(body)?;
+    reject_unknown(&map, &["api_key", "user_name", "balance_tokens", "status"])?;
+    let user_name = string(&map, "user_name")?
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| AppError::bad_request("user_name is required and may not be empty.", Some("user_name")))?;
+    if user_name.chars().count() > 256 {
+        return Err(AppError::bad_request("user_name is longer than 256 characters.", Some("user_name")));
+    }
+    let balance_tokens = integer(&map, "balance_tokens")?.unwrap_or(0);
+    if balance_tokens < 0 {
+        return Err(AppError::bad_request("balance_tokens must be >= 0.", Some("balance_tokens")));
+    }
+    let status = status(&map)?.unwrap_or(KeyStatus::Active);
+    let (api_key, generated) = match string(&map, "api_key")? {
+        Some(k) => {
+            keys::validate_key(k)?;
+            (k.to_owned(), false)
+        }
+        None => (keys::generate_key()?, true),
+    };
+    let view = state
+        .store
+        .create_key(NewKey { api_key, user_name: user_name.to_owned(), balance_tokens, status }, generated)
+        .await?;
+    tracing::info!(key = %view.key_id, user = %view.user_name, balance_tokens, generated, "admin created key");
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    limit: Option<String>,
+    offset: Option<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct KeyList {
+    object: &'static str,
+    data: Vec<KeyView>,
+    total: u64,
+    limit: i64,
+    offset: u64,
+    has_more: bool,
+}
+
+/// `GET /admin/keys?limit=&offset=`: one page, oldest key first.
+#[tracing::instrument(skip_all)]
+pub async fn list_keys(
+    State(state): State<AppState>,
+    query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<KeyList>, AppError> {
+    let Query(page) = query.map_err(|e| AppError::bad_request(e.body_text(), None))?;
+    let limit = match page.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| AppError::bad_request(format!("limit must be 1 to {MAX_PAGE}."), Some("limit")))?,
+    };
+    let offset = match page.offset.as_deref() {
+        None => 0,
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| AppError::bad_request("offset must be a whole number >= 0.", Some("offset")))?,
+    };
+    let (data, total) = state.store.list_keys(limit, offset).await?;
+    let has_more = offset.saturating_add(data.len() as u64) < total;
+    tracing::info!(count = data.len(), offset, "admin listed keys");
+    Ok(Json(KeyList { object: "list", data, total, limit, offset, has_more }))
+}
+
+/// `PATCH /admin/keys/{api_key}`: `balance_tokens` is added (negative deducts, never
+/// below zero), `status` sets `active` or `frozen`.
+#[tracing::instrument(skip_all)]
+pub async fn patch_key(
+    State(state): State<AppState>,
+    Path(api_key): Path<String>,
+    Json(body): Json<Value>,
+) -> Result<Json<KeyView>, AppError> {
+    let map = object(body)?;
+    reject_unknown(&map, &["balance_tokens", "status"])?;
+    let delta = integer(&map, "balance_tokens")?;
+    let status = status(&map)?;
+    if delta.is_none() && status.is_none() {
+        return Err(AppError::bad_request(
+            "Give balance_tokens (added to the balance) and/or status.",
+            None,
+        ));
+    }
+    let hash = bridge_protocol::key_hash(&api_key);
+    let view = state.store.patch_key(&hash, delta, status).await?;
+    tracing::info!(key = %view.key_id, delta = ?delta, status = ?status, balance = view.balance_tokens, "admin updated key");
+    Ok(Json(view))
+}

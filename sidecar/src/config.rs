@@ -1,0 +1,174 @@
+//! Typed settings, read once from the environment (and `.env`) and validated at
+//! start, so a typo fails the launch with the variable's name instead of failing
+//! the first request.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A secret that never prints itself: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The only way to the value; call sites are easy to audit.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Connection string; may hold credentials, hence a secret.
+    pub mongodb_uri: Secret,
+    pub mongodb_db: String,
+    pub admin_token: Secret,
+    /// When set, `/internal/*` also requires this value in `x-bridge-internal-token`.
+    pub internal_token: Option<Secret>,
+    /// Loopback by default: the internal API must not face the network.
+    pub listen: SocketAddr,
+    pub log_level: String,
+    pub log_file: String,
+    /// How long a hold may stay unsettled before the sweeper charges it.
+    pub hold_ttl: Duration,
+    pub sweep_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{0} is required but not set")]
+    Missing(&'static str),
+    #[error("{var} is invalid: {reason}")]
+    Invalid { var: &'static str, reason: String },
+}
+
+pub const DEFAULT_MONGODB_URI: &str = "mongodb://127.0.0.1:27017/?retryWrites=false";
+
+impl Settings {
+    /// Settings from the process environment, after loading `.env` if present.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        // A missing .env is normal; a malformed one is reported by the variables it leaves unset.
+        let _ = dotenvy::dotenv();
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Settings from any lookup function, so tests need not touch the process environment.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
+        let admin_token = get("ADMIN_TOKEN").ok_or(ConfigError::Missing("ADMIN_TOKEN"))?;
+        if admin_token.len() < 8 {
+            return Err(ConfigError::Invalid {
+                var: "ADMIN_TOKEN",
+                reason: "must be at least 8 characters".into(),
+            });
+        }
+        let mongodb_uri = get("MONGODB_URI").unwrap_or_else(|| DEFAULT_MONGODB_URI.into());
+        if !(mongodb_uri.starts_with("mongodb://") || mongodb_uri.starts_with("mongodb+srv://")) {
+            return Err(ConfigError::Invalid {
+                var: "MONGODB_URI",
+                reason: "must start with mongodb:// or mongodb+srv://".into(),
+            });
+        }
+        let mongodb_db = get("MONGODB_DB").unwrap_or_else(|| "openclaw_llm_bridge".into());
+        if mongodb_db.contains(['/', '\\', '.', ' ', '"', '$']) || mongodb_db.len() > 63 {
+            return Err(ConfigError::Invalid {
+                var: "MONGODB_DB",
+                reason: "must be a MongoDB database name (no / \\ . space \" $, at most 63 bytes)".into(),
+            });
+        }
+        let listen_text = get("SIDECAR_ADDR").unwrap_or_else(|| "127.0.0.1:8001".into());
+        let listen = listen_text.parse().map_err(|_| ConfigError::Invalid {
+            var: "SIDECAR_ADDR",
+            reason: format!("{listen_text:?} is not an address like 127.0.0.1:8001"),
+        })?;
+        let secs = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
+            match get(var) {
+                None => Ok(Duration::from_secs(default)),
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+                    _ => Err(ConfigError::Invalid {
+                        var,
+                        reason: format!("{v:?} is not a positive number of seconds"),
+                    }),
+                },
+            }
+        };
+        Ok(Self {
+            mongodb_uri: Secret::new(mongodb_uri),
+            mongodb_db,
+            admin_token: Secret::new(admin_token),
+            internal_token: get("INTERNAL_TOKEN").map(Secret::new),
+            listen,
+            log_level: get("LOG_LEVEL").unwrap_or_else(|| "info".into()),
+            log_file: get("LOG_FILE").unwrap_or_else(|| "app.log".into()),
+            hold_ttl: secs("HOLD_TTL_SECS", 1800)?,
+            sweep_interval: secs("SWEEP_INTERVAL_SECS", 10)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn admin_token_is_required() {
+        assert_eq!(settings(&[]).err(), Some(ConfigError::Missing("ADMIN_TOKEN")));
+    }
+
+    #[test]
+    fn defaults_follow_the_seed() {
+        let s = settings(&[("ADMIN_TOKEN", "secret-admin")]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.mongodb_db, "openclaw_llm_bridge");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8001");
+        assert_eq!(s.log_file, "app.log");
+        assert_eq!(s.hold_ttl, Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn malformed_values_name_their_variable() {
+        for (var, value) in [
+            ("SIDECAR_ADDR", "nowhere"),
+            ("HOLD_TTL_SECS", "-3"),
+            ("SWEEP_INTERVAL_SECS", "soon"),
+            ("MONGODB_URI", "http://x"),
+            ("MONGODB_DB", "a.b"),
+        ] {
+            let err = settings(&[("ADMIN_TOKEN", "secret-admin"), (var, value)]).err();
+            match err {
+                Some(ConfigError::Invalid { var: named, .. }) => assert_eq!(named, var),
+                other => panic!("{var}={value}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_redact_themselves() {
+        let s = settings(&[("ADMIN_TOKEN", "secret-admin"), ("INTERNAL_TOKEN", "inner-token")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("secret-admin") && !shown.contains("inner-token"), "{shown}");
+    }
+}

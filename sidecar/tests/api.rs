@@ -1,0 +1,520 @@
+//! The sidecar over HTTP against the MongoDB-wire server: the seed's admin flow,
+//! validation, reservations under contention, idempotent settlement, hold
+//! expiry and a restart between settlement batches.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use bridge_protocol::{key_hash, ReserveReply, SettleOutcome, SettleRecord, SettleReply, UsageSource};
+use bridge_tests::{mongo_uri, start_sidecar, unique_db};
+use mongodb::bson::{doc, Document};
+use openclaw_sidecar::config::Secret;
+use openclaw_sidecar::store::Store;
+use openclaw_sidecar::{app, sweeper, AppState};
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+
+const ADMIN: &str = "test-admin-token";
+
+struct Sidecar {
+    url: String,
+    http: Client,
+    db: mongodb::Database,
+    state: AppState,
+}
+
+async fn start_with(ttl: Duration, internal: Option<&str>) -> Sidecar {
+    let db_name = unique_db("sidecar");
+    let store = Store::connect(&mongo_uri(), &db_name, ttl).await.unwrap();
+    store.ensure_indexes().await.unwrap();
+    let state = AppState::new(store, &Secret::new(ADMIN), internal.map(Secret::new));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = app(state.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let db = mongodb::Client::with_uri_str(mongo_uri()).await.unwrap().database(&db_name);
+    Sidecar { url, http: Client::new(), db, state }
+}
+
+async fn start() -> Sidecar {
+    start_with(Duration::from_secs(1800), None).await
+}
+
+impl Sidecar {
+    async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(ADMIN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn create(&self, key: &str, balance: i64) -> Value {
+        let (s, v) = self
+            .admin(
+                reqwest::Method::POST,
+                "/admin/keys",
+                Some(json!({"api_key": key, "user_name": "张三", "balance_tokens": balance, "status": "active"})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    async fn reserve(&self, key: &str, request_id: &str, estimate: i64) -> ReserveReply {
+        let resp = self
+            .http
+            .post(format!("{}/internal/reserve", self.url))
+            .json(&json!({"key_hash": key_hash(key), "request_id": request_id, "model": "gpt-5-nano", "estimate": estimate}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.unwrap()
+    }
+
+    async fn settle(&self, records: &[SettleRecord]) -> SettleReply {
+        settle_at(&self.http, &self.url, records).await
+    }
+
+    async fn balance(&self, key: &str) -> i64 {
+        let d = self.db.collection::<Document>("api_keys").find_one(doc! {"_id": key_hash(key)}).await.unwrap().unwrap();
+        d.get_i64("balance_tokens").unwrap()
+    }
+
+    async fn audit_rows(&self) -> Vec<Document> {
+        use futures::TryStreamExt;
+        self.db.collection::<Document>("audit_logs").find(doc! {}).await.unwrap().try_collect().await.unwrap()
+    }
+}
+
+async fn settle_at(http: &Client, url: &str, records: &[SettleRecord]) -> SettleReply {
+    let resp = http.post(format!("{url}/internal/settle")).json(&json!({"records": records})).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.unwrap()
+}
+
+fn record(key: &str, request_id: &str, reserved: i64, input: i64, output: i64) -> SettleRecord {
+    SettleRecord {
+        request_id: request_id.into(),
+        key_hash: key_hash(key),
+        model: "gpt-5-nano".into(),
+        reserved,
+        input_tokens: input,
+        output_tokens: output,
+        usage_source: UsageSource::Upstream,
+        duration_ms: 12,
+        status_code: 200,
+        stream: true,
+        unreserved: false,
+    }
+}
+
+fn assert_openai_error(v: &Value) {
+    let e = &v["error"];
+    assert!(e["message"].is_string() && e["type"].is_string(), "{v}");
+    assert!(e.as_object().unwrap().contains_key("param") && e.as_object().unwrap().contains_key("code"), "{v}");
+}
+
+#[tokio::test]
+async fn seed_flow_create_list_top_up_freeze() {
+    let s = start().await;
+    let created = s.create("sk-my-user-key-001", 10_000).await;
+    assert_eq!(created["user_name"], "张三");
+    assert_eq!(created["balance_tokens"], 10_000);
+    assert_eq!(created["status"], "active");
+    assert_eq!(created["api_key"], "sk-my-...-001", "a given key is shown masked");
+
+    let (st, list) = s.admin(reqwest::Method::GET, "/admin/keys", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    assert_eq!(list["data"][0]["api_key"], "sk-my-...-001");
+    assert!(!list.to_string().contains("sk-my-user-key-001"), "listing leaks the key: {list}");
+
+    let (st, v) = s
+        .admin(reqwest::Method::PATCH, "/admin/keys/sk-my-user-key-001", Some(json!({"balance_tokens": 500})))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["balance_tokens"], 10_500);
+    assert_eq!(s.balance("sk-my-user-key-001").await, 10_500);
+
+    let (st, v) = s
+        .admin(reqwest::Method::PATCH, "/admin/keys/sk-my-user-key-001", Some(json!({"status": "frozen"})))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["status"], "frozen");
+    match s.reserve("sk-my-user-key-001", "r-frozen", 10).await {
+        ReserveReply::Refuse { status: 403, error } => assert_eq!(error.code.as_deref(), Some("key_frozen")),
+        other => panic!("frozen key reserved: {other:?}"),
+    }
+
+    // Top-up and reactivation together, then a deduction that may not go below zero.
+    let (st, v) = s
+        .admin(
+            reqwest::Method::PATCH,
+            "/admin/keys/sk-my-user-key-001",
+            Some(json!({"balance_tokens": -500, "status": "active"})),
+        )
+        .await;
+    assert_eq!((st, v["balance_tokens"].as_i64(), v["status"].as_str()), (StatusCode::OK, Some(10_000), Some("active")));
+    let (st, v) = s
+        .admin(reqwest::Method::PATCH, "/admin/keys/sk-my-user-key-001", Some(json!({"balance_tokens": -10_001})))
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["error"]["code"], "balance_would_go_negative");
+    assert_eq!(s.balance("sk-my-user-key-001").await, 10_000);
+
+    // Stored hashed: no document holds the key itself.
+    let raw: Vec<Document> = {
+        use futures::TryStreamExt;
+        s.db.collection::<Document>("api_keys").find(doc! {}).await.unwrap().try_collect().await.unwrap()
+    };
+    assert_eq!(raw[0].get_str("_id").unwrap(), key_hash("sk-my-user-key-001"));
+    assert!(!format!("{raw:?}").contains("sk-my-user-key-001"));
+}
+
+#[tokio::test]
+async fn generated_keys_are_shown_once_and_work() {
+    let s = start().await;
+    let (st, v) = s
+        .admin(reqwest::Method::POST, "/admin/keys", Some(json!({"user_name": "li", "balance_tokens": 50})))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let key = v["api_key"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("sk-") && key.len() == 51, "{key}");
+    let (_, list) = s.admin(reqwest::Method::GET, "/admin/keys", None).await;
+    assert!(!list.to_string().contains(&key));
+    assert!(matches!(s.reserve(&key, "r1", 50).await, ReserveReply::Admit { balance_tokens: 0 }));
+}
+
+#[tokio::test]
+async fn admin_auth_failures_are_401_in_openai_shape() {
+    let s = start().await;
+    for auth in [None, Some("Bearer wrong-token"), Some("Basic dGVzdA=="), Some(format!("Bearer {ADMIN}x").as_str())] {
+        let mut req = s.http.get(format!("{}/admin/keys", s.url));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        let v: Value = resp.json().await.unwrap();
+        assert_openai_error(&v);
+        assert_eq!(v["error"]["code"], "invalid_admin_token");
+    }
+}
+
+#[tokio::test]
+async fn every_validation_error_names_its_field() {
+    let s = start().await;
+    s.create("sk-existing-key-1", 10).await;
+    let cases = [
+        (json!({"api_key": "sk-abcdefgh1", "user_name": "a", "balance_tokens": "100"}), Some("balance_tokens")),
+        (json!({"api_key": "sk-abcdefgh1", "user_name": "a", "balance_tokens": 1.5}), Some("balance_tokens")),
+        (json!({"api_key": "sk-abcdefgh1", "user_name": "a", "balance_tokens": -1}), Some("balance_tokens")),
+        (json!({"api_key": "sk-abcdefgh1", "user_name": "a", "status": "deleted"}), Some("status")),
+        (json!({"api_key": "sk-abcdefgh1", "user_name": "  "}), Some("user_name")),
+        (json!({"api_key": "sk-abcdefgh1"}), Some("user_name")),
+        (json!({"api_key": "sk-abcdefgh1", "user_name": 5}), Some("user_name")),
+        (json!({"api_key": "sk-abcdefgh1", "user_name": "a", "colour": "red"}), Some("colour")),
+        (json!({"api_key": "short", "user_name": "a"}), Some("api_key")),
+        (json!({"api_key": "sk with space", "user_name": "a"}), Some("api_key")),
+        (json!([1, 2]), None),
+    ];
+    for (body, param) in cases {
+        let (st, v) = s.admin(reqwest::Method::POST, "/admin/keys", Some(body.clone())).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_openai_error(&v);
+        assert_eq!(v["error"]["param"].as_str(), param, "{body}: {v}");
+    }
+    // Not JSON at all.
+    let resp = s
+        .http
+        .post(format!("{}/admin/keys", s.url))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_openai_error(&resp.json().await.unwrap());
+    // Duplicate.
+    let (st, v) = s
+        .admin(reqwest::Method::POST, "/admin/keys", Some(json!({"api_key": "sk-existing-key-1", "user_name": "b"})))
+        .await;
+    assert_eq!((st, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("key_exists")), "{v}");
+    // PATCH: unknown key, nothing to change, bad types.
+    let (st, v) = s.admin(reqwest::Method::PATCH, "/admin/keys/sk-nobody-here", Some(json!({"balance_tokens": 5}))).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    assert_openai_error(&v);
+    let (st, _) = s.admin(reqwest::Method::PATCH, "/admin/keys/sk-existing-key-1", Some(json!({}))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, v) = s.admin(reqwest::Method::PATCH, "/admin/keys/sk-existing-key-1", Some(json!({"status": "gone"}))).await;
+    assert_eq!((st, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("status")));
+    let (st, v) = s.admin(reqwest::Method::PATCH, "/admin/keys/sk-existing-key-1", Some(json!({"user_name": "x"}))).await;
+    assert_eq!((st, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("user_name")));
+    // Listing parameters.
+    for q in ["limit=0", "limit=1001", "limit=abc", "offset=-1", "page=2"] {
+        let (st, v) = s.admin(reqwest::Method::GET, &format!("/admin/keys?{q}"), None).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{q}: {v}");
+        assert_openai_error(&v);
+    }
+    assert_eq!(s.balance("sk-existing-key-1").await, 10);
+}
+
+#[tokio::test]
+async fn listing_is_paginated() {
+    let s = start().await;
+    for i in 0..5 {
+        s.create(&format!("sk-page-key-{i:03}"), i).await;
+    }
+    let (_, p1) = s.admin(reqwest::Method::GET, "/admin/keys?limit=2", None).await;
+    let (_, p3) = s.admin(reqwest::Method::GET, "/admin/keys?limit=2&offset=4", None).await;
+    assert_eq!(p1["data"].as_array().unwrap().len(), 2);
+    assert_eq!((p1["total"].as_u64(), p1["has_more"].as_bool()), (Some(5), Some(true)));
+    assert_eq!(p3["data"].as_array().unwrap().len(), 1);
+    assert_eq!(p3["has_more"], false);
+    assert_eq!(p3["data"][0]["balance_tokens"], 4);
+}
+
+#[tokio::test]
+async fn reservations_refuse_unknown_and_broke_keys_with_their_codes() {
+    let s = start().await;
+    s.create("sk-small-balance", 5).await;
+    match s.reserve("sk-not-a-key-at-all", "r1", 1).await {
+        ReserveReply::Refuse { status: 401, error } => assert_eq!(error.code.as_deref(), Some("invalid_api_key")),
+        other => panic!("{other:?}"),
+    }
+    match s.reserve("sk-small-balance", "r2", 6).await {
+        ReserveReply::Refuse { status: 429, error } => {
+            assert_eq!(error.code.as_deref(), Some("insufficient_quota"));
+            assert_eq!(error.kind, "insufficient_quota");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.balance("sk-small-balance").await, 5);
+    // Malformed reservations are 400s, not refusals.
+    for body in [
+        json!({"key_hash": key_hash("x"), "request_id": "a.b", "model": "m", "estimate": 1}),
+        json!({"key_hash": "nothex", "request_id": "ab", "model": "m", "estimate": 1}),
+        json!({"key_hash": key_hash("x"), "request_id": "ab", "model": "m", "estimate": 0}),
+        json!({"key_hash": key_hash("x"), "request_id": "ab", "model": "m", "estimate": 1, "extra": 1}),
+    ] {
+        let resp = s.http.post(format!("{}/internal/reserve", s.url)).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_reserves_never_overdraw_and_settlement_is_exact_and_idempotent() {
+    let s = start().await;
+    let key = "sk-contended-key";
+    s.create(key, 10_000).await;
+    let attempts = futures::future::join_all((0..200).map(|i| {
+        let s = &s;
+        async move { (i, s.reserve(key, &format!("req-{i}"), 100).await) }
+    }))
+    .await;
+    let admitted: Vec<usize> = attempts
+        .iter()
+        .filter_map(|(i, r)| matches!(r, ReserveReply::Admit { .. }).then_some(*i))
+        .collect();
+    assert_eq!(admitted.len(), 100, "exactly the balance's worth is admitted");
+    for (_, r) in &attempts {
+        if let ReserveReply::Refuse { status, .. } = r {
+            assert_eq!(*status, 429);
+        }
+    }
+    assert_eq!(s.balance(key).await, 0, "the balance never goes below zero");
+
+    // Settle with pseudo-random actual usage (a fixed LCG keeps the test reproducible).
+    let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut records = Vec::new();
+    for i in &admitted {
+        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        let input = (seed >> 33) as i64 % 60;
+        let output = (seed >> 40) as i64 % 41;
+        records.push(record(key, &format!("req-{i}"), 100, input, output));
+    }
+    let used: i64 = records.iter().map(|r| r.input_tokens + r.output_tokens).sum();
+    for batch in records.chunks(30) {
+        let reply = s.settle(batch).await;
+        assert!(reply.results.iter().all(|r| r.outcome == SettleOutcome::Settled), "{reply:?}");
+    }
+    assert_eq!(s.balance(key).await, 10_000 - used);
+    let rows = s.audit_rows().await;
+    assert_eq!(rows.len(), 100);
+    let audited: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
+    assert_eq!(audited, used);
+    for field in ["timestamp", "user_id", "api_key", "model", "input_tokens", "output_tokens", "total_tokens",
+        "duration_ms", "status_code", "request_id", "stream", "usage_source", "expired_hold"] {
+        assert!(rows[0].contains_key(field), "audit row lacks {field}: {:?}", rows[0]);
+    }
+    assert_eq!(rows[0].get_str("api_key").unwrap(), "sk-co...-key");
+    assert_eq!(rows[0].get_str("user_id").unwrap(), "张三");
+
+    // The same batch again changes nothing.
+    let reply = s.settle(&records).await;
+    assert!(reply.results.iter().all(|r| r.outcome == SettleOutcome::AlreadySettled), "{reply:?}");
+    assert_eq!(s.balance(key).await, 10_000 - used);
+    assert_eq!(s.audit_rows().await.len(), 100);
+
+    // A request id nobody reserved is reported, not dropped.
+    let reply = s.settle(&[record(key, "never-reserved", 100, 1, 1)]).await;
+    assert_eq!(reply.results[0].outcome, SettleOutcome::Unknown);
+    let reply = s.settle(&[record(key, "bad.id", 100, 1, 1)]).await;
+    assert_eq!(reply.results[0].outcome, SettleOutcome::Invalid);
+}
+
+#[tokio::test]
+async fn usage_beyond_the_hold_is_charged_in_full() {
+    let s = start().await;
+    let key = "sk-overrun-key-1";
+    s.create(key, 1_000).await;
+    assert!(matches!(s.reserve(key, "over-1", 100).await, ReserveReply::Admit { balance_tokens: 900 }));
+    let reply = s.settle(&[record(key, "over-1", 100, 90, 60)]).await;
+    assert_eq!(reply.results[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.balance(key).await, 850);
+}
+
+#[tokio::test]
+async fn an_unsettled_hold_expires_and_is_charged_in_full() {
+    let s = start_with(Duration::from_secs(1), None).await;
+    let key = "sk-expiring-key";
+    s.create(key, 1_000).await;
+    assert!(matches!(s.reserve(key, "lost-1", 300).await, ReserveReply::Admit { .. }));
+    assert!(matches!(s.reserve(key, "kept-1", 100).await, ReserveReply::Admit { .. }));
+    assert_eq!(s.settle(&[record(key, "kept-1", 100, 10, 10)]).await.results[0].outcome, SettleOutcome::Settled);
+    // Nothing expires before the TTL has passed.
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 1);
+    assert_eq!(s.balance(key).await, 1_000 - 300 - 20, "the expired hold is charged, the settled one refunded");
+    let rows = s.audit_rows().await;
+    let lost = rows.iter().find(|r| r.get_str("request_id") == Ok("lost-1")).unwrap();
+    assert_eq!(lost.get_bool("expired_hold"), Ok(true));
+    assert_eq!(lost.get_str("usage_source"), Ok("estimate"));
+    assert_eq!(lost.get_i64("total_tokens"), Ok(300));
+    // A late settlement is reported as expired and changes nothing.
+    let late = s.settle(&[record(key, "lost-1", 300, 5, 5)]).await;
+    assert_eq!(late.results[0].outcome, SettleOutcome::Expired);
+    assert_eq!(s.balance(key).await, 680);
+    assert_eq!(s.audit_rows().await.len(), 2);
+    // A second pass finds nothing more.
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap(), (0, 0));
+}
+
+#[tokio::test]
+async fn an_audit_row_left_in_the_outbox_by_a_crash_is_written_once() {
+    let s = start().await;
+    let key = "sk-crashing-key";
+    s.create(key, 1_000).await;
+    assert!(matches!(s.reserve(key, "crash-1", 100).await, ReserveReply::Admit { .. }));
+    // Do by hand what settle's first step does, then "crash" before the audit insert.
+    let entry = doc! {"timestamp": mongodb::bson::DateTime::now(), "request_id": "crash-1", "key_id": key_hash(key),
+        "model": "m", "input_tokens": 30_i64, "output_tokens": 10_i64, "total_tokens": 40_i64, "duration_ms": 5_i64,
+        "status_code": 200, "stream": false, "usage_source": "upstream", "expired_hold": false, "reserved_tokens": 100_i64};
+    s.db.collection::<Document>("api_keys")
+        .update_one(
+            doc! {"_id": key_hash(key), "holds.crash-1.tokens": 100_i64},
+            doc! {"$inc": {"balance_tokens": 60_i64, "holds_n": -1_i64, "outbox_n": 1_i64},
+                  "$unset": {"holds.crash-1": ""}, "$set": {"outbox.crash-1": entry}},
+        )
+        .await
+        .unwrap();
+    // A retry of the settlement sees it as settled; the sweeper writes the row.
+    let retry = s.settle(&[record(key, "crash-1", 100, 30, 10)]).await;
+    assert_eq!(retry.results[0].outcome, SettleOutcome::AlreadySettled);
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap(), (0, 1));
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap(), (0, 0));
+    let rows = s.audit_rows().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get_str("user_id"), Ok("张三"));
+    assert_eq!(s.balance(key).await, 960);
+}
+
+#[tokio::test]
+async fn internal_api_requires_the_shared_secret_when_configured() {
+    let s = start_with(Duration::from_secs(1800), Some("inner-secret")).await;
+    s.create("sk-guarded-key", 100).await;
+    let body = json!({"key_hash": key_hash("sk-guarded-key"), "request_id": "g1", "model": "m", "estimate": 1});
+    let resp = s.http.post(format!("{}/internal/reserve", s.url)).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let resp = s
+        .http
+        .post(format!("{}/internal/reserve", s.url))
+        .header(bridge_protocol::INTERNAL_TOKEN_HEADER, "inner-secret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(s.balance("sk-guarded-key").await, 99);
+}
+
+#[tokio::test]
+async fn a_restart_between_settlement_batches_neither_double_charges_nor_loses_rows() {
+    let db = unique_db("restart");
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_openclaw-sidecar"));
+    let http = Client::new();
+    let key = "sk-restart-key-1";
+    let (mut first, url) = start_sidecar(&bin, &db, ADMIN, &[]);
+    let resp = http
+        .post(format!("{url}/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"api_key": key, "user_name": "wang", "balance_tokens": 5_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let mut records = Vec::new();
+    for i in 0..20 {
+        let resp = http
+            .post(format!("{url}/internal/reserve"))
+            .json(&json!({"key_hash": key_hash(key), "request_id": format!("rs-{i}"), "model": "m", "estimate": 200}))
+            .send()
+            .await
+            .unwrap();
+        let reply: ReserveReply = resp.json().await.unwrap();
+        assert!(matches!(reply, ReserveReply::Admit { .. }), "{reply:?}");
+        records.push(record(key, &format!("rs-{i}"), 200, 50 + i, 25));
+    }
+    let (batch1, batch2) = records.split_at(10);
+    assert!(settle_at(&http, &url, batch1).await.results.iter().all(|r| r.outcome == SettleOutcome::Settled));
+    let status = first.stop(Duration::from_secs(10)).unwrap();
+    assert!(status.success(), "graceful shutdown exits 0: {status:?}");
+
+    let (_second, url) = start_sidecar(&bin, &db, ADMIN, &[]);
+    // The filter resends batch 1 (its reply was "lost") together with batch 2.
+    let again = settle_at(&http, &url, &records).await;
+    for (r, result) in records.iter().zip(&again.results) {
+        let want = if batch2.contains(r) { SettleOutcome::Settled } else { SettleOutcome::AlreadySettled };
+        assert_eq!(result.outcome, want, "{}", r.request_id);
+    }
+    let used: i64 = records.iter().map(|r| r.input_tokens + r.output_tokens).sum();
+    let resp = http.get(format!("{url}/admin/keys")).bearer_auth(ADMIN).send().await.unwrap();
+    let list: Value = resp.json().await.unwrap();
+    assert_eq!(list["data"][0]["balance_tokens"], 5_000 - used);
+    assert_eq!(list["data"][0]["held_tokens"], 0);
+    let mongo = mongodb::Client::with_uri_str(mongo_uri()).await.unwrap().database(&db);
+    let rows = mongo.collection::<Document>("audit_logs").count_documents(doc! {}).await.unwrap();
+    assert_eq!(rows, 20);
+    // The log file got the start-up, admin and settlement lines, without the key.
+    let log = std::fs::read_to_string(bridge_tests::log_dir().join(format!("{db}-app.log"))).unwrap();
+    assert!(log.contains("sidecar listening") && log.contains("admin created key") && log.contains("settlement batch"), "{log}");
+    assert!(!log.contains(key) && !log.contains(ADMIN));
+}
+
+#[tokio::test]
+async fn the_binary_refuses_to_start_without_admin_token() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_openclaw-sidecar"))
+        .env_clear()
+        .env("MONGODB_URI", mongo_uri())
+        .current_dir(bridge_tests::log_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ADMIN_TOKEN"), "{out:?}");
+}

@@ -1,0 +1,278 @@
+//! A mock of Azure OpenAI and OpenAI chat completions, for tests, the benchmark
+//! and the demo. It behaves as the real APIs do where billing depends on it:
+//! usage comes in a last stream event only when `stream_options.include_usage`
+//! is set; Azure streams start with a `prompt_filter_results` event with empty
+//! `choices`. A tool call is answered when tools are offered and no tool result
+//! is in the conversation yet; the tool's result is then echoed back.
+//!
+//! The header `x-mock-scenario` picks a behaviour: `no_usage` (never reports
+//! usage), `error_400`, `error_500`, `midstream_error`, `slow` (50 ms between
+//! chunks), `words:N` (N content chunks). Every request is recorded and listed
+//! by `GET /mock/requests` so tests can compare billing with what was served.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+/// What the mock saw and answered for one request.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Seen {
+    pub path: String,
+    pub api_key_header: Option<String>,
+    pub authorization: Option<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub scenario: String,
+    pub body: Value,
+}
+
+#[derive(Clone)]
+pub struct MockState {
+    /// The key the mock expects from the gateway (`api-key` or `Authorization: Bearer`).
+    pub upstream_key: String,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+pub fn app(upstream_key: &str) -> Router {
+    let state = MockState { upstream_key: upstream_key.to_owned(), seen: Arc::default() };
+    Router::new()
+        .route("/openai/deployments/{deployment}/chat/completions", post(azure))
+        .route("/v1/chat/completions", post(openai))
+        .route("/mock/requests", get(list).delete(clear))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+async fn list(State(s): State<MockState>) -> Json<Vec<Seen>> {
+    Json(s.seen.lock().map(|v| v.clone()).unwrap_or_default())
+}
+
+async fn clear(State(s): State<MockState>) -> StatusCode {
+    if let Ok(mut v) = s.seen.lock() {
+        v.clear();
+    }
+    StatusCode::NO_CONTENT
+}
+
+fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
+    (status, Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}}))).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct ApiVersion {
+    #[serde(rename = "api-version")]
+    api_version: Option<String>,
+}
+
+async fn azure(
+    State(s): State<MockState>,
+    Path(deployment): Path<String>,
+    Query(q): Query<ApiVersion>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if q.api_version.is_none() {
+        return error(StatusCode::NOT_FOUND, "api-version query parameter is required", "invalid_request_error", "404");
+    }
+    let key = headers.get("api-key").and_then(|v| v.to_str().ok());
+    if key != Some(s.upstream_key.as_str()) {
+        return error(StatusCode::UNAUTHORIZED, "Access denied due to invalid subscription key.", "invalid_request_error", "401");
+    }
+    complete(s, format!("/openai/deployments/{deployment}/chat/completions"), headers, body, true, &deployment).await
+}
+
+async fn openai(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(format!("Bearer {}", s.upstream_key).as_str()) {
+        return error(StatusCode::UNAUTHORIZED, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key");
+    }
+    complete(s, "/v1/chat/completions".into(), headers, body, false, "").await
+}
+
+/// Deterministic prompt size: about four bytes of message text a token, plus framing.
+pub fn mock_prompt_tokens(body: &Value) -> i64 {
+    let text_len: usize = body["messages"]
+        .as_array()
+        .map(|m| m.iter().map(|msg| msg["content"].to_string().len()).sum())
+        .unwrap_or(0);
+    (text_len / 4) as i64 + 7
+}
+
+fn tool_call_for(body: &Value) -> Option<(String, String)> {
+    let tools = body["tools"].as_array()?;
+    let answered = body["messages"].as_array()?.iter().any(|m| m["role"] == "tool");
+    if answered || tools.is_empty() {
+        return None;
+    }
+    let tool = tools.iter().find(|t| t["function"]["name"] == "read").unwrap_or(&tools[0]);
+    let name = tool["function"]["name"].as_str()?.to_owned();
+    let params = &tool["function"]["parameters"];
+    let arg = params["required"][0]
+        .as_str()
+        .or_else(|| params["properties"].as_object().and_then(|p| p.keys().next().map(String::as_str)))
+        .unwrap_or("path")
+        .to_owned();
+    Some((name, json!({ arg: "hello.txt" }).to_string()))
+}
+
+fn answer_text(body: &Value, words: usize) -> Vec<String> {
+    let tool_result = body["messages"].as_array().and_then(|m| {
+        m.iter().rev().find(|msg| msg["role"] == "tool").map(|msg| match &msg["content"] {
+            Value::String(s) => s.clone(),
+            Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join(" "),
+            other => other.to_string(),
+        })
+    });
+    match tool_result {
+        Some(text) => text.split_inclusive(' ').map(str::to_owned).collect(),
+        None => (0..words).map(|i| format!("word{i} ")).collect(),
+    }
+}
+
+async fn complete(s: MockState, path: String, headers: HeaderMap, body: Bytes, azure: bool, deployment: &str) -> Response {
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.", "invalid_request_error", "invalid_json");
+    };
+    let scenario = headers
+        .get("x-mock-scenario")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let stream = body["stream"] == true;
+    let include_usage = stream && body["stream_options"]["include_usage"] == true && scenario != "no_usage";
+    let words = scenario
+        .strip_prefix("words:")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5usize);
+    let tool = tool_call_for(&body);
+    let pieces = if tool.is_some() { Vec::new() } else { answer_text(&body, words) };
+    let prompt_tokens = mock_prompt_tokens(&body);
+    let completion_tokens = if let Some((name, args)) = &tool {
+        (name.len() + args.len()).div_ceil(4) as i64
+    } else {
+        pieces.len() as i64
+    };
+    let model = if azure { deployment.to_owned() } else { body["model"].as_str().unwrap_or("mock").to_owned() };
+    let record = Seen {
+        path,
+        api_key_header: headers.get("api-key").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned),
+        stream,
+        include_usage,
+        prompt_tokens,
+        completion_tokens,
+        scenario: scenario.clone(),
+        body: body.clone(),
+    };
+    if let Ok(mut seen) = s.seen.lock() {
+        seen.push(record);
+    }
+    match scenario.as_str() {
+        "error_400" => return error(StatusCode::BAD_REQUEST, "mock: invalid request", "invalid_request_error", "mock_400"),
+        "error_500" => return error(StatusCode::INTERNAL_SERVER_ERROR, "mock: upstream failure", "server_error", "mock_500"),
+        _ => {}
+    }
+    let usage = json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    let id = "chatcmpl-mock";
+    if !stream {
+        let message = match &tool {
+            Some((name, args)) => json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": name, "arguments": args}}]}),
+            None => json!({"role": "assistant", "content": pieces.concat()}),
+        };
+        let finish = if tool.is_some() { "tool_calls" } else { "stop" };
+        let mut out = json!({
+            "id": id, "object": "chat.completion", "created": 1_700_000_000, "model": model,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        });
+        if scenario != "no_usage" {
+            out["usage"] = usage;
+        }
+        return Json(out).into_response();
+    }
+    let mut events: Vec<Value> = Vec::new();
+    let chunk = |delta: Value, finish: Value| {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        });
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
+    if azure {
+        events.push(json!({"choices": [], "created": 0, "id": "", "model": "", "object": "",
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}));
+    }
+    events.push(chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+    match &tool {
+        Some((name, args)) => {
+            events.push(chunk(json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": name, "arguments": ""}}]}), Value::Null));
+            let (a, b) = args.split_at(args.len() / 2);
+            for part in [a, b] {
+                events.push(chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}), Value::Null));
+            }
+            events.push(chunk(json!({}), json!("tool_calls")));
+        }
+        None => {
+            for p in &pieces {
+                events.push(chunk(json!({"content": p}), Value::Null));
+            }
+            events.push(chunk(json!({}), json!("stop")));
+        }
+    }
+    if include_usage {
+        events.push(json!({"id": id, "object": "chat.completion.chunk", "created": 1_700_000_000,
+            "model": model, "choices": [], "usage": usage}));
+    }
+    let slow = scenario == "slow";
+    let midstream_error = scenario == "midstream_error";
+    let stream = async_stream(events, slow, midstream_error);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn async_stream(
+    events: Vec<Value>,
+    slow: bool,
+    midstream_error: bool,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let half = events.len() / 2;
+        for (i, e) in events.iter().enumerate() {
+            if midstream_error && i == half {
+                let err = json!({"error": {"message": "mock: upstream failed mid-stream", "type": "server_error", "param": null, "code": "mock_midstream"}});
+                let _ = tx.send(Ok(Bytes::from(format!("data: {err}\n\n")))).await;
+                return;
+            }
+            if tx.send(Ok(Bytes::from(format!("data: {e}\n\n")))).await.is_err() {
+                return;
+            }
+            if slow {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}
