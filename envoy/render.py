@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Render the gateway's Envoy bootstrap (JSON) from the seed's settings.
+
+    python3 envoy/render.py > envoy.json        # reads the environment
+    envoy -c envoy.json --concurrency 2
+
+Every setting is an environment variable (see the README's settings table).
+The upstream key ends up in the rendered file, inside the filter's plugin
+configuration, and nowhere else: keep the file private (it is written 0600
+when an output path is given). Standard library only.
+"""
+
+import json
+import os
+import sys
+from urllib.parse import urlsplit
+
+FILTER_NAME = "openclaw_bridge"
+ROUTE_HEADER = "x-openclaw-bridge-route"
+
+
+class SettingError(Exception):
+    pass
+
+
+def env(name, default=None, required=False):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        if required:
+            raise SettingError(f"{name} is required")
+        return default
+    return value
+
+
+def env_int(name, default, minimum=0):
+    raw = env(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingError(f"{name} must be a whole number, not {raw!r}")
+    if value < minimum:
+        raise SettingError(f"{name} must be >= {minimum}")
+    return value
+
+
+def host_port(name, default):
+    raw = env(name, default)
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SettingError(f"{name} must look like HOST:PORT, not {raw!r}")
+    return host, int(port)
+
+
+def socket_address(host, port):
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def is_ip(host):
+    parts = host.split(".")
+    return (len(parts) == 4 and all(p.isdigit() for p in parts)) or ":" in host
+
+
+def cluster(name, host, port, tls_sni=None, timeout="2s"):
+    c = {
+        "name": name,
+        "type": "STATIC" if is_ip(host) else "LOGICAL_DNS",
+        "connect_timeout": timeout,
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": socket_address(host, port)}}]}],
+        },
+        # A gateway multiplexes many agents onto one upstream: Envoy's default
+        # limit of 1024 pending requests would turn bursts into 503s.
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 100000, "max_pending_requests": 100000,
+            "max_requests": 100000, "max_retries": 3}]},
+    }
+    if tls_sni:
+        c["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": tls_sni,
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": env("ENVOY_CA_FILE", "/etc/ssl/certs/ca-certificates.crt")},
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": tls_sni}}],
+                }},
+            },
+        }
+    return c
+
+
+def plugin_configuration():
+    provider = env("LLM_PROVIDER", "azure")
+    if provider not in ("azure", "openai"):
+        raise SettingError(f"LLM_PROVIDER must be azure or openai, not {provider!r}")
+    model = env("LLM_MODEL", "gpt-5-nano")
+    failure_mode = env("FAILURE_MODE", "deny")
+    if failure_mode not in ("deny", "allow"):
+        raise SettingError(f"FAILURE_MODE must be deny or allow, not {failure_mode!r}")
+    encoding = env("TIKTOKEN_ENCODING", "cl100k_base")
+    if encoding not in ("cl100k_base", "o200k_base"):
+        raise SettingError(f"TIKTOKEN_ENCODING must be cl100k_base or o200k_base, not {encoding!r}")
+    cfg = {
+        "sidecar_cluster": "sidecar",
+        "sidecar_timeout_ms": env_int("SIDECAR_TIMEOUT_MS", 2000, 1),
+        "upstream": provider,
+        "model": model,
+        "upstream_key": env("LLM_API_KEY", required=True),
+        "tiktoken_encoding": encoding,
+        "failure_mode": failure_mode,
+        "retry_after_secs": env_int("RETRY_AFTER_SECS", 5, 1),
+        "max_body_bytes": env_int("MAX_BODY_BYTES", 8 * 1024 * 1024, 1),
+        "default_output_reservation": env_int("DEFAULT_OUTPUT_RESERVATION", 4096, 1),
+        "settle_interval_ms": env_int("SETTLE_INTERVAL_MS", 200, 1),
+        "route_header": ROUTE_HEADER,
+    }
+    if provider == "azure":
+        cfg["deployment"] = model
+        cfg["api_version"] = env("LLM_API_VERSION", "2024-12-01-preview")
+    token = env("INTERNAL_TOKEN")
+    if token:
+        cfg["internal_token"] = token
+    return cfg
+
+
+def render():
+    endpoint = env("LLM_ENDPOINT", required=True)
+    url = urlsplit(endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SettingError(f"LLM_ENDPOINT must be an http(s) URL, not {endpoint!r}")
+    upstream_host = url.hostname
+    upstream_port = url.port or (443 if url.scheme == "https" else 80)
+    sidecar_host, sidecar_port = host_port("SIDECAR_ADDR", "127.0.0.1:8001")
+    if sidecar_host == "0.0.0.0":
+        sidecar_host = "127.0.0.1"
+    listen_host = env("GATEWAY_HOST", "0.0.0.0")
+    listen_port = env_int("GATEWAY_PORT", 8000)
+    admin_port = env_int("ENVOY_ADMIN_PORT", 9901)
+    wasm = os.path.abspath(env("WASM_PATH", os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "target", "wasm32-wasip1", "release",
+        "openclaw_filter.wasm")))
+    max_body = env_int("MAX_BODY_BYTES", 8 * 1024 * 1024, 1)
+    idle = f'{env_int("STREAM_IDLE_TIMEOUT_SECS", 300, 1)}s'
+    disabled = {FILTER_NAME: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+    marker = [{"name": ROUTE_HEADER, "string_match": {"exact": "upstream"}}]
+    upstream_route = {
+        "cluster": "llm_upstream",
+        # Long generations must not be cut: no overall timeout, an idle one instead.
+        "timeout": "0s",
+        "idle_timeout": idle,
+        "host_rewrite_literal": upstream_host if url.port is None else f"{upstream_host}:{upstream_port}",
+    }
+    not_found = json.dumps({"error": {"message": "Unknown request URL.", "type": "invalid_request_error",
+                                      "param": None, "code": "unknown_url"}})
+    routes = [
+        {"match": {"path": "/healthz"},
+         "direct_response": {"status": 200, "body": {"inline_string": "{\"status\":\"ok\"}"}},
+         "typed_per_filter_config": disabled},
+        {"match": {"prefix": "/admin/"}, "route": {"cluster": "sidecar", "timeout": "30s"},
+         "typed_per_filter_config": disabled},
+        # Only requests the filter admitted carry the marker; it never leaves Envoy.
+        {"match": {"prefix": "/openai/", "headers": marker}, "route": upstream_route,
+         "request_headers_to_remove": [ROUTE_HEADER]},
+        {"match": {"prefix": "/v1/", "headers": marker}, "route": upstream_route,
+         "request_headers_to_remove": [ROUTE_HEADER]},
+        {"match": {"prefix": "/"},
+         "direct_response": {"status": 404, "body": {"inline_string": not_found}},
+         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]},
+    ]
+    wasm_filter = {
+        "name": FILTER_NAME,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": FILTER_NAME,
+                "root_id": FILTER_NAME,
+                "vm_config": {
+                    "vm_id": FILTER_NAME,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm}},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": json.dumps(plugin_configuration()),
+                },
+                # A trapped VM is replaced after a short 503 window; FAIL_OPEN would
+                # let unbilled requests through, FAIL_CLOSED would 503 forever.
+                "failure_policy": "FAIL_RELOAD",
+                # Without this a pause in the headers phase stops body callbacks.
+                "allow_on_headers_stop_iteration": True,
+            },
+        },
+    }
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gateway",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "use_remote_address": True,
+        "stream_idle_timeout": idle,
+        "request_timeout": "0s",
+        "route_config": {"name": "gateway", "virtual_hosts": [
+            {"name": "gateway", "domains": ["*"], "routes": routes}]},
+        "http_filters": [wasm_filter, {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    if env("ACCESS_LOG", "1") != "0":
+        hcm["access_log"] = [{"name": "envoy.access_loggers.stdout", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            # No headers in the access log: they carry keys.
+            "log_format": {"text_format_source": {"inline_string":
+                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" "
+                "%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms "
+                "bridge_id=%RESP(X-BRIDGE-REQUEST-ID)%\n"}}}}]
+    tls = upstream_host if url.scheme == "https" else None
+    return {
+        "admin": {"address": socket_address("127.0.0.1", admin_port)},
+        "static_resources": {
+            "listeners": [{
+                "name": "gateway",
+                "address": socket_address(listen_host, listen_port),
+                # Bodies up to MAX_BODY_BYTES must fit Envoy's buffer, else Envoy answers 413 itself.
+                "per_connection_buffer_limit_bytes": max_body + 1024 * 1024,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+            }],
+            "clusters": [
+                cluster("sidecar", sidecar_host, sidecar_port, timeout="1s"),
+                cluster("llm_upstream", upstream_host, upstream_port, tls_sni=tls),
+            ],
+        },
+    }
+
+
+def main():
+    try:
+        text = json.dumps(render(), indent=2)
+    except SettingError as e:
+        print(f"envoy/render.py: {e}", file=sys.stderr)
+        return 2
+    if len(sys.argv) > 1:
+        fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+//! The plugin configuration: JSON in Envoy's `configuration` field, parsed once
+//! in the root context. Unknown fields are refused so a typo does not silently
+//! fall back to a default.
+
+use serde::Deserialize;
+
+/// How the upstream expects to be addressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamStyle {
+    /// `/openai/deployments/{deployment}/chat/completions?api-version=...`, header `api-key`.
+    Azure,
+    /// `/v1/chat/completions`, header `Authorization: Bearer`.
+    Openai,
+}
+
+/// What to do when the sidecar cannot be reached or fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Answer 503 with `Retry-After` (never 401 or 429: clients lock keys out after those).
+    Deny,
+    /// Forward without a hold and settle afterwards; the key may overdraw.
+    Allow,
+}
+
+/// Tokenizer for the fallback count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Encoding {
+    #[serde(rename = "cl100k_base")]
+    Cl100kBase,
+    #[serde(rename = "o200k_base")]
+    O200kBase,
+}
+
+fn default_sidecar_authority() -> String {
+    "openclaw-sidecar".into()
+}
+fn default_sidecar_timeout_ms() -> u64 {
+    2_000
+}
+fn default_api_version() -> String {
+    "2024-12-01-preview".into()
+}
+fn default_upstream() -> UpstreamStyle {
+    UpstreamStyle::Azure
+}
+fn default_encoding() -> Encoding {
+    Encoding::Cl100kBase
+}
+fn default_failure_mode() -> FailureMode {
+    FailureMode::Deny
+}
+fn default_retry_after_secs() -> u32 {
+    5
+}
+fn default_max_body_bytes() -> usize {
+    8 * 1024 * 1024
+}
+fn default_output_reservation() -> i64 {
+    4_096
+}
+fn default_bytes_per_token() -> u32 {
+    2
+}
+fn default_settle_interval_ms() -> u64 {
+    200
+}
+fn default_settle_batch() -> usize {
+    200
+}
+fn default_route_header() -> String {
+    "x-openclaw-bridge-route".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Envoy cluster of the sidecar (`dispatch_http_call` takes a cluster, not host:port).
+    pub sidecar_cluster: String,
+    /// `:authority` of calls to the sidecar.
+    #[serde(default = "default_sidecar_authority")]
+    pub sidecar_authority: String,
+    #[serde(default = "default_sidecar_timeout_ms")]
+    pub sidecar_timeout_ms: u64,
+    /// Shared secret for the sidecar's internal API, if it requires one.
+    #[serde(default)]
+    pub internal_token: Option<String>,
+    #[serde(default = "default_upstream")]
+    pub upstream: UpstreamStyle,
+    /// Azure deployment name (required for `azure`).
+    #[serde(default)]
+    pub deployment: Option<String>,
+    /// Model name: listed by `/v1/models`; for `openai` it replaces the client's `model`.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    /// The upstream's key. Stays in Envoy's configuration; never logged.
+    pub upstream_key: String,
+    #[serde(default = "default_encoding")]
+    pub tiktoken_encoding: Encoding,
+    #[serde(default = "default_failure_mode")]
+    pub failure_mode: FailureMode,
+    #[serde(default = "default_retry_after_secs")]
+    pub retry_after_secs: u32,
+    /// Largest request body accepted; larger gets 413. Envoy's
+    /// `per_connection_buffer_limit_bytes` must be at least this.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Output tokens held when the request sets neither `max_completion_tokens` nor `max_tokens`.
+    #[serde(default = "default_output_reservation")]
+    pub default_output_reservation: i64,
+    /// Request bytes per token assumed by the input estimate. Low values over-hold
+    /// (refunded at settlement); 2 stays above the true count even for CJK text.
+    #[serde(default = "default_bytes_per_token")]
+    pub estimate_bytes_per_token: u32,
+    /// How often the root context sends queued settlements.
+    #[serde(default = "default_settle_interval_ms")]
+    pub settle_interval_ms: u64,
+    #[serde(default = "default_settle_batch")]
+    pub settle_batch_max: usize,
+    /// Header the filter sets on admitted requests only; the upstream routes
+    /// require it, so nothing unadmitted reaches the upstream.
+    #[serde(default = "default_route_header")]
+    pub route_header: String,
+}
+
+impl PluginConfig {
+    /// Parses and validates; the error says which field is wrong.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let cfg: PluginConfig = serde_path_to_error::deserialize(de)
+            .map_err(|e| format!("plugin configuration: {}: {}", e.path(), e.inner()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let fail = |field: &str, why: &str| Err(format!("plugin configuration: {field} {why}"));
+        if self.sidecar_cluster.trim().is_empty() {
+            return fail("sidecar_cluster", "must name an Envoy cluster");
+        }
+        if self.upstream_key.trim().is_empty() {
+            return fail("upstream_key", "must not be empty");
+        }
+        if self.upstream == UpstreamStyle::Azure {
+            match &self.deployment {
+                Some(d) if !d.is_empty() && d.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) => {}
+                _ => return fail("deployment", "is required for azure and may hold only [A-Za-z0-9._-]"),
+            }
+            if !self.api_version.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return fail("api_version", "may hold only [A-Za-z0-9-]");
+            }
+        }
+        if self.sidecar_timeout_ms == 0 {
+            return fail("sidecar_timeout_ms", "must be > 0");
+        }
+        if self.max_body_bytes == 0 {
+            return fail("max_body_bytes", "must be > 0");
+        }
+        if self.default_output_reservation < 1 {
+            return fail("default_output_reservation", "must be >= 1");
+        }
+        if self.estimate_bytes_per_token == 0 {
+            return fail("estimate_bytes_per_token", "must be >= 1");
+        }
+        if self.settle_interval_ms == 0 {
+            return fail("settle_interval_ms", "must be > 0");
+        }
+        if self.settle_batch_max == 0 || self.settle_batch_max > bridge_protocol::MAX_SETTLE_BATCH {
+            return fail("settle_batch_max", "must be 1 to 500");
+        }
+        if self.route_header.is_empty() || !self.route_header.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
+            return fail("route_header", "must be a lower-case header name");
+        }
+        Ok(())
+    }
+
+    /// The model the gateway serves, for `/v1/models` and audit rows.
+    pub fn served_model(&self) -> &str {
+        self.model.as_deref().or(self.deployment.as_deref()).unwrap_or("default")
+    }
+
+    /// Upstream `:path` for chat completions.
+    pub fn upstream_path(&self) -> String {
+        match self.upstream {
+            UpstreamStyle::Azure => format!(
+                "/openai/deployments/{}/chat/completions?api-version={}",
+                self.deployment.as_deref().unwrap_or_default(),
+                self.api_version
+            ),
+            UpstreamStyle::Openai => "/v1/chat/completions".into(),
+        }
+    }
+
+    /// The header carrying the upstream key: (name, value).
+    pub fn upstream_auth(&self) -> (&'static str, String) {
+        match self.upstream {
+            UpstreamStyle::Azure => ("api-key", self.upstream_key.clone()),
+            UpstreamStyle::Openai => ("authorization", format!("Bearer {}", self.upstream_key)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"{"sidecar_cluster":"sidecar","upstream_key":"k","deployment":"gpt-5-nano"}"#;
+
+    #[test]
+    fn defaults_match_the_seed() {
+        let c = PluginConfig::from_json(MIN.as_bytes()).unwrap();
+        assert_eq!(c.upstream, UpstreamStyle::Azure);
+        assert_eq!(c.tiktoken_encoding, Encoding::Cl100kBase);
+        assert_eq!(c.failure_mode, FailureMode::Deny);
+        assert_eq!(
+            c.upstream_path(),
+            "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview"
+        );
+        assert_eq!(c.upstream_auth(), ("api-key", "k".to_owned()));
+    }
+
+    #[test]
+    fn openai_style_uses_bearer() {
+        let c = PluginConfig::from_json(
+            br#"{"sidecar_cluster":"s","upstream_key":"k","upstream":"openai","tiktoken_encoding":"o200k_base"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.upstream_path(), "/v1/chat/completions");
+        assert_eq!(c.upstream_auth(), ("authorization", "Bearer k".to_owned()));
+        assert_eq!(c.tiktoken_encoding, Encoding::O200kBase);
+    }
+
+    #[test]
+    fn bad_configurations_name_the_field() {
+        for (json, field) in [
+            (r#"{"upstream_key":"k","deployment":"d"}"#, "sidecar_cluster"),
+            (r#"{"sidecar_cluster":"s","upstream_key":"","deployment":"d"}"#, "upstream_key"),
+            (r#"{"sidecar_cluster":"s","upstream_key":"k"}"#, "deployment"),
+            (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"a/b"}"#, "deployment"),
+            (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","failure_mode":"maybe"}"#, "failure_mode"),
+            (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","tiktoken_encoding":"p50k"}"#, "tiktoken_encoding"),
+            (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","colour":1}"#, "colour"),
+            (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","settle_batch_max":0}"#, "settle_batch_max"),
+        ] {
+            let err = PluginConfig::from_json(json.as_bytes()).unwrap_err();
+            assert!(err.contains(field), "{json}: {err}");
+        }
+    }
+}

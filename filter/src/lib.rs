@@ -1,0 +1,96 @@
+//! The gateway's Envoy filter. Everything that decides something lives in
+//! plain Rust modules that build and test natively; `plugin` (wasm only) is the
+//! thin layer that talks to Envoy through `proxy-wasm` host calls.
+
+pub mod config;
+pub mod reply;
+pub mod request;
+pub mod response;
+pub mod settle;
+pub mod sse;
+pub mod tokens;
+
+#[cfg(target_arch = "wasm32")]
+mod plugin;
+
+use bridge_protocol::UsageSource;
+
+use crate::config::Encoding;
+use crate::response::ResponseMeter;
+
+/// Name of the Envoy shared queue that carries settlement records from finished
+/// requests to the root contexts.
+pub const SETTLE_QUEUE: &str = "openclaw_bridge_settlements";
+
+/// Tokens to charge for a forwarded request, and where the numbers came from:
+/// the upstream's `usage` when it sent one; nothing for an upstream HTTP error
+/// without usage (the upstream bills no failed request); otherwise tiktoken over
+/// the prompt and whatever output reached the filter (a client abort, a
+/// truncated stream, an upstream that never reports usage).
+pub fn charge(
+    meter: Option<&ResponseMeter>,
+    status: u32,
+    request_body: &[u8],
+    encoding: Encoding,
+) -> (i64, i64, UsageSource) {
+    if let Some(u) = meter.and_then(ResponseMeter::usage) {
+        return (u.input, u.output, UsageSource::Upstream);
+    }
+    if status >= 400 {
+        return (0, 0, UsageSource::Upstream);
+    }
+    let output = meter.map_or(0, |m| tokens::count_text(encoding, m.output_text()));
+    (tokens::count_prompt(encoding, request_body), output, UsageSource::Tiktoken)
+}
+
+/// A request id nobody can choose: 128 random bits in hex. Client-supplied ids
+/// (`x-request-id`) are not trusted, as they key the audit rows.
+pub fn new_request_id() -> Option<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::response::Forward;
+
+    const BODY: &[u8] = br#"{"messages":[{"role":"user","content":"hello world"}]}"#;
+
+    #[test]
+    fn upstream_usage_wins() {
+        let mut m = ResponseMeter::new(false, false);
+        assert_eq!(m.on_chunk(br#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}"#), Forward::Unchanged);
+        m.on_end();
+        assert_eq!(charge(Some(&m), 200, BODY, Encoding::Cl100kBase), (5, 9, UsageSource::Upstream));
+    }
+
+    #[test]
+    fn an_upstream_error_without_usage_costs_nothing() {
+        let mut m = ResponseMeter::new(false, false);
+        m.on_chunk(br#"{"error":{"message":"bad"}}"#);
+        m.on_end();
+        assert_eq!(charge(Some(&m), 400, BODY, Encoding::Cl100kBase), (0, 0, UsageSource::Upstream));
+    }
+
+    #[test]
+    fn without_usage_tiktoken_counts_prompt_and_output() {
+        let mut m = ResponseMeter::new(true, true);
+        m.on_chunk(b"data: {\"choices\":[{\"delta\":{\"content\":\"hello world\"}}]}\n\n");
+        let (input, output, source) = charge(Some(&m), 200, BODY, Encoding::Cl100kBase);
+        assert_eq!(source, UsageSource::Tiktoken);
+        assert_eq!(input, tokens::count_prompt(Encoding::Cl100kBase, BODY));
+        assert_eq!(output, 2);
+        // A client that left before any answer still pays for the prompt.
+        assert_eq!(charge(None, 0, BODY, Encoding::Cl100kBase).0, input);
+    }
+
+    #[test]
+    fn request_ids_are_random_hex() {
+        let a = new_request_id().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(bridge_protocol::valid_request_id(&a));
+        assert_ne!(Some(a), new_request_id());
+    }
+}

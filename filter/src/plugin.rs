@@ -1,0 +1,513 @@
+//! The proxy-wasm shell: Envoy host calls only. Decisions are made by the pure
+//! modules of this crate.
+//!
+//! Per request: headers (key check, upstream path and key, route marker) ->
+//! body (validate, estimate) -> reserve callout -> resume or local reply ->
+//! response chunks metered as they pass -> `on_log` hands one settlement record
+//! to the shared queue. The root context drains the queue (on notification and
+//! on a tick) and sends batches to the sidecar, retrying with backoff.
+
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bridge_protocol::{
+    ReserveReply, ReserveRequest, SettleBatch, SettleRecord, SettleReply, SettleOutcome, INTERNAL_TOKEN_HEADER,
+    RESERVE_PATH, SETTLE_PATH,
+};
+use log::{debug, error, info, warn};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+use crate::config::{FailureMode, PluginConfig};
+use crate::reply::{models_list, LocalReply};
+use crate::request::{admit, client_key};
+use crate::response::{Forward, ResponseMeter};
+use crate::settle::Settler;
+use crate::SETTLE_QUEUE;
+
+proxy_wasm::main! {{
+    // set_log_level also installs proxy-wasm's panic hook, which logs the panic
+    // at critical before the VM traps.
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { context_id, config: None, queue: None, settler: Settler::new(1), in_flight: None })
+    });
+}}
+
+fn now_ms(ctx: &dyn Context) -> u64 {
+    ctx.get_current_time()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn sidecar_headers<'a>(cfg: &'a PluginConfig, path: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut h = vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", cfg.sidecar_authority.as_str()),
+        ("content-type", "application/json"),
+    ];
+    if let Some(t) = &cfg.internal_token {
+        h.push((INTERNAL_TOKEN_HEADER, t.as_str()));
+    }
+    h
+}
+
+struct Root {
+    context_id: u32,
+    config: Option<Rc<PluginConfig>>,
+    queue: Option<u32>,
+    settler: Settler,
+    /// Token of the settlement call in flight.
+    in_flight: Option<u32>,
+}
+
+impl Root {
+    fn drain_queue(&mut self) {
+        let Some(queue) = self.queue else { return };
+        loop {
+            match hostcalls::dequeue_shared_queue(queue) {
+                Ok(Some(bytes)) => match serde_json::from_slice::<SettleRecord>(&bytes) {
+                    Ok(record) => self.settler.push(record),
+                    Err(e) => error!("[root {}] unreadable settlement record dropped: {e}", self.context_id),
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("[root {}] cannot read the settlement queue: {e:?}", self.context_id);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn send_due_batch(&mut self) {
+        let Some(cfg) = self.config.clone() else { return };
+        if self.in_flight.is_some() {
+            return;
+        }
+        let now = now_ms(self);
+        let Some(batch) = self.settler.next_batch(now) else { return };
+        let body = match serde_json::to_vec(&SettleBatch { records: batch.to_vec() }) {
+            Ok(b) => b,
+            Err(e) => {
+                error!("[root {}] cannot encode a settlement batch: {e}", self.context_id);
+                self.settler.failed(now);
+                return;
+            }
+        };
+        let n = batch.len();
+        match self.dispatch_http_call(
+            &cfg.sidecar_cluster,
+            sidecar_headers(&cfg, SETTLE_PATH),
+            Some(&body),
+            vec![],
+            Duration::from_millis(cfg.sidecar_timeout_ms.max(5_000)),
+        ) {
+            Ok(token) => {
+                debug!("[root {}] settling {n} records (call {token})", self.context_id);
+                self.in_flight = Some(token);
+            }
+            Err(e) => {
+                warn!("[root {}] cannot reach the sidecar to settle {n} records: {e:?}; will retry", self.context_id);
+                self.settler.failed(now);
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if self.in_flight != Some(token) {
+            return;
+        }
+        self.in_flight = None;
+        let now = now_ms(self);
+        let status = self.get_http_call_response_header(":status");
+        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        let reply = match status.as_deref() {
+            Some("200") => serde_json::from_slice::<SettleReply>(&body).ok(),
+            _ => None,
+        };
+        match reply {
+            Some(reply) => {
+                self.settler.sent();
+                for r in reply.results.iter().filter(|r| !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled)) {
+                    warn!("[root {}] settlement {} {:?}: {}", self.context_id, r.request_id, r.outcome, r.message.as_deref().unwrap_or(""));
+                }
+                // More may be waiting: send the next batch now rather than on the next tick.
+                self.drain_queue();
+                self.send_due_batch();
+            }
+            None => {
+                warn!(
+                    "[root {}] sidecar did not take a settlement batch (status {:?}); {} records kept for retry",
+                    self.context_id,
+                    status,
+                    self.settler.pending()
+                );
+                self.settler.failed(now);
+            }
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(bytes) = self.get_plugin_configuration() else {
+            error!("[root {}] no plugin configuration given", self.context_id);
+            return false;
+        };
+        let cfg = match PluginConfig::from_json(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("[root {}] {e}", self.context_id);
+                return false;
+            }
+        };
+        match hostcalls::register_shared_queue(SETTLE_QUEUE) {
+            Ok(q) => self.queue = Some(q),
+            Err(e) => {
+                error!("[root {}] cannot register the settlement queue: {e:?}", self.context_id);
+                return false;
+            }
+        }
+        self.settler = Settler::new(cfg.settle_batch_max);
+        self.set_tick_period(Duration::from_millis(cfg.settle_interval_ms));
+        info!(
+            "[root {}] configured: upstream {:?}, model {}, sidecar cluster {}, failure mode {:?}",
+            self.context_id,
+            cfg.upstream,
+            cfg.served_model(),
+            cfg.sidecar_cluster,
+            cfg.failure_mode
+        );
+        self.config = Some(Rc::new(cfg));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        self.drain_queue();
+        self.send_due_batch();
+    }
+
+    fn on_queue_ready(&mut self, _queue_id: u32) {
+        self.drain_queue();
+        self.send_due_batch();
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let config = self.config.clone()?;
+        Some(Box::new(Gateway {
+            id: context_id,
+            config,
+            queue: self.queue,
+            phase: Phase::Headers,
+            key_hash: String::new(),
+            request_id: String::new(),
+            started_ms: 0,
+            body: Vec::new(),
+            admission: None,
+            reserved: 0,
+            unreserved: false,
+            callout: None,
+            status: 0,
+            meter: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// Where a request stands. Every path ends in a resume or a local reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not yet looked at.
+    Headers,
+    /// Not ours (a path outside `/v1/`): passes untouched.
+    Passthrough,
+    /// Answered locally; nothing to settle.
+    Answered,
+    /// Buffering the body.
+    Body,
+    /// Waiting for the sidecar's reservation.
+    Reserving,
+    /// Admitted and forwarded: must settle exactly once.
+    Forwarded,
+    /// The settlement record is queued.
+    Settled,
+}
+
+struct Gateway {
+    id: u32,
+    config: Rc<PluginConfig>,
+    queue: Option<u32>,
+    phase: Phase,
+    key_hash: String,
+    request_id: String,
+    started_ms: u64,
+    /// The client's body, kept for the tiktoken fallback of the prompt.
+    body: Vec<u8>,
+    admission: Option<crate::request::Admission>,
+    reserved: i64,
+    unreserved: bool,
+    callout: Option<u32>,
+    status: u32,
+    meter: Option<ResponseMeter>,
+}
+
+impl Gateway {
+    fn answer(&mut self, reply: LocalReply) -> Action {
+        let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+        headers.extend(reply.headers.iter().map(|(k, v)| (*k, v.as_str())));
+        self.send_http_response(reply.status, headers, Some(&reply.body));
+        self.phase = Phase::Answered;
+        Action::Pause
+    }
+
+    /// The sidecar could not answer: the configured failure mode decides.
+    fn sidecar_failed(&mut self, why: &str) {
+        match self.config.failure_mode {
+            FailureMode::Deny => {
+                warn!("[{}] {}: sidecar unavailable ({why}); answering 503", self.id, self.request_id);
+                self.answer(LocalReply::unavailable(self.config.retry_after_secs));
+            }
+            FailureMode::Allow => {
+                warn!("[{}] {}: sidecar unavailable ({why}); forwarding without a hold", self.id, self.request_id);
+                self.unreserved = true;
+                self.phase = Phase::Forwarded;
+                self.resume_http_request();
+            }
+        }
+    }
+
+    fn settle(&mut self) {
+        if self.phase != Phase::Forwarded {
+            return;
+        }
+        self.phase = Phase::Settled;
+        if let Some(m) = &mut self.meter {
+            // A client that left mid-answer never reached the end: finish the count here.
+            m.on_end();
+        }
+        let (input, output, source) =
+            crate::charge(self.meter.as_ref(), self.status, &self.body, self.config.tiktoken_encoding);
+        let admission = self.admission.take();
+        let record = SettleRecord {
+            request_id: std::mem::take(&mut self.request_id),
+            key_hash: std::mem::take(&mut self.key_hash),
+            model: admission.as_ref().map(|a| a.model.clone()).unwrap_or_default(),
+            reserved: self.reserved,
+            input_tokens: input,
+            output_tokens: output,
+            usage_source: source,
+            duration_ms: now_ms(self).saturating_sub(self.started_ms) as i64,
+            status_code: u16::try_from(self.status).unwrap_or(0),
+            stream: admission.is_some_and(|a| a.stream),
+            unreserved: self.unreserved,
+        };
+        let queued = match (self.queue, serde_json::to_vec(&record)) {
+            (Some(q), Ok(bytes)) => hostcalls::enqueue_shared_queue(q, Some(&bytes)).is_ok(),
+            _ => false,
+        };
+        if queued {
+            debug!("[{}] {}: queued settlement {input}+{output} ({:?})", self.id, record.request_id, source);
+        } else {
+            // The hold stays and the sidecar charges it in full when it expires.
+            error!("[{}] {}: could not queue the settlement; its hold will expire", self.id, record.request_id);
+        }
+    }
+}
+
+impl Context for Gateway {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if self.callout != Some(token) || self.phase != Phase::Reserving {
+            return;
+        }
+        self.callout = None;
+        let status = self.get_http_call_response_header(":status");
+        if status.as_deref() != Some("200") {
+            self.sidecar_failed(&format!("reserve answered {status:?}"));
+            return;
+        }
+        let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        match serde_json::from_slice::<ReserveReply>(&body) {
+            Ok(ReserveReply::Admit { .. }) => {
+                self.reserved = self.admission.as_ref().map_or(0, |a| a.estimate);
+                self.phase = Phase::Forwarded;
+                self.resume_http_request();
+            }
+            Ok(ReserveReply::Refuse { status, error }) => {
+                info!("[{}] {}: refused {status} {:?}", self.id, self.request_id, error.code);
+                self.answer(LocalReply::refusal(status, error));
+            }
+            Err(e) => self.sidecar_failed(&format!("unreadable reserve reply: {e}")),
+        }
+    }
+}
+
+impl HttpContext for Gateway {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let cfg = self.config.clone();
+        // The route marker is ours alone: a client may not send it.
+        self.set_http_request_header(&cfg.route_header, None);
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let bare = path.split('?').next().unwrap_or_default().to_owned();
+        if !bare.starts_with("/v1/") && bare != "/v1" {
+            self.phase = Phase::Passthrough;
+            return Action::Continue;
+        }
+        let method = self.get_http_request_header(":method").unwrap_or_default();
+        let authorization = self.get_http_request_header("authorization");
+        let api_key = self.get_http_request_header("api-key");
+        let key = client_key(authorization.as_deref(), api_key.as_deref()).map(str::to_owned);
+        if bare == "/v1/models" || bare.starts_with("/v1/models/") {
+            if method != "GET" {
+                return self.answer(LocalReply::method_not_allowed(&method, &bare));
+            }
+            if key.is_none() {
+                return self.answer(LocalReply::missing_key());
+            }
+            let body = models_list(cfg.served_model());
+            self.send_http_response(200, vec![("content-type", "application/json")], Some(&body));
+            self.phase = Phase::Answered;
+            return Action::Pause;
+        }
+        if bare != "/v1/chat/completions" {
+            return self.answer(LocalReply::not_found(&bare));
+        }
+        if method != "POST" {
+            return self.answer(LocalReply::method_not_allowed(&method, &bare));
+        }
+        let Some(key) = key else {
+            return self.answer(LocalReply::missing_key());
+        };
+        let Some(request_id) = crate::new_request_id() else {
+            error!("[{}] no randomness for a request id", self.id);
+            return self.answer(LocalReply::unavailable(cfg.retry_after_secs));
+        };
+        if end_of_stream {
+            return self.answer(LocalReply::bad_request("The request has no body.", None));
+        }
+        self.key_hash = bridge_protocol::key_hash(&key);
+        self.request_id = request_id;
+        self.started_ms = now_ms(self);
+        // All header work happens here, while the headers are held: the client's
+        // key is removed, the upstream's set, and the length dropped because the
+        // body may be rewritten (setting it later traps the VM).
+        self.set_http_request_header("authorization", None);
+        self.set_http_request_header("api-key", None);
+        self.set_http_request_header("content-length", None);
+        let (auth_name, auth_value) = cfg.upstream_auth();
+        self.set_http_request_header(auth_name, Some(&auth_value));
+        self.set_http_request_header(":path", Some(&cfg.upstream_path()));
+        self.set_http_request_header(&cfg.route_header, Some("upstream"));
+        self.phase = Phase::Body;
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.phase != Phase::Body {
+            return Action::Continue;
+        }
+        let cfg = self.config.clone();
+        if body_size > cfg.max_body_bytes {
+            return self.answer(LocalReply::too_large(cfg.max_body_bytes));
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        let admission = match admit(&body, &cfg) {
+            Ok(a) => a,
+            Err(reply) => return self.answer(reply),
+        };
+        if let Some(new_body) = &admission.rewritten {
+            self.set_http_request_body(0, body_size, new_body);
+        }
+        let reserve = ReserveRequest {
+            key_hash: self.key_hash.clone(),
+            request_id: self.request_id.clone(),
+            model: admission.model.clone(),
+            estimate: admission.estimate,
+        };
+        self.body = body;
+        self.admission = Some(admission);
+        let payload = match serde_json::to_vec(&reserve) {
+            Ok(p) => p,
+            Err(e) => {
+                self.phase = Phase::Reserving;
+                self.sidecar_failed(&format!("cannot encode the reservation: {e}"));
+                return Action::Pause;
+            }
+        };
+        self.phase = Phase::Reserving;
+        match self.dispatch_http_call(
+            &cfg.sidecar_cluster,
+            sidecar_headers(&cfg, RESERVE_PATH),
+            Some(&payload),
+            vec![],
+            Duration::from_millis(cfg.sidecar_timeout_ms),
+        ) {
+            Ok(token) => self.callout = Some(token),
+            Err(e) => self.sidecar_failed(&format!("dispatch failed: {e:?}")),
+        }
+        Action::Pause
+    }
+
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if self.phase != Phase::Forwarded {
+            return Action::Continue;
+        }
+        self.status = self
+            .get_http_response_header(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let is_sse = self
+            .get_http_response_header("content-type")
+            .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"));
+        let hide_usage = self.admission.as_ref().is_some_and(|a| a.stream && !a.client_wants_usage);
+        let meter = ResponseMeter::new(is_sse, hide_usage);
+        if meter.rewrites_body() {
+            self.set_http_response_header("content-length", None);
+        }
+        self.meter = Some(meter);
+        self.add_http_response_header("x-bridge-request-id", &self.request_id.clone());
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.phase != Phase::Forwarded {
+            return Action::Continue;
+        }
+        let chunk = if body_size > 0 {
+            self.get_http_response_body(0, body_size).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let Some(meter) = self.meter.as_mut() else { return Action::Continue };
+        let mut out = match meter.on_chunk(&chunk) {
+            Forward::Unchanged => None,
+            Forward::Replace(bytes) => Some(bytes),
+        };
+        if end_of_stream {
+            let rest = meter.on_end();
+            if !rest.is_empty() {
+                let mut all = out.take().unwrap_or_else(|| chunk.clone());
+                all.extend(rest);
+                out = Some(all);
+            }
+        }
+        if let Some(bytes) = out {
+            self.set_http_response_body(0, body_size, &bytes);
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.settle();
+    }
+}

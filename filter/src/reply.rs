@@ -1,0 +1,141 @@
+//! Local replies the filter sends instead of forwarding: OpenAI error objects
+//! with the status each case calls for.
+
+use bridge_protocol::ErrorEnvelope;
+
+/// A response the filter answers itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub body: Vec<u8>,
+    /// Extra headers besides `content-type: application/json`.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl LocalReply {
+    pub fn json(status: u32, envelope: &ErrorEnvelope) -> Self {
+        Self { status, body: envelope.to_json(), headers: Vec::new() }
+    }
+
+    /// 400 `invalid_request_error`, naming the parameter at fault.
+    pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self::json(400, &ErrorEnvelope::new(message, "invalid_request_error", param, None))
+    }
+
+    /// 401 for a missing or malformed key; answered without asking the sidecar.
+    pub fn missing_key() -> Self {
+        Self::json(
+            401,
+            &ErrorEnvelope::new(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+        )
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::json(
+            413,
+            &ErrorEnvelope::new(
+                format!("The request body is larger than this gateway accepts ({limit} bytes)."),
+                "invalid_request_error",
+                None,
+                Some("request_too_large"),
+            ),
+        )
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        Self::json(
+            404,
+            &ErrorEnvelope::new(
+                format!("Unknown request URL: {path}. This gateway serves POST /v1/chat/completions and GET /v1/models."),
+                "invalid_request_error",
+                None,
+                Some("unknown_url"),
+            ),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str) -> Self {
+        let mut r = Self::json(
+            405,
+            &ErrorEnvelope::new(
+                format!("Method {method} is not allowed on {path}."),
+                "invalid_request_error",
+                None,
+                Some("method_not_allowed"),
+            ),
+        );
+        let allowed = if path.starts_with("/v1/models") { "GET" } else { "POST" };
+        r.headers.push(("allow", allowed.to_owned()));
+        r
+    }
+
+    /// The billing service is unreachable or failing: a temporary fault of ours,
+    /// never a 401 or 429, which clients treat as final for the key.
+    pub fn unavailable(retry_after_secs: u32) -> Self {
+        let mut r = Self::json(
+            503,
+            &ErrorEnvelope::new(
+                "The gateway's billing service is temporarily unavailable; retry shortly.",
+                "server_error",
+                None,
+                Some("billing_unavailable"),
+            ),
+        );
+        r.headers.push(("retry-after", retry_after_secs.to_string()));
+        r
+    }
+
+    /// The sidecar's refusal (unknown key, frozen, no balance), relayed as it wrote it.
+    pub fn refusal(status: u16, error: bridge_protocol::ErrorBody) -> Self {
+        Self::json(u32::from(status), &ErrorEnvelope { error })
+    }
+}
+
+/// `GET /v1/models`: the model this gateway serves, in the OpenAI list shape.
+pub fn models_list(model: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": 0, "owned_by": "openclaw-llm-bridge"}],
+    }))
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(r: &LocalReply) -> serde_json::Value {
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    #[test]
+    fn unavailable_is_503_with_retry_after() {
+        let r = LocalReply::unavailable(7);
+        assert_eq!(r.status, 503);
+        assert!(r.headers.contains(&("retry-after", "7".to_owned())));
+        assert_eq!(parsed(&r)["error"]["type"], "server_error");
+    }
+
+    #[test]
+    fn every_reply_is_an_openai_error_object() {
+        for r in [
+            LocalReply::missing_key(),
+            LocalReply::too_large(10),
+            LocalReply::not_found("/v1/x"),
+            LocalReply::bad_request("m", Some("messages")),
+            LocalReply::method_not_allowed("GET", "/v1/chat/completions"),
+        ] {
+            let v = parsed(&r);
+            let e = v["error"].as_object().unwrap();
+            for field in ["message", "type", "param", "code"] {
+                assert!(e.contains_key(field), "{v}");
+            }
+        }
+        assert_eq!(parsed(&LocalReply::missing_key())["error"]["code"], "invalid_api_key");
+    }
+}

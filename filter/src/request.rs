@@ -1,0 +1,222 @@
+//! The client's request: key extraction, body validation, the cheap token
+//! estimate for the hold, and the body rewrite for the upstream.
+
+use serde_json::{Map, Value};
+
+use crate::config::{PluginConfig, UpstreamStyle};
+use crate::reply::LocalReply;
+
+/// The key from `Authorization: Bearer <key>` (or Azure-style `api-key`).
+/// `None` when missing or malformed; such requests get a 401 without a callout.
+pub fn client_key<'a>(authorization: Option<&'a str>, api_key: Option<&'a str>) -> Option<&'a str> {
+    let key = match authorization {
+        Some(value) => {
+            let (scheme, rest) = value.trim().split_once(' ')?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return None;
+            }
+            rest.trim()
+        }
+        None => api_key?.trim(),
+    };
+    let well_formed = (8..=256).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
+    well_formed.then_some(key)
+}
+
+/// What the filter learned from a valid body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The client's `model`, or the served model when absent.
+    pub model: String,
+    pub stream: bool,
+    /// The client itself asked for `stream_options.include_usage`; if not, the
+    /// filter asked for it and must hide the usage event from the client.
+    pub client_wants_usage: bool,
+    /// Tokens to hold: input estimate plus the output reservation.
+    pub estimate: i64,
+    /// The body to send upstream when it differs from the client's.
+    pub rewritten: Option<Vec<u8>>,
+}
+
+fn integer_param(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, LocalReply> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) if n >= 1 => Ok(Some(n)),
+            _ => Err(LocalReply::bad_request(format!("'{name}' must be a positive integer."), Some(name))),
+        },
+    }
+}
+
+/// Validates the body and prepares the upstream request.
+pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
+    let text = std::str::from_utf8(body)
+        .map_err(|_| LocalReply::bad_request("The request body is not valid UTF-8.", None))?;
+    let mut value: Value = serde_json::from_str(text).map_err(|e| {
+        LocalReply::bad_request(format!("We could not parse the JSON body of your request: {e}."), None)
+    })?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err(LocalReply::bad_request("The request body must be a JSON object.", None));
+    };
+    match obj.get("messages") {
+        None => return Err(LocalReply::bad_request("Missing required parameter: 'messages'.", Some("messages"))),
+        Some(Value::Array(msgs)) if msgs.is_empty() => {
+            return Err(LocalReply::bad_request("'messages' must not be empty.", Some("messages")))
+        }
+        Some(Value::Array(msgs)) => {
+            for (i, m) in msgs.iter().enumerate() {
+                if !m.get("role").is_some_and(Value::is_string) {
+                    return Err(LocalReply::bad_request(
+                        format!("'messages[{i}]' must be an object with a string 'role'."),
+                        Some(&format!("messages[{i}].role")),
+                    ));
+                }
+            }
+        }
+        Some(_) => return Err(LocalReply::bad_request("'messages' must be an array.", Some("messages"))),
+    }
+    let model = match obj.get("model") {
+        None | Some(Value::Null) => cfg.served_model().to_owned(),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(LocalReply::bad_request("'model' must be a string.", Some("model"))),
+    };
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(LocalReply::bad_request("'stream' must be a boolean.", Some("stream"))),
+    };
+    let client_wants_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(LocalReply::bad_request(
+                    "'stream_options.include_usage' must be a boolean.",
+                    Some("stream_options.include_usage"),
+                ))
+            }
+        },
+        Some(_) => return Err(LocalReply::bad_request("'stream_options' must be an object.", Some("stream_options"))),
+    };
+    let output = integer_param(obj, "max_completion_tokens")?
+        .or(integer_param(obj, "max_tokens")?)
+        .unwrap_or(cfg.default_output_reservation);
+    let choices = integer_param(obj, "n")?.unwrap_or(1);
+    let input = body.len().div_ceil(cfg.estimate_bytes_per_token as usize) as i64 + 16;
+    let estimate = input.saturating_add(output.saturating_mul(choices));
+
+    let mut changed = false;
+    if stream && !client_wants_usage {
+        let opts = obj.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(o) = opts {
+            o.insert("include_usage".into(), Value::Bool(true));
+            changed = true;
+        }
+    }
+    if cfg.upstream == UpstreamStyle::Openai {
+        if let Some(m) = &cfg.model {
+            if obj.get("model").and_then(Value::as_str) != Some(m) {
+                obj.insert("model".into(), Value::String(m.clone()));
+                changed = true;
+            }
+        }
+    }
+    let rewritten = if changed {
+        Some(serde_json::to_vec(&value).map_err(|e| LocalReply::bad_request(format!("cannot re-encode the body: {e}"), None))?)
+    } else {
+        None
+    };
+    Ok(Admission { model, stream, client_wants_usage, estimate, rewritten })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> PluginConfig {
+        PluginConfig::from_json(br#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"gpt-5-nano"}"#).unwrap()
+    }
+
+    #[test]
+    fn keys_come_from_bearer_or_api_key() {
+        assert_eq!(client_key(Some("Bearer sk-user-0001"), None), Some("sk-user-0001"));
+        assert_eq!(client_key(Some("bearer  sk-user-0001 "), None), Some("sk-user-0001"));
+        assert_eq!(client_key(None, Some("sk-user-0001")), Some("sk-user-0001"));
+        for bad in [Some("Basic abc"), Some("Bearer"), Some("Bearer short"), Some("Bearer sk-\u{7f}xxxxxxx"), Some("sk-user-0001")] {
+            assert_eq!(client_key(bad, None), None, "{bad:?}");
+        }
+        assert_eq!(client_key(None, None), None);
+    }
+
+    #[test]
+    fn streamed_requests_get_include_usage_and_remember_who_asked() {
+        let body = br#"{"model":"gpt-5-nano","messages":[{"role":"user","content":"hi"}],"stream":true,"temperature":0.7}"#;
+        let a = admit(body, &cfg()).unwrap();
+        assert!(a.stream && !a.client_wants_usage);
+        let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["temperature"], 0.7, "other fields survive unchanged");
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["model", "messages", "stream", "temperature", "stream_options"], "field order kept");
+
+        let asked = br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#;
+        let a = admit(asked, &cfg()).unwrap();
+        assert!(a.client_wants_usage);
+        assert_eq!(a.rewritten, None, "nothing to change");
+        assert_eq!(a.model, "gpt-5-nano", "absent model falls back to the served one");
+    }
+
+    #[test]
+    fn non_streamed_bodies_pass_unchanged() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(admit(body, &cfg()).unwrap().rewritten, None);
+    }
+
+    #[test]
+    fn the_estimate_holds_input_and_requested_output() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":100,"n":2}"#;
+        let a = admit(body, &cfg()).unwrap();
+        let input = body.len().div_ceil(2) as i64 + 16;
+        assert_eq!(a.estimate, input + 200);
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":10}"#;
+        assert_eq!(admit(body, &cfg()).unwrap().estimate, body.len().div_ceil(2) as i64 + 16 + 10);
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(admit(body, &cfg()).unwrap().estimate, body.len().div_ceil(2) as i64 + 16 + 4096);
+    }
+
+    #[test]
+    fn invalid_bodies_say_what_is_wrong() {
+        let cases: [(&[u8], Option<&str>); 11] = [
+            (b"{not json", None),
+            (b"[1,2]", None),
+            (b"\xff\xfe{}", None),
+            (br#"{"model":"m"}"#, Some("messages")),
+            (br#"{"messages":"hi"}"#, Some("messages")),
+            (br#"{"messages":[]}"#, Some("messages")),
+            (br#"{"messages":[{"content":"x"}]}"#, Some("messages[0].role")),
+            (br#"{"messages":[{"role":"user"}],"model":5}"#, Some("model")),
+            (br#"{"messages":[{"role":"user"}],"stream":"yes"}"#, Some("stream")),
+            (br#"{"messages":[{"role":"user"}],"max_completion_tokens":-5}"#, Some("max_completion_tokens")),
+            (br#"{"messages":[{"role":"user"}],"stream":true,"stream_options":{"include_usage":"y"}}"#, Some("stream_options.include_usage")),
+        ];
+        for (body, param) in cases {
+            let r = admit(body, &cfg()).unwrap_err();
+            assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(v["error"]["param"].as_str(), param, "{}", String::from_utf8_lossy(body));
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+        }
+    }
+
+    #[test]
+    fn openai_upstream_with_a_model_overrides_the_clients() {
+        let c = PluginConfig::from_json(
+            br#"{"sidecar_cluster":"s","upstream_key":"k","upstream":"openai","model":"gpt-4o-mini"}"#,
+        )
+        .unwrap();
+        let a = admit(br#"{"model":"x","messages":[{"role":"user","content":"hi"}]}"#, &c).unwrap();
+        let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
+        assert_eq!(v["model"], "gpt-4o-mini");
+    }
+}

@@ -1,0 +1,232 @@
+//! Metering of the upstream's answer while it streams to the client: usage
+//! from the upstream when it reports it, otherwise the generated text for a
+//! tiktoken count. Chunks are forwarded as they arrive; only the usage-only
+//! event the filter itself asked for is removed.
+
+use serde_json::Value;
+
+use crate::sse::{Event, SseParser};
+use crate::tokens::collect_choice_text;
+
+/// Plain responses are copied up to this size to read their `usage`; beyond it
+/// the text is counted from what was copied (a chat answer is far smaller).
+const MAX_PLAIN_COPY: usize = 32 * 1024 * 1024;
+
+/// Token counts the upstream reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub input: i64,
+    pub output: i64,
+}
+
+/// What to do with a response chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// Pass the chunk as it came.
+    Unchanged,
+    /// Replace the chunk by these bytes.
+    Replace(Vec<u8>),
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    usage: Option<Usage>,
+    text: String,
+    error_event: bool,
+}
+
+impl Tally {
+    fn take_usage(&mut self, v: &Value) -> bool {
+        let Some(u) = v.get("usage").filter(|u| u.is_object()) else { return false };
+        let n = |k: &str| u.get(k).and_then(Value::as_i64).unwrap_or(0).max(0);
+        self.usage = Some(Usage { input: n("prompt_tokens"), output: n("completion_tokens") });
+        true
+    }
+
+    /// Reads one stream event; returns whether the client should see it.
+    fn on_event(&mut self, e: &Event, drop_usage_event: bool) -> bool {
+        if e.data == "[DONE]" {
+            return true;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&e.data) else { return true };
+        if v.get("error").is_some_and(|err| !err.is_null()) {
+            self.error_event = true;
+        }
+        let choices = v.get("choices").and_then(Value::as_array);
+        for c in choices.into_iter().flatten() {
+            if let Some(delta) = c.get("delta") {
+                collect_choice_text(delta, &mut self.text);
+            }
+        }
+        let has_usage = self.take_usage(&v);
+        // The usage-only event: non-null usage and no choices. Azure's content
+        // filter events also have empty choices but no usage, and stay.
+        let usage_only = has_usage && choices.is_none_or(|c| c.is_empty());
+        !(drop_usage_event && usage_only)
+    }
+}
+
+#[derive(Debug)]
+pub struct ResponseMeter {
+    sse: Option<SseParser>,
+    drop_usage_event: bool,
+    plain: Vec<u8>,
+    tally: Tally,
+    ended: bool,
+}
+
+impl ResponseMeter {
+    /// `is_sse`: the response is `text/event-stream`. `drop_usage_event`: the
+    /// client did not ask for usage, so the usage-only event is removed.
+    pub fn new(is_sse: bool, drop_usage_event: bool) -> Self {
+        let drop = is_sse && drop_usage_event;
+        Self {
+            sse: is_sse.then(|| SseParser::new(drop)),
+            drop_usage_event: drop,
+            plain: Vec::new(),
+            tally: Tally::default(),
+            ended: false,
+        }
+    }
+
+    /// Whether chunks may change size, so a `content-length` must go.
+    pub fn rewrites_body(&self) -> bool {
+        self.drop_usage_event
+    }
+
+    pub fn on_chunk(&mut self, chunk: &[u8]) -> Forward {
+        let drop = self.drop_usage_event;
+        match &mut self.sse {
+            Some(parser) => {
+                let tally = &mut self.tally;
+                let out = parser.feed(chunk, &mut |e| tally.on_event(e, drop));
+                if !drop || out == chunk {
+                    Forward::Unchanged
+                } else {
+                    Forward::Replace(out)
+                }
+            }
+            None => {
+                let room = MAX_PLAIN_COPY.saturating_sub(self.plain.len());
+                self.plain.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                Forward::Unchanged
+            }
+        }
+    }
+
+    /// End of the response body (or of the request, for a client that left):
+    /// bytes still held back, if any. Later calls do nothing.
+    pub fn on_end(&mut self) -> Vec<u8> {
+        if std::mem::replace(&mut self.ended, true) {
+            return Vec::new();
+        }
+        let drop = self.drop_usage_event;
+        match &mut self.sse {
+            Some(parser) => {
+                let tally = &mut self.tally;
+                parser.finish(&mut |e| tally.on_event(e, drop))
+            }
+            None => {
+                if let Ok(v) = serde_json::from_slice::<Value>(&self.plain) {
+                    self.tally.take_usage(&v);
+                    for c in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
+                        if let Some(m) = c.get("message") {
+                            collect_choice_text(m, &mut self.tally.text);
+                        }
+                    }
+                } else if self.tally.text.is_empty() {
+                    // Not JSON (a truncated body): count what arrived.
+                    self.tally.text = String::from_utf8_lossy(&self.plain).into_owned();
+                }
+                self.plain = Vec::new();
+                Vec::new()
+            }
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.tally.usage
+    }
+
+    /// Generated text seen so far, for the tiktoken fallback.
+    pub fn output_text(&self) -> &str {
+        &self.tally.text
+    }
+
+    pub fn saw_error_event(&self) -> bool {
+        self.tally.error_event
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(content: &str) -> String {
+        format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}}}}],\"usage\":null}}\n\n")
+    }
+    const USAGE: &str = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":7,\"total_tokens\":18}}\n\n";
+    const AZURE_FILTER: &str = "data: {\"choices\":[],\"prompt_filter_results\":[{\"prompt_index\":0}]}\n\n";
+
+    fn stream() -> String {
+        format!("{AZURE_FILTER}{}{}{USAGE}data: [DONE]\n\n", chunk("Hel"), chunk("lo"))
+    }
+
+    fn run(meter: &mut ResponseMeter, body: &[u8], at: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for part in [&body[..at], &body[at..]] {
+            match meter.on_chunk(part) {
+                Forward::Unchanged => out.extend_from_slice(part),
+                Forward::Replace(b) => out.extend(b),
+            }
+        }
+        out.extend(meter.on_end());
+        out
+    }
+
+    #[test]
+    fn usage_is_taken_and_hidden_when_the_client_did_not_ask() {
+        let body = stream();
+        let want = body.replace(USAGE, "");
+        for at in 0..=body.len() {
+            let mut m = ResponseMeter::new(true, true);
+            let out = run(&mut m, body.as_bytes(), at);
+            assert_eq!(String::from_utf8(out).unwrap(), want, "split at {at}");
+            assert_eq!(m.usage(), Some(Usage { input: 11, output: 7 }));
+            assert_eq!(m.output_text(), "Hello");
+        }
+    }
+
+    #[test]
+    fn usage_stays_when_the_client_asked() {
+        let body = stream();
+        let mut m = ResponseMeter::new(true, false);
+        assert_eq!(run(&mut m, body.as_bytes(), 40), body.as_bytes());
+        assert_eq!(m.usage(), Some(Usage { input: 11, output: 7 }));
+    }
+
+    #[test]
+    fn a_stream_without_usage_leaves_the_text_to_count() {
+        let body = format!("{}{}data: [DONE]\n\n", chunk("a"), chunk("b"));
+        let mut m = ResponseMeter::new(true, true);
+        assert_eq!(run(&mut m, body.as_bytes(), 10), body.as_bytes());
+        assert_eq!((m.usage(), m.output_text()), (None, "ab"));
+    }
+
+    #[test]
+    fn an_error_event_mid_stream_is_forwarded_and_noticed() {
+        let body = format!("{}data: {{\"error\":{{\"message\":\"boom\"}}}}\n\n", chunk("a"));
+        let mut m = ResponseMeter::new(true, true);
+        assert_eq!(run(&mut m, body.as_bytes(), 5), body.as_bytes());
+        assert!(m.saw_error_event());
+    }
+
+    #[test]
+    fn plain_json_usage_and_text() {
+        let body = br#"{"choices":[{"message":{"role":"assistant","content":"Hi there"}}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+        let mut m = ResponseMeter::new(false, true);
+        assert_eq!(run(&mut m, body, 17), body);
+        assert_eq!(m.usage(), Some(Usage { input: 3, output: 2 }));
+        assert_eq!(m.output_text(), "Hi there");
+    }
+}

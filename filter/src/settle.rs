@@ -1,0 +1,142 @@
+//! The root context's settlement queue: records arrive from finished requests
+//! (through Envoy's shared queue), leave in batches, and come back after a
+//! failed send with exponential backoff. Pure logic; the plugin does the I/O.
+
+use std::collections::VecDeque;
+
+use bridge_protocol::SettleRecord;
+
+/// Records kept at most while the sidecar is unreachable (about 100 MB). Past
+/// that the oldest are dropped; their holds expire and are charged in full.
+pub const MAX_PENDING: usize = 200_000;
+const MIN_BACKOFF_MS: u64 = 250;
+const MAX_BACKOFF_MS: u64 = 30_000;
+
+#[derive(Debug)]
+pub struct Settler {
+    pending: VecDeque<SettleRecord>,
+    in_flight: Option<Vec<SettleRecord>>,
+    batch_max: usize,
+    backoff_ms: u64,
+    next_attempt_ms: u64,
+    pub dropped: u64,
+}
+
+impl Settler {
+    pub fn new(batch_max: usize) -> Self {
+        Self {
+            pending: VecDeque::new(),
+            in_flight: None,
+            batch_max: batch_max.max(1),
+            backoff_ms: 0,
+            next_attempt_ms: 0,
+            dropped: 0,
+        }
+    }
+
+    pub fn push(&mut self, record: SettleRecord) {
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+            self.dropped += 1;
+        }
+        self.pending.push_back(record);
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len() + self.in_flight.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The next batch to send, if one is due and none is in flight.
+    pub fn next_batch(&mut self, now_ms: u64) -> Option<&[SettleRecord]> {
+        if self.in_flight.is_some() || self.pending.is_empty() || now_ms < self.next_attempt_ms {
+            return None;
+        }
+        let n = self.pending.len().min(self.batch_max);
+        self.in_flight = Some(self.pending.drain(..n).collect());
+        self.in_flight.as_deref()
+    }
+
+    /// The sidecar answered the batch: every record's outcome is final.
+    pub fn sent(&mut self) {
+        self.in_flight = None;
+        self.backoff_ms = 0;
+        self.next_attempt_ms = 0;
+    }
+
+    /// The send failed (no answer, not 200): keep the batch first in line and wait.
+    pub fn failed(&mut self, now_ms: u64) {
+        if let Some(batch) = self.in_flight.take() {
+            for r in batch.into_iter().rev() {
+                self.pending.push_front(r);
+            }
+        }
+        self.backoff_ms = (self.backoff_ms * 2).clamp(MIN_BACKOFF_MS, MAX_BACKOFF_MS);
+        self.next_attempt_ms = now_ms + self.backoff_ms;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bridge_protocol::UsageSource;
+
+    fn rec(i: usize) -> SettleRecord {
+        SettleRecord {
+            request_id: format!("r{i}"),
+            key_hash: bridge_protocol::key_hash("k"),
+            model: "m".into(),
+            reserved: 10,
+            input_tokens: 1,
+            output_tokens: 1,
+            usage_source: UsageSource::Upstream,
+            duration_ms: 1,
+            status_code: 200,
+            stream: false,
+            unreserved: false,
+        }
+    }
+
+    #[test]
+    fn batches_are_bounded_and_one_at_a_time() {
+        let mut s = Settler::new(2);
+        for i in 0..5 {
+            s.push(rec(i));
+        }
+        assert_eq!(s.next_batch(0).map(<[_]>::len), Some(2));
+        assert!(s.next_batch(0).is_none(), "one batch in flight");
+        s.sent();
+        assert_eq!(s.next_batch(0).unwrap()[0].request_id, "r2");
+    }
+
+    #[test]
+    fn a_failed_batch_is_retried_first_after_backoff() {
+        let mut s = Settler::new(3);
+        for i in 0..4 {
+            s.push(rec(i));
+        }
+        s.next_batch(1_000);
+        s.failed(1_000);
+        assert!(s.next_batch(1_100).is_none(), "backing off");
+        let batch: Vec<String> = s.next_batch(1_250).unwrap().iter().map(|r| r.request_id.clone()).collect();
+        assert_eq!(batch, ["r0", "r1", "r2"]);
+        s.failed(1_250);
+        assert!(s.next_batch(1_700).is_none(), "backoff doubled to 500 ms");
+        assert!(s.next_batch(1_750).is_some());
+        assert_eq!(s.pending(), 4, "nothing lost while failing");
+        s.sent();
+        assert_eq!(s.pending(), 1);
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let mut s = Settler::new(1);
+        s.push(rec(0));
+        let mut now = 0;
+        for _ in 0..20 {
+            s.next_batch(now);
+            s.failed(now);
+            now += MAX_BACKOFF_MS;
+        }
+        assert!(s.next_batch(now).is_some());
+    }
+}
