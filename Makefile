@@ -15,7 +15,7 @@ build: deps
 
 # Every test: unit tests, the sidecar against the MongoDB-wire server, the built
 # .wasm in a real Envoy, end-to-end through the whole stack.
-test: build
+test: build wasm
 	scripts/with-mongo.sh $(CARGO) test --workspace --no-fail-fast
 
 lint: deps

@@ -12,6 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub mod mock;
+pub mod stack;
 
 /// The MongoDB-wire server the test run started (`make test` exports it).
 pub fn mongo_uri() -> String {

@@ -7,7 +7,8 @@
 //!
 //! The header `x-mock-scenario` picks a behaviour: `no_usage` (never reports
 //! usage), `error_400`, `error_500`, `midstream_error`, `slow` (50 ms between
-//! chunks), `words:N` (N content chunks). Every request is recorded and listed
+//! chunks); `x-mock-words: N` sets the answer's length (5 words by default).
+//! Every request is recorded and listed
 //! by `GET /mock/requests` so tests can compare billing with what was served.
 
 use std::sync::{Arc, Mutex};
@@ -149,8 +150,9 @@ async fn complete(s: MockState, path: String, headers: HeaderMap, body: Bytes, a
         .to_owned();
     let stream = body["stream"] == true;
     let include_usage = stream && body["stream_options"]["include_usage"] == true && scenario != "no_usage";
-    let words = scenario
-        .strip_prefix("words:")
+    let words = headers
+        .get("x-mock-words")
+        .and_then(|v| v.to_str().ok())
         .and_then(|n| n.parse().ok())
         .unwrap_or(5usize);
     let tool = tool_call_for(&body);

@@ -1,0 +1,222 @@
+//! The whole gateway on loopback for a test: the mock upstream (in process),
+//! the sidecar binary, and Envoy with the built `.wasm`, each on its own
+//! ports, with the test's own database.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use mongodb::bson::{doc, Document};
+use serde_json::{json, Value};
+
+use crate::{free_port, log_dir, mongo_uri, unique_db, workspace_bin, Proc};
+
+pub const ADMIN_TOKEN: &str = "stack-admin-token";
+pub const UPSTREAM_KEY: &str = "upstream-secret-key-0123";
+
+/// Options a test may change.
+#[derive(Clone, Debug)]
+pub struct StackOptions {
+    pub provider: &'static str,
+    pub failure_mode: &'static str,
+    pub max_body_bytes: Option<usize>,
+    pub hold_ttl_secs: Option<u64>,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self { provider: "azure", failure_mode: "deny", max_body_bytes: None, hold_ttl_secs: None, extra_env: vec![] }
+    }
+}
+
+pub struct Stack {
+    pub base: String,
+    pub mock: String,
+    pub sidecar_addr: String,
+    pub db_name: String,
+    pub db: mongodb::Database,
+    pub http: reqwest::Client,
+    pub envoy: Proc,
+    pub sidecar: Option<Proc>,
+    pub sidecar_log: PathBuf,
+    opts: StackOptions,
+}
+
+pub fn wasm_path() -> PathBuf {
+    let p = crate::target_dir().join("wasm32-wasip1/release/openclaw_filter.wasm");
+    assert!(p.exists(), "{} is missing: run `make test` (it builds the .wasm first)", p.display());
+    p
+}
+
+fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+impl Stack {
+    pub async fn start(opts: StackOptions) -> Stack {
+        let db_name = unique_db("stack");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mock = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, crate::mock::app(UPSTREAM_KEY)).await });
+
+        let sidecar_addr = format!("127.0.0.1:{}", free_port());
+        let sidecar_log = log_dir().join(format!("{db_name}-app.log"));
+        let gateway_port = free_port();
+        let admin_port = free_port();
+        let config = log_dir().join(format!("{db_name}-envoy.json"));
+        let mut render = Command::new("python3");
+        render
+            .arg(repo_root().join("envoy/render.py"))
+            .arg(&config)
+            .env("LLM_ENDPOINT", &mock)
+            .env("LLM_API_KEY", UPSTREAM_KEY)
+            .env("LLM_PROVIDER", opts.provider)
+            .env("LLM_MODEL", "gpt-5-nano")
+            .env("GATEWAY_HOST", "127.0.0.1")
+            .env("GATEWAY_PORT", gateway_port.to_string())
+            .env("ENVOY_ADMIN_PORT", admin_port.to_string())
+            .env("SIDECAR_ADDR", &sidecar_addr)
+            .env("WASM_PATH", wasm_path())
+            .env("FAILURE_MODE", opts.failure_mode)
+            .env("SETTLE_INTERVAL_MS", "100")
+            .env("RETRY_AFTER_SECS", "3");
+        if let Some(n) = opts.max_body_bytes {
+            render.env("MAX_BODY_BYTES", n.to_string());
+        }
+        for (k, v) in &opts.extra_env {
+            render.env(k, v);
+        }
+        let out = render.output().unwrap();
+        assert!(out.status.success(), "render failed: {}", String::from_utf8_lossy(&out.stderr));
+
+        let mut stack = Stack {
+            base: format!("http://127.0.0.1:{gateway_port}"),
+            mock,
+            sidecar_addr,
+            db: mongodb::Client::with_uri_str(mongo_uri()).await.unwrap().database(&db_name),
+            db_name,
+            http: reqwest::Client::new(),
+            envoy: {
+                let mut cmd = Command::new("envoy");
+                cmd.arg("-c")
+                    .arg(&config)
+                    .args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info"]);
+                Proc::spawn("envoy", cmd)
+            },
+            sidecar: None,
+            sidecar_log,
+            opts,
+        };
+        stack.start_sidecar();
+        stack.envoy.wait_for("starting main dispatch loop", Duration::from_secs(60));
+        crate::wait_http_ok(&format!("{}/healthz", stack.base), Duration::from_secs(30)).await;
+        stack
+    }
+
+    /// (Re)starts the sidecar on its fixed address (Envoy's cluster points there).
+    pub fn start_sidecar(&mut self) {
+        let mut cmd = Command::new(workspace_bin("openclaw-sidecar"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("MONGODB_URI", mongo_uri())
+            .env("MONGODB_DB", &self.db_name)
+            .env("ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("SIDECAR_ADDR", &self.sidecar_addr)
+            .env("LOG_FILE", &self.sidecar_log)
+            .env("SWEEP_INTERVAL_SECS", "1")
+            .current_dir(log_dir());
+        if let Some(ttl) = self.opts.hold_ttl_secs {
+            cmd.env("HOLD_TTL_SECS", ttl.to_string());
+        }
+        let proc = Proc::spawn("sidecar", cmd);
+        proc.wait_for("sidecar listening", Duration::from_secs(30));
+        self.sidecar = Some(proc);
+    }
+
+    pub fn stop_sidecar(&mut self) {
+        if let Some(mut p) = self.sidecar.take() {
+            p.stop(Duration::from_secs(10));
+        }
+    }
+
+    pub async fn create_key(&self, key: &str, balance: i64) {
+        let resp = self
+            .http
+            .post(format!("{}/admin/keys", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"api_key": key, "user_name": "tester", "balance_tokens": balance, "status": "active"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap_or_default());
+    }
+
+    pub async fn patch_key(&self, key: &str, body: Value) {
+        let resp = self
+            .http
+            .patch(format!("{}/admin/keys/{key}", self.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap_or_default());
+    }
+
+    /// The key's document straight from MongoDB.
+    pub async fn key_doc(&self, key: &str) -> Document {
+        self.db
+            .collection::<Document>("api_keys")
+            .find_one(doc! {"_id": bridge_protocol::key_hash(key)})
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no key document for {key}"))
+    }
+
+    pub async fn balance(&self, key: &str) -> i64 {
+        self.key_doc(key).await.get_i64("balance_tokens").unwrap()
+    }
+
+    /// Number of holds still open on the key.
+    pub async fn open_holds(&self, key: &str) -> i64 {
+        self.key_doc(key).await.get_i64("holds_n").unwrap_or(0)
+    }
+
+    pub async fn audit_rows(&self, key: &str) -> Vec<Document> {
+        use futures::TryStreamExt;
+        self.db
+            .collection::<Document>("audit_logs")
+            .find(doc! {"key_id": bridge_protocol::key_hash(key)})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn audit_row(&self, request_id: &str) -> Option<Document> {
+        self.db.collection::<Document>("audit_logs").find_one(doc! {"request_id": request_id}).await.unwrap()
+    }
+
+    /// Waits until the request's audit row exists, then returns it.
+    pub async fn settled_row(&self, request_id: &str) -> Document {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(row) = self.audit_row(request_id).await {
+                return row;
+            }
+            assert!(std::time::Instant::now() < deadline, "request {request_id} was never settled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What the mock upstream served, oldest first.
+    pub async fn served(&self) -> Vec<crate::mock::Seen> {
+        self.http.get(format!("{}/mock/requests", self.mock)).send().await.unwrap().json().await.unwrap()
+    }
+
+    pub fn chat(&self, key: &str, body: &Value) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}/v1/chat/completions", self.base)).bearer_auth(key).json(body)
+    }
+}

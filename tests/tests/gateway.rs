@@ -1,0 +1,338 @@
+//! The built `.wasm` in a real Envoy, with the real sidecar on the MongoDB-wire
+//! server and the mock upstream. Every test checks the balance and the audit
+//! rows, not only the status code.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use bridge_tests::stack::{Stack, StackOptions, UPSTREAM_KEY};
+use futures::StreamExt;
+use openclaw_filter::config::Encoding;
+use openclaw_filter::tokens::{count_prompt, count_text};
+use serde_json::{json, Value};
+
+fn request_id(resp: &reqwest::Response) -> String {
+    resp.headers()
+        .get("x-bridge-request-id")
+        .unwrap_or_else(|| panic!("no x-bridge-request-id in {:?}", resp.headers()))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The `data:` payloads of an SSE body.
+fn events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn total(row: &mongodb::bson::Document) -> i64 {
+    row.get_i64("total_tokens").unwrap()
+}
+
+fn messages(text: &str) -> Value {
+    json!([{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}])
+}
+
+#[tokio::test]
+async fn plain_and_streamed_requests_are_billed_exactly() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-gateway-user-001";
+    s.create_key(key, 100_000).await;
+    let mut spent = 0;
+
+    // Plain JSON: usage straight from the upstream's body.
+    let resp = s.chat(key, &json!({"model": "gpt-5-nano", "messages": messages("hi")})).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let body: Value = resp.json().await.unwrap();
+    let usage = &body["usage"];
+    let row = s.settled_row(&id).await;
+    assert_eq!(row.get_i64("input_tokens").unwrap(), usage["prompt_tokens"].as_i64().unwrap());
+    assert_eq!(row.get_i64("output_tokens").unwrap(), usage["completion_tokens"].as_i64().unwrap());
+    assert_eq!((row.get_str("usage_source"), row.get_bool("stream"), row.get_i32("status_code")), (Ok("upstream"), Ok(false), Ok(200)));
+    assert_eq!(row.get_str("model"), Ok("gpt-5-nano"));
+    spent += total(&row);
+
+    // Streamed, the client did not ask for usage (as OpenClaw to a remote base URL):
+    // the filter asks the upstream for it and hides the usage event from the client.
+    let resp = s
+        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "messages": messages("stream please")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let text = resp.text().await.unwrap();
+    let evs = events(&text);
+    assert_eq!(evs.last().map(String::as_str), Some("[DONE]"));
+    assert!(evs.iter().all(|e| !e.contains("\"prompt_tokens\"")), "usage leaked to a client that did not ask: {text}");
+    let served = s.served().await;
+    let seen = served.last().unwrap();
+    assert!(seen.include_usage, "the filter must ask the upstream for usage");
+    assert_eq!(seen.api_key_header.as_deref(), Some(UPSTREAM_KEY));
+    assert_eq!(seen.authorization, None, "the client's key must not reach the upstream");
+    assert!(seen.path.starts_with("/openai/deployments/gpt-5-nano/chat/completions"), "{}", seen.path);
+    let row = s.settled_row(&id).await;
+    assert_eq!(row.get_i64("input_tokens").unwrap(), seen.prompt_tokens);
+    assert_eq!(row.get_i64("output_tokens").unwrap(), seen.completion_tokens);
+    assert_eq!((row.get_str("usage_source"), row.get_bool("stream")), (Ok("upstream"), Ok(true)));
+    spent += total(&row);
+
+    // Streamed, the client asked: it gets the usage event, byte for byte.
+    let resp = s
+        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "stream_options": {"include_usage": true},
+            "messages": messages("with usage")}))
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    let text = resp.text().await.unwrap();
+    let usage_event: Value = events(&text)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|v| v["usage"].is_object())
+        .unwrap_or_else(|| panic!("no usage event in {text}"));
+    let row = s.settled_row(&id).await;
+    assert_eq!(total(&row), usage_event["usage"]["total_tokens"].as_i64().unwrap());
+    spent += total(&row);
+
+    // A tool call round trip, streamed.
+    let tools = json!([{"type": "function", "function": {"name": "read", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]);
+    let resp = s
+        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "tools": tools, "tool_choice": "auto",
+            "max_completion_tokens": 500, "messages": messages("read hello.txt")}))
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("\"tool_calls\""), "{text}");
+    spent += total(&s.settled_row(&id).await);
+
+    assert_eq!(s.balance(key).await, 100_000 - spent);
+    assert_eq!(s.open_holds(key).await, 0);
+    assert_eq!(s.audit_rows(key).await.len(), 4);
+}
+
+#[tokio::test]
+async fn without_usage_tiktoken_counts_and_upstream_errors_pass_through() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-gateway-user-002";
+    s.create_key(key, 100_000).await;
+
+    // An upstream that never reports usage: tiktoken over the prompt and the output.
+    let body = json!({"model": "gpt-5-nano", "stream": true, "messages": messages("count me")});
+    let resp = s.chat(key, &body).header("x-mock-scenario", "no_usage").send().await.unwrap();
+    let id = request_id(&resp);
+    let text = resp.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let row = s.settled_row(&id).await;
+    assert_eq!(row.get_str("usage_source"), Ok("tiktoken"));
+    // What the upstream received is what tiktoken counts (the filter added stream_options).
+    let sent = serde_json::to_vec(&s.served().await.last().unwrap().body).unwrap();
+    assert_eq!(row.get_i64("input_tokens").unwrap(), count_prompt(Encoding::Cl100kBase, &sent));
+    assert_eq!(row.get_i64("output_tokens").unwrap(), count_text(Encoding::Cl100kBase, "word0 word1 word2 word3 word4 "));
+    let mut spent = total(&row);
+
+    // Upstream 4xx and 5xx reach the client unchanged and cost nothing.
+    for (scenario, status, code) in [("error_400", 400, "mock_400"), ("error_500", 500, "mock_500")] {
+        let resp = s.chat(key, &body).header("x-mock-scenario", scenario).send().await.unwrap();
+        assert_eq!(resp.status(), status);
+        let id = request_id(&resp);
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["code"], code);
+        let row = s.settled_row(&id).await;
+        assert_eq!((total(&row), row.get_i32("status_code").unwrap()), (0, i32::from(status as u16)));
+    }
+
+    // An error event mid-stream is forwarded; what streamed before it is charged.
+    let resp = s.chat(key, &body).header("x-mock-scenario", "midstream_error").send().await.unwrap();
+    let id = request_id(&resp);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("mock_midstream"), "{text}");
+    let row = s.settled_row(&id).await;
+    assert_eq!(row.get_str("usage_source"), Ok("tiktoken"));
+    assert!(row.get_i64("output_tokens").unwrap() > 0);
+    spent += total(&row);
+
+    assert_eq!(s.balance(key).await, 100_000 - spent);
+    assert_eq!(s.open_holds(key).await, 0);
+}
+
+#[tokio::test]
+async fn a_client_abort_mid_stream_is_settled_for_what_was_streamed() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-gateway-user-003";
+    s.create_key(key, 100_000).await;
+    let resp = s
+        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "messages": messages("a long answer")}))
+        .header("x-mock-scenario", "slow")
+        .header("x-mock-words", "60")
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    let mut stream = resp.bytes_stream();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("word2 ") {
+        got.extend(stream.next().await.unwrap().unwrap());
+    }
+    drop(stream); // the client goes away mid-answer
+    let row = s.settled_row(&id).await;
+    assert_eq!(row.get_str("usage_source"), Ok("tiktoken"));
+    let output = row.get_i64("output_tokens").unwrap();
+    assert!(output >= 3, "at least what the client saw is charged: {output}");
+    assert!(output < count_text(Encoding::Cl100kBase, "word0 word1 word2 word3 word4 "), "not the whole answer: {output}");
+    assert!(row.get_i64("input_tokens").unwrap() > 0);
+    assert_eq!(s.balance(key).await, 100_000 - total(&row));
+    assert_eq!(s.open_holds(key).await, 0);
+}
+
+#[tokio::test]
+async fn refusals_and_bad_input_get_openai_errors_and_cost_nothing() {
+    let s = Stack::start(StackOptions { max_body_bytes: Some(64 * 1024), ..StackOptions::default() }).await;
+    let good = json!({"model": "gpt-5-nano", "messages": messages("hi")});
+    s.create_key("sk-frozen-user-01", 10_000).await;
+    s.patch_key("sk-frozen-user-01", json!({"status": "frozen"})).await;
+    s.create_key("sk-broke-user-001", 10).await;
+    s.create_key("sk-fine-user-0001", 10_000).await;
+
+    let check = |status: u16, code: Option<&'static str>, param: Option<&'static str>| {
+        move |resp_status: u16, v: Value| {
+            assert_eq!(resp_status, status, "{v}");
+            let e = v["error"].as_object().unwrap_or_else(|| panic!("not an OpenAI error: {v}"));
+            for f in ["message", "type", "param", "code"] {
+                assert!(e.contains_key(f), "{v}");
+            }
+            if let Some(c) = code {
+                assert_eq!(v["error"]["code"], c, "{v}");
+            }
+            if let Some(p) = param {
+                assert_eq!(v["error"]["param"], p, "{v}");
+            }
+        }
+    };
+    let send = |req: reqwest::RequestBuilder| async move {
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().await.unwrap_or(Value::Null))
+    };
+    let url = format!("{}/v1/chat/completions", s.base);
+
+    let (st, v) = send(s.chat("sk-unknown-user-1", &good)).await;
+    check(401, Some("invalid_api_key"), None)(st, v);
+    let (st, v) = send(s.http.post(&url).json(&good)).await;
+    check(401, Some("invalid_api_key"), None)(st, v);
+    let (st, v) = send(s.http.post(&url).header("authorization", "Basic abc").json(&good)).await;
+    check(401, Some("invalid_api_key"), None)(st, v);
+    let (st, v) = send(s.chat("sk-frozen-user-01", &good)).await;
+    check(403, Some("key_frozen"), None)(st, v);
+    let (st, v) = send(s.chat("sk-broke-user-001", &good)).await;
+    check(429, Some("insufficient_quota"), None)(st, v);
+
+    let fine = "sk-fine-user-0001";
+    let raw = |body: &'static str| s.http.post(&url).bearer_auth(fine).header("content-type", "application/json").body(body);
+    let (st, v) = send(raw("{not json")).await;
+    check(400, None, None)(st, v);
+    let (st, v) = send(raw(r#"{"model":"gpt-5-nano"}"#)).await;
+    check(400, None, Some("messages"))(st, v);
+    let (st, v) = send(raw(r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#)).await;
+    check(400, None, Some("stream"))(st, v);
+    let (st, v) = send(s.http.post(&url).bearer_auth(fine).body(vec![0xff, 0xfe, 0x00])).await;
+    check(400, None, None)(st, v);
+    let huge = json!({"messages": [{"role": "user", "content": "x".repeat(100 * 1024)}]});
+    let (st, v) = send(s.chat(fine, &huge)).await;
+    check(413, Some("request_too_large"), None)(st, v);
+    let (st, v) = send(s.http.post(format!("{}/v1/embeddings", s.base)).bearer_auth(fine).json(&good)).await;
+    check(404, Some("unknown_url"), None)(st, v);
+    let (st, v) = send(s.http.get(&url).bearer_auth(fine)).await;
+    check(405, Some("method_not_allowed"), None)(st, v);
+    // The upstream routes are closed to anything the filter did not admit,
+    // even with the filter's own route marker forged.
+    let (st, v) = send(
+        s.http
+            .post(format!("{}/openai/deployments/gpt-5-nano/chat/completions?api-version=x", s.base))
+            .header("x-openclaw-bridge-route", "upstream")
+            .json(&good),
+    )
+    .await;
+    check(404, None, None)(st, v);
+
+    // The model list answers locally.
+    let (st, v) = send(s.http.get(format!("{}/v1/models", s.base)).bearer_auth(fine)).await;
+    assert_eq!((st, v["data"][0]["id"].as_str()), (200, Some("gpt-5-nano")), "{v}");
+
+    assert!(s.served().await.is_empty(), "nothing refused may reach the upstream");
+    for key in ["sk-frozen-user-01", "sk-broke-user-001", fine] {
+        assert!(s.audit_rows(key).await.is_empty(), "{key} has audit rows");
+        assert_eq!(s.open_holds(key).await, 0);
+    }
+    assert_eq!(s.balance(fine).await, 10_000);
+    assert_eq!(s.balance("sk-broke-user-001").await, 10);
+
+    // The gateway still serves after all that.
+    let resp = s.chat(fine, &good).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let row = s.settled_row(&request_id(&resp)).await;
+    assert_eq!(s.balance(fine).await, 10_000 - total(&row));
+}
+
+#[tokio::test]
+async fn with_the_sidecar_down_clients_get_503_and_queued_settlements_arrive_later() {
+    let mut s = Stack::start(StackOptions::default()).await;
+    let key = "sk-gateway-user-005";
+    s.create_key(key, 100_000).await;
+    // Admitted while the sidecar is up; it goes down while the answer streams.
+    let resp = s
+        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "messages": messages("slow")}))
+        .header("x-mock-scenario", "slow")
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    s.stop_sidecar();
+    let text = resp.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+
+    let resp = s.chat(key, &json!({"messages": messages("refused?")})).send().await.unwrap();
+    assert_eq!(resp.status(), 503, "a fault of ours is never 401 or 429");
+    assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("3"));
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "billing_unavailable");
+    // Let the root context fail a few sends first.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(s.audit_row(&id).await.is_none());
+
+    s.start_sidecar();
+    let row = s.settled_row(&id).await;
+    assert_eq!(row.get_str("usage_source"), Ok("upstream"));
+    assert_eq!(s.balance(key).await, 100_000 - total(&row));
+    assert_eq!(s.open_holds(key).await, 0);
+    assert_eq!(s.audit_rows(key).await.len(), 1, "the refused request left no row");
+}
+
+#[tokio::test]
+async fn an_openai_style_upstream_gets_bearer_auth_and_the_configured_model() {
+    let s = Stack::start(StackOptions { provider: "openai", ..StackOptions::default() }).await;
+    let key = "sk-gateway-user-006";
+    s.create_key(key, 50_000).await;
+    let resp = s
+        .chat(key, &json!({"model": "something-else", "stream": true, "messages": messages("hi")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    resp.text().await.unwrap();
+    let seen = s.served().await.pop().unwrap();
+    assert_eq!(seen.path, "/v1/chat/completions");
+    assert_eq!(seen.authorization.as_deref(), Some(format!("Bearer {UPSTREAM_KEY}").as_str()));
+    assert_eq!(seen.body["model"], "gpt-5-nano");
+    let row = s.settled_row(&id).await;
+    assert_eq!(total(&row), seen.prompt_tokens + seen.completion_tokens);
+    assert_eq!(s.balance(key).await, 50_000 - total(&row));
+}
