@@ -146,7 +146,7 @@ async fn without_usage_tiktoken_counts_and_upstream_errors_pass_through() {
         let err: Value = resp.json().await.unwrap();
         assert_eq!(err["error"]["code"], code);
         let row = s.settled_row(&id).await;
-        assert_eq!((total(&row), row.get_i32("status_code").unwrap()), (0, i32::from(status as u16)));
+        assert_eq!((total(&row), row.get_i32("status_code").unwrap()), (0, i32::from(status)));
     }
 
     // An error event mid-stream is forwarded; what streamed before it is charged.
