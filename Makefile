@@ -4,6 +4,10 @@ CARGO ?= cargo
 
 .PHONY: deps build wasm test run bench lint clean
 
+# The whole stack on port 8000 (GATEWAY_PORT), local defaults for what is not set.
+run: deps
+	scripts/run.sh
+
 deps:
 	@scripts/deps.sh
 

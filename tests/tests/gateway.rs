@@ -36,7 +36,7 @@ fn messages(text: &str) -> Value {
     json!([{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}])
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_and_streamed_requests_are_billed_exactly() {
     let s = Stack::start(StackOptions::default()).await;
     let key = "sk-gateway-user-001";
@@ -118,7 +118,7 @@ async fn plain_and_streamed_requests_are_billed_exactly() {
     assert_eq!(s.audit_rows(key).await.len(), 4);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_usage_tiktoken_counts_and_upstream_errors_pass_through() {
     let s = Stack::start(StackOptions::default()).await;
     let key = "sk-gateway-user-002";
@@ -163,7 +163,7 @@ async fn without_usage_tiktoken_counts_and_upstream_errors_pass_through() {
     assert_eq!(s.open_holds(key).await, 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_abort_mid_stream_is_settled_for_what_was_streamed() {
     let s = Stack::start(StackOptions::default()).await;
     let key = "sk-gateway-user-003";
@@ -192,7 +192,7 @@ async fn a_client_abort_mid_stream_is_settled_for_what_was_streamed() {
     assert_eq!(s.open_holds(key).await, 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_and_bad_input_get_openai_errors_and_cost_nothing() {
     let s = Stack::start(StackOptions { max_body_bytes: Some(64 * 1024), ..StackOptions::default() }).await;
     let good = json!({"model": "gpt-5-nano", "messages": messages("hi")});
@@ -281,7 +281,7 @@ async fn refusals_and_bad_input_get_openai_errors_and_cost_nothing() {
     assert_eq!(s.balance(fine).await, 10_000 - total(&row));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_sidecar_down_clients_get_503_and_queued_settlements_arrive_later() {
     let mut s = Stack::start(StackOptions::default()).await;
     let key = "sk-gateway-user-005";
@@ -315,7 +315,7 @@ async fn with_the_sidecar_down_clients_get_503_and_queued_settlements_arrive_lat
     assert_eq!(s.audit_rows(key).await.len(), 1, "the refused request left no row");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openai_style_upstream_gets_bearer_auth_and_the_configured_model() {
     let s = Stack::start(StackOptions { provider: "openai", ..StackOptions::default() }).await;
     let key = "sk-gateway-user-006";

@@ -1,0 +1,100 @@
+//! Real clients through the whole stack: the official OpenAI Python SDK and a
+//! real OpenClaw agent turn with a tool call. Billing must be exact for each.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use tokio::process::Command;
+
+use bridge_tests::stack::{Stack, StackOptions, ADMIN_TOKEN, UPSTREAM_KEY};
+use serde_json::Value;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_is_billed_exactly() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-python-sdk-user-1";
+    s.create_key(key, 200_000).await;
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/sdk_client.py"))
+        .arg(format!("{}/v1", s.base))
+        .arg(key)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "sdk client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let plain = s.settled_row(r["plain"]["request_id"].as_str().unwrap()).await;
+    assert_eq!(plain.get_i64("total_tokens").unwrap(), r["plain"]["usage"]["total_tokens"].as_i64().unwrap());
+    assert_eq!(r["plain"]["content"], "word0 word1 word2 word3 word4 ");
+
+    assert_eq!(r["stream"]["content"], "word0 word1 word2 word3 word4 ");
+    assert_eq!(r["stream"]["saw_usage"], false, "the SDK did not ask for usage and must not get it");
+    let stream = s.settled_row(r["stream"]["request_id"].as_str().unwrap()).await;
+    assert_eq!(stream.get_str("usage_source"), Ok("upstream"));
+
+    assert_eq!((r["tool"]["name"].as_str(), r["tool"]["arguments"]["path"].as_str()), (Some("read"), Some("hello.txt")));
+    let tool = s.settled_row(r["tool"]["request_id"].as_str().unwrap()).await;
+
+    assert_eq!(r["bad_key"]["status"], 401);
+    assert_eq!(r["bad_key"]["code"], "invalid_api_key");
+
+    // Exact: every request the upstream served is one audit row with its tokens.
+    let served = s.served().await;
+    assert_eq!(served.len(), 3);
+    let served_total: i64 = served.iter().map(|x| x.prompt_tokens + x.completion_tokens).sum();
+    let rows = s.audit_rows(key).await;
+    assert_eq!(rows.len(), 3);
+    let billed: i64 = [&plain, &stream, &tool].iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
+    assert_eq!(billed, served_total);
+    assert_eq!(s.balance(key).await, 200_000 - served_total);
+
+    // app.log is written, and no secret reaches a log.
+    let app_log = std::fs::read_to_string(&s.sidecar_log).unwrap();
+    assert!(app_log.contains("settlement batch"), "{app_log}");
+    let envoy_log = std::fs::read_to_string(&s.envoy.log_path).unwrap();
+    for log in [&app_log, &envoy_log] {
+        assert!(!log.contains(UPSTREAM_KEY) && !log.contains(key) && !log.contains(ADMIN_TOKEN));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_openclaw_tool_turn_is_billed_exactly() {
+    let script = repo_root().join("../shared/clients/drive_openclaw.sh");
+    assert!(script.exists(), "{} is missing", script.display());
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-openclaw-agent-01";
+    s.create_key(key, 5_000_000).await;
+    let out = Command::new("bash")
+        .arg(&script)
+        .env("BASE_URL", format!("{}/v1", s.base))
+        .env("API_KEY", key)
+        .env("TOOL_TURN", "1")
+        .env("TURN_TIMEOUT", "240")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "OpenClaw turn failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served = s.served().await;
+    assert!(served.len() >= 2, "a tool round trip is at least two model requests: {}", served.len());
+    assert!(served.iter().all(|x| x.stream && x.include_usage), "OpenClaw streams; the filter asks for usage");
+    let served_total: i64 = served.iter().map(|x| x.prompt_tokens + x.completion_tokens).sum();
+    // Settlement is asynchronous: wait until every served request has its row.
+    bridge_tests::eventually("every OpenClaw request settled", std::time::Duration::from_secs(30), || async {
+        s.audit_rows(key).await.len() == served.len()
+    })
+    .await;
+    let rows = s.audit_rows(key).await;
+    let billed: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
+    assert_eq!(billed, served_total);
+    assert_eq!(s.balance(key).await, 5_000_000 - served_total);
+    assert!(rows.iter().all(|r| r.get_str("usage_source") == Ok("upstream")));
+}
