@@ -9,7 +9,7 @@ fn compose() -> Value {
     serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn env_of<'a>(service: &'a Value) -> &'a serde_yaml::Mapping {
+fn env_of(service: &Value) -> &serde_yaml::Mapping {
     service["environment"].as_mapping().unwrap_or_else(|| panic!("no environment map in {service:?}"))
 }
 
