@@ -4,12 +4,13 @@
 # Reads settings from the environment and `.env`. What is not configured gets
 # a local default: no MONGODB_URI -> the MongoDB-wire server from PyPI (data in
 # .run/mongo); no LLM_ENDPOINT -> the mock upstream (canned answers!); no
-# ADMIN_TOKEN -> a random one, printed once and kept in .run/admin_token.
+# ADMIN_TOKEN -> a random one, kept in .run/admin_token (mode 600).
 # Ctrl-C or SIGTERM stops everything this script started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
-run="$root/.run"
+# RUN_DIR: where state, logs and the local admin token live (tests point it elsewhere).
+run="${RUN_DIR:-$root/.run}"
 mkdir -p "$run"
 chmod 700 "$run"
 
@@ -45,14 +46,23 @@ if port_busy "$GATEWAY_PORT"; then
   exit 1
 fi
 
-say "building the sidecar, the mock upstream and the .wasm filter..."
-cargo build --release -p openclaw-sidecar -p bridge-tests --bins
-cargo build --release --target wasm32-wasip1 -p openclaw-filter
+# BUILD_PROFILE=debug reuses `cargo build`'s binaries; SKIP_BUILD=1 skips building.
+profile="${BUILD_PROFILE:-release}"
+bin="target/$profile"
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  say "building the sidecar, the mock upstream and the .wasm filter..."
+  if [ "$profile" = release ]; then
+    cargo build --release -p openclaw-sidecar -p bridge-tests --bins
+  else
+    cargo build -p openclaw-sidecar -p bridge-tests --bins
+  fi
+  cargo build --release --target wasm32-wasip1 -p openclaw-filter
+fi
 
 if [ -z "${ADMIN_TOKEN:-}" ]; then
-  [ -s "$run/admin_token" ] || python3 -c 'import secrets; print("adm-" + secrets.token_hex(16))' > "$run/admin_token"
+  [ -s "$run/admin_token" ] || (umask 077; python3 -c 'import secrets; print("adm-" + secrets.token_hex(16))' > "$run/admin_token")
   ADMIN_TOKEN="$(cat "$run/admin_token")"
-  say "ADMIN_TOKEN not set: using the local one in .run/admin_token"
+  say "ADMIN_TOKEN not set: using the local one in $run/admin_token"
 fi
 export ADMIN_TOKEN
 
@@ -66,7 +76,7 @@ export MONGODB_URI
 if [ -z "${LLM_ENDPOINT:-}" ]; then
   mock_port="$(free_port)"
   export MOCK_UPSTREAM_KEY="mock-upstream-key"
-  target/release/mock-upstream "127.0.0.1:$mock_port" > "$run/mock.log" 2>&1 &
+  "$bin/mock-upstream" "127.0.0.1:$mock_port" > "$run/mock.log" 2>&1 &
   pids+=($!)
   export LLM_ENDPOINT="http://127.0.0.1:$mock_port" LLM_API_KEY="$MOCK_UPSTREAM_KEY"
   say "************************************************************************"
@@ -81,7 +91,7 @@ fi
 export SIDECAR_ADDR="${SIDECAR_ADDR:-127.0.0.1:$(free_port)}"
 export ENVOY_ADMIN_PORT="${ENVOY_ADMIN_PORT:-$(free_port)}"
 export LOG_FILE="${LOG_FILE:-$root/app.log}"
-target/release/openclaw-sidecar &
+"$bin/openclaw-sidecar" &
 pids+=($!)
 
 python3 envoy/render.py "$run/envoy.json"
@@ -106,7 +116,7 @@ cat >&2 <<EOF
 
   First key:
     curl -X POST http://127.0.0.1:$GATEWAY_PORT/admin/keys \\
-      -H "Authorization: Bearer \$(cat .run/admin_token 2>/dev/null || echo \$ADMIN_TOKEN)" \\
+      -H "Authorization: Bearer \$(cat $run/admin_token 2>/dev/null || echo \$ADMIN_TOKEN)" \\
       -H "Content-Type: application/json" \\
       -d '{"api_key": "sk-my-user-key-001", "user_name": "张三", "balance_tokens": 10000, "status": "active"}'
 
