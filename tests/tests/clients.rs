@@ -26,6 +26,7 @@ async fn the_openai_python_sdk_is_billed_exactly() {
         .unwrap();
     assert!(out.status.success(), "sdk client failed: {}", String::from_utf8_lossy(&out.stderr));
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(UPSTREAM_KEY), "the upstream key reached a client");
 
     let plain = s.settled_row(r["plain"]["request_id"].as_str().unwrap()).await;
     assert_eq!(plain.get_i64("total_tokens").unwrap(), r["plain"]["usage"]["total_tokens"].as_i64().unwrap());
