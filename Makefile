@@ -17,9 +17,12 @@ wasm: deps
 build: deps
 	$(CARGO) build --workspace --bins
 
-# Every test: unit tests, the sidecar against the MongoDB-wire server, the built
-# .wasm in a real Envoy, end-to-end through the whole stack.
+# Every test: the filter's pure logic compiled to wasm (run under Node's WASI)
+# and natively, the sidecar against the MongoDB-wire server, the built .wasm in
+# a real Envoy, end-to-end through the whole stack.
 test: build wasm
+	CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/scripts/wasi-run.mjs" \
+	  $(CARGO) test --target wasm32-wasip1 -p openclaw-filter -p bridge-protocol
 	scripts/with-mongo.sh $(CARGO) test --workspace --no-fail-fast
 
 lint: deps

