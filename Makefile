@@ -21,9 +21,14 @@ build: deps
 # and natively, the sidecar against the MongoDB-wire server, the built .wasm in
 # a real Envoy, end-to-end through the whole stack.
 test: build wasm
-	CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(CURDIR)/scripts/wasi-run.mjs" \
-	  $(CARGO) test --target wasm32-wasip1 -p openclaw-filter -p bridge-protocol
-	scripts/with-mongo.sh $(CARGO) test --workspace --no-fail-fast
+	scripts/test.sh
+
+# The bridge against bare Envoy, side by side; writes BENCHMARKS.md.
+bench: deps
+	@command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	$(CARGO) build --release -p openclaw-sidecar -p bridge-tests --bins
+	$(CARGO) build --release --target wasm32-wasip1 -p openclaw-filter
+	python3 scripts/bench.py
 
 lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

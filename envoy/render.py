@@ -145,7 +145,12 @@ def render():
         "openclaw_filter.wasm")))
     max_body = env_int("MAX_BODY_BYTES", 8 * 1024 * 1024, 1)
     idle = f'{env_int("STREAM_IDLE_TIMEOUT_SECS", 300, 1)}s'
-    disabled = {FILTER_NAME: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
+    # BRIDGE_FILTER=0 renders the same listener and routes without the filter,
+    # with Envoy itself adding the upstream key and path: the "bare Envoy" the
+    # benchmark compares against. Never for production: nothing is billed.
+    bare = env("BRIDGE_FILTER", "1") == "0"
+    disabled = {} if bare else {
+        FILTER_NAME: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
     marker = [{"name": ROUTE_HEADER, "string_match": {"exact": "upstream"}}]
     upstream_route = {
         "cluster": "llm_upstream",
@@ -156,17 +161,34 @@ def render():
     }
     not_found = json.dumps({"error": {"message": "Unknown request URL.", "type": "invalid_request_error",
                                       "param": None, "code": "unknown_url"}})
+    if bare:
+        plugin = plugin_configuration()
+        auth = ("api-key", plugin["upstream_key"]) if plugin["upstream"] == "azure" else (
+            "authorization", "Bearer " + plugin["upstream_key"])
+        bare_route = dict(upstream_route)
+        if plugin["upstream"] == "azure":
+            bare_route["prefix_rewrite"] = (f'/openai/deployments/{plugin["deployment"]}/chat/completions'
+                                            f'?api-version={plugin["api_version"]}')
+        upstream_routes = [{
+            "match": {"path": "/v1/chat/completions"}, "route": bare_route,
+            "request_headers_to_add": [{"header": {"key": auth[0], "value": auth[1]},
+                                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        }]
+    else:
+        upstream_routes = [
+            # Only requests the filter admitted carry the marker; it never leaves Envoy.
+            {"match": {"prefix": "/openai/", "headers": marker}, "route": upstream_route,
+             "request_headers_to_remove": [ROUTE_HEADER]},
+            {"match": {"prefix": "/v1/", "headers": marker}, "route": upstream_route,
+             "request_headers_to_remove": [ROUTE_HEADER]},
+        ]
     routes = [
         {"match": {"path": "/healthz"},
          "direct_response": {"status": 200, "body": {"inline_string": "{\"status\":\"ok\"}"}},
          "typed_per_filter_config": disabled},
         {"match": {"prefix": "/admin/"}, "route": {"cluster": "sidecar", "timeout": "30s"},
          "typed_per_filter_config": disabled},
-        # Only requests the filter admitted carry the marker; it never leaves Envoy.
-        {"match": {"prefix": "/openai/", "headers": marker}, "route": upstream_route,
-         "request_headers_to_remove": [ROUTE_HEADER]},
-        {"match": {"prefix": "/v1/", "headers": marker}, "route": upstream_route,
-         "request_headers_to_remove": [ROUTE_HEADER]},
+        *upstream_routes,
         {"match": {"prefix": "/"},
          "direct_response": {"status": 404, "body": {"inline_string": not_found}},
          "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]},
@@ -205,7 +227,7 @@ def render():
         "request_timeout": "0s",
         "route_config": {"name": "gateway", "virtual_hosts": [
             {"name": "gateway", "domains": ["*"], "routes": routes}]},
-        "http_filters": [wasm_filter, {
+        "http_filters": ([] if bare else [wasm_filter]) + [{
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }

@@ -1,0 +1,327 @@
+#!/usr/bin/env python3
+"""`make bench`: what the bridge costs per request, side by side with bare Envoy.
+
+In one run, with interleaved rounds, it measures with wrk (Debian's package):
+  direct  client -> mock upstream
+  bare    client -> Envoy (same listener and routes, no filter) -> mock upstream
+  bridge  client -> Envoy + filter (+ sidecar + MongoDB) -> mock upstream
+for plain JSON and streamed answers, at Envoy --concurrency 1 and 2: requests/s,
+p50/p99 latency and CPU per request of each process. It also measures streamed
+time to first byte (curl), the .wasm size, memory at rest and under load,
+listener ready time and MongoDB operations per request. It prints a table, writes
+BENCHMARKS.md and ends with `bridge/bare-envoy ratio: R` (plain JSON, concurrency 1).
+
+Loopback only; every load is bounded in time. Settings: BENCH_SECONDS (5),
+BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), MONGODB_URI (else a local MongoDB-wire
+server is started).
+"""
+
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "32"))
+UPSTREAM_KEY = "bench-upstream-key"
+ADMIN = "bench-admin-token"
+USER_KEY = "sk-bench-user-0001"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PLAIN = {"model": "gpt-5-nano", "messages": [{"role": "user", "content": "Say hello."}], "max_completion_tokens": 64}
+STREAM = dict(PLAIN, stream=True)
+
+procs = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def spawn(args, env=None, log=None):
+    p = subprocess.Popen(args, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                         stdin=subprocess.DEVNULL)
+    procs.append(p)
+    return p
+
+
+def wait_ok(url, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.02)
+    raise SystemExit(f"bench: {url} not ready within {timeout}s")
+
+
+def http_json(url, body=None, token=None, method=None):
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method)
+    req.add_header("content-type", "application/json")
+    if token:
+        req.add_header("authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+LUA = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+%s
+done = function(summary, latency, requests)
+  io.write(string.format("JSON {\\"requests\\": %%d, \\"errors\\": %%d, \\"non2xx\\": %%d, \\"us\\": %%d, \\"p50\\": %%d, \\"p99\\": %%d}\\n",
+    summary.requests, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, summary.duration, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk(url, body, headers, watch):
+    hdrs = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(LUA % (json.dumps(body), hdrs))
+        script = f.name
+    before = {name: cpu_ticks(pid) for name, pid in watch.items()}
+    peak = {name: 0.0 for name in watch}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for name, pid in watch.items():
+                peak[name] = max(peak[name], rss_mib(pid))
+            stop.wait(0.25)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    out = subprocess.run(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--timeout", "10s", "-s", script, url],
+                         capture_output=True, text=True, timeout=SECONDS + 60)
+    stop.set()
+    t.join()
+    os.unlink(script)
+    m = re.search(r"^JSON (.*)$", out.stdout, re.M)
+    if not m:
+        raise SystemExit(f"bench: wrk printed no summary:\n{out.stdout}\n{out.stderr}")
+    r = json.loads(m.group(1))
+    n = max(r["requests"], 1)
+    r["rps"] = r["requests"] / (r["us"] / 1e6)
+    r["cpu_us"] = {name: (cpu_ticks(pid) - before[name]) / CLK_TCK * 1e6 / n for name, pid in watch.items()}
+    r["rss_peak"] = peak
+    return r
+
+
+def ttfb(url, headers, n=20):
+    firsts, totals = [], []
+    args = ["curl", "-s", "-o", "/dev/null", "-w", "%{time_starttransfer} %{time_total}", "-X", "POST", url,
+            "-H", "content-type: application/json", "-d", json.dumps(STREAM)]
+    for k, v in headers.items():
+        args += ["-H", f"{k}: {v}"]
+    for _ in range(n):
+        a, b = subprocess.run(args, capture_output=True, text=True, timeout=30).stdout.split()
+        firsts.append(float(a) * 1000)
+        totals.append(float(b) * 1000)
+    return statistics.median(firsts), statistics.median(totals)
+
+
+def mongo_ops(uri):
+    try:
+        import pymongo
+        c = pymongo.MongoClient(uri, serverSelectionTimeoutMS=2000)
+        ops = c.admin.command("serverStatus").get("opcounters", {})
+        return sum(v for k, v in ops.items() if k in ("insert", "query", "update", "delete", "getmore", "command"))
+    except Exception:
+        return None
+
+
+def start_envoy(tag, bare, concurrency, env):
+    port, admin = free_port(), free_port()
+    cfg = os.path.join(STATE, f"{tag}-{concurrency}.json")
+    e = dict(env, GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(port), ENVOY_ADMIN_PORT=str(admin),
+             BRIDGE_FILTER="0" if bare else "1", ACCESS_LOG="0")
+    subprocess.run([sys.executable, os.path.join(ROOT, "envoy/render.py"), cfg], env=e, check=True)
+    t0 = time.time()
+    p = spawn(["envoy", "-c", cfg, "--concurrency", str(concurrency), "--disable-hot-restart",
+               "--log-level", "warning"], log=open(os.path.join(STATE, f"{tag}-{concurrency}.log"), "w"))
+    wait_ok(f"http://127.0.0.1:{port}/healthz")
+    return p, f"http://127.0.0.1:{port}", time.time() - t0
+
+
+def version(args):
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+    except Exception:
+        return "?"
+
+
+def main():
+    global STATE
+    for tool in ("wrk", "curl", "envoy"):
+        if not shutil.which(tool):
+            raise SystemExit(f"bench: {tool} is not installed (make bench installs wrk with apt-get)")
+    STATE = tempfile.mkdtemp(prefix="bridge-bench.")
+    rel = os.path.join(ROOT, "target", "release")
+    wasm = os.path.join(ROOT, "target/wasm32-wasip1/release/openclaw_filter.wasm")
+    started_mongo = False
+    uri = os.environ.get("MONGODB_URI")
+    try:
+        if not uri:
+            uri = subprocess.run([os.path.join(ROOT, "scripts/mongo.sh"), "start", os.path.join(STATE, "mongo")],
+                                 capture_output=True, text=True, check=True,
+                                 env=dict(os.environ, MONGO_STORAGE=":memory:")).stdout.strip()
+            started_mongo = True
+        mock_port, sidecar_port = free_port(), free_port()
+        mock = spawn([os.path.join(rel, "mock-upstream"), f"127.0.0.1:{mock_port}"],
+                     env=dict(os.environ, MOCK_UPSTREAM_KEY=UPSTREAM_KEY))
+        sidecar = spawn([os.path.join(rel, "openclaw-sidecar")], env=dict(
+            os.environ, MONGODB_URI=uri, MONGODB_DB=f"bench_{int(time.time())}", ADMIN_TOKEN=ADMIN,
+            SIDECAR_ADDR=f"127.0.0.1:{sidecar_port}", LOG_FILE=os.path.join(STATE, "app.log"), LOG_LEVEL="warn"))
+        env = dict(os.environ, LLM_ENDPOINT=f"http://127.0.0.1:{mock_port}", LLM_API_KEY=UPSTREAM_KEY,
+                   LLM_MODEL="gpt-5-nano", SIDECAR_ADDR=f"127.0.0.1:{sidecar_port}", WASM_PATH=wasm)
+        wait_ok(f"http://127.0.0.1:{mock_port}/healthz")
+        wait_ok(f"http://127.0.0.1:{sidecar_port}/healthz")
+        http_json(f"http://127.0.0.1:{sidecar_port}/admin/keys",
+                  {"api_key": USER_KEY, "user_name": "bench", "balance_tokens": 10 ** 15}, ADMIN)
+
+        direct_url = (f"http://127.0.0.1:{mock_port}/openai/deployments/gpt-5-nano/chat/completions"
+                      f"?api-version=2024-12-01-preview")
+        results = []   # rows of the table
+        extras = {}
+        for conc in (1, 2):
+            bare, bare_url, bare_ready = start_envoy("bare", True, conc, env)
+            bridge, bridge_url, bridge_ready = start_envoy("bridge", False, conc, env)
+            extras[conc] = {"ready": {"bare": bare_ready, "bridge": bridge_ready},
+                            "rest": {"bare": rss_mib(bare.pid), "bridge": rss_mib(bridge.pid),
+                                     "sidecar": rss_mib(sidecar.pid)}}
+            targets = {
+                "direct": (direct_url, {"api-key": UPSTREAM_KEY}, {"mock": mock.pid}),
+                "bare": (bare_url + "/v1/chat/completions", {}, {"envoy": bare.pid, "mock": mock.pid}),
+                "bridge": (bridge_url + "/v1/chat/completions", {"Authorization": f"Bearer {USER_KEY}"},
+                           {"envoy": bridge.pid, "mock": mock.pid, "sidecar": sidecar.pid}),
+            }
+            # Warm up: the bridge's first requests create VMs' state and connections.
+            for name, (url, headers, watch) in targets.items():
+                subprocess.run(["wrk", "-t1", "-c4", "-d1s", url], capture_output=True, timeout=30)
+            samples = {}
+            for rnd in range(ROUNDS):
+                for kind, body in (("plain", PLAIN), ("stream", STREAM)):
+                    for name, (url, headers, watch) in targets.items():
+                        ops0 = mongo_ops(uri) if name == "bridge" else None
+                        r = wrk(url, body, headers, watch)
+                        if ops0 is not None:
+                            ops1 = mongo_ops(uri)
+                            r["mongo_ops"] = None if ops1 is None else (ops1 - ops0) / max(r["requests"], 1)
+                        samples.setdefault((kind, name), []).append(r)
+                        print(f"  c={conc} round {rnd + 1} {kind:6} {name:6} {r['rps']:8.0f} req/s "
+                              f"p50 {r['p50'] / 1000:6.2f} ms  errors {r['errors'] + r['non2xx']}", file=sys.stderr)
+            for (kind, name), rs in samples.items():
+                med = lambda f: statistics.median(f(r) for r in rs)
+                row = {"conc": conc, "kind": kind, "target": name, "rps": med(lambda r: r["rps"]),
+                       "p50": med(lambda r: r["p50"]) / 1000, "p99": med(lambda r: r["p99"]) / 1000,
+                       "errors": sum(r["errors"] + r["non2xx"] for r in rs),
+                       "envoy_cpu": med(lambda r: r["cpu_us"].get("envoy", 0)),
+                       "sidecar_cpu": med(lambda r: r["cpu_us"].get("sidecar", 0)),
+                       "envoy_rss": max(r["rss_peak"].get("envoy", 0) for r in rs),
+                       "sidecar_rss": max(r["rss_peak"].get("sidecar", 0) for r in rs)}
+                if name == "bridge" and all(r.get("mongo_ops") is not None for r in rs):
+                    row["mongo_ops"] = med(lambda r: r["mongo_ops"])
+                results.append(row)
+            extras[conc]["ttfb"] = {name: ttfb(url, headers) for name, (url, headers, _) in targets.items()}
+            for p in (bare, bridge):
+                p.terminate()
+                p.wait(timeout=30)
+
+        report = render_report(results, extras, wasm)
+        print(report)
+        with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
+            f.write(report)
+        rate = lambda t: next(r["rps"] for r in results if (r["conc"], r["kind"], r["target"]) == (1, "plain", t))
+        print(f"bridge/bare-envoy ratio: {rate('bridge') / rate('bare'):.2f}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if started_mongo:
+            subprocess.run([os.path.join(ROOT, "scripts/mongo.sh"), "stop", os.path.join(STATE, "mongo")])
+
+
+def render_report(results, extras, wasm):
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Run by `make bench` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
+        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}; "
+        f"{version(['envoy', '--version']).split('version: ')[-1]}; {version(['rustc', '--version'])}; "
+        f"MongoDB: {os.environ.get('MONGODB_URI') and 'MONGODB_URI' or 'SecantusDB 0.7.0b3 (PyPI build)'}.",
+        f"wrk: 1 thread, {CONNECTIONS} connections, {SECONDS} s a run, {ROUNDS} interleaved rounds, medians shown. "
+        "Everything (load generator, Envoy, mock upstream, sidecar, MongoDB) shares the same cores, "
+        "so ratios matter, absolutes drift.",
+        "",
+        "| Envoy conc. | body | path | req/s | vs bare | p50 ms | p99 ms | errors | Envoy CPU us/req "
+        "| sidecar CPU us/req | MongoDB ops/req | Envoy RSS MiB (load) | sidecar RSS MiB (load) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        bare = next(x["rps"] for x in results if (x["conc"], x["kind"], x["target"]) == (r["conc"], r["kind"], "bare"))
+        lines.append(
+            f"| {r['conc']} | {r['kind']} | {r['target']} | {r['rps']:.0f} | {r['rps'] / bare:.2f}x | {r['p50']:.2f} "
+            f"| {r['p99']:.2f} | {r['errors']} | {r['envoy_cpu']:.0f} | {r['sidecar_cpu']:.0f} "
+            f"| {r.get('mongo_ops', float('nan')):.2f} | {r['envoy_rss']:.0f} | {r['sidecar_rss']:.0f} |")
+    lines += ["", "| Envoy conc. | path | streamed TTFB ms (median of 20) | streamed total ms | listener ready s "
+              "| Envoy RSS MiB at rest |", "| --- | --- | --- | --- | --- | --- |"]
+    for conc, ex in extras.items():
+        for name, (first, total) in ex["ttfb"].items():
+            ready = ex["ready"].get(name)
+            rest = ex["rest"].get(name)
+            lines.append(f"| {conc} | {name} | {first:.2f} | {total:.2f} | "
+                         f"{'-' if ready is None else f'{ready:.1f}'} | {'-' if rest is None else f'{rest:.0f}'} |")
+    lines += ["", f"`.wasm` size: {os.path.getsize(wasm) / 1e6:.1f} MB. Sidecar RSS at rest: "
+              f"{extras[1]['rest']['sidecar']:.0f} MiB.", ""]
+    r1 = {x["target"]: x["rps"] for x in results if (x["conc"], x["kind"]) == (1, "plain")}
+    lines.append(f"bridge/bare-envoy ratio: {r1['bridge'] / r1['bare']:.2f}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

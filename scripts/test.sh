@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# `make test`: every test, then one closing line with the totals.
+#  1. the filter's and protocol's unit tests compiled to wasm32-wasip1, run under Node's WASI;
+#  2. the whole workspace natively, with a MongoDB-wire server (scripts/with-mongo.sh):
+#     unit tests, the sidecar on MongoDB, the .wasm in real Envoy, real clients.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+
+CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(pwd)/scripts/wasi-run.mjs" \
+  cargo test --target wasm32-wasip1 -p openclaw-filter -p bridge-protocol 2>&1 | tee -a "$log" || status=1
+scripts/with-mongo.sh cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee -a "$log" || status=1
+
+passed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
+failed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$log" | awk '{s += $6} END {print s + 0}')
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi  # a build failure counts
+echo "total: $passed passed, $failed failed"
+exit "$status"
