@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use axum::serve::ListenerExt;
 use openclaw_sidecar::config::Settings;
 use openclaw_sidecar::{app, sweeper, AppState};
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,10 @@ async fn serve(settings: Settings) -> Result<(), String> {
     );
     let stop = CancellationToken::new();
     let sweeper = tokio::spawn(sweeper::run(state.clone(), settings.sweep_interval, stop.clone()));
+    // Replies are small and latency-bound: no Nagle delay on them.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown_signal(stop.clone()))
         .await

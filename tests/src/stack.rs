@@ -58,6 +58,9 @@ impl Stack {
         let db_name = unique_db("stack");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mock = format!("http://{}", listener.local_addr().unwrap());
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move { axum::serve(listener, crate::mock::app(UPSTREAM_KEY)).await });
 
         let sidecar_addr = format!("127.0.0.1:{}", free_port());

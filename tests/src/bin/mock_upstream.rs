@@ -27,6 +27,10 @@ async fn main() -> std::process::ExitCode {
     let stop = async {
         tokio::select! { _ = shutdown => {}, _ = term => {} }
     };
+    // Stream chunks leave at once, as from a real API, not after a Nagle delay.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     match axum::serve(listener, bridge_tests::mock::app(&key)).with_graceful_shutdown(stop).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
