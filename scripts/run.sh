@@ -88,6 +88,9 @@ elif [ -z "${LLM_API_KEY:-}" ]; then
   exit 1
 fi
 
+# The internal API is on loopback; a per-run shared secret keeps other local
+# processes from settling or reserving too.
+export INTERNAL_TOKEN="${INTERNAL_TOKEN:-$(python3 -c 'import secrets; print(secrets.token_hex(16))')}"
 export SIDECAR_ADDR="${SIDECAR_ADDR:-127.0.0.1:$(free_port)}"
 export ENVOY_ADMIN_PORT="${ENVOY_ADMIN_PORT:-$(free_port)}"
 export LOG_FILE="${LOG_FILE:-$root/app.log}"

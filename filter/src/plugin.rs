@@ -401,6 +401,8 @@ impl HttpContext for Gateway {
         self.set_http_request_header("authorization", None);
         self.set_http_request_header("api-key", None);
         self.set_http_request_header("content-length", None);
+        // The meter reads the answer's usage and text: it must come uncompressed.
+        self.set_http_request_header("accept-encoding", None);
         let (auth_name, auth_value) = cfg.upstream_auth();
         self.set_http_request_header(auth_name, Some(&auth_value));
         self.set_http_request_header(":path", Some(&cfg.upstream_path()));

@@ -483,14 +483,40 @@ impl Store {
             Err(e) if is_duplicate_key(&e) => {}
             Err(e) => return Err(e.into()),
         }
+        // One update per key clears all its entries when none was flushed by
+        // someone else meanwhile (the usual case); otherwise entry by entry, so
+        // `outbox_n` only ever counts entries actually removed.
+        let mut by_key: Vec<(&str, Vec<&str>)> = Vec::new();
         for row in &rows {
-            let outbox = outbox_path(&row.request_id);
-            self.keys
-                .update_one(
-                    doc! {"_id": &row.key_hash, &outbox: {"$exists": true}},
-                    doc! {"$unset": {&outbox: ""}, "$inc": {"outbox_n": -1_i64}},
-                )
+            match by_key.iter_mut().find(|(k, _)| *k == row.key_hash) {
+                Some((_, ids)) => ids.push(&row.request_id),
+                None => by_key.push((&row.key_hash, vec![&row.request_id])),
+            }
+        }
+        for (key_hash, ids) in by_key {
+            let mut filter = doc! {"_id": key_hash};
+            let mut unset = Document::new();
+            for id in &ids {
+                filter.insert(outbox_path(id), doc! {"$exists": true});
+                unset.insert(outbox_path(id), "");
+            }
+            let n = ids.len() as i64;
+            let all = self
+                .keys
+                .update_one(filter, doc! {"$unset": unset, "$inc": {"outbox_n": -n}})
                 .await?;
+            if all.matched_count == 1 {
+                continue;
+            }
+            for id in ids {
+                let outbox = outbox_path(id);
+                self.keys
+                    .update_one(
+                        doc! {"_id": key_hash, &outbox: {"$exists": true}},
+                        doc! {"$unset": {&outbox: ""}, "$inc": {"outbox_n": -1_i64}},
+                    )
+                    .await?;
+            }
         }
         Ok(())
     }

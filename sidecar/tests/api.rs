@@ -518,3 +518,30 @@ async fn the_binary_refuses_to_start_without_admin_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ADMIN_TOKEN"), "{out:?}");
 }
+
+#[tokio::test]
+async fn concurrent_outbox_flushes_write_each_row_once_and_keep_the_count_exact() {
+    let s = start().await;
+    let key = "sk-double-flush";
+    s.create(key, 1_000).await;
+    let keys = s.db.collection::<Document>("api_keys");
+    for (i, id) in ["f-1", "f-2", "f-3"].iter().enumerate() {
+        let entry = doc! {"timestamp": mongodb::bson::DateTime::now(), "request_id": *id, "key_id": key_hash(key),
+            "model": "m", "input_tokens": 1_i64, "output_tokens": i as i64, "total_tokens": 1 + i as i64,
+            "duration_ms": 5_i64, "status_code": 200, "stream": false, "usage_source": "upstream",
+            "expired_hold": false, "reserved_tokens": 10_i64};
+        keys.update_one(
+            doc! {"_id": key_hash(key)},
+            doc! {"$inc": {"outbox_n": 1_i64}, "$set": {format!("outbox.{id}"): entry}},
+        )
+        .await
+        .unwrap();
+    }
+    let (a, b) = tokio::join!(sweeper::sweep_once(&s.state), sweeper::sweep_once(&s.state));
+    assert!(a.is_ok() && b.is_ok());
+    assert_eq!(s.audit_rows().await.len(), 3);
+    let d = keys.find_one(doc! {"_id": key_hash(key)}).await.unwrap().unwrap();
+    assert_eq!(d.get_i64("outbox_n"), Ok(0), "{d:?}");
+    assert!(d.get_document("outbox").unwrap().is_empty());
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap(), (0, 0));
+}

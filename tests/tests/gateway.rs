@@ -60,6 +60,7 @@ async fn plain_and_streamed_requests_are_billed_exactly() {
     // the filter asks the upstream for it and hides the usage event from the client.
     let resp = s
         .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "messages": messages("stream please")}))
+        .header("accept-encoding", "gzip, br")
         .send()
         .await
         .unwrap();
@@ -74,6 +75,7 @@ async fn plain_and_streamed_requests_are_billed_exactly() {
     assert!(seen.include_usage, "the filter must ask the upstream for usage");
     assert_eq!(seen.api_key_header.as_deref(), Some(UPSTREAM_KEY));
     assert_eq!(seen.authorization, None, "the client's key must not reach the upstream");
+    assert_eq!(seen.accept_encoding, None, "the answer must come uncompressed for metering");
     assert!(seen.path.starts_with("/openai/deployments/gpt-5-nano/chat/completions"), "{}", seen.path);
     let row = s.settled_row(&id).await;
     assert_eq!(row.get_i64("input_tokens").unwrap(), seen.prompt_tokens);
@@ -335,4 +337,50 @@ async fn an_openai_style_upstream_gets_bearer_auth_and_the_configured_model() {
     let row = s.settled_row(&id).await;
     assert_eq!(total(&row), seen.prompt_tokens + seen.completion_tokens);
     assert_eq!(s.balance(key).await, 50_000 - total(&row));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_requests_never_overdraw_a_key_that_affords_ten() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-overdraft-user-1";
+    let body = json!({"model": "gpt-5-nano", "stream": true, "max_completion_tokens": 200, "messages": messages("go")});
+    // The hold each request asks for, computed as the filter does (render.py's defaults).
+    let cfg = openclaw_filter::config::PluginConfig::from_json(
+        br#"{"sidecar_cluster":"sidecar","upstream_key":"k","deployment":"gpt-5-nano"}"#,
+    )
+    .unwrap();
+    let estimate = openclaw_filter::request::admit(&serde_json::to_vec(&body).unwrap(), &cfg).unwrap().estimate;
+    let balance = 10 * estimate + estimate - 1;
+    s.create_key(key, balance).await;
+    // Slow, long answers: every reservation is decided while the first holds still stand.
+    let responses = futures::future::join_all((0..200).map(|_| async {
+        let resp = s
+            .chat(key, &body)
+            .header("x-mock-scenario", "slow")
+            .header("x-mock-words", "60")
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let id = resp.headers().get("x-bridge-request-id").map(|v| v.to_str().unwrap().to_owned());
+        let text = resp.text().await.unwrap();
+        (status, id, text)
+    }))
+    .await;
+    let admitted: Vec<&String> = responses.iter().filter(|r| r.0 == 200).filter_map(|r| r.1.as_ref()).collect();
+    assert_eq!(admitted.len(), 10, "exactly what the balance can hold is admitted");
+    for (status, _, text) in &responses {
+        if *status != 200 {
+            assert_eq!(*status, 429, "{text}");
+            assert!(text.contains("insufficient_quota"), "{text}");
+        }
+    }
+    let mut billed = 0;
+    for id in admitted {
+        billed += total(&s.settled_row(id).await);
+    }
+    assert_eq!(s.balance(key).await, balance - billed);
+    assert!(s.balance(key).await >= 0);
+    assert_eq!(s.audit_rows(key).await.len(), 10);
+    assert_eq!(s.open_holds(key).await, 0);
 }
