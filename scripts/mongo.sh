@@ -12,7 +12,8 @@ dir="$(cd "$dir" && pwd)"
 case "$cmd" in
 start)
   if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then cat "$dir/uri"; exit 0; fi
-  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  # MONGO_PORT: restart on a known port (fault tests); otherwise any free one.
+  port="${MONGO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
   storage="${MONGO_STORAGE:-$dir/data}"
   # setsid: its own process group, so a Ctrl-C at the terminal reaches it only through us.
   setsid secantusd-py --host 127.0.0.1 --port "$port" --storage-path "$storage" --log-level WARNING \

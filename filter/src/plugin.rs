@@ -237,6 +237,9 @@ enum Phase {
     Reserving,
     /// Admitted and forwarded: must settle exactly once.
     Forwarded,
+    /// Refused after a reservation attempt that may have succeeded unseen:
+    /// settled with nothing used, which releases such a hold.
+    Released,
     /// The settlement record is queued.
     Settled,
 }
@@ -268,12 +271,21 @@ impl Gateway {
         Action::Pause
     }
 
-    /// The sidecar could not answer: the configured failure mode decides.
-    fn sidecar_failed(&mut self, why: &str) {
+    /// The sidecar could not answer: the configured failure mode decides. The
+    /// reservation may still have been made (a reply lost or too late), so the
+    /// request is settled either way: with nothing used when it is refused here
+    /// (the hold, if any, is released), or unreserved when it goes ahead.
+    fn sidecar_failed(&mut self, why: &str, maybe_reserved: bool) {
+        self.reserved = self.admission.as_ref().map_or(0, |a| a.estimate);
         match self.config.failure_mode {
             FailureMode::Deny => {
                 warn!("[{}] {}: sidecar unavailable ({why}); answering 503", self.id, self.request_id);
                 self.answer(LocalReply::unavailable(self.config.retry_after_secs));
+                if maybe_reserved {
+                    self.status = 503;
+                    self.phase = Phase::Released;
+                    self.settle();
+                }
             }
             FailureMode::Allow => {
                 warn!("[{}] {}: sidecar unavailable ({why}); forwarding without a hold", self.id, self.request_id);
@@ -285,16 +297,18 @@ impl Gateway {
     }
 
     fn settle(&mut self) {
-        if self.phase != Phase::Forwarded {
-            return;
-        }
+        let (input, output, source) = match self.phase {
+            Phase::Forwarded => {
+                if let Some(m) = &mut self.meter {
+                    // A client that left mid-answer never reached the end: finish the count here.
+                    m.on_end();
+                }
+                crate::charge(self.meter.as_ref(), self.status, &self.body, self.config.tiktoken_encoding)
+            }
+            Phase::Released => (0, 0, bridge_protocol::UsageSource::Upstream),
+            _ => return,
+        };
         self.phase = Phase::Settled;
-        if let Some(m) = &mut self.meter {
-            // A client that left mid-answer never reached the end: finish the count here.
-            m.on_end();
-        }
-        let (input, output, source) =
-            crate::charge(self.meter.as_ref(), self.status, &self.body, self.config.tiktoken_encoding);
         let admission = self.admission.take();
         let record = SettleRecord {
             request_id: std::mem::take(&mut self.request_id),
@@ -330,7 +344,7 @@ impl Context for Gateway {
         self.callout = None;
         let status = self.get_http_call_response_header(":status");
         if status.as_deref() != Some("200") {
-            self.sidecar_failed(&format!("reserve answered {status:?}"));
+            self.sidecar_failed(&format!("reserve answered {status:?}"), true);
             return;
         }
         let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
@@ -344,7 +358,7 @@ impl Context for Gateway {
                 info!("[{}] {}: refused {status} {:?}", self.id, self.request_id, error.code);
                 self.answer(LocalReply::refusal(status, error));
             }
-            Err(e) => self.sidecar_failed(&format!("unreadable reserve reply: {e}")),
+            Err(e) => self.sidecar_failed(&format!("unreadable reserve reply: {e}"), true),
         }
     }
 }
@@ -442,7 +456,7 @@ impl HttpContext for Gateway {
             Ok(p) => p,
             Err(e) => {
                 self.phase = Phase::Reserving;
-                self.sidecar_failed(&format!("cannot encode the reservation: {e}"));
+                self.sidecar_failed(&format!("cannot encode the reservation: {e}"), false);
                 return Action::Pause;
             }
         };
@@ -455,7 +469,7 @@ impl HttpContext for Gateway {
             Duration::from_millis(cfg.sidecar_timeout_ms),
         ) {
             Ok(token) => self.callout = Some(token),
-            Err(e) => self.sidecar_failed(&format!("dispatch failed: {e:?}")),
+            Err(e) => self.sidecar_failed(&format!("dispatch failed: {e:?}"), false),
         }
         Action::Pause
     }

@@ -38,6 +38,10 @@ impl SseParser {
     /// when holding.
     pub fn feed(&mut self, chunk: &[u8], keep: &mut dyn FnMut(&Event) -> bool) -> Vec<u8> {
         let mut out = Vec::new();
+        if chunk.is_empty() {
+            // Envoy ends streams with an empty chunk: it must not end a pending CR's line.
+            return out;
+        }
         let mut i = 0;
         if self.pending_cr {
             self.pending_cr = false;
@@ -208,6 +212,23 @@ mod tests {
             assert_eq!(seen, expected(), "split at {at}");
             assert_eq!(out, want, "split at {at}");
         }
+    }
+
+    #[test]
+    fn an_empty_chunk_between_cr_and_lf_changes_nothing() {
+        let mut p = SseParser::new(true);
+        let mut seen = Vec::new();
+        let mut out = p.feed(b"data: a\r\n\r", &mut |e| {
+            seen.push(e.data.clone());
+            true
+        });
+        out.extend(p.feed(b"", &mut |_| true));
+        out.extend(p.feed(b"\ndata: b\r\n\r\n", &mut |e| {
+            seen.push(e.data.clone());
+            true
+        }));
+        assert_eq!(seen, ["a", "b"]);
+        assert_eq!(out, b"data: a\r\n\r\ndata: b\r\n\r\n");
     }
 
     #[test]

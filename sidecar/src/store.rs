@@ -404,18 +404,12 @@ impl Store {
         let total = r.input_tokens + r.output_tokens;
         let entry = audit_entry(r, total, false, now);
         let outbox = outbox_path(&r.request_id);
-        let (filter, update) = if r.unreserved {
-            // Admitted without a hold (failure mode `allow`): charge what was used.
-            if self.audit.find_one(doc! {"request_id": &r.request_id}).await?.is_some() {
-                return Ok((SettleOutcome::AlreadySettled, None, None));
-            }
-            (
-                doc! {"_id": &r.key_hash, &outbox: {"$exists": false}},
-                doc! {"$inc": {"balance_tokens": -total, "outbox_n": 1_i64}, "$set": {&outbox: &entry}},
-            )
-        } else {
-            let hold = hold_path(&r.request_id);
-            (
+        let projection = doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1};
+        let hold = hold_path(&r.request_id);
+        // The hold, if there is one: replaced by the actual usage.
+        let owner = self
+            .keys
+            .find_one_and_update(
                 doc! {"_id": &r.key_hash, format!("{hold}.tokens"): r.reserved},
                 doc! {
                     "$inc": {"balance_tokens": r.reserved - total, "holds_n": -1_i64, "outbox_n": 1_i64},
@@ -423,12 +417,26 @@ impl Store {
                     "$set": {&outbox: &entry},
                 },
             )
-        };
-        let owner = self
-            .keys
-            .find_one_and_update(filter, update)
-            .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1})
+            .projection(projection.clone())
             .await?;
+        let owner = match owner {
+            Some(owner) => Some(owner),
+            // Admitted without a hold (failure mode `allow`, the reservation lost):
+            // charge what was used, once.
+            None if r.unreserved => {
+                if self.audit.find_one(doc! {"request_id": &r.request_id}).await?.is_some() {
+                    return Ok((SettleOutcome::AlreadySettled, None, None));
+                }
+                self.keys
+                    .find_one_and_update(
+                        doc! {"_id": &r.key_hash, &outbox: {"$exists": false}},
+                        doc! {"$inc": {"balance_tokens": -total, "outbox_n": 1_i64}, "$set": {&outbox: &entry}},
+                    )
+                    .projection(projection)
+                    .await?
+            }
+            None => None,
+        };
         match owner {
             Some(owner) => Ok((
                 SettleOutcome::Settled,

@@ -21,12 +21,21 @@ pub struct StackOptions {
     pub failure_mode: &'static str,
     pub max_body_bytes: Option<usize>,
     pub hold_ttl_secs: Option<u64>,
+    /// A MongoDB of the test's own (fault tests restart it); else `MONGODB_URI`.
+    pub mongo_uri: Option<String>,
     pub extra_env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
     fn default() -> Self {
-        Self { provider: "azure", failure_mode: "deny", max_body_bytes: None, hold_ttl_secs: None, extra_env: vec![] }
+        Self {
+            provider: "azure",
+            failure_mode: "deny",
+            max_body_bytes: None,
+            hold_ttl_secs: None,
+            mongo_uri: None,
+            extra_env: vec![],
+        }
     }
 }
 
@@ -40,7 +49,15 @@ pub struct Stack {
     pub envoy: Proc,
     pub sidecar: Option<Proc>,
     pub sidecar_log: PathBuf,
+    envoy_config: PathBuf,
+    mongo: String,
     opts: StackOptions,
+}
+
+fn spawn_envoy(config: &std::path::Path) -> Proc {
+    let mut cmd = Command::new("envoy");
+    cmd.arg("-c").arg(config).args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info"]);
+    Proc::spawn("envoy", cmd)
 }
 
 pub fn wasm_path() -> PathBuf {
@@ -93,22 +110,19 @@ impl Stack {
         let out = render.output().unwrap();
         assert!(out.status.success(), "render failed: {}", String::from_utf8_lossy(&out.stderr));
 
+        let mongo = opts.mongo_uri.clone().unwrap_or_else(mongo_uri);
         let mut stack = Stack {
             base: format!("http://127.0.0.1:{gateway_port}"),
             mock,
             sidecar_addr,
-            db: mongodb::Client::with_uri_str(mongo_uri()).await.unwrap().database(&db_name),
+            db: mongodb::Client::with_uri_str(&mongo).await.unwrap().database(&db_name),
             db_name,
             http: reqwest::Client::new(),
-            envoy: {
-                let mut cmd = Command::new("envoy");
-                cmd.arg("-c")
-                    .arg(&config)
-                    .args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info"]);
-                Proc::spawn("envoy", cmd)
-            },
+            envoy: spawn_envoy(&config),
             sidecar: None,
             sidecar_log,
+            envoy_config: config,
+            mongo,
             opts,
         };
         stack.start_sidecar();
@@ -117,12 +131,21 @@ impl Stack {
         stack
     }
 
+    /// Stops Envoy (SIGTERM) and starts it again on the same ports; what its VMs
+    /// had queued is lost, as in a real restart.
+    pub async fn restart_envoy(&mut self) {
+        self.envoy.stop(Duration::from_secs(15));
+        self.envoy = spawn_envoy(&self.envoy_config);
+        self.envoy.wait_for("starting main dispatch loop", Duration::from_secs(60));
+        crate::wait_http_ok(&format!("{}/healthz", self.base), Duration::from_secs(30)).await;
+    }
+
     /// (Re)starts the sidecar on its fixed address (Envoy's cluster points there).
     pub fn start_sidecar(&mut self) {
         let mut cmd = Command::new(workspace_bin("openclaw-sidecar"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("MONGODB_URI", mongo_uri())
+            .env("MONGODB_URI", &self.mongo)
             .env("MONGODB_DB", &self.db_name)
             .env("ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SIDECAR_ADDR", &self.sidecar_addr)

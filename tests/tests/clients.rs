@@ -53,6 +53,10 @@ async fn the_openai_python_sdk_is_billed_exactly() {
     assert_eq!(billed, served_total);
     assert_eq!(s.balance(key).await, 200_000 - served_total);
 
+    // No secret in an audit row: keys appear masked or hashed only.
+    let rows_text = format!("{rows:?}");
+    assert!(!rows_text.contains(UPSTREAM_KEY) && !rows_text.contains(key), "{rows_text}");
+
     // app.log is written, and no secret reaches a log.
     let app_log = std::fs::read_to_string(&s.sidecar_log).unwrap();
     assert!(app_log.contains("settlement batch"), "{app_log}");

@@ -28,6 +28,19 @@ fn events(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// Status of a request sent byte for byte (no client-side path normalisation).
+async fn raw_status(base: &str, method: &str, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{method} {path} HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut head = vec![0u8; 64];
+    let n = conn.read(&mut head).await.unwrap();
+    let line = String::from_utf8_lossy(&head[..n]).to_string();
+    line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {line:?}"))
+}
+
 fn total(row: &mongodb::bson::Document) -> i64 {
     row.get_i64("total_tokens").unwrap()
 }
@@ -264,6 +277,28 @@ async fn refusals_and_bad_input_get_openai_errors_and_cost_nothing() {
     .await;
     check(404, None, None)(st, v);
 
+    // Deeply nested JSON is refused, not recursed into.
+    let nested = format!("{{\"messages\":{}1{}}}", "[".repeat(5000), "]".repeat(5000));
+    let (st, v) = send(s.http.post(&url).bearer_auth(fine).header("content-type", "application/json").body(nested)).await;
+    check(400, None, None)(st, v);
+    // Odd headers: a key with spaces, an empty bearer, a header-injection attempt.
+    for auth in ["Bearer sk-fine user-0001", "Bearer ", "Bearer\tsk-fine-user-0001"] {
+        let (st, v) = send(s.http.post(&url).header("authorization", auth).json(&good)).await;
+        check(401, Some("invalid_api_key"), None)(st, v);
+    }
+    // The sidecar's internal API is not reachable through the public listener,
+    // also with dot segments sent as they are.
+    let (st, v) = send(s.http.post(format!("{}/internal/reserve", s.base)).json(&good)).await;
+    check(404, None, None)(st, v);
+    for raw_path in ["/admin/../internal/settle", "/admin/%2e%2e/internal/settle", "/v1/../internal/reserve"] {
+        let status = raw_status(&s.base, "POST", raw_path).await;
+        assert_eq!(status, 404, "{raw_path}");
+    }
+    for (method, path) in [("PATCH", "/admin/keys/..%2F..%2Finternal%2Fsettle"), ("GET", "/admin/keys/%00")] {
+        let status = raw_status(&s.base, method, path).await;
+        assert!(matches!(status, 400 | 401 | 404), "{method} {path}: {status}");
+    }
+
     // The model list answers locally.
     let (st, v) = send(s.http.get(format!("{}/v1/models", s.base)).bearer_auth(fine)).await;
     assert_eq!((st, v["data"][0]["id"].as_str()), (200, Some("gpt-5-nano")), "{v}");
@@ -383,4 +418,38 @@ async fn two_hundred_concurrent_requests_never_overdraw_a_key_that_affords_ten()
     assert!(s.balance(key).await >= 0);
     assert_eq!(s.audit_rows(key).await.len(), 10);
     assert_eq!(s.open_holds(key).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_whose_reply_comes_too_late_is_released_not_charged() {
+    // A 1 ms callout timeout: the sidecar makes the hold, the filter has given up.
+    let s = Stack::start(StackOptions {
+        extra_env: vec![("SIDECAR_TIMEOUT_MS".into(), "1".into())],
+        ..StackOptions::default()
+    })
+    .await;
+    let key = "sk-late-reserve-01";
+    s.create_key(key, 100_000).await;
+    let mut refused = 0;
+    for _ in 0..5 {
+        let resp = s.chat(key, &json!({"messages": messages("hi")})).send().await.unwrap();
+        let status = resp.status().as_u16();
+        assert!(status == 200 || status == 503, "{status}");
+        if status == 503 {
+            assert!(resp.headers().contains_key("retry-after"));
+            refused += 1;
+        }
+        resp.bytes().await.unwrap();
+    }
+    assert!(refused > 0, "no reservation timed out; the test proves nothing");
+    bridge_tests::eventually("every hold released or settled", Duration::from_secs(30), || async {
+        s.open_holds(key).await == 0 && s.key_doc(key).await.get_i64("outbox_n").unwrap_or(0) == 0
+    })
+    .await;
+    let rows = s.audit_rows(key).await;
+    let billed: i64 = rows.iter().map(total).sum();
+    assert_eq!(s.balance(key).await, 100_000 - billed, "a refused request was charged");
+    for r in rows.iter().filter(|r| r.get_i32("status_code") == Ok(503)) {
+        assert_eq!(total(r), 0, "a 503 costs nothing: {r:?}");
+    }
 }
