@@ -17,7 +17,7 @@ use bridge_protocol::{
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
 use crate::config::{FailureMode, PluginConfig};
 use crate::reply::{models_list, LocalReply};
@@ -26,12 +26,23 @@ use crate::response::{Forward, ResponseMeter};
 use crate::settle::Settler;
 use crate::SETTLE_QUEUE;
 
+/// Shown by Envoy as `wasmcustom.openclaw_bridge_pending_settlements`.
+const PENDING_GAUGE: &str = "openclaw_bridge_pending_settlements";
+
 proxy_wasm::main! {{
     // set_log_level also installs proxy-wasm's panic hook, which logs the panic
     // at critical before the VM traps.
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root { context_id, config: None, queue: None, settler: Settler::new(1), in_flight: None })
+        Box::new(Root {
+            context_id,
+            config: None,
+            queue: None,
+            settler: Settler::new(1),
+            in_flight: None,
+            pending_gauge: None,
+            reported: 0,
+        })
     });
 }}
 
@@ -62,9 +73,22 @@ struct Root {
     settler: Settler,
     /// Token of the settlement call in flight.
     in_flight: Option<u32>,
+    /// Envoy gauge `wasmcustom.openclaw_bridge_pending_settlements`: the sum over
+    /// all VMs of records not yet settled. Operators wait for 0 before stopping Envoy.
+    pending_gauge: Option<u32>,
+    /// What this VM last added to the gauge.
+    reported: i64,
 }
 
 impl Root {
+    fn report_pending(&mut self) {
+        let Some(gauge) = self.pending_gauge else { return };
+        let now = self.settler.pending() as i64;
+        if now != self.reported && hostcalls::increment_metric(gauge, now - self.reported).is_ok() {
+            self.reported = now;
+        }
+    }
+
     fn drain_queue(&mut self) {
         let Some(queue) = self.queue else { return };
         loop {
@@ -118,6 +142,34 @@ impl Root {
 }
 
 impl Context for Root {
+    /// The VM is going away (Envoy shutting down or reloading): send what is
+    /// still queued. Replies to calls made now never arrive, but the calls reach
+    /// the sidecar, and settlement is idempotent; what still fails to arrive is
+    /// charged at its hold when the hold expires.
+    fn on_done(&mut self) -> bool {
+        let Some(cfg) = self.config.clone() else { return true };
+        self.drain_queue();
+        let records = self.settler.take_all();
+        if records.is_empty() {
+            return true;
+        }
+        for chunk in records.chunks(cfg.settle_batch_max) {
+            let Ok(body) = serde_json::to_vec(&SettleBatch { records: chunk.to_vec() }) else { continue };
+            let sent = self.dispatch_http_call(
+                &cfg.sidecar_cluster,
+                sidecar_headers(&cfg, SETTLE_PATH),
+                Some(&body),
+                vec![],
+                Duration::from_millis(cfg.sidecar_timeout_ms.max(5_000)),
+            );
+            if let Err(e) = sent {
+                error!("[root {}] shutting down: {} settlements not sent ({e:?}); their holds will expire", self.context_id, chunk.len());
+            }
+        }
+        info!("[root {}] shutting down: sent {} queued settlements", self.context_id, records.len());
+        true
+    }
+
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         if self.in_flight != Some(token) {
             return;
@@ -139,6 +191,7 @@ impl Context for Root {
                 // More may be waiting: send the next batch now rather than on the next tick.
                 self.drain_queue();
                 self.send_due_batch();
+                self.report_pending();
             }
             None => {
                 warn!(
@@ -174,6 +227,7 @@ impl RootContext for Root {
             }
         }
         self.settler = Settler::new(cfg.settle_batch_max);
+        self.pending_gauge = hostcalls::define_metric(MetricType::Gauge, PENDING_GAUGE).ok();
         self.set_tick_period(Duration::from_millis(cfg.settle_interval_ms));
         info!(
             "[root {}] configured: upstream {:?}, model {}, sidecar cluster {}, failure mode {:?}",
@@ -190,11 +244,13 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         self.drain_queue();
         self.send_due_batch();
+        self.report_pending();
     }
 
     fn on_queue_ready(&mut self, _queue_id: u32) {
         self.drain_queue();
         self.send_due_batch();
+        self.report_pending();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -56,6 +56,14 @@ impl Settler {
         self.in_flight.as_deref()
     }
 
+    /// Everything not yet settled, in flight or waiting: the last send when the
+    /// VM shuts down.
+    pub fn take_all(&mut self) -> Vec<SettleRecord> {
+        let mut all = self.in_flight.take().unwrap_or_default();
+        all.extend(self.pending.drain(..));
+        all
+    }
+
     /// The sidecar answered the batch: every record's outcome is final.
     pub fn sent(&mut self) {
         self.in_flight = None;
@@ -125,6 +133,18 @@ mod tests {
         assert_eq!(s.pending(), 4, "nothing lost while failing");
         s.sent();
         assert_eq!(s.pending(), 1);
+    }
+
+    #[test]
+    fn take_all_returns_in_flight_and_waiting_records() {
+        let mut s = Settler::new(2);
+        for i in 0..3 {
+            s.push(rec(i));
+        }
+        s.next_batch(0);
+        let all: Vec<String> = s.take_all().into_iter().map(|r| r.request_id).collect();
+        assert_eq!(all, ["r0", "r1", "r2"]);
+        assert_eq!(s.pending(), 0);
     }
 
     #[test]

@@ -50,6 +50,7 @@ pub struct Stack {
     pub sidecar: Option<Proc>,
     pub sidecar_log: PathBuf,
     envoy_config: PathBuf,
+    envoy_admin: String,
     mongo: String,
     opts: StackOptions,
 }
@@ -122,6 +123,7 @@ impl Stack {
             sidecar: None,
             sidecar_log,
             envoy_config: config,
+            envoy_admin: format!("http://127.0.0.1:{admin_port}"),
             mongo,
             opts,
         };
@@ -131,8 +133,37 @@ impl Stack {
         stack
     }
 
+    /// Settlement records Envoy's VMs hold that the sidecar has not taken yet
+    /// (the filter's gauge), or `None` if Envoy does not answer.
+    pub async fn pending_settlements(&self) -> Option<i64> {
+        let url = format!("{}/stats?filter=openclaw_bridge_pending_settlements", self.envoy_admin);
+        let text = self.http.get(url).send().await.ok()?.text().await.ok()?;
+        text.lines().find_map(|l| l.rsplit(": ").next()?.trim().parse().ok())
+    }
+
+    /// Restarts Envoy as the README says to: drain the listeners, wait until
+    /// every queued settlement is taken (at most `wait`), stop, start again.
+    pub async fn restart_envoy_gracefully(&mut self, wait: Duration) {
+        let _ = self.http.post(format!("{}/drain_listeners?graceful", self.envoy_admin)).send().await;
+        let deadline = std::time::Instant::now() + wait;
+        while std::time::Instant::now() < deadline {
+            if self.pending_settlements().await == Some(0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.restart_envoy().await;
+    }
+
+    /// Kills Envoy at once (SIGKILL) and starts it again: what its VMs had
+    /// queued is lost, as in a crash.
+    pub async fn crash_envoy(&mut self) {
+        self.envoy.kill();
+        self.restart_envoy().await;
+    }
+
     /// Stops Envoy (SIGTERM) and starts it again on the same ports; what its VMs
-    /// had queued is lost, as in a real restart.
+    /// still had queued is lost.
     pub async fn restart_envoy(&mut self) {
         self.envoy.stop(Duration::from_secs(15));
         self.envoy = spawn_envoy(&self.envoy_config);
