@@ -43,6 +43,7 @@ PLAIN = {"model": "gpt-5-nano", "messages": [{"role": "user", "content": "Say he
 STREAM = dict(PLAIN, stream=True)
 
 procs = []
+ANALYSIS_MARKER = "<!-- analysis: kept by make bench -->"
 
 
 def free_port():
@@ -287,8 +288,16 @@ def main():
 
         report = render_report(results, extras, wasm)
         print(report)
-        with open(os.path.join(ROOT, "BENCHMARKS.md"), "w") as f:
-            f.write(report)
+        path = os.path.join(ROOT, "BENCHMARKS.md")
+        # Keep the hand-written analysis below the marker across runs.
+        kept = ""
+        if os.path.exists(path):
+            with open(path) as f:
+                old = f.read()
+            if ANALYSIS_MARKER in old:
+                kept = "\n" + ANALYSIS_MARKER + old.split(ANALYSIS_MARKER, 1)[1]
+        with open(path, "w") as f:
+            f.write(report + kept)
         rate = lambda t: next(r["rps"] for r in results if (r["conc"], r["kind"], r["target"]) == (1, "plain", t))
         print(f"bridge/bare-envoy ratio: {rate('bridge') / rate('bare'):.2f}")
     finally:

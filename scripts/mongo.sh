@@ -16,7 +16,9 @@ start)
   port="${MONGO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
   storage="${MONGO_STORAGE:-$dir/data}"
   # setsid: its own process group, so a Ctrl-C at the terminal reaches it only through us.
-  setsid secantusd-py --host 127.0.0.1 --port "$port" --storage-path "$storage" --log-level WARNING \
+  # MONGO_ARGS: extra server flags, e.g. --sync-on-commit where a test restarts it.
+  # shellcheck disable=SC2086
+  setsid secantusd-py --host 127.0.0.1 --port "$port" --storage-path "$storage" --log-level WARNING ${MONGO_ARGS:-} \
     >"$dir/log" 2>&1 < /dev/null &
   echo $! > "$dir/pid"
   # retryWrites=false: the server's retry bookkeeping slows writes after ~10k.

@@ -353,6 +353,7 @@ impl Gateway {
     }
 
     fn settle(&mut self) {
+        let released = self.phase == Phase::Released;
         let (input, output, source) = match self.phase {
             Phase::Forwarded => {
                 if let Some(m) = &mut self.meter {
@@ -378,6 +379,7 @@ impl Gateway {
             status_code: u16::try_from(self.status).unwrap_or(0),
             stream: admission.is_some_and(|a| a.stream),
             unreserved: self.unreserved,
+            release: released,
         };
         let queued = match (self.queue, serde_json::to_vec(&record)) {
             (Some(q), Ok(bytes)) => hostcalls::enqueue_shared_queue(q, Some(&bytes)).is_ok(),
@@ -400,6 +402,8 @@ impl Context for Gateway {
         self.callout = None;
         let status = self.get_http_call_response_header(":status");
         if status.as_deref() != Some("200") {
+            // The call may have reached the sidecar whatever the status (a timeout
+            // shows as 504, a reset after sending as 503): release to be sure.
             self.sidecar_failed(&format!("reserve answered {status:?}"), true);
             return;
         }

@@ -101,6 +101,7 @@ mod tests {
             status_code: 200,
             stream: false,
             unreserved: false,
+            release: false,
         }
     }
 

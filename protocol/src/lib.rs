@@ -132,6 +132,10 @@ pub struct SettleRecord {
     /// plugin's failure mode is `allow`.
     #[serde(default)]
     pub unreserved: bool,
+    /// The client was refused after a reservation whose reply never came: undo
+    /// the hold if it was made, and refuse it if it is made later.
+    #[serde(default)]
+    pub release: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

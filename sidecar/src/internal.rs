@@ -21,7 +21,15 @@ pub async fn reserve(
     if req.estimate < 1 {
         return Err(AppError::bad_request("estimate must be >= 1", Some("estimate")));
     }
-    let reply = state.store.reserve(&req).await?;
+    let store = state.store.clone();
+    let task_req = req.clone();
+    // A tracked task: a hold is either made and answered, or not made, never
+    // cut halfway by a caller that hung up or by shutdown.
+    let reply = state
+        .tasks
+        .spawn(async move { store.reserve(&task_req).await })
+        .await
+        .map_err(|e| AppError::Internal(format!("reservation task: {e}")))??;
     match &reply {
         ReserveReply::Admit { balance_tokens } => {
             tracing::debug!(estimate = req.estimate, balance_tokens, "reserved")
@@ -44,7 +52,26 @@ pub async fn settle(
             Some("records"),
         ));
     }
-    let results = state.store.settle(&batch.records).await?;
+    let store = state.store.clone();
+    let span = tracing::Span::current();
+    // A tracked task: if Envoy hangs up mid-batch the batch still completes
+    // (and is logged), and shutdown waits for it.
+    let results = state
+        .tasks
+        .spawn(tracing::Instrument::instrument(
+            async move {
+                let results = store.settle(&batch.records).await?;
+                log_batch(&batch, &results);
+                Ok::<_, AppError>(results)
+            },
+            span,
+        ))
+        .await
+        .map_err(|e| AppError::Internal(format!("settlement task: {e}")))??;
+    Ok(Json(SettleReply { results }))
+}
+
+fn log_batch(batch: &SettleBatch, results: &[bridge_protocol::SettleResult]) {
     let count = |o: SettleOutcome| results.iter().filter(|r| r.outcome == o).count();
     let tokens: i64 = batch.records.iter().map(|r| r.input_tokens.saturating_add(r.output_tokens)).sum();
     tracing::info!(
@@ -56,8 +83,10 @@ pub async fn settle(
         tokens,
         "settlement batch"
     );
-    for r in results.iter().filter(|r| matches!(r.outcome, SettleOutcome::Unknown | SettleOutcome::Invalid)) {
-        tracing::warn!(request_id = %r.request_id, outcome = ?r.outcome, message = ?r.message, "settlement not applied");
+    for r in results.iter().filter(|r| r.outcome == SettleOutcome::Invalid) {
+        tracing::warn!(request_id = %r.request_id, message = ?r.message, "settlement record invalid");
     }
-    Ok(Json(SettleReply { results }))
+    for r in results.iter().filter(|r| r.outcome == SettleOutcome::Unknown) {
+        tracing::info!(request_id = %r.request_id, message = ?r.message, "settlement found no hold");
+    }
 }

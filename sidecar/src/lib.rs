@@ -29,6 +29,9 @@ use crate::store::Store;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub store: Store,
+    /// Ledger writes run as tracked tasks: a caller that disconnects cannot cut
+    /// one short, and shutdown waits for them.
+    pub tasks: tokio_util::task::TaskTracker,
     /// SHA-256 of the admin token: comparing digests of equal length in constant
     /// time leaks neither the token's content nor its length.
     admin_digest: [u8; 32],
@@ -37,7 +40,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(store: Store, admin_token: &Secret, internal_token: Option<Secret>) -> Self {
-        Self { store, admin_digest: Sha256::digest(admin_token.expose().as_bytes()).into(), internal_token }
+        Self {
+            store,
+            tasks: tokio_util::task::TaskTracker::new(),
+            admin_digest: Sha256::digest(admin_token.expose().as_bytes()).into(),
+            internal_token,
+        }
     }
 
     /// Connects to MongoDB and creates the indexes.

@@ -47,6 +47,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
         internal_token = settings.internal_token.is_some(),
         "sidecar listening"
     );
+    let state_tasks = state.tasks.clone();
     let stop = CancellationToken::new();
     let sweeper = tokio::spawn(sweeper::run(state.clone(), settings.sweep_interval, stop.clone()));
     // Replies are small and latency-bound: no Nagle delay on them.
@@ -57,9 +58,12 @@ async fn serve(settings: Settings) -> Result<(), String> {
         .with_graceful_shutdown(shutdown_signal(stop.clone()))
         .await
         .map_err(|e| format!("server error: {e}"));
-    // In-flight requests have finished; let the sweeper finish its pass too.
+    // In-flight requests have finished; let the sweeper and every ledger write
+    // still running (a caller may have left) finish too.
     stop.cancel();
     let _ = sweeper.await;
+    state_tasks.close();
+    state_tasks.wait().await;
     tracing::info!("sidecar stopped");
     result
 }

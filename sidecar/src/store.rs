@@ -95,6 +95,10 @@ fn outbox_path(request_id: &str) -> String {
     format!("outbox.{request_id}")
 }
 
+fn released_path(request_id: &str) -> String {
+    format!("released.{request_id}")
+}
+
 fn rfc3339(doc: &Document, field: &str) -> String {
     doc.get_datetime(field)
         .ok()
@@ -315,6 +319,8 @@ impl Store {
             "status": "active",
             "balance_tokens": {"$gte": req.estimate},
             &hold: {"$exists": false},
+            // Released before it got here: the client has its 503 already.
+            released_path(&req.request_id): {"$exists": false},
         };
         let update = doc! {
             "$inc": {"balance_tokens": -req.estimate, "holds_n": 1_i64},
@@ -333,7 +339,8 @@ impl Store {
         let current = self
             .keys
             .find_one(doc! {"_id": &req.key_hash})
-            .projection(doc! {"status": 1, "balance_tokens": 1, "key_prefix": 1, "key_last4": 1, &hold: 1})
+            .projection(doc! {"status": 1, "balance_tokens": 1, "key_prefix": 1, "key_last4": 1, &hold: 1,
+                released_path(&req.request_id): 1})
             .await?;
         let Some(d) = current else {
             return Ok(refuse(
@@ -359,6 +366,10 @@ impl Store {
         }
         if d.get_document("holds").is_ok_and(|h| h.contains_key(&req.request_id)) {
             return Err(AppError::Internal(format!("request id {} reserved twice", req.request_id)));
+        }
+        if d.get_document("released").is_ok_and(|h| h.contains_key(&req.request_id)) {
+            // Nobody waits for this answer: the filter gave up and released it.
+            return Err(AppError::Conflict { message: "reservation already released".into(), code: "released" });
         }
         Ok(refuse(
             429,
@@ -434,6 +445,19 @@ impl Store {
                     )
                     .projection(projection)
                     .await?
+            }
+            // A release that found no hold: the reservation failed, or it is still
+            // on its way; mark the id so that it is refused if it comes.
+            None if r.release => {
+                let mark = self
+                    .keys
+                    .update_one(
+                        doc! {"_id": &r.key_hash, released_path(&r.request_id): {"$exists": false}},
+                        doc! {"$set": {released_path(&r.request_id): DateTime::now()}, "$inc": {"released_n": 1_i64}},
+                    )
+                    .await?;
+                let message = if mark.matched_count == 1 { "released before any hold was made" } else { "already released" };
+                return Ok((SettleOutcome::Unknown, Some(message.into()), None));
             }
             None => None,
         };
@@ -595,6 +619,7 @@ impl Store {
                 status_code: 0,
                 stream: false,
                 unreserved: false,
+                release: false,
             };
             let entry = audit_entry(&record, tokens, true, now);
             let hold_at = hold_path(&request_id);
@@ -619,7 +644,36 @@ impl Store {
         }
         let n = rows.len();
         self.write_audit_rows(rows).await?;
+        self.forget_releases(cutoff).await?;
         Ok(n)
+    }
+
+    /// Release marks only need to outlive the reservation they block; drop
+    /// those older than the hold TTL.
+    async fn forget_releases(&self, cutoff_ms: i64) -> Result<(), AppError> {
+        let docs: Vec<Document> = self
+            .keys
+            .find(doc! {"released_n": {"$gt": 0_i64}})
+            .projection(doc! {"released": 1})
+            .await?
+            .try_collect()
+            .await?;
+        for key in &docs {
+            let hash = key.get_str("_id").unwrap_or_default();
+            let Ok(released) = key.get_document("released") else { continue };
+            for (request_id, at) in released {
+                let Some(at) = at.as_datetime() else { continue };
+                if at.timestamp_millis() <= cutoff_ms {
+                    self.keys
+                        .update_one(
+                            doc! {"_id": hash, released_path(request_id): {"$exists": true}},
+                            doc! {"$unset": {released_path(request_id): ""}, "$inc": {"released_n": -1_i64}},
+                        )
+                        .await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether MongoDB answers; used by the readiness endpoint.

@@ -109,6 +109,7 @@ fn record(key: &str, request_id: &str, reserved: i64, input: i64, output: i64) -
         status_code: 200,
         stream: true,
         unreserved: false,
+        release: false,
     }
 }
 
@@ -544,4 +545,36 @@ async fn concurrent_outbox_flushes_write_each_row_once_and_keep_the_count_exact(
     assert_eq!(d.get_i64("outbox_n"), Ok(0), "{d:?}");
     assert!(d.get_document("outbox").unwrap().is_empty());
     assert_eq!(sweeper::sweep_once(&s.state).await.unwrap(), (0, 0));
+}
+
+#[tokio::test]
+async fn a_release_undoes_a_hold_and_blocks_a_reservation_that_comes_later() {
+    let s = start_with(Duration::from_secs(1), None).await;
+    let key = "sk-released-key";
+    s.create(key, 1_000).await;
+    let release = |id: &str| SettleRecord { status_code: 503, release: true, ..record(key, id, 100, 0, 0) };
+    // Reserved, then released (the filter timed out waiting): the hold is undone.
+    assert!(matches!(s.reserve(key, "late-1", 100).await, ReserveReply::Admit { balance_tokens: 900 }));
+    assert_eq!(s.settle(&[release("late-1")]).await.results[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.balance(key).await, 1_000);
+    // Released before the reservation arrived: the reservation is refused.
+    assert_eq!(s.settle(&[release("late-2")]).await.results[0].outcome, SettleOutcome::Unknown);
+    let resp = s
+        .http
+        .post(format!("{}/internal/reserve", s.url))
+        .json(&json!({"key_hash": key_hash(key), "request_id": "late-2", "model": "m", "estimate": 100}))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(resp.status(), StatusCode::OK);
+    assert_eq!(s.balance(key).await, 1_000);
+    // The mark is forgotten after the hold TTL; nothing else changed.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    sweeper::sweep_once(&s.state).await.unwrap();
+    let d = s.db.collection::<Document>("api_keys").find_one(doc! {"_id": key_hash(key)}).await.unwrap().unwrap();
+    assert_eq!(d.get_i64("released_n"), Ok(0), "{d:?}");
+    assert_eq!(d.get_i64("holds_n"), Ok(0));
+    let rows = s.audit_rows().await;
+    assert_eq!(rows.len(), 1, "only the released hold leaves a row");
+    assert_eq!((rows[0].get_i64("total_tokens"), rows[0].get_i32("status_code")), (Ok(0), Ok(503)));
 }

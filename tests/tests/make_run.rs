@@ -74,7 +74,7 @@ async fn make_run_starts_the_stack_with_local_defaults_and_stops_it() {
                 .json()
                 .await
                 .unwrap();
-            list["data"][0]["balance_tokens"].as_i64() == Some(10_000 - used)
+            list["data"][0]["balance_tokens"].as_i64() == Some(10_000 - used) && list["data"][0]["held_tokens"] == 0
         }
     })
     .await;

@@ -41,6 +41,8 @@ impl Mongo {
             .arg("start")
             .arg(&self.dir)
             .env("MONGO_PORT", self.port.to_string())
+            // Acknowledged writes must survive the restart, as with real MongoDB's journal.
+            .env("MONGO_ARGS", "--sync-on-commit")
             .env_remove("MONGO_STORAGE")
             .output()
             .unwrap();
