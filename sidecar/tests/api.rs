@@ -241,6 +241,31 @@ async fn every_validation_error_names_its_field() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_openai_error(&resp.json().await.unwrap());
+    // Deeply nested, invalid UTF-8, no content type: 400 in our shape, never a crash.
+    let nested = format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000));
+    for (body, content_type) in [
+        (nested.into_bytes(), "application/json"),
+        (vec![b'{', 0xff, 0xfe, b'}'], "application/json"),
+        (b"{}".to_vec(), "text/plain"),
+    ] {
+        let resp = s
+            .http
+            .post(format!("{}/admin/keys", s.url))
+            .bearer_auth(ADMIN)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_openai_error(&resp.json().await.unwrap());
+    }
+    // Path tricks on the key: hashed like any key, so simply unknown.
+    for path in ["/admin/keys/..%2F..%2Finternal%2Fsettle", "/admin/keys/%00", "/admin/keys/%E2%80%AE"] {
+        let resp = s.http.patch(format!("{}{path}", s.url)).bearer_auth(ADMIN).json(&json!({"balance_tokens": 1})).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        assert_openai_error(&resp.json().await.unwrap());
+    }
     // Duplicate.
     let (st, v) = s
         .admin(reqwest::Method::POST, "/admin/keys", Some(json!({"api_key": "sk-existing-key-1", "user_name": "b"})))
