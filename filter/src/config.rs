@@ -66,6 +66,9 @@ fn default_bytes_per_token() -> u32 {
 fn default_settle_interval_ms() -> u64 {
     200
 }
+fn default_settle_timeout_ms() -> u64 {
+    30_000
+}
 fn default_settle_batch() -> usize {
     200
 }
@@ -120,6 +123,10 @@ pub struct PluginConfig {
     pub settle_interval_ms: u64,
     #[serde(default = "default_settle_batch")]
     pub settle_batch_max: usize,
+    /// Timeout of a settlement call. Generous: nothing waits on it, and a batch
+    /// cut short by it is sent again (idempotent, but work done twice).
+    #[serde(default = "default_settle_timeout_ms")]
+    pub settle_timeout_ms: u64,
     /// Header the filter sets on admitted requests only; the upstream routes
     /// require it, so nothing unadmitted reaches the upstream.
     #[serde(default = "default_route_header")]
@@ -164,6 +171,9 @@ impl PluginConfig {
         }
         if self.estimate_bytes_per_token == 0 {
             return fail("estimate_bytes_per_token", "must be >= 1");
+        }
+        if self.settle_timeout_ms == 0 {
+            return fail("settle_timeout_ms", "must be > 0");
         }
         if self.settle_interval_ms == 0 {
             return fail("settle_interval_ms", "must be > 0");

@@ -127,7 +127,7 @@ impl Root {
             sidecar_headers(&cfg, SETTLE_PATH),
             Some(&body),
             vec![],
-            Duration::from_millis(cfg.sidecar_timeout_ms.max(5_000)),
+            Duration::from_millis(cfg.settle_timeout_ms),
         ) {
             Ok(token) => {
                 debug!("[root {}] settling {n} records (call {token})", self.context_id);
@@ -160,7 +160,7 @@ impl Context for Root {
                 sidecar_headers(&cfg, SETTLE_PATH),
                 Some(&body),
                 vec![],
-                Duration::from_millis(cfg.sidecar_timeout_ms.max(5_000)),
+                Duration::from_millis(cfg.settle_timeout_ms),
             );
             if let Err(e) = sent {
                 error!("[root {}] shutting down: {} settlements not sent ({e:?}); their holds will expire", self.context_id, chunk.len());
