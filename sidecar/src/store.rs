@@ -418,18 +418,41 @@ impl Store {
         let projection = doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1};
         let hold = hold_path(&r.request_id);
         // The hold, if there is one: replaced by the actual usage.
-        let owner = self
-            .keys
-            .find_one_and_update(
-                doc! {"_id": &r.key_hash, format!("{hold}.tokens"): r.reserved},
-                doc! {
-                    "$inc": {"balance_tokens": r.reserved - total, "holds_n": -1_i64, "outbox_n": 1_i64},
-                    "$unset": {&hold: ""},
-                    "$set": {&outbox: &entry},
-                },
-            )
-            .projection(projection.clone())
-            .await?;
+        let mut attempt = 0;
+        let owner = loop {
+            attempt += 1;
+            let owner = self
+                .keys
+                .find_one_and_update(
+                    doc! {"_id": &r.key_hash, format!("{hold}.tokens"): r.reserved},
+                    doc! {
+                        "$inc": {"balance_tokens": r.reserved - total, "holds_n": -1_i64, "outbox_n": 1_i64},
+                        "$unset": {&hold: ""},
+                        "$set": {&outbox: &entry},
+                    },
+                )
+                .projection(projection.clone())
+                .await?;
+            if owner.is_some() || !r.release {
+                break owner;
+            }
+            // A release that found no hold: the reservation failed, or it is still
+            // on its way. Mark the id so that it is refused when it comes, but only
+            // while there is still no hold: one landing just now is released above.
+            let mark = self
+                .keys
+                .update_one(
+                    doc! {"_id": &r.key_hash, &hold: {"$exists": false}, released_path(&r.request_id): {"$exists": false}},
+                    doc! {"$set": {released_path(&r.request_id): DateTime::now()}, "$inc": {"released_n": 1_i64}},
+                )
+                .await?;
+            if mark.matched_count == 1 {
+                return Ok((SettleOutcome::Unknown, Some("released before any hold was made".into()), None));
+            }
+            if attempt >= 3 {
+                return Ok((SettleOutcome::Unknown, Some("already released".into()), None));
+            }
+        };
         let owner = match owner {
             Some(owner) => Some(owner),
             // Admitted without a hold (failure mode `allow`, the reservation lost):
@@ -445,19 +468,6 @@ impl Store {
                     )
                     .projection(projection)
                     .await?
-            }
-            // A release that found no hold: the reservation failed, or it is still
-            // on its way; mark the id so that it is refused if it comes.
-            None if r.release => {
-                let mark = self
-                    .keys
-                    .update_one(
-                        doc! {"_id": &r.key_hash, released_path(&r.request_id): {"$exists": false}},
-                        doc! {"$set": {released_path(&r.request_id): DateTime::now()}, "$inc": {"released_n": 1_i64}},
-                    )
-                    .await?;
-                let message = if mark.matched_count == 1 { "released before any hold was made" } else { "already released" };
-                return Ok((SettleOutcome::Unknown, Some(message.into()), None));
             }
             None => None,
         };
