@@ -17,7 +17,7 @@ use bridge_protocol::{
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
 
 use crate::config::{FailureMode, PluginConfig};
 use crate::reply::{models_list, LocalReply};
@@ -51,6 +51,18 @@ fn now_ms(ctx: &dyn Context) -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// POSTs JSON to the sidecar's internal API; the reply comes to the caller's
+/// `on_http_call_response` under the returned token.
+fn call_sidecar(ctx: &dyn Context, cfg: &PluginConfig, path: &str, body: &[u8], timeout_ms: u64) -> Result<u32, Status> {
+    ctx.dispatch_http_call(
+        &cfg.sidecar_cluster,
+        sidecar_headers(cfg, path),
+        Some(body),
+        vec![],
+        Duration::from_millis(timeout_ms),
+    )
 }
 
 fn sidecar_headers<'a>(cfg: &'a PluginConfig, path: &'a str) -> Vec<(&'a str, &'a str)> {
@@ -122,13 +134,7 @@ impl Root {
             }
         };
         let n = batch.len();
-        match self.dispatch_http_call(
-            &cfg.sidecar_cluster,
-            sidecar_headers(&cfg, SETTLE_PATH),
-            Some(&body),
-            vec![],
-            Duration::from_millis(cfg.settle_timeout_ms),
-        ) {
+        match call_sidecar(self, &cfg, SETTLE_PATH, &body, cfg.settle_timeout_ms) {
             Ok(token) => {
                 debug!("[root {}] settling {n} records (call {token})", self.context_id);
                 self.in_flight = Some(token);
@@ -155,13 +161,7 @@ impl Context for Root {
         }
         for chunk in records.chunks(cfg.settle_batch_max) {
             let Ok(body) = serde_json::to_vec(&SettleBatch { records: chunk.to_vec() }) else { continue };
-            let sent = self.dispatch_http_call(
-                &cfg.sidecar_cluster,
-                sidecar_headers(&cfg, SETTLE_PATH),
-                Some(&body),
-                vec![],
-                Duration::from_millis(cfg.settle_timeout_ms),
-            );
+            let sent = call_sidecar(self, &cfg, SETTLE_PATH, &body, cfg.settle_timeout_ms);
             if let Err(e) = sent {
                 error!("[root {}] shutting down: {} settlements not sent ({e:?}); their holds will expire", self.context_id, chunk.len());
             }
@@ -521,13 +521,7 @@ impl HttpContext for Gateway {
             }
         };
         self.phase = Phase::Reserving;
-        match self.dispatch_http_call(
-            &cfg.sidecar_cluster,
-            sidecar_headers(&cfg, RESERVE_PATH),
-            Some(&payload),
-            vec![],
-            Duration::from_millis(cfg.sidecar_timeout_ms),
-        ) {
+        match call_sidecar(self, &cfg, RESERVE_PATH, &payload, cfg.sidecar_timeout_ms) {
             Ok(token) => self.callout = Some(token),
             Err(e) => self.sidecar_failed(&format!("dispatch failed: {e:?}"), false),
         }
