@@ -176,7 +176,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 
 /// Starts the sidecar binary on a port it picks itself and waits until it listens.
-/// Returns the process and its base URL.
+/// Returns the process and its base URL. `extra_env` comes last, so it may
+/// override any default here (address, database URI, log file).
 pub fn start_sidecar(bin: &Path, db: &str, admin_token: &str, extra_env: &[(&str, &str)]) -> (Proc, String) {
     let mut cmd = Command::new(bin);
     cmd.env_clear()

@@ -173,21 +173,18 @@ impl Stack {
 
     /// (Re)starts the sidecar on its fixed address (Envoy's cluster points there).
     pub fn start_sidecar(&mut self) {
-        let mut cmd = Command::new(workspace_bin("openclaw-sidecar"));
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("MONGODB_URI", &self.mongo)
-            .env("MONGODB_DB", &self.db_name)
-            .env("ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("SIDECAR_ADDR", &self.sidecar_addr)
-            .env("LOG_FILE", &self.sidecar_log)
-            .env("SWEEP_INTERVAL_SECS", "1")
-            .current_dir(log_dir());
-        if let Some(ttl) = self.opts.hold_ttl_secs {
-            cmd.env("HOLD_TTL_SECS", ttl.to_string());
+        let log = self.sidecar_log.to_string_lossy().into_owned();
+        let ttl = self.opts.hold_ttl_secs.map(|t| t.to_string());
+        let mut env = vec![
+            ("MONGODB_URI", self.mongo.as_str()),
+            ("SIDECAR_ADDR", self.sidecar_addr.as_str()),
+            ("LOG_FILE", log.as_str()),
+            ("SWEEP_INTERVAL_SECS", "1"),
+        ];
+        if let Some(ttl) = &ttl {
+            env.push(("HOLD_TTL_SECS", ttl.as_str()));
         }
-        let proc = Proc::spawn("sidecar", cmd);
-        proc.wait_for("sidecar listening", Duration::from_secs(30));
+        let (proc, _) = crate::start_sidecar(&workspace_bin("openclaw-sidecar"), &self.db_name, ADMIN_TOKEN, &env);
         self.sidecar = Some(proc);
     }
 
