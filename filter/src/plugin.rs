@@ -106,7 +106,14 @@ impl Root {
         loop {
             match hostcalls::dequeue_shared_queue(queue) {
                 Ok(Some(bytes)) => match serde_json::from_slice::<SettleRecord>(&bytes) {
-                    Ok(record) => self.settler.push(record),
+                    Ok(record) => {
+                        if let Some(old) = self.settler.push(record) {
+                            error!(
+                                "[root {}] settlement queue full: {} dropped; its hold will be charged at expiry",
+                                self.context_id, old.request_id
+                            );
+                        }
+                    }
                     Err(e) => error!("[root {}] unreadable settlement record dropped: {e}", self.context_id),
                 },
                 Ok(None) => break,

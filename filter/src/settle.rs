@@ -19,7 +19,6 @@ pub struct Settler {
     batch_max: usize,
     backoff_ms: u64,
     next_attempt_ms: u64,
-    pub dropped: u64,
 }
 
 impl Settler {
@@ -30,16 +29,14 @@ impl Settler {
             batch_max: batch_max.max(1),
             backoff_ms: 0,
             next_attempt_ms: 0,
-            dropped: 0,
         }
     }
 
-    pub fn push(&mut self, record: SettleRecord) {
-        if self.pending.len() >= MAX_PENDING {
-            self.pending.pop_front();
-            self.dropped += 1;
-        }
+    /// Queues a record; returns the oldest one if it had to make room for it.
+    pub fn push(&mut self, record: SettleRecord) -> Option<SettleRecord> {
+        let dropped = if self.pending.len() >= MAX_PENDING { self.pending.pop_front() } else { None };
         self.pending.push_back(record);
+        dropped
     }
 
     pub fn pending(&self) -> usize {
@@ -146,6 +143,16 @@ mod tests {
         let all: Vec<String> = s.take_all().into_iter().map(|r| r.request_id).collect();
         assert_eq!(all, ["r0", "r1", "r2"]);
         assert_eq!(s.pending(), 0);
+    }
+
+    #[test]
+    fn a_full_queue_gives_up_its_oldest_record() {
+        let mut s = Settler::new(1);
+        for i in 0..MAX_PENDING {
+            assert!(s.push(rec(i)).is_none());
+        }
+        assert_eq!(s.push(rec(MAX_PENDING)).map(|r| r.request_id), Some("r0".to_owned()));
+        assert_eq!(s.pending(), MAX_PENDING);
     }
 
     #[test]
