@@ -116,6 +116,8 @@ def plugin_configuration():
         "max_body_bytes": env_int("MAX_BODY_BYTES", 8 * 1024 * 1024, 1),
         "default_output_reservation": env_int("DEFAULT_OUTPUT_RESERVATION", 4096, 1),
         "settle_interval_ms": env_int("SETTLE_INTERVAL_MS", 200, 1),
+        "lease_tokens": env_int("LEASE_TOKENS", 100000, 0),
+        "lease_ms": env_int("LEASE_MS", 1000, 10),
         "route_header": ROUTE_HEADER,
     }
     if provider == "azure":

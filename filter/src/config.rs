@@ -72,6 +72,12 @@ fn default_settle_timeout_ms() -> u64 {
 fn default_settle_batch() -> usize {
     200
 }
+fn default_lease_tokens() -> i64 {
+    100_000
+}
+fn default_lease_ms() -> u64 {
+    1_000
+}
 fn default_route_header() -> String {
     "x-openclaw-bridge-route".into()
 }
@@ -127,6 +133,14 @@ pub struct PluginConfig {
     /// cut short by it is sent again (idempotent, but work done twice).
     #[serde(default = "default_settle_timeout_ms")]
     pub settle_timeout_ms: u64,
+    /// Tokens a lease asks for (more when one request's estimate is larger).
+    /// 0 turns leases off: every request then reserves with a call of its own.
+    #[serde(default = "default_lease_tokens")]
+    pub lease_tokens: i64,
+    /// How long a lease can be drawn from; also how long a freeze or a
+    /// top-up takes at most to reach requests.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
     /// Header the filter sets on admitted requests only; the upstream routes
     /// require it, so nothing unadmitted reaches the upstream.
     #[serde(default = "default_route_header")]
@@ -180,6 +194,12 @@ impl PluginConfig {
         }
         if self.settle_batch_max == 0 || self.settle_batch_max > bridge_protocol::MAX_SETTLE_BATCH {
             return fail("settle_batch_max", "must be 1 to 500");
+        }
+        if self.lease_tokens < 0 {
+            return fail("lease_tokens", "must be >= 0 (0 turns leases off)");
+        }
+        if self.lease_tokens > 0 && !(10..=60_000).contains(&self.lease_ms) {
+            return fail("lease_ms", "must be 10 to 60000");
         }
         if self.route_header.is_empty() || !self.route_header.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
             return fail("route_header", "must be a lower-case header name");
@@ -254,6 +274,8 @@ mod tests {
             (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","tiktoken_encoding":"p50k"}"#, "tiktoken_encoding"),
             (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","colour":1}"#, "colour"),
             (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","settle_batch_max":0}"#, "settle_batch_max"),
+            (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","lease_tokens":-1}"#, "lease_tokens"),
+            (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","lease_ms":0}"#, "lease_ms"),
         ] {
             let err = PluginConfig::from_json(json.as_bytes()).unwrap_err();
             assert!(err.contains(field), "{json}: {err}");

@@ -3,6 +3,7 @@
 //! thin layer that talks to Envoy through `proxy-wasm` host calls.
 
 pub mod config;
+pub mod lease;
 pub mod reply;
 pub mod request;
 pub mod response;

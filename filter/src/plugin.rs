@@ -2,17 +2,21 @@
 //! modules of this crate.
 //!
 //! Per request: headers (key check, upstream path and key, route marker) ->
-//! body (validate, estimate) -> reserve callout -> resume or local reply ->
+//! body (validate, estimate) -> draw the estimate from the key's lease in shared
+//! data (no callout), or fetch a lease / reserve with a callout -> resume or local reply ->
 //! response chunks metered as they pass -> `on_log` hands one settlement record
 //! to the shared queue. The root context drains the queue (on notification and
-//! on a tick) and sends batches to the sidecar, retrying with backoff.
+//! on a tick) and sends batches to the sidecar, retrying with backoff; on the
+//! tick it also closes the expired leases its VM installed.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bridge_protocol::{
-    ReserveReply, ReserveRequest, SettleBatch, SettleRecord, SettleReply, SettleOutcome, INTERNAL_TOKEN_HEADER,
-    RESERVE_PATH, SETTLE_PATH,
+    LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, SettleOutcome, SettleRecord, SettleReply,
+    INTERNAL_TOKEN_HEADER, LEASE_PATH, RESERVE_PATH, SETTLE_PATH,
 };
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
@@ -23,7 +27,8 @@ use crate::config::{FailureMode, PluginConfig};
 use crate::reply::{models_list, LocalReply};
 use crate::request::{admit, client_key};
 use crate::response::{Forward, ResponseMeter};
-use crate::settle::Settler;
+use crate::lease::{self, Draw, Install, Slot};
+use crate::settle::{batch_of, Item, Settler};
 use crate::SETTLE_QUEUE;
 
 /// Shown by Envoy as `wasmcustom.openclaw_bridge_pending_settlements`.
@@ -42,6 +47,7 @@ proxy_wasm::main! {{
             in_flight: None,
             pending_gauge: None,
             reported: 0,
+            leases: Rc::default(),
         })
     });
 }}
@@ -64,6 +70,37 @@ fn call_sidecar(ctx: &dyn Context, cfg: &PluginConfig, path: &str, body: &[u8], 
         Duration::from_millis(timeout_ms),
     )
 }
+
+/// Envoy shared data: the slot as read and its compare-and-swap token.
+fn read_slot(key: &str) -> (Option<Slot>, Option<u32>) {
+    match hostcalls::get_shared_data(key) {
+        Ok((bytes, cas)) => (bytes.as_deref().and_then(Slot::decode), cas),
+        Err(_) => (None, None),
+    }
+}
+
+/// Writes the slot (`None` empties it) if nobody wrote since it was read.
+/// A key seen for the first time has no token to check: two first writers
+/// can both succeed, which costs one lease fetched too many (closed by its
+/// fetcher), never a draw beyond a grant.
+fn write_slot(key: &str, slot: Option<&Slot>, cas: Option<u32>) -> bool {
+    let bytes = slot.map(Slot::encode).unwrap_or_default();
+    hostcalls::set_shared_data(key, Some(&bytes), cas).is_ok()
+}
+
+/// Compare-and-swap attempts on a slot before giving up on it.
+const CAS_TRIES: usize = 8;
+
+fn enqueue(queue: Option<u32>, item: &Item) -> bool {
+    match (queue, serde_json::to_vec(item)) {
+        (Some(q), Ok(bytes)) => hostcalls::enqueue_shared_queue(q, Some(&bytes)).is_ok(),
+        _ => false,
+    }
+}
+
+/// Slots of the leases this VM installed, for its root's sweep. Shared by the
+/// root and the requests of one VM (one thread).
+type LeaseKeys = Rc<RefCell<BTreeSet<String>>>;
 
 fn sidecar_headers<'a>(cfg: &'a PluginConfig, path: &'a str) -> Vec<(&'a str, &'a str)> {
     let mut h = vec![
@@ -90,12 +127,15 @@ struct Root {
     pending_gauge: Option<u32>,
     /// What this VM last added to the gauge.
     reported: i64,
+    leases: LeaseKeys,
 }
 
 impl Root {
     fn report_pending(&mut self) {
         let Some(gauge) = self.pending_gauge else { return };
-        let now = self.settler.pending() as i64;
+        // A live lease is a close still to send: drained Envoy reaches 0 once
+        // its leases expired and their closes were taken.
+        let now = (self.settler.pending() + self.leases.borrow().len()) as i64;
         if now != self.reported && hostcalls::increment_metric(gauge, now - self.reported).is_ok() {
             self.reported = now;
         }
@@ -105,15 +145,8 @@ impl Root {
         let Some(queue) = self.queue else { return };
         loop {
             match hostcalls::dequeue_shared_queue(queue) {
-                Ok(Some(bytes)) => match serde_json::from_slice::<SettleRecord>(&bytes) {
-                    Ok(record) => {
-                        if let Some(old) = self.settler.push(record) {
-                            error!(
-                                "[root {}] settlement queue full: {} dropped; its hold will be charged at expiry",
-                                self.context_id, old.request_id
-                            );
-                        }
-                    }
+                Ok(Some(bytes)) => match serde_json::from_slice::<Item>(&bytes) {
+                    Ok(item) => self.keep(item),
                     Err(e) => error!("[root {}] unreadable settlement record dropped: {e}", self.context_id),
                 },
                 Ok(None) => break,
@@ -125,6 +158,48 @@ impl Root {
         }
     }
 
+    fn keep(&mut self, item: Item) {
+        if let Some(old) = self.settler.push(item) {
+            error!(
+                "[root {}] settlement queue full: {} dropped; its hold will be charged at expiry",
+                self.context_id,
+                old.id()
+            );
+        }
+    }
+
+    /// Closes the leases this VM installed once they expire (all of them when
+    /// `force`), and forgets slots that are no longer live.
+    fn sweep_leases(&mut self, force: bool) {
+        let now = now_ms(self);
+        let keys: Vec<String> = self.leases.borrow().iter().cloned().collect();
+        for key in keys {
+            let mut done = false;
+            for _ in 0..CAS_TRIES {
+                let (slot, cas) = read_slot(&key);
+                match (&slot, lease::expire(slot.as_ref(), now, force)) {
+                    (_, Some(close)) => {
+                        if write_slot(&key, None, cas) {
+                            debug!("[root {}] lease {} closed: {} of {:?} drawn", self.context_id, close.lease_id, close.drawn_tokens, close.tokens);
+                            self.keep(Item::Close(close));
+                            done = true;
+                            break;
+                        }
+                    }
+                    (Some(Slot::Live(_)), None) => break,
+                    // Empty, or another worker is fetching: nothing of ours left.
+                    (_, None) => {
+                        done = true;
+                        break;
+                    }
+                }
+            }
+            if done {
+                self.leases.borrow_mut().remove(&key);
+            }
+        }
+    }
+
     fn send_due_batch(&mut self) {
         let Some(cfg) = self.config.clone() else { return };
         if self.in_flight.is_some() {
@@ -132,7 +207,7 @@ impl Root {
         }
         let now = now_ms(self);
         let Some(batch) = self.settler.next_batch(now) else { return };
-        let body = match serde_json::to_vec(&SettleBatch { records: batch.to_vec() }) {
+        let body = match serde_json::to_vec(&batch_of(batch)) {
             Ok(b) => b,
             Err(e) => {
                 error!("[root {}] cannot encode a settlement batch: {e}", self.context_id);
@@ -162,12 +237,13 @@ impl Context for Root {
     fn on_done(&mut self) -> bool {
         let Some(cfg) = self.config.clone() else { return true };
         self.drain_queue();
+        self.sweep_leases(true);
         let records = self.settler.take_all();
         if records.is_empty() {
             return true;
         }
         for chunk in records.chunks(cfg.settle_batch_max) {
-            let Ok(body) = serde_json::to_vec(&SettleBatch { records: chunk.to_vec() }) else { continue };
+            let Ok(body) = serde_json::to_vec(&batch_of(chunk)) else { continue };
             let sent = call_sidecar(self, &cfg, SETTLE_PATH, &body, cfg.settle_timeout_ms);
             if let Err(e) = sent {
                 error!("[root {}] shutting down: {} settlements not sent ({e:?}); their holds will expire", self.context_id, chunk.len());
@@ -192,7 +268,8 @@ impl Context for Root {
         match reply {
             Some(reply) => {
                 self.settler.sent();
-                for r in reply.results.iter().filter(|r| !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled)) {
+                let results = reply.results.iter().chain(&reply.closes);
+                for r in results.filter(|r| !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled)) {
                     warn!("[root {}] settlement {} {:?}: {}", self.context_id, r.request_id, r.outcome, r.message.as_deref().unwrap_or(""));
                 }
                 // More may be waiting: send the next batch now rather than on the next tick.
@@ -250,6 +327,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.drain_queue();
+        self.sweep_leases(false);
         self.send_due_batch();
         self.report_pending();
     }
@@ -277,6 +355,9 @@ impl RootContext for Root {
             callout: None,
             status: 0,
             meter: None,
+            lease_keys: self.leases.clone(),
+            lease_id: None,
+            fetching: None,
         }))
     }
 
@@ -298,6 +379,8 @@ enum Phase {
     Body,
     /// Waiting for the sidecar's reservation.
     Reserving,
+    /// Waiting for the lease this request asked for.
+    Leasing,
     /// Admitted and forwarded: must settle exactly once.
     Forwarded,
     /// Refused after a reservation attempt that may have succeeded unseen:
@@ -323,9 +406,99 @@ struct Gateway {
     callout: Option<u32>,
     status: u32,
     meter: Option<ResponseMeter>,
+    lease_keys: LeaseKeys,
+    /// The lease the estimate was drawn from.
+    lease_id: Option<String>,
+    /// The lease this request is fetching (its marker is in the key's slot).
+    fetching: Option<String>,
+}
+
+/// Where a request's estimate comes from.
+enum Precheck {
+    Drawn(String),
+    Fetch(String),
+    Reserve,
 }
 
 impl Gateway {
+    /// Draws this request's estimate from the key's lease, or takes the job of
+    /// fetching the next one; reserves alone while another worker fetches.
+    fn precheck(&mut self, estimate: i64) -> Precheck {
+        let Some(new_id) = crate::new_request_id() else { return Precheck::Reserve };
+        let key = lease::slot_key(&self.key_hash);
+        let stale_ms = self.config.sidecar_timeout_ms + 1_000;
+        for _ in 0..CAS_TRIES {
+            let now = now_ms(self);
+            let (slot, cas) = read_slot(&key);
+            match lease::draw(slot.as_ref(), now, estimate, &new_id, stale_ms) {
+                Draw::Drawn { slot, lease_id } => {
+                    if write_slot(&key, Some(&slot), cas) {
+                        return Precheck::Drawn(lease_id);
+                    }
+                }
+                Draw::Fetch { slot, close } => {
+                    if write_slot(&key, Some(&slot), cas) {
+                        if let Some(close) = close {
+                            self.close_lease(close);
+                        }
+                        return Precheck::Fetch(new_id);
+                    }
+                }
+                Draw::Reserve => return Precheck::Reserve,
+            }
+        }
+        Precheck::Reserve
+    }
+
+    fn close_lease(&self, close: LeaseClose) {
+        let id = close.lease_id.clone();
+        if !enqueue(self.queue, &Item::Close(close)) {
+            error!("[{}] could not queue the close of lease {id}; it will be charged at expiry", self.id);
+        }
+    }
+
+    /// The granted lease goes live in the key's slot with this request drawn
+    /// from it, or, if our marker was replaced meanwhile, serves this request
+    /// alone and is closed at once.
+    fn install_lease(&mut self, id: &str, granted: i64, estimate: i64) {
+        let key = lease::slot_key(&self.key_hash);
+        for _ in 0..CAS_TRIES {
+            let (slot, cas) = read_slot(&key);
+            let now = now_ms(self);
+            match lease::install(slot.as_ref(), id, &self.key_hash, granted, estimate, now, self.config.lease_ms) {
+                Install::Live(slot) => {
+                    if write_slot(&key, Some(&slot), cas) {
+                        self.lease_keys.borrow_mut().insert(key);
+                        return;
+                    }
+                }
+                Install::Orphan(close) => return self.close_lease(close),
+            }
+        }
+        let lease = lease::Lease {
+            id: id.to_owned(),
+            key_hash: self.key_hash.clone(),
+            tokens: granted,
+            drawn_tokens: estimate,
+            drawn_n: 1,
+            expires_ms: 0,
+        };
+        self.close_lease(lease.close());
+    }
+
+    /// The fetch ended without a lease: take our marker out of the slot so
+    /// the next request fetches again.
+    fn clear_marker(&mut self) {
+        let Some(id) = self.fetching.clone() else { return };
+        let key = lease::slot_key(&self.key_hash);
+        for _ in 0..CAS_TRIES {
+            let (slot, cas) = read_slot(&key);
+            if !lease::is_our_marker(slot.as_ref(), &id) || write_slot(&key, None, cas) {
+                return;
+            }
+        }
+    }
+
     fn answer(&mut self, reply: LocalReply) -> Action {
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
         headers.extend(reply.headers.iter().map(|(k, v)| (*k, v.as_str())));
@@ -352,6 +525,16 @@ impl Gateway {
             }
             FailureMode::Allow => {
                 warn!("[{}] {}: sidecar unavailable ({why}); forwarding without a hold", self.id, self.request_id);
+                if let Some(lease_id) = self.fetching.take() {
+                    // Whatever the lost reply granted goes back.
+                    self.close_lease(LeaseClose {
+                        key_hash: self.key_hash.clone(),
+                        lease_id,
+                        tokens: None,
+                        drawn_tokens: 0,
+                        drawn_n: 0,
+                    });
+                }
                 self.unreserved = true;
                 self.phase = Phase::Forwarded;
                 self.resume_http_request();
@@ -361,6 +544,21 @@ impl Gateway {
 
     fn settle(&mut self) {
         let released = self.phase == Phase::Released;
+        if released {
+            if let Some(lease_id) = self.fetching.take() {
+                // The lease may have been granted unseen: release it.
+                self.phase = Phase::Settled;
+                let key_hash = std::mem::take(&mut self.key_hash);
+                self.close_lease(LeaseClose {
+                    key_hash,
+                    lease_id,
+                    tokens: None,
+                    drawn_tokens: 0,
+                    drawn_n: 0,
+                });
+                return;
+            }
+        }
         let (input, output, source) = match self.phase {
             Phase::Forwarded => {
                 if let Some(m) = &mut self.meter {
@@ -387,23 +585,21 @@ impl Gateway {
             stream: admission.is_some_and(|a| a.stream),
             unreserved: self.unreserved,
             release: released,
+            lease_id: self.lease_id.take(),
         };
-        let queued = match (self.queue, serde_json::to_vec(&record)) {
-            (Some(q), Ok(bytes)) => hostcalls::enqueue_shared_queue(q, Some(&bytes)).is_ok(),
-            _ => false,
-        };
-        if queued {
-            debug!("[{}] {}: queued settlement {input}+{output} ({:?})", self.id, record.request_id, source);
+        let (id, reserved) = (record.request_id.clone(), record.reserved);
+        if enqueue(self.queue, &Item::Settle(record)) {
+            debug!("[{}] {id}: queued settlement {input}+{output} of {reserved} ({source:?})", self.id);
         } else {
             // The hold stays and the sidecar charges it in full when it expires.
-            error!("[{}] {}: could not queue the settlement; its hold will expire", self.id, record.request_id);
+            error!("[{}] {id}: could not queue the settlement; its hold will expire", self.id);
         }
     }
 }
 
 impl Context for Gateway {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        if self.callout != Some(token) || self.phase != Phase::Reserving {
+        if self.callout != Some(token) || !matches!(self.phase, Phase::Reserving | Phase::Leasing) {
             return;
         }
         self.callout = None;
@@ -411,10 +607,14 @@ impl Context for Gateway {
         if status.as_deref() != Some("200") {
             // The call may have reached the sidecar whatever the status (a timeout
             // shows as 504, a reset after sending as 503): release to be sure.
-            self.sidecar_failed(&format!("reserve answered {status:?}"), true);
+            self.clear_marker();
+            self.sidecar_failed(&format!("{:?} answered {status:?}", self.phase), true);
             return;
         }
         let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+        if self.phase == Phase::Leasing {
+            return self.lease_reply(&body);
+        }
         match serde_json::from_slice::<ReserveReply>(&body) {
             Ok(ReserveReply::Admit { .. }) => {
                 self.reserved = self.admission.as_ref().map_or(0, |a| a.estimate);
@@ -426,6 +626,34 @@ impl Context for Gateway {
                 self.answer(LocalReply::refusal(status, error));
             }
             Err(e) => self.sidecar_failed(&format!("unreadable reserve reply: {e}"), true),
+        }
+    }
+}
+
+impl Gateway {
+    fn lease_reply(&mut self, body: &[u8]) {
+        match serde_json::from_slice::<LeaseReply>(body) {
+            Ok(LeaseReply::Grant { tokens, .. }) => {
+                let estimate = self.admission.as_ref().map_or(0, |a| a.estimate);
+                if let Some(id) = self.fetching.take() {
+                    debug!("[{}] {}: lease {id} of {tokens} granted", self.id, self.request_id);
+                    self.install_lease(&id, tokens, estimate);
+                    self.lease_id = Some(id);
+                }
+                self.reserved = estimate;
+                self.phase = Phase::Forwarded;
+                self.resume_http_request();
+            }
+            Ok(LeaseReply::Refuse { status, error }) => {
+                self.clear_marker();
+                self.fetching = None;
+                info!("[{}] {}: refused {status} {:?}", self.id, self.request_id, error.code);
+                self.answer(LocalReply::refusal(status, error));
+            }
+            Err(e) => {
+                self.clear_marker();
+                self.sidecar_failed(&format!("unreadable lease reply: {e}"), true);
+            }
         }
     }
 }
@@ -517,8 +745,48 @@ impl HttpContext for Gateway {
             model: admission.model.clone(),
             estimate: admission.estimate,
         };
+        let estimate = admission.estimate;
+        let model = admission.model.clone();
         self.body = body;
         self.admission = Some(admission);
+        if cfg.lease_tokens > 0 {
+            match self.precheck(estimate) {
+                Precheck::Drawn(lease_id) => {
+                    // Headers were held for this body: continuing the body releases both.
+                    self.reserved = estimate;
+                    self.lease_id = Some(lease_id);
+                    self.phase = Phase::Forwarded;
+                    return Action::Continue;
+                }
+                Precheck::Fetch(lease_id) => {
+                    let ask = LeaseRequest {
+                        key_hash: self.key_hash.clone(),
+                        lease_id: lease_id.clone(),
+                        model,
+                        want: cfg.lease_tokens.max(estimate),
+                        min: estimate,
+                    };
+                    self.fetching = Some(lease_id);
+                    self.phase = Phase::Leasing;
+                    let sent = serde_json::to_vec(&ask)
+                        .map_err(|e| format!("cannot encode the lease: {e}"))
+                        .and_then(|p| {
+                            call_sidecar(self, &cfg, LEASE_PATH, &p, cfg.sidecar_timeout_ms)
+                                .map_err(|e| format!("dispatch failed: {e:?}"))
+                        });
+                    match sent {
+                        Ok(token) => self.callout = Some(token),
+                        Err(why) => {
+                            self.clear_marker();
+                            self.fetching = None;
+                            self.sidecar_failed(&why, false);
+                        }
+                    }
+                    return Action::Pause;
+                }
+                Precheck::Reserve => {}
+            }
+        }
         let payload = match serde_json::to_vec(&reserve) {
             Ok(p) => p,
             Err(e) => {
@@ -585,6 +853,12 @@ impl HttpContext for Gateway {
     }
 
     fn on_log(&mut self) {
+        if matches!(self.phase, Phase::Reserving | Phase::Leasing) {
+            // The client left while the sidecar decided: whatever it decided is undone.
+            self.clear_marker();
+            self.status = 499;
+            self.phase = Phase::Released;
+        }
         self.settle();
     }
 }

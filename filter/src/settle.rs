@@ -4,7 +4,38 @@
 
 use std::collections::VecDeque;
 
-use bridge_protocol::SettleRecord;
+use bridge_protocol::{LeaseClose, SettleBatch, SettleRecord};
+use serde::{Deserialize, Serialize};
+
+/// What travels on the shared queue to the root contexts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Item {
+    Settle(SettleRecord),
+    Close(LeaseClose),
+}
+
+impl Item {
+    /// Request id or lease id, for logs.
+    pub fn id(&self) -> &str {
+        match self {
+            Item::Settle(r) => &r.request_id,
+            Item::Close(c) => &c.lease_id,
+        }
+    }
+}
+
+/// Splits queued items into the batch the sidecar takes.
+pub fn batch_of(items: &[Item]) -> SettleBatch {
+    let mut batch = SettleBatch { records: Vec::new(), closes: Vec::new() };
+    for item in items {
+        match item {
+            Item::Settle(r) => batch.records.push(r.clone()),
+            Item::Close(c) => batch.closes.push(c.clone()),
+        }
+    }
+    batch
+}
 
 /// Records kept at most while the sidecar is unreachable (about 100 MB). Past
 /// that the oldest are dropped; their holds expire and are charged in full.
@@ -14,8 +45,8 @@ const MAX_BACKOFF_MS: u64 = 30_000;
 
 #[derive(Debug)]
 pub struct Settler {
-    pending: VecDeque<SettleRecord>,
-    in_flight: Option<Vec<SettleRecord>>,
+    pending: VecDeque<Item>,
+    in_flight: Option<Vec<Item>>,
     batch_max: usize,
     backoff_ms: u64,
     next_attempt_ms: u64,
@@ -33,7 +64,7 @@ impl Settler {
     }
 
     /// Queues a record; returns the oldest one if it had to make room for it.
-    pub fn push(&mut self, record: SettleRecord) -> Option<SettleRecord> {
+    pub fn push(&mut self, record: Item) -> Option<Item> {
         let dropped = if self.pending.len() >= MAX_PENDING { self.pending.pop_front() } else { None };
         self.pending.push_back(record);
         dropped
@@ -44,7 +75,7 @@ impl Settler {
     }
 
     /// The next batch to send, if one is due and none is in flight.
-    pub fn next_batch(&mut self, now_ms: u64) -> Option<&[SettleRecord]> {
+    pub fn next_batch(&mut self, now_ms: u64) -> Option<&[Item]> {
         if self.in_flight.is_some() || self.pending.is_empty() || now_ms < self.next_attempt_ms {
             return None;
         }
@@ -55,7 +86,7 @@ impl Settler {
 
     /// Everything not yet settled, in flight or waiting: the last send when the
     /// VM shuts down.
-    pub fn take_all(&mut self) -> Vec<SettleRecord> {
+    pub fn take_all(&mut self) -> Vec<Item> {
         let mut all = self.in_flight.take().unwrap_or_default();
         all.extend(self.pending.drain(..));
         all
@@ -85,8 +116,8 @@ mod tests {
     use super::*;
     use bridge_protocol::UsageSource;
 
-    fn rec(i: usize) -> SettleRecord {
-        SettleRecord {
+    fn rec(i: usize) -> Item {
+        Item::Settle(SettleRecord {
             request_id: format!("r{i}"),
             key_hash: bridge_protocol::key_hash("k"),
             model: "m".into(),
@@ -99,7 +130,8 @@ mod tests {
             stream: false,
             unreserved: false,
             release: false,
-        }
+            lease_id: None,
+        })
     }
 
     #[test]
@@ -111,7 +143,7 @@ mod tests {
         assert_eq!(s.next_batch(0).map(<[_]>::len), Some(2));
         assert!(s.next_batch(0).is_none(), "one batch in flight");
         s.sent();
-        assert_eq!(s.next_batch(0).unwrap()[0].request_id, "r2");
+        assert_eq!(s.next_batch(0).unwrap()[0].id(), "r2");
     }
 
     #[test]
@@ -123,7 +155,7 @@ mod tests {
         s.next_batch(1_000);
         s.failed(1_000);
         assert!(s.next_batch(1_100).is_none(), "backing off");
-        let batch: Vec<String> = s.next_batch(1_250).unwrap().iter().map(|r| r.request_id.clone()).collect();
+        let batch: Vec<String> = s.next_batch(1_250).unwrap().iter().map(|r| r.id().to_owned()).collect();
         assert_eq!(batch, ["r0", "r1", "r2"]);
         s.failed(1_250);
         assert!(s.next_batch(1_700).is_none(), "backoff doubled to 500 ms");
@@ -140,7 +172,7 @@ mod tests {
             s.push(rec(i));
         }
         s.next_batch(0);
-        let all: Vec<String> = s.take_all().into_iter().map(|r| r.request_id).collect();
+        let all: Vec<String> = s.take_all().iter().map(|r| r.id().to_owned()).collect();
         assert_eq!(all, ["r0", "r1", "r2"]);
         assert_eq!(s.pending(), 0);
     }
@@ -151,8 +183,19 @@ mod tests {
         for i in 0..MAX_PENDING {
             assert!(s.push(rec(i)).is_none());
         }
-        assert_eq!(s.push(rec(MAX_PENDING)).map(|r| r.request_id), Some("r0".to_owned()));
+        assert_eq!(s.push(rec(MAX_PENDING)).map(|r| r.id().to_owned()), Some("r0".to_owned()));
         assert_eq!(s.pending(), MAX_PENDING);
+    }
+
+    #[test]
+    fn a_batch_carries_records_and_closes_apart() {
+        let close = LeaseClose { key_hash: "k".into(), lease_id: "L1".into(), tokens: Some(9), drawn_tokens: 3, drawn_n: 1 };
+        let items = [rec(0), Item::Close(close.clone()), rec(1)];
+        let batch = batch_of(&items);
+        assert_eq!(batch.records.len(), 2);
+        assert_eq!(batch.closes, [close]);
+        let text = serde_json::to_string(&items[1]).unwrap();
+        assert_eq!(serde_json::from_str::<Item>(&text).unwrap(), items[1]);
     }
 
     #[test]

@@ -11,6 +11,9 @@ use sha2::{Digest, Sha256};
 pub const RESERVE_PATH: &str = "/internal/reserve";
 /// Path of the batched settlement call.
 pub const SETTLE_PATH: &str = "/internal/settle";
+/// Path of the lease call: tokens taken from a key's balance in advance, which
+/// the filter hands out to that key's requests without a call each.
+pub const LEASE_PATH: &str = "/internal/lease";
 /// Header carrying the optional shared secret of the internal API.
 pub const INTERNAL_TOKEN_HEADER: &str = "x-bridge-internal-token";
 /// Most records one settlement batch may carry; the filter never sends more.
@@ -91,6 +94,42 @@ pub enum ReserveReply {
     Refuse { status: u16, error: ErrorBody },
 }
 
+/// Take up to `want` tokens (at least `min`) of the key's balance into lease
+/// `lease_id`. The filter draws request estimates from it for a short window
+/// and then closes it with what was drawn; each drawn request still settles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub key_hash: String,
+    pub lease_id: String,
+    pub model: String,
+    pub want: i64,
+    pub min: i64,
+}
+
+/// The sidecar's answer to a lease: `tokens` granted (between `min` and
+/// `want`), or the refusal the client must see, as for a reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum LeaseReply {
+    Grant { tokens: i64, balance_tokens: i64 },
+    Refuse { status: u16, error: ErrorBody },
+}
+
+/// The end of a lease's draw window: `drawn_tokens` of its `tokens` went to
+/// `drawn_n` requests; the rest returns to the balance. `tokens: None` is a
+/// release: the grant never reached the filter, so nothing was drawn, and a
+/// grant still on its way must be refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseClose {
+    pub key_hash: String,
+    pub lease_id: String,
+    pub tokens: Option<i64>,
+    pub drawn_tokens: i64,
+    pub drawn_n: i64,
+}
+
 /// Where the token counts of a settlement came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -136,12 +175,17 @@ pub struct SettleRecord {
     /// the hold if it was made, and refuse it if it is made later.
     #[serde(default)]
     pub release: bool,
+    /// The lease the estimate was drawn from, instead of a hold of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SettleBatch {
     pub records: Vec<SettleRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub closes: Vec<LeaseClose>,
 }
 
 /// Fate of one settlement record.
@@ -171,6 +215,9 @@ pub struct SettleResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SettleReply {
     pub results: Vec<SettleResult>,
+    /// One per lease close, `request_id` being the lease id.
+    #[serde(default)]
+    pub closes: Vec<SettleResult>,
 }
 
 #[cfg(test)]

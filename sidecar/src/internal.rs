@@ -2,7 +2,9 @@
 //! public listener; optionally guarded by a shared secret header as well.
 
 use axum::extract::State;
-use bridge_protocol::{ReserveReply, ReserveRequest, SettleBatch, SettleOutcome, SettleReply, MAX_SETTLE_BATCH};
+use bridge_protocol::{
+    LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, SettleBatch, SettleOutcome, SettleReply, MAX_SETTLE_BATCH,
+};
 
 use crate::error::{AppError, Json};
 use crate::AppState;
@@ -41,12 +43,40 @@ pub async fn reserve(
     Ok(Json(reply))
 }
 
-#[tracing::instrument(skip_all, fields(records = batch.records.len()))]
+#[tracing::instrument(skip_all, fields(lease_id = %req.lease_id))]
+pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>) -> Result<Json<LeaseReply>, AppError> {
+    if !bridge_protocol::valid_request_id(&req.lease_id) {
+        return Err(AppError::bad_request("lease_id must match [A-Za-z0-9_-]{1,128}", Some("lease_id")));
+    }
+    if !bridge_protocol::valid_key_hash(&req.key_hash) {
+        return Err(AppError::bad_request("key_hash must be a SHA-256 hex digest", Some("key_hash")));
+    }
+    if req.min < 1 || req.want < req.min {
+        return Err(AppError::bad_request("need 1 <= min <= want", Some("min")));
+    }
+    let store = state.store.clone();
+    let task_req = req.clone();
+    // Tracked, as a reservation: granted and answered, or not granted.
+    let reply = state
+        .tasks
+        .spawn(async move { store.lease(&task_req).await })
+        .await
+        .map_err(|e| AppError::Internal(format!("lease task: {e}")))??;
+    match &reply {
+        LeaseReply::Grant { tokens, balance_tokens } => tracing::debug!(tokens, balance_tokens, "lease granted"),
+        LeaseReply::Refuse { status, error } => {
+            tracing::info!(status, code = ?error.code, min = req.min, "lease refused")
+        }
+    }
+    Ok(Json(reply))
+}
+
+#[tracing::instrument(skip_all, fields(records = batch.records.len(), closes = batch.closes.len()))]
 pub async fn settle(
     State(state): State<AppState>,
     Json(batch): Json<SettleBatch>,
 ) -> Result<Json<SettleReply>, AppError> {
-    if batch.records.len() > MAX_SETTLE_BATCH {
+    if batch.records.len() + batch.closes.len() > MAX_SETTLE_BATCH {
         return Err(AppError::bad_request(
             format!("at most {MAX_SETTLE_BATCH} records per batch"),
             Some("records"),
@@ -56,22 +86,23 @@ pub async fn settle(
     let span = tracing::Span::current();
     // A tracked task: if Envoy hangs up mid-batch the batch still completes
     // (and is logged), and shutdown waits for it.
-    let results = state
+    let (results, closes) = state
         .tasks
         .spawn(tracing::Instrument::instrument(
             async move {
                 let results = store.settle(&batch.records).await?;
-                log_batch(&batch, &results);
-                Ok::<_, AppError>(results)
+                let closes = store.close_leases(&batch.closes).await?;
+                log_batch(&batch, &results, &closes);
+                Ok::<_, AppError>((results, closes))
             },
             span,
         ))
         .await
         .map_err(|e| AppError::Internal(format!("settlement task: {e}")))??;
-    Ok(Json(SettleReply { results }))
+    Ok(Json(SettleReply { results, closes }))
 }
 
-fn log_batch(batch: &SettleBatch, results: &[bridge_protocol::SettleResult]) {
+fn log_batch(batch: &SettleBatch, results: &[bridge_protocol::SettleResult], closes: &[bridge_protocol::SettleResult]) {
     let count = |o: SettleOutcome| results.iter().filter(|r| r.outcome == o).count();
     let tokens: i64 = batch.records.iter().map(|r| r.input_tokens.saturating_add(r.output_tokens)).sum();
     tracing::info!(
@@ -81,8 +112,12 @@ fn log_batch(batch: &SettleBatch, results: &[bridge_protocol::SettleResult]) {
         unknown = count(SettleOutcome::Unknown),
         invalid = count(SettleOutcome::Invalid),
         tokens,
+        leases_closed = closes.iter().filter(|c| c.outcome == SettleOutcome::Settled).count(),
         "settlement batch"
     );
+    for c in closes.iter().filter(|c| c.outcome != SettleOutcome::Settled) {
+        tracing::info!(lease_id = %c.request_id, outcome = ?c.outcome, message = ?c.message, "lease close");
+    }
     for r in results.iter().filter(|r| r.outcome == SettleOutcome::Invalid) {
         tracing::warn!(request_id = %r.request_id, message = ?r.message, "settlement record invalid");
     }

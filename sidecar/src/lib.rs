@@ -132,6 +132,7 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     let internal = Router::new()
         .route(bridge_protocol::RESERVE_PATH, post(internal::reserve))
+        .route(bridge_protocol::LEASE_PATH, post(internal::lease))
         .route(bridge_protocol::SETTLE_PATH, post(internal::settle))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_internal));
     Router::new()

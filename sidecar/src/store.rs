@@ -13,12 +13,19 @@
 //!   which the sweeper flushes: the row is written once, never lost.
 //! - holds older than the TTL are charged in full by the sweeper through the same
 //!   outbox path, with `expired_hold: true`.
+//! - lease: like a reservation, but of up to `want` tokens under
+//!   `leases.<lease_id>`, for many requests. Each request drawn from it settles
+//!   as above, guarded by a `done.<request_id>` mark inside the lease instead of
+//!   a hold of its own, and the records of one lease in a batch settle in one
+//!   update. Its close returns `tokens - drawn_tokens` to the balance; the
+//!   lease is removed once closed and every drawn request has settled. Closes
+//!   and settlements commute: each moves the balance by its own difference.
 
 use std::time::Duration;
 
 use bridge_protocol::{
-    ErrorEnvelope, ReserveReply, ReserveRequest, SettleOutcome, SettleRecord, SettleResult,
-    UsageSource,
+    ErrorEnvelope, LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, SettleOutcome, SettleRecord,
+    SettleResult, UsageSource,
 };
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, DateTime, Document};
@@ -99,6 +106,28 @@ fn released_path(request_id: &str) -> String {
     format!("released.{request_id}")
 }
 
+fn lease_path(lease_id: &str) -> String {
+    format!("leases.{lease_id}")
+}
+
+/// Tokens a lease still keeps from the balance: all it took until it is closed,
+/// then what was drawn, less what settled either way.
+fn lease_outstanding(lease: &Document) -> i64 {
+    let taken = if lease.get_bool("closed").unwrap_or(false) { int(lease, "drawn_tokens") } else { int(lease, "tokens") };
+    taken - int(lease, "settled_tokens")
+}
+
+/// Why a guarded reservation or lease did not match.
+enum Refusal {
+    UnknownKey,
+    Frozen(String),
+    /// The id is already in use under this key.
+    Taken,
+    /// The filter gave up on this id and released it.
+    Released,
+    Broke(i64),
+}
+
 fn rfc3339(doc: &Document, field: &str) -> String {
     doc.get_datetime(field)
         .ok()
@@ -129,15 +158,12 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
 
 fn key_view(doc: &Document, full_key: Option<&str>) -> KeyView {
     let hash = doc.get_str("_id").unwrap_or_default();
-    let held = doc
-        .get_document("holds")
-        .map(|h| {
-            h.values()
-                .filter_map(Bson::as_document)
-                .map(|hold| int(hold, "tokens"))
-                .sum()
-        })
-        .unwrap_or(0);
+    let sum = |field: &str, f: fn(&Document) -> i64| -> i64 {
+        doc.get_document(field)
+            .map(|m| m.values().filter_map(Bson::as_document).map(f).sum())
+            .unwrap_or(0)
+    };
+    let held = sum("holds", |hold| int(hold, "tokens")) + sum("leases", lease_outstanding);
     KeyView {
         object: "api_key",
         api_key: full_key.map(str::to_owned).unwrap_or_else(|| masked_key(doc)),
@@ -190,7 +216,67 @@ fn validate_record(r: &SettleRecord) -> Result<(), String> {
     if r.input_tokens.checked_add(r.output_tokens).is_none() {
         return Err("token counts overflow".into());
     }
+    if r.lease_id.as_deref().is_some_and(|l| !bridge_protocol::valid_request_id(l)) {
+        return Err("lease_id has characters outside [A-Za-z0-9_-] or is too long".into());
+    }
     Ok(())
+}
+
+/// The settlement the sweeper makes for a hold or lease that outlived its TTL:
+/// `tokens` charged at the estimate, nothing counted.
+fn expired_record(
+    id: &str,
+    key_hash: &str,
+    held: &Document,
+    tokens: i64,
+    at: DateTime,
+    now: DateTime,
+    lease_id: Option<&str>,
+) -> SettleRecord {
+    SettleRecord {
+        request_id: id.to_owned(),
+        key_hash: key_hash.to_owned(),
+        model: held.get_str("model").unwrap_or_default().to_owned(),
+        reserved: tokens,
+        input_tokens: 0,
+        output_tokens: 0,
+        usage_source: UsageSource::Estimate,
+        duration_ms: now.timestamp_millis().saturating_sub(at.timestamp_millis()),
+        status_code: 0,
+        stream: false,
+        unreserved: false,
+        release: false,
+        lease_id: lease_id.map(str::to_owned),
+    }
+}
+
+fn validate_close(c: &LeaseClose) -> Result<(), String> {
+    if !bridge_protocol::valid_request_id(&c.lease_id) {
+        return Err("lease_id has characters outside [A-Za-z0-9_-] or is too long".into());
+    }
+    if !bridge_protocol::valid_key_hash(&c.key_hash) {
+        return Err("key_hash is not a SHA-256 hex digest".into());
+    }
+    if c.drawn_tokens < 0 || c.drawn_n < 0 || c.tokens.is_some_and(|t| t < c.drawn_tokens) {
+        return Err("drawn_tokens and drawn_n must be between 0 and the lease's tokens".into());
+    }
+    if c.tokens.is_none() && (c.drawn_tokens != 0 || c.drawn_n != 0) {
+        return Err("a release (no tokens) cannot have drawn anything".into());
+    }
+    Ok(())
+}
+
+fn quota_refusal(needed: i64, balance: i64) -> ErrorEnvelope {
+    ErrorEnvelope::new(
+        format!("You exceeded your current quota: this request needs up to {needed} tokens and the key has {balance} left."),
+        "insufficient_quota",
+        None,
+        Some("insufficient_quota"),
+    )
+}
+
+fn refusal_reply(status: u16, envelope: ErrorEnvelope) -> (u16, bridge_protocol::ErrorBody) {
+    (status, envelope.error)
 }
 
 impl Store {
@@ -217,7 +303,7 @@ impl Store {
         self.audit
             .create_index(IndexModel::builder().keys(doc! {"timestamp": -1}).build())
             .await?;
-        for field in ["holds_n", "outbox_n"] {
+        for field in ["holds_n", "outbox_n", "leases_n", "released_n"] {
             self.keys
                 .create_index(IndexModel::builder().keys(doc! {field: 1}).build())
                 .await?;
@@ -335,64 +421,143 @@ impl Store {
         if let Some(d) = admitted {
             return Ok(ReserveReply::Admit { balance_tokens: int(&d, "balance_tokens") });
         }
-        // Refused: read the document only to say why.
+        let (status, error) = match self.why_refused(&req.key_hash, "holds", &req.request_id).await? {
+            Refusal::Broke(balance) => refusal_reply(429, quota_refusal(req.estimate, balance)),
+            other => self.refusal(other, &req.request_id)?,
+        };
+        Ok(ReserveReply::Refuse { status, error })
+    }
+
+    /// Takes up to `want` (at least `min`) tokens from the balance into a lease,
+    /// in one guarded update; a balance below `want` is leased whole.
+    pub async fn lease(&self, req: &LeaseRequest) -> Result<LeaseReply, AppError> {
+        let at = lease_path(&req.lease_id);
+        let mut want = req.want.max(req.min);
+        for _ in 0..4 {
+            let filter = doc! {
+                "_id": &req.key_hash,
+                "status": "active",
+                "balance_tokens": {"$gte": want},
+                &at: {"$exists": false},
+                released_path(&req.lease_id): {"$exists": false},
+            };
+            let update = doc! {
+                "$inc": {"balance_tokens": -want, "leases_n": 1_i64},
+                "$set": {&at: {"tokens": want, "model": &req.model, "at": DateTime::now(),
+                    "settled_n": 0_i64, "settled_tokens": 0_i64}},
+            };
+            let granted = self
+                .keys
+                .find_one_and_update(filter, update)
+                .return_document(ReturnDocument::After)
+                .projection(doc! {"balance_tokens": 1})
+                .await?;
+            if let Some(d) = granted {
+                return Ok(LeaseReply::Grant { tokens: want, balance_tokens: int(&d, "balance_tokens") });
+            }
+            match self.why_refused(&req.key_hash, "leases", &req.lease_id).await? {
+                // Less than asked but enough for this request: lease what there is.
+                Refusal::Broke(balance) if balance >= req.min && balance < want => want = balance,
+                Refusal::Broke(balance) if balance < req.min => {
+                    let (status, error) = refusal_reply(429, quota_refusal(req.min, balance));
+                    return Ok(LeaseReply::Refuse { status, error });
+                }
+                // The balance moved between the two reads: try again.
+                Refusal::Broke(_) => {}
+                other => {
+                    let (status, error) = self.refusal(other, &req.lease_id)?;
+                    return Ok(LeaseReply::Refuse { status, error });
+                }
+            }
+        }
+        Err(AppError::Internal(format!("lease {}: the balance kept changing", req.lease_id)))
+    }
+
+    /// Reads the key only to say why a guarded update found nothing to change.
+    async fn why_refused(&self, key_hash: &str, map: &str, id: &str) -> Result<Refusal, AppError> {
+        let taken = format!("{map}.{id}");
         let current = self
             .keys
-            .find_one(doc! {"_id": &req.key_hash})
-            .projection(doc! {"status": 1, "balance_tokens": 1, "key_prefix": 1, "key_last4": 1, &hold: 1,
-                released_path(&req.request_id): 1})
+            .find_one(doc! {"_id": key_hash})
+            .projection(doc! {"status": 1, "balance_tokens": 1, "key_prefix": 1, "key_last4": 1, &taken: 1,
+                released_path(id): 1})
             .await?;
-        let Some(d) = current else {
-            return Ok(refuse(
+        let Some(d) = current else { return Ok(Refusal::UnknownKey) };
+        Ok(if d.get_str("status") != Ok("active") {
+            Refusal::Frozen(masked_key(&d))
+        } else if d.get_document(map).is_ok_and(|h| h.contains_key(id)) {
+            Refusal::Taken
+        } else if d.get_document("released").is_ok_and(|h| h.contains_key(id)) {
+            Refusal::Released
+        } else {
+            Refusal::Broke(int(&d, "balance_tokens"))
+        })
+    }
+
+    /// The client-facing answer to a refusal other than a low balance; an id in
+    /// use or released is no answer for a client (nobody waits for it).
+    fn refusal(&self, why: Refusal, id: &str) -> Result<(u16, bridge_protocol::ErrorBody), AppError> {
+        match why {
+            Refusal::UnknownKey => Ok(refusal_reply(
                 401,
-                ErrorEnvelope::new(
-                    "Incorrect API key provided.",
-                    "invalid_request_error",
-                    None,
-                    Some("invalid_api_key"),
-                ),
-            ));
-        };
-        if d.get_str("status") != Ok("active") {
-            return Ok(refuse(
+                ErrorEnvelope::new("Incorrect API key provided.", "invalid_request_error", None, Some("invalid_api_key")),
+            )),
+            Refusal::Frozen(masked) => Ok(refusal_reply(
                 403,
                 ErrorEnvelope::new(
-                    format!("The API key {} is frozen; ask an administrator to reactivate it.", masked_key(&d)),
+                    format!("The API key {masked} is frozen; ask an administrator to reactivate it."),
                     "permission_error",
                     None,
                     Some("key_frozen"),
                 ),
-            ));
-        }
-        if d.get_document("holds").is_ok_and(|h| h.contains_key(&req.request_id)) {
-            return Err(AppError::Internal(format!("request id {} reserved twice", req.request_id)));
-        }
-        if d.get_document("released").is_ok_and(|h| h.contains_key(&req.request_id)) {
+            )),
+            Refusal::Taken => Err(AppError::Internal(format!("id {id} reserved twice"))),
             // Nobody waits for this answer: the filter gave up and released it.
-            return Err(AppError::Conflict { message: "reservation already released".into(), code: "released" });
+            Refusal::Released => Err(AppError::Conflict { message: "reservation already released".into(), code: "released" }),
+            Refusal::Broke(balance) => Ok(refusal_reply(429, quota_refusal(1, balance))),
         }
-        Ok(refuse(
-            429,
-            ErrorEnvelope::new(
-                format!(
-                    "You exceeded your current quota: this request needs up to {} tokens and the key has {} left.",
-                    req.estimate,
-                    int(&d, "balance_tokens")
-                ),
-                "insufficient_quota",
-                None,
-                Some("insufficient_quota"),
-            ),
-        ))
     }
 
-    /// Settles a batch: each record replaces its hold by the actual usage once.
+    /// Settles a batch: each record replaces its hold by the actual usage once;
+    /// the records of one lease settle together.
     pub async fn settle(&self, records: &[SettleRecord]) -> Result<Vec<SettleResult>, AppError> {
         let now = DateTime::now();
-        let outcomes = futures::future::try_join_all(records.iter().map(|r| self.settle_one(r, now))).await?;
+        let mut singles = Vec::new();
+        let mut groups: Vec<(&str, &str, Vec<usize>)> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            let Some(lease) = r.lease_id.as_deref().filter(|_| validate_record(r).is_ok()) else {
+                singles.push(i);
+                continue;
+            };
+            match groups.iter_mut().find(|(k, l, _)| *k == r.key_hash && *l == lease) {
+                // The same id twice in one batch cannot go in one update.
+                Some((_, _, ids)) if ids.iter().any(|&j| records[j].request_id == r.request_id) => singles.push(i),
+                Some((_, _, ids)) => ids.push(i),
+                None => groups.push((&r.key_hash, lease, vec![i])),
+            }
+        }
+        let (single_outcomes, group_outcomes) = futures::future::try_join(
+            futures::future::try_join_all(singles.iter().map(|&i| self.settle_one(&records[i], now))),
+            futures::future::try_join_all(groups.iter().map(|(_, _, ids)| {
+                let group: Vec<&SettleRecord> = ids.iter().map(|&i| &records[i]).collect();
+                async move { self.settle_leased(&group, now).await }
+            })),
+        )
+        .await?;
+        let mut outcomes: Vec<Option<Settled>> = records.iter().map(|_| None).collect();
+        for (i, o) in singles.iter().zip(single_outcomes) {
+            outcomes[*i] = Some(o);
+        }
+        for ((_, _, ids), group) in groups.iter().zip(group_outcomes) {
+            for (i, o) in ids.iter().zip(group) {
+                outcomes[*i] = Some(o);
+            }
+        }
         let mut results = Vec::with_capacity(records.len());
         let mut rows = Vec::new();
-        for (record, (outcome, message, row)) in records.iter().zip(outcomes) {
+        for (record, outcome) in records.iter().zip(outcomes) {
+            let (outcome, message, row) =
+                outcome.unwrap_or((SettleOutcome::Invalid, Some("not processed".into()), None));
             if let Some(row) = row {
                 rows.push(row);
             }
@@ -402,15 +567,171 @@ impl Store {
         Ok(results)
     }
 
+    /// Records drawn from one lease of one key: one update for all of them
+    /// when none was settled before (the usual case), else one by one.
+    async fn settle_leased(&self, group: &[&SettleRecord], now: DateTime) -> Result<Vec<Settled>, AppError> {
+        if group.len() > 1 {
+            if let Some(rows) = self.settle_lease_update(group, now).await? {
+                return Ok(rows.into_iter().map(|row| (SettleOutcome::Settled, None, Some(row))).collect());
+            }
+        }
+        let mut out = Vec::with_capacity(group.len());
+        for r in group {
+            out.push(match self.settle_lease_update(&[r], now).await? {
+                Some(mut rows) => (SettleOutcome::Settled, None, rows.pop()),
+                None => {
+                    let (outcome, message) = self.classify_unsettled(r).await?;
+                    (outcome, message, None)
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    /// Settles records of one lease in one update, guarded by each record's
+    /// `done` mark; `None` when the lease is gone or any of them was settled.
+    async fn settle_lease_update(&self, group: &[&SettleRecord], now: DateTime) -> Result<Option<Vec<OutboxRow>>, AppError> {
+        let (Some(first), Some(lease_id)) = (group.first(), group.first().and_then(|r| r.lease_id.as_deref())) else {
+            return Ok(Some(Vec::new()));
+        };
+        let lease = lease_path(lease_id);
+        let mut filter = doc! {"_id": &first.key_hash, &lease: {"$exists": true}};
+        let mut set = Document::new();
+        let mut refund = 0_i64;
+        let mut drawn = 0_i64;
+        let mut entries = Vec::with_capacity(group.len());
+        for r in group {
+            let done = format!("{lease}.done.{}", r.request_id);
+            filter.insert(&done, doc! {"$exists": false});
+            let total = r.input_tokens + r.output_tokens;
+            refund += r.reserved - total;
+            drawn += r.reserved;
+            let entry = audit_entry(r, total, false, now);
+            set.insert(done, true);
+            set.insert(outbox_path(&r.request_id), &entry);
+            entries.push(entry);
+        }
+        let n = group.len() as i64;
+        let after = self
+            .keys
+            .find_one_and_update(
+                filter,
+                doc! {
+                    "$inc": {"balance_tokens": refund, format!("{lease}.settled_n"): n,
+                        format!("{lease}.settled_tokens"): drawn, "outbox_n": n},
+                    "$set": set,
+                },
+            )
+            .return_document(ReturnDocument::After)
+            .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1,
+                format!("{lease}.closed"): 1, format!("{lease}.drawn_n"): 1, format!("{lease}.settled_n"): 1})
+            .await?;
+        let Some(owner) = after else { return Ok(None) };
+        self.remove_lease_if_done(&first.key_hash, lease_id, &owner).await?;
+        Ok(Some(
+            group
+                .iter()
+                .zip(entries)
+                .map(|(r, entry)| OutboxRow::new(&r.key_hash, &r.request_id, &owner, entry))
+                .collect(),
+        ))
+    }
+
+    /// A lease closed and fully settled has nothing left to guard: remove it.
+    /// `doc` is the key as the last update left it.
+    async fn remove_lease_if_done(&self, key_hash: &str, lease_id: &str, doc: &Document) -> Result<(), AppError> {
+        let Some(lease) = doc.get_document("leases").ok().and_then(|l| l.get_document(lease_id).ok()) else {
+            return Ok(());
+        };
+        let drawn_n = int(lease, "drawn_n");
+        if !lease.get_bool("closed").unwrap_or(false) || int(lease, "settled_n") != drawn_n {
+            return Ok(());
+        }
+        let at = lease_path(lease_id);
+        self.keys
+            .update_one(
+                doc! {"_id": key_hash, format!("{at}.closed"): true, format!("{at}.settled_n"): drawn_n},
+                doc! {"$unset": {&at: ""}, "$inc": {"leases_n": -1_i64}},
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Closes leases: what was not drawn returns to the balance. A release (no
+    /// `tokens`) of a lease not granted yet leaves a mark that refuses it later.
+    pub async fn close_leases(&self, closes: &[LeaseClose]) -> Result<Vec<SettleResult>, AppError> {
+        let outcomes = futures::future::try_join_all(closes.iter().map(|c| self.close_lease(c))).await?;
+        Ok(closes
+            .iter()
+            .zip(outcomes)
+            .map(|(c, (outcome, message))| SettleResult { request_id: c.lease_id.clone(), outcome, message })
+            .collect())
+    }
+
+    async fn close_lease(&self, c: &LeaseClose) -> Result<(SettleOutcome, Option<String>), AppError> {
+        if let Err(why) = validate_close(c) {
+            return Ok((SettleOutcome::Invalid, Some(why)));
+        }
+        let at = lease_path(&c.lease_id);
+        for _ in 0..3 {
+            let current = self.keys.find_one(doc! {"_id": &c.key_hash}).projection(doc! {&at: 1}).await?;
+            let lease = current
+                .as_ref()
+                .and_then(|d| d.get_document("leases").ok())
+                .and_then(|l| l.get_document(&c.lease_id).ok());
+            let Some(lease) = lease else {
+                if c.tokens.is_some() {
+                    return Ok((SettleOutcome::Unknown, Some("no such lease under this key".into())));
+                }
+                let mark = self
+                    .keys
+                    .update_one(
+                        doc! {"_id": &c.key_hash, &at: {"$exists": false}, released_path(&c.lease_id): {"$exists": false}},
+                        doc! {"$set": {released_path(&c.lease_id): DateTime::now()}, "$inc": {"released_n": 1_i64}},
+                    )
+                    .await?;
+                if mark.matched_count == 1 {
+                    return Ok((SettleOutcome::Unknown, Some("released before it was granted".into())));
+                }
+                continue;
+            };
+            if lease.get_bool("closed").unwrap_or(false) {
+                return Ok((SettleOutcome::AlreadySettled, None));
+            }
+            let tokens = int(lease, "tokens");
+            if c.tokens.is_some_and(|t| t != tokens) || c.drawn_tokens > tokens {
+                return Ok((SettleOutcome::Invalid, Some(format!("the lease holds {tokens} tokens"))));
+            }
+            let after = self
+                .keys
+                .find_one_and_update(
+                    doc! {"_id": &c.key_hash, format!("{at}.tokens"): tokens, format!("{at}.closed"): {"$exists": false}},
+                    doc! {
+                        "$inc": {"balance_tokens": tokens - c.drawn_tokens},
+                        "$set": {format!("{at}.closed"): true, format!("{at}.drawn_n"): c.drawn_n,
+                            format!("{at}.drawn_tokens"): c.drawn_tokens},
+                    },
+                )
+                .return_document(ReturnDocument::After)
+                .projection(doc! {&at: 1})
+                .await?;
+            if let Some(doc) = after {
+                self.remove_lease_if_done(&c.key_hash, &c.lease_id, &doc).await?;
+                return Ok((SettleOutcome::Settled, None));
+            }
+        }
+        Ok((SettleOutcome::AlreadySettled, Some("closed meanwhile".into())))
+    }
+
     /// One record: returns its outcome and, when it settled now, the owner and the
     /// audit row to write (key hash, request id, row).
-    async fn settle_one(
-        &self,
-        r: &SettleRecord,
-        now: DateTime,
-    ) -> Result<(SettleOutcome, Option<String>, Option<OutboxRow>), AppError> {
+    async fn settle_one(&self, r: &SettleRecord, now: DateTime) -> Result<Settled, AppError> {
         if let Err(why) = validate_record(r) {
             return Ok((SettleOutcome::Invalid, Some(why), None));
+        }
+        if r.lease_id.is_some() {
+            let mut one = self.settle_leased(&[r], now).await?;
+            return Ok(one.pop().unwrap_or((SettleOutcome::Invalid, None, None)));
         }
         let total = r.input_tokens + r.output_tokens;
         let entry = audit_entry(r, total, false, now);
@@ -510,7 +831,10 @@ impl Store {
         if key.as_ref().is_some_and(|k| k.get_document("holds").is_ok_and(|h| h.contains_key(&r.request_id))) {
             return Ok((SettleOutcome::Invalid, Some("reserved does not match the hold".into())));
         }
-        Ok((SettleOutcome::Unknown, Some("no hold for this request id under this key".into())))
+        Ok(match &r.lease_id {
+            Some(_) => (SettleOutcome::Unknown, Some("no open lease of this id under this key".into())),
+            None => (SettleOutcome::Unknown, Some("no hold for this request id under this key".into())),
+        })
     }
 
     /// Inserts audit rows (a row already there counts as written) and then removes
@@ -617,20 +941,7 @@ impl Store {
         let mut rows = Vec::new();
         for (hash, request_id, hold, at) in expired {
             let tokens = int(&hold, "tokens");
-            let record = SettleRecord {
-                request_id: request_id.clone(),
-                key_hash: hash.clone(),
-                model: hold.get_str("model").unwrap_or_default().to_owned(),
-                reserved: tokens,
-                input_tokens: 0,
-                output_tokens: 0,
-                usage_source: UsageSource::Estimate,
-                duration_ms: now.timestamp_millis().saturating_sub(at.timestamp_millis()),
-                status_code: 0,
-                stream: false,
-                unreserved: false,
-                release: false,
-            };
+            let record = expired_record(&request_id, &hash, &hold, tokens, at, now, None);
             let entry = audit_entry(&record, tokens, true, now);
             let hold_at = hold_path(&request_id);
             let outbox = outbox_path(&request_id);
@@ -654,7 +965,64 @@ impl Store {
         }
         let n = rows.len();
         self.write_audit_rows(rows).await?;
+        let leases = self.expire_leases(cutoff, now).await?;
         self.forget_releases(cutoff).await?;
+        Ok(n + leases)
+    }
+
+    /// Leases older than the TTL: what they still keep (drawn by requests whose
+    /// settlements never came, or never closed at all) stays charged, with one
+    /// audit row per lease whose `request_id` is the lease id.
+    async fn expire_leases(&self, cutoff: i64, now: DateTime) -> Result<usize, AppError> {
+        let docs: Vec<Document> = self
+            .keys
+            .find(doc! {"leases_n": {"$gt": 0_i64}})
+            .projection(doc! {"leases": 1})
+            .await?
+            .try_collect()
+            .await?;
+        let mut rows = Vec::new();
+        for key in &docs {
+            let hash = key.get_str("_id").unwrap_or_default();
+            let Ok(leases) = key.get_document("leases") else { continue };
+            for (lease_id, lease) in leases {
+                let Some(lease) = lease.as_document() else { continue };
+                let Ok(at) = lease.get_datetime("at") else { continue };
+                if at.timestamp_millis() > cutoff {
+                    continue;
+                }
+                let kept = lease_outstanding(lease);
+                let record = expired_record(lease_id, hash, lease, kept, *at, now, Some(lease_id));
+                let entry = audit_entry(&record, kept, true, now);
+                let path = lease_path(lease_id);
+                let outbox = outbox_path(lease_id);
+                // Guarded by what was read: a settlement or close that came meanwhile wins.
+                let mut filter = doc! {"_id": hash, format!("{path}.at"): *at, format!("{path}.settled_n"): int(lease, "settled_n")};
+                if lease.get_bool("closed").unwrap_or(false) {
+                    filter.insert(format!("{path}.closed"), true);
+                } else {
+                    filter.insert(format!("{path}.closed"), doc! {"$exists": false});
+                }
+                let owner = self
+                    .keys
+                    .find_one_and_update(
+                        filter,
+                        doc! {
+                            "$inc": {"leases_n": -1_i64, "outbox_n": 1_i64},
+                            "$unset": {&path: ""},
+                            "$set": {&outbox: &entry},
+                        },
+                    )
+                    .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1})
+                    .await?;
+                if let Some(owner) = owner {
+                    tracing::warn!(lease_id = %lease_id, tokens = kept, "lease expired with requests unsettled; charged at their estimates");
+                    rows.push(OutboxRow::new(hash, lease_id, &owner, entry));
+                }
+            }
+        }
+        let n = rows.len();
+        self.write_audit_rows(rows).await?;
         Ok(n)
     }
 
@@ -693,9 +1061,8 @@ impl Store {
     }
 }
 
-fn refuse(status: u16, envelope: ErrorEnvelope) -> ReserveReply {
-    ReserveReply::Refuse { status, error: envelope.error }
-}
+/// What became of one settlement record, and the audit row to write if it settled now.
+type Settled = (SettleOutcome, Option<String>, Option<OutboxRow>);
 
 /// An audit row waiting in a key's outbox, with the owner's fields filled in.
 struct OutboxRow {

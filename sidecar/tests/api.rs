@@ -1,11 +1,13 @@
 //! The sidecar over HTTP against the MongoDB-wire server: the seed's admin flow,
 //! validation, reservations under contention, idempotent settlement, hold
-//! expiry and a restart between settlement batches.
+//! expiry, a restart between settlement batches, and leases.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
-use bridge_protocol::{key_hash, ReserveReply, SettleOutcome, SettleRecord, SettleReply, UsageSource};
+use bridge_protocol::{
+    key_hash, LeaseClose, LeaseReply, ReserveReply, SettleOutcome, SettleRecord, SettleReply, UsageSource,
+};
 use bridge_tests::{mongo_uri, start_sidecar, unique_db};
 use mongodb::bson::{doc, Document};
 use openclaw_sidecar::config::Secret;
@@ -79,6 +81,41 @@ impl Sidecar {
         settle_at(&self.http, &self.url, records).await
     }
 
+    async fn lease(&self, key: &str, lease_id: &str, want: i64, min: i64) -> (StatusCode, Option<LeaseReply>) {
+        let resp = self
+            .http
+            .post(format!("{}/internal/lease", self.url))
+            .json(&json!({"key_hash": key_hash(key), "lease_id": lease_id, "model": "gpt-5-nano", "want": want, "min": min}))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.json().await.ok().filter(|_| status == StatusCode::OK))
+    }
+
+    async fn granted(&self, key: &str, lease_id: &str, want: i64, min: i64) -> i64 {
+        match self.lease(key, lease_id, want, min).await {
+            (StatusCode::OK, Some(LeaseReply::Grant { tokens, .. })) => tokens,
+            other => panic!("lease {lease_id} not granted: {other:?}"),
+        }
+    }
+
+    async fn close(&self, closes: &[LeaseClose]) -> SettleReply {
+        let resp = self
+            .http
+            .post(format!("{}/internal/settle", self.url))
+            .json(&json!({"records": [], "closes": closes}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json().await.unwrap()
+    }
+
+    async fn key_doc(&self, key: &str) -> Document {
+        self.db.collection::<Document>("api_keys").find_one(doc! {"_id": key_hash(key)}).await.unwrap().unwrap()
+    }
+
     async fn balance(&self, key: &str) -> i64 {
         let d = self.db.collection::<Document>("api_keys").find_one(doc! {"_id": key_hash(key)}).await.unwrap().unwrap();
         d.get_i64("balance_tokens").unwrap()
@@ -110,6 +147,7 @@ fn record(key: &str, request_id: &str, reserved: i64, input: i64, output: i64) -
         stream: true,
         unreserved: false,
         release: false,
+        lease_id: None,
     }
 }
 
@@ -602,4 +640,120 @@ async fn a_release_undoes_a_hold_and_blocks_a_reservation_that_comes_later() {
     let rows = s.audit_rows().await;
     assert_eq!(rows.len(), 1, "only the released hold leaves a row");
     assert_eq!((rows[0].get_i64("total_tokens"), rows[0].get_i32("status_code")), (Ok(0), Ok(503)));
+}
+
+fn drawn(key: &str, lease: &str, request_id: &str, reserved: i64, input: i64, output: i64) -> SettleRecord {
+    SettleRecord { lease_id: Some(lease.into()), ..record(key, request_id, reserved, input, output) }
+}
+
+fn close_of(key: &str, lease: &str, tokens: Option<i64>, drawn_tokens: i64, drawn_n: i64) -> LeaseClose {
+    LeaseClose { key_hash: key_hash(key), lease_id: lease.into(), tokens, drawn_tokens, drawn_n }
+}
+
+#[tokio::test]
+async fn a_lease_takes_at_most_the_balance_and_closes_and_settlements_commute() {
+    let s = start().await;
+    let key = "sk-leased-key-01";
+    s.create(key, 1_000).await;
+    assert_eq!(s.granted(key, "L1", 600, 100).await, 600);
+    // Less left than asked but at least the request's estimate: all of it.
+    assert_eq!(s.granted(key, "L2", 600, 100).await, 400);
+    assert_eq!(s.balance(key).await, 0);
+    match s.lease(key, "L3", 50, 10).await {
+        (StatusCode::OK, Some(LeaseReply::Refuse { status: 429, error })) => {
+            assert_eq!(error.code.as_deref(), Some("insufficient_quota"))
+        }
+        other => panic!("lease beyond the balance: {other:?}"),
+    }
+    // Two of L1's three requests settle in one batch, before L1 closes.
+    let batch = [drawn(key, "L1", "a", 100, 20, 10), drawn(key, "L1", "b", 100, 40, 10)];
+    let reply = s.settle(&batch).await;
+    assert!(reply.results.iter().all(|r| r.outcome == SettleOutcome::Settled), "{reply:?}");
+    assert_eq!(s.balance(key).await, 70 + 50);
+    // Resent (a lost reply): nothing changes.
+    let again = s.settle(&batch).await;
+    assert!(again.results.iter().all(|r| r.outcome == SettleOutcome::AlreadySettled), "{again:?}");
+    assert_eq!(s.balance(key).await, 120);
+    // L1 closes with 300 drawn by 3 requests: its other 300 return.
+    assert_eq!(s.close(&[close_of(key, "L1", Some(600), 300, 3)]).await.closes[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.balance(key).await, 420);
+    assert_eq!(s.close(&[close_of(key, "L1", Some(600), 300, 3)]).await.closes[0].outcome, SettleOutcome::AlreadySettled);
+    let (_, admin) = s.admin(reqwest::Method::GET, "/admin/keys", None).await;
+    assert_eq!(admin["data"][0]["held_tokens"], json!(400 + 100), "{admin}");
+    // The third settles after the close; the lease, done, goes away.
+    assert_eq!(s.settle(&[drawn(key, "L1", "c", 100, 100, 0)]).await.results[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.balance(key).await, 420);
+    let d = s.key_doc(key).await;
+    assert!(!d.get_document("leases").unwrap().contains_key("L1"), "{d:?}");
+    assert_eq!(d.get_i64("leases_n"), Ok(1));
+    // L2 closes with nothing drawn: the balance is what the three used less.
+    s.close(&[close_of(key, "L2", Some(400), 0, 0)]).await;
+    assert_eq!(s.balance(key).await, 1_000 - 30 - 50 - 100);
+    assert_eq!(s.key_doc(key).await.get_i64("leases_n"), Ok(0));
+    let rows = s.audit_rows().await;
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum::<i64>(), 180);
+    // A settlement for a lease that never was is reported, not charged.
+    let stray = s.settle(&[drawn(key, "L9", "z", 10, 1, 1)]).await;
+    assert_eq!(stray.results[0].outcome, SettleOutcome::Unknown);
+    assert_eq!(s.balance(key).await, 820);
+}
+
+#[tokio::test]
+async fn a_released_lease_returns_everything_and_a_late_grant_is_refused() {
+    let s = start().await;
+    let key = "sk-leased-key-02";
+    s.create(key, 1_000).await;
+    // Granted, but the reply was lost: the release gives it all back.
+    s.granted(key, "lost", 500, 10).await;
+    assert_eq!(s.close(&[close_of(key, "lost", None, 0, 0)]).await.closes[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.balance(key).await, 1_000);
+    // Released before the grant arrived: the grant is refused.
+    assert_eq!(s.close(&[close_of(key, "late", None, 0, 0)]).await.closes[0].outcome, SettleOutcome::Unknown);
+    let (status, _) = s.lease(key, "late", 500, 10).await;
+    assert_ne!(status, StatusCode::OK);
+    assert_eq!(s.balance(key).await, 1_000);
+    // A frozen key gets no lease, with the same refusal as a reservation.
+    s.admin(reqwest::Method::PATCH, &format!("/admin/keys/{key}"), Some(json!({"status": "frozen"}))).await;
+    match s.lease(key, "L3", 500, 10).await {
+        (StatusCode::OK, Some(LeaseReply::Refuse { status: 403, error })) => {
+            assert_eq!(error.code.as_deref(), Some("key_frozen"))
+        }
+        other => panic!("frozen key leased: {other:?}"),
+    }
+    // Nothing drawn can be more than was granted.
+    s.admin(reqwest::Method::PATCH, &format!("/admin/keys/{key}"), Some(json!({"status": "active"}))).await;
+    s.granted(key, "L4", 100, 10).await;
+    let bad = s.close(&[close_of(key, "L4", Some(100), 101, 2)]).await;
+    assert_eq!(bad.closes[0].outcome, SettleOutcome::Invalid);
+    assert_eq!(s.balance(key).await, 900);
+}
+
+#[tokio::test]
+async fn an_expired_lease_charges_what_never_settled_with_one_row() {
+    let s = start_with(Duration::from_secs(1), None).await;
+    let key = "sk-leased-key-03";
+    s.create(key, 1_000).await;
+    s.granted(key, "L1", 500, 100).await;
+    s.granted(key, "L2", 200, 100).await;
+    // L1: two drawn (100 each), closed, one settled; L2 never closed (Envoy died).
+    s.close(&[close_of(key, "L1", Some(500), 200, 2)]).await;
+    s.settle(&[drawn(key, "L1", "kept", 100, 10, 10)]).await;
+    assert_eq!(s.balance(key).await, 1_000 - 200 - 200 + 80);
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 0);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 2);
+    let rows = s.audit_rows().await;
+    let lease_row = |id: &str| rows.iter().find(|r| r.get_str("request_id") == Ok(id)).cloned().unwrap();
+    assert_eq!(lease_row("L1").get_i64("total_tokens"), Ok(100));
+    assert_eq!(lease_row("L2").get_i64("total_tokens"), Ok(200));
+    assert_eq!(lease_row("L2").get_bool("expired_hold"), Ok(true));
+    // The balance is the start less every row's total.
+    let charged: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
+    assert_eq!(s.balance(key).await, 1_000 - charged);
+    let d = s.key_doc(key).await;
+    assert_eq!(d.get_i64("leases_n"), Ok(0), "{d:?}");
+    // A settlement after the expiry is reported and changes nothing.
+    assert_ne!(s.settle(&[drawn(key, "L1", "lost", 100, 1, 1)]).await.results[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.balance(key).await, 1_000 - charged);
 }

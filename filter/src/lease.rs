@@ -1,0 +1,247 @@
+//! Per-key token leases: the precheck without a callout.
+//!
+//! A lease is a slice of a key's balance that the sidecar took out of it in
+//! one guarded update. Envoy shared data holds one slot per key, shared by all
+//! worker VMs; a request draws its estimate from the live lease with a
+//! compare-and-swap and goes ahead at once. A lease lives for a short window
+//! (a second by default, so a freeze or a top-up takes effect within it); then
+//! whoever finds it expired replaces it and closes it with what was drawn, and
+//! the sidecar returns the rest to the balance. The sum of the estimates drawn
+//! never exceeds what the sidecar granted, so nothing is spent that the
+//! balance did not hold; each drawn request still settles its actual usage.
+//!
+//! Pure logic: the plugin reads and writes the slot and makes the calls.
+
+use bridge_protocol::LeaseClose;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the shared-data key of a key's slot; the key hash follows.
+pub const SLOT_PREFIX: &str = "openclaw_bridge_lease:";
+
+pub fn slot_key(key_hash: &str) -> String {
+    format!("{SLOT_PREFIX}{key_hash}")
+}
+
+/// A lease the filter is drawing from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: String,
+    pub key_hash: String,
+    /// What the sidecar granted.
+    pub tokens: i64,
+    pub drawn_tokens: i64,
+    pub drawn_n: i64,
+    /// No draws at or after this time (ms since the epoch).
+    pub expires_ms: u64,
+}
+
+impl Lease {
+    pub fn close(&self) -> LeaseClose {
+        LeaseClose {
+            key_hash: self.key_hash.clone(),
+            lease_id: self.id.clone(),
+            tokens: Some(self.tokens),
+            drawn_tokens: self.drawn_tokens,
+            drawn_n: self.drawn_n,
+        }
+    }
+}
+
+/// The shared-data slot of one key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Slot {
+    /// A worker is asking the sidecar for lease `id`; others reserve per request meanwhile.
+    Fetching { id: String, since_ms: u64 },
+    Live(Lease),
+}
+
+impl Slot {
+    /// An empty or unreadable value is an empty slot: the worst that follows is
+    /// one lease fetched too many, which its fetcher closes.
+    pub fn decode(bytes: &[u8]) -> Option<Slot> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// What a request does about its estimate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Draw {
+    /// Taken from lease `lease_id`: write `slot` (compare-and-swap), then forward.
+    Drawn { slot: Slot, lease_id: String },
+    /// Write `slot` (our fetch marker), then ask the sidecar for a lease; the
+    /// lease it replaces, if any, is closed with what was drawn from it.
+    Fetch { slot: Slot, close: Option<LeaseClose> },
+    /// Another worker is fetching: reserve this request on its own.
+    Reserve,
+}
+
+/// Decides a request's draw from the slot as read. `new_id` names a lease to
+/// fetch; a fetch marker older than `stale_ms` (its fetcher gone) is replaced.
+pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, stale_ms: u64) -> Draw {
+    let fetch = |close: Option<LeaseClose>| Draw::Fetch {
+        slot: Slot::Fetching { id: new_id.to_owned(), since_ms: now_ms },
+        close,
+    };
+    match current {
+        None => fetch(None),
+        Some(Slot::Fetching { since_ms, .. }) if now_ms.saturating_sub(*since_ms) < stale_ms => Draw::Reserve,
+        Some(Slot::Fetching { .. }) => fetch(None),
+        Some(Slot::Live(lease)) if now_ms < lease.expires_ms && lease.tokens - lease.drawn_tokens >= estimate => {
+            let mut lease = lease.clone();
+            lease.drawn_tokens += estimate;
+            lease.drawn_n += 1;
+            let lease_id = lease.id.clone();
+            Draw::Drawn { slot: Slot::Live(lease), lease_id }
+        }
+        // Expired, or too little left for this request: a new lease replaces it.
+        Some(Slot::Live(lease)) => fetch(Some(lease.close())),
+    }
+}
+
+/// What to do with a lease the sidecar granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Install {
+    /// Write `slot` (compare-and-swap): the lease is live, this request drawn from it.
+    Live(Slot),
+    /// Our marker is gone (replaced as stale): the lease serves this request
+    /// only and is closed at once.
+    Orphan(LeaseClose),
+}
+
+/// `granted` tokens arrived for lease `id`, fetched by a request of
+/// `estimate`; `current` is the slot as read now.
+pub fn install(
+    current: Option<&Slot>,
+    id: &str,
+    key_hash: &str,
+    granted: i64,
+    estimate: i64,
+    now_ms: u64,
+    lease_ms: u64,
+) -> Install {
+    let lease = Lease {
+        id: id.to_owned(),
+        key_hash: key_hash.to_owned(),
+        tokens: granted,
+        drawn_tokens: estimate,
+        drawn_n: 1,
+        expires_ms: now_ms + lease_ms,
+    };
+    match current {
+        Some(Slot::Fetching { id: marker, .. }) if marker == id => Install::Live(Slot::Live(lease)),
+        _ => Install::Orphan(lease.close()),
+    }
+}
+
+/// Whether the slot still carries our fetch marker (to be cleared when the
+/// fetch fails or is refused).
+pub fn is_our_marker(current: Option<&Slot>, id: &str) -> bool {
+    matches!(current, Some(Slot::Fetching { id: marker, .. }) if marker == id)
+}
+
+/// The root's sweep: an expired live lease is taken out of its slot (written
+/// empty) and closed. `force` closes it even before it expires (shutdown).
+pub fn expire(current: Option<&Slot>, now_ms: u64, force: bool) -> Option<LeaseClose> {
+    match current {
+        Some(Slot::Live(lease)) if force || now_ms >= lease.expires_ms => Some(lease.close()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "k";
+
+    fn live(tokens: i64, drawn: i64, expires_ms: u64) -> Slot {
+        Slot::Live(Lease {
+            id: "L1".into(),
+            key_hash: KEY.into(),
+            tokens,
+            drawn_tokens: drawn,
+            drawn_n: if drawn > 0 { 1 } else { 0 },
+            expires_ms,
+        })
+    }
+
+    #[test]
+    fn an_empty_slot_fetches_and_others_reserve_meanwhile() {
+        let Draw::Fetch { slot, close: None } = draw(None, 1_000, 10, "L2", 5_000) else { panic!("no fetch") };
+        assert_eq!(slot, Slot::Fetching { id: "L2".into(), since_ms: 1_000 });
+        assert_eq!(draw(Some(&slot), 1_100, 10, "L3", 5_000), Draw::Reserve);
+        // A fetcher that never came back is replaced.
+        assert!(matches!(draw(Some(&slot), 6_000, 10, "L3", 5_000), Draw::Fetch { close: None, .. }));
+    }
+
+    #[test]
+    fn draws_never_exceed_the_grant() {
+        let mut slot = live(100, 0, 2_000);
+        let mut drawn = 0;
+        loop {
+            match draw(Some(&slot), 1_000, 30, "L2", 5_000) {
+                Draw::Drawn { slot: next, lease_id } => {
+                    assert_eq!(lease_id, "L1");
+                    drawn += 30;
+                    slot = next;
+                }
+                Draw::Fetch { close: Some(close), .. } => {
+                    assert_eq!((close.tokens, close.drawn_tokens, close.drawn_n), (Some(100), 90, 3));
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(drawn, 90);
+    }
+
+    #[test]
+    fn an_expired_lease_is_replaced_and_closed() {
+        let slot = live(100, 40, 2_000);
+        let Draw::Fetch { slot: marker, close: Some(close) } = draw(Some(&slot), 2_000, 1, "L2", 5_000) else {
+            panic!("expired lease drawn from")
+        };
+        assert_eq!(close.lease_id, "L1");
+        assert_eq!(close.drawn_tokens, 40);
+        assert!(is_our_marker(Some(&marker), "L2"));
+        assert!(!is_our_marker(Some(&marker), "L1"));
+    }
+
+    #[test]
+    fn a_grant_goes_live_only_over_its_own_marker() {
+        let marker = Slot::Fetching { id: "L2".into(), since_ms: 0 };
+        let Install::Live(Slot::Live(lease)) = install(Some(&marker), "L2", KEY, 500, 20, 1_000, 1_000) else {
+            panic!("not installed")
+        };
+        assert_eq!((lease.tokens, lease.drawn_tokens, lease.drawn_n, lease.expires_ms), (500, 20, 1, 2_000));
+        let other = Slot::Fetching { id: "L9".into(), since_ms: 0 };
+        let Install::Orphan(close) = install(Some(&other), "L2", KEY, 500, 20, 1_000, 1_000) else {
+            panic!("installed over another's marker")
+        };
+        assert_eq!((close.tokens, close.drawn_tokens, close.drawn_n), (Some(500), 20, 1));
+        assert!(matches!(install(None, "L2", KEY, 500, 20, 0, 1), Install::Orphan(_)));
+    }
+
+    #[test]
+    fn the_sweep_closes_expired_leases_and_all_at_shutdown() {
+        let slot = live(100, 10, 2_000);
+        assert_eq!(expire(Some(&slot), 1_999, false), None);
+        assert_eq!(expire(Some(&slot), 2_000, false).map(|c| c.drawn_tokens), Some(10));
+        assert!(expire(Some(&slot), 0, true).is_some());
+        assert_eq!(expire(None, 5_000, true), None);
+    }
+
+    #[test]
+    fn slots_round_trip_and_garbage_reads_as_empty() {
+        for slot in [live(5, 1, 9), Slot::Fetching { id: "x".into(), since_ms: 3 }] {
+            assert_eq!(Slot::decode(&slot.encode()), Some(slot));
+        }
+        assert_eq!(Slot::decode(b""), None);
+        assert_eq!(Slot::decode(b"{oops"), None);
+    }
+}
