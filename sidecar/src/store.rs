@@ -186,7 +186,7 @@ fn masked_key(doc: &Document) -> String {
 
 /// The audit row of one settlement, without the key owner's fields (added on flush).
 fn audit_entry(r: &SettleRecord, total: i64, expired: bool, now: DateTime) -> Document {
-    doc! {
+    let mut row = doc! {
         "timestamp": now,
         "request_id": &r.request_id,
         "key_id": &r.key_hash,
@@ -200,7 +200,11 @@ fn audit_entry(r: &SettleRecord, total: i64, expired: bool, now: DateTime) -> Do
         "usage_source": r.usage_source.as_str(),
         "expired_hold": expired,
         "reserved_tokens": r.reserved,
+    };
+    if let Some(lease) = &r.lease_id {
+        row.insert("lease_id", lease);
     }
+    row
 }
 
 fn validate_record(r: &SettleRecord) -> Result<(), String> {

@@ -232,6 +232,26 @@ impl Stack {
         self.key_doc(key).await.get_i64("balance_tokens").unwrap()
     }
 
+    /// The balance once nothing is held for the key any more: every hold
+    /// settled, every lease closed (within `LEASE_MS` and a settlement tick)
+    /// and every request drawn from it settled.
+    pub async fn settled_balance(&self, key: &str) -> i64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let d = self.key_doc(key).await;
+            if d.get_i64("holds_n").unwrap_or(0) == 0 && d.get_i64("leases_n").unwrap_or(0) == 0 {
+                return d.get_i64("balance_tokens").unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline, "{key} still holds tokens: {d:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Number of leases still open on the key.
+    pub async fn open_leases(&self, key: &str) -> i64 {
+        self.key_doc(key).await.get_i64("leases_n").unwrap_or(0)
+    }
+
     /// Number of holds still open on the key.
     pub async fn open_holds(&self, key: &str) -> i64 {
         self.key_doc(key).await.get_i64("holds_n").unwrap_or(0)

@@ -51,7 +51,7 @@ async fn the_openai_python_sdk_is_billed_exactly() {
     assert_eq!(rows.len(), 3);
     let billed: i64 = [&plain, &stream, &tool].iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
     assert_eq!(billed, served_total);
-    assert_eq!(s.balance(key).await, 200_000 - served_total);
+    assert_eq!(s.settled_balance(key).await, 200_000 - served_total);
 
     // No secret in an audit row: keys appear masked or hashed only.
     let rows_text = format!("{rows:?}");
@@ -100,6 +100,6 @@ async fn a_real_openclaw_tool_turn_is_billed_exactly() {
     let rows = s.audit_rows(key).await;
     let billed: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
     assert_eq!(billed, served_total);
-    assert_eq!(s.balance(key).await, 5_000_000 - served_total);
+    assert_eq!(s.settled_balance(key).await, 5_000_000 - served_total);
     assert!(rows.iter().all(|r| r.get_str("usage_source") == Ok("upstream")));
 }

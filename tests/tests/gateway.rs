@@ -128,7 +128,7 @@ async fn plain_and_streamed_requests_are_billed_exactly() {
     assert!(text.contains("\"tool_calls\""), "{text}");
     spent += total(&s.settled_row(&id).await);
 
-    assert_eq!(s.balance(key).await, 100_000 - spent);
+    assert_eq!(s.settled_balance(key).await, 100_000 - spent);
     assert_eq!(s.open_holds(key).await, 0);
     assert_eq!(s.audit_rows(key).await.len(), 4);
 }
@@ -174,7 +174,7 @@ async fn without_usage_tiktoken_counts_and_upstream_errors_pass_through() {
     assert!(row.get_i64("output_tokens").unwrap() > 0);
     spent += total(&row);
 
-    assert_eq!(s.balance(key).await, 100_000 - spent);
+    assert_eq!(s.settled_balance(key).await, 100_000 - spent);
     assert_eq!(s.open_holds(key).await, 0);
 }
 
@@ -203,7 +203,7 @@ async fn a_client_abort_mid_stream_is_settled_for_what_was_streamed() {
     assert!(output >= 3, "at least what the client saw is charged: {output}");
     assert!(output < count_text(Encoding::Cl100kBase, "word0 word1 word2 word3 word4 "), "not the whole answer: {output}");
     assert!(row.get_i64("input_tokens").unwrap() > 0);
-    assert_eq!(s.balance(key).await, 100_000 - total(&row));
+    assert_eq!(s.settled_balance(key).await, 100_000 - total(&row));
     assert_eq!(s.open_holds(key).await, 0);
 }
 
@@ -308,14 +308,14 @@ async fn refusals_and_bad_input_get_openai_errors_and_cost_nothing() {
         assert!(s.audit_rows(key).await.is_empty(), "{key} has audit rows");
         assert_eq!(s.open_holds(key).await, 0);
     }
-    assert_eq!(s.balance(fine).await, 10_000);
-    assert_eq!(s.balance("sk-broke-user-001").await, 10);
+    assert_eq!(s.settled_balance(fine).await, 10_000);
+    assert_eq!(s.settled_balance("sk-broke-user-001").await, 10);
 
     // The gateway still serves after all that.
     let resp = s.chat(fine, &good).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let row = s.settled_row(&request_id(&resp)).await;
-    assert_eq!(s.balance(fine).await, 10_000 - total(&row));
+    assert_eq!(s.settled_balance(fine).await, 10_000 - total(&row));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,6 +323,9 @@ async fn with_the_sidecar_down_clients_get_503_and_queued_settlements_arrive_lat
     let mut s = Stack::start(StackOptions::default()).await;
     let key = "sk-gateway-user-005";
     s.create_key(key, 100_000).await;
+    // A key with no lease yet: its next request needs the sidecar.
+    let idle = "sk-gateway-user-05b";
+    s.create_key(idle, 100_000).await;
     // Admitted while the sidecar is up; it goes down while the answer streams.
     let resp = s
         .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "messages": messages("slow")}))
@@ -335,7 +338,7 @@ async fn with_the_sidecar_down_clients_get_503_and_queued_settlements_arrive_lat
     let text = resp.text().await.unwrap();
     assert!(text.ends_with("data: [DONE]\n\n"));
 
-    let resp = s.chat(key, &json!({"messages": messages("refused?")})).send().await.unwrap();
+    let resp = s.chat(idle, &json!({"messages": messages("refused?")})).send().await.unwrap();
     assert_eq!(resp.status(), 503, "a fault of ours is never 401 or 429");
     assert_eq!(resp.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("3"));
     let v: Value = resp.json().await.unwrap();
@@ -347,9 +350,11 @@ async fn with_the_sidecar_down_clients_get_503_and_queued_settlements_arrive_lat
     s.start_sidecar();
     let row = s.settled_row(&id).await;
     assert_eq!(row.get_str("usage_source"), Ok("upstream"));
-    assert_eq!(s.balance(key).await, 100_000 - total(&row));
+    assert_eq!(s.settled_balance(key).await, 100_000 - total(&row));
     assert_eq!(s.open_holds(key).await, 0);
-    assert_eq!(s.audit_rows(key).await.len(), 1, "the refused request left no row");
+    assert_eq!(s.audit_rows(key).await.len(), 1);
+    assert_eq!(s.settled_balance(idle).await, 100_000, "the refused request cost nothing");
+    assert!(s.audit_rows(idle).await.is_empty(), "the refused request left a row");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,7 +376,7 @@ async fn an_openai_style_upstream_gets_bearer_auth_and_the_configured_model() {
     assert_eq!(seen.body["model"], "gpt-5-nano");
     let row = s.settled_row(&id).await;
     assert_eq!(total(&row), seen.prompt_tokens + seen.completion_tokens);
-    assert_eq!(s.balance(key).await, 50_000 - total(&row));
+    assert_eq!(s.settled_balance(key).await, 50_000 - total(&row));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,8 +419,8 @@ async fn two_hundred_concurrent_requests_never_overdraw_a_key_that_affords_ten()
     for id in admitted {
         billed += total(&s.settled_row(id).await);
     }
-    assert_eq!(s.balance(key).await, balance - billed);
-    assert!(s.balance(key).await >= 0);
+    assert_eq!(s.settled_balance(key).await, balance - billed);
+    assert!(s.settled_balance(key).await >= 0);
     assert_eq!(s.audit_rows(key).await.len(), 10);
     assert_eq!(s.open_holds(key).await, 0);
 }
@@ -448,8 +453,70 @@ async fn a_reservation_whose_reply_comes_too_late_is_released_not_charged() {
     .await;
     let rows = s.audit_rows(key).await;
     let billed: i64 = rows.iter().map(total).sum();
-    assert_eq!(s.balance(key).await, 100_000 - billed, "a refused request was charged");
+    assert_eq!(s.settled_balance(key).await, 100_000 - billed, "a refused request was charged");
     for r in rows.iter().filter(|r| r.get_i32("status_code") == Ok(503)) {
         assert_eq!(total(r), 0, "a 503 costs nothing: {r:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_draw_from_a_lease_without_a_call_each_and_a_freeze_ends_it() {
+    let lease_ms = 1_000;
+    let s = Stack::start(StackOptions {
+        extra_env: vec![("LEASE_MS".into(), lease_ms.to_string()), ("LEASE_TOKENS".into(), "50000".into())],
+        ..StackOptions::default()
+    })
+    .await;
+    let key = "sk-leased-user-001";
+    s.create_key(key, 1_000_000).await;
+    let body = json!({"model": "gpt-5-nano", "max_completion_tokens": 100, "messages": messages("lease me")});
+    // One after another: no request finds a lease being fetched, so every one
+    // is drawn from a lease, and few leases serve them all.
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let resp = s.chat(key, &body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        ids.push(request_id(&resp));
+        resp.bytes().await.unwrap();
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let mut leases = std::collections::BTreeSet::new();
+    let mut billed = 0;
+    for id in &ids {
+        let row = s.settled_row(id).await;
+        let lease = row.get_str("lease_id").unwrap_or_else(|_| panic!("request {id} reserved alone: {row:?}"));
+        leases.insert(lease.to_owned());
+        billed += total(&row);
+    }
+    assert!(
+        leases.len() as u64 <= elapsed_ms / lease_ms + 2,
+        "{} leases for 30 requests in {elapsed_ms} ms",
+        leases.len()
+    );
+    // Closed after their window, they give back what was not used.
+    assert_eq!(s.settled_balance(key).await, 1_000_000 - billed);
+    assert_eq!(s.open_leases(key).await, 0);
+
+    // A freeze reaches requests within one lease window.
+    let resp = s.chat(key, &body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    s.patch_key(key, json!({"status": "frozen"})).await;
+    let frozen_at = std::time::Instant::now();
+    let refused = loop {
+        let resp = s.chat(key, &body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        if status != 200 {
+            break (status, text);
+        }
+        assert!(frozen_at.elapsed() < Duration::from_millis(lease_ms + 2_000), "still admitted after the freeze");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(refused.0, 403, "{}", refused.1);
+    assert!(refused.1.contains("key_frozen"), "{}", refused.1);
+    let rows = s.audit_rows(key).await;
+    let billed: i64 = rows.iter().map(total).sum();
+    assert_eq!(s.settled_balance(key).await, 1_000_000 - billed);
 }
