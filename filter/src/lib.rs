@@ -24,6 +24,10 @@ use crate::response::ResponseMeter;
 /// requests to the root contexts.
 pub const SETTLE_QUEUE: &str = "openclaw_bridge_settlements";
 
+/// Name of the Envoy shared queue that carries background lease requests from
+/// requests (which may be gone before a reply) to the root contexts.
+pub const LEASE_QUEUE: &str = "openclaw_bridge_lease_requests";
+
 /// Tokens to charge for a forwarded request, and where the numbers came from:
 /// the upstream's `usage` when it sent one; nothing for an upstream HTTP error
 /// without usage (the upstream bills no failed request); otherwise tiktoken over

@@ -10,7 +10,7 @@
 //! tick it also closes the expired leases its VM installed.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -27,9 +27,9 @@ use crate::config::{FailureMode, PluginConfig};
 use crate::reply::{models_list, LocalReply};
 use crate::request::{admit, client_key};
 use crate::response::{Forward, ResponseMeter};
-use crate::lease::{self, Draw, Install, Slot};
+use crate::lease::{self, Draw, Install, Renew, Slot};
 use crate::settle::{batch_of, Item, Settler};
-use crate::SETTLE_QUEUE;
+use crate::{LEASE_QUEUE, SETTLE_QUEUE};
 
 /// Shown by Envoy as `wasmcustom.openclaw_bridge_pending_settlements`.
 const PENDING_GAUGE: &str = "openclaw_bridge_pending_settlements";
@@ -48,6 +48,8 @@ proxy_wasm::main! {{
             pending_gauge: None,
             reported: 0,
             leases: Rc::default(),
+            lease_queue: None,
+            lease_calls: HashMap::new(),
         })
     });
 }}
@@ -128,6 +130,10 @@ struct Root {
     /// What this VM last added to the gauge.
     reported: i64,
     leases: LeaseKeys,
+    /// Background lease requests from this Envoy's requests.
+    lease_queue: Option<u32>,
+    /// Lease calls in flight, by callout token.
+    lease_calls: HashMap<u32, LeaseRequest>,
 }
 
 impl Root {
@@ -200,6 +206,77 @@ impl Root {
         }
     }
 
+    /// Sends the background lease requests waiting on the queue.
+    fn ask_for_leases(&mut self) {
+        let (Some(queue), Some(cfg)) = (self.lease_queue, self.config.clone()) else { return };
+        while let Ok(Some(bytes)) = hostcalls::dequeue_shared_queue(queue) {
+            let Ok(ask) = serde_json::from_slice::<LeaseRequest>(&bytes) else { continue };
+            let Ok(body) = serde_json::to_vec(&ask) else { continue };
+            match call_sidecar(self, &cfg, LEASE_PATH, &body, cfg.sidecar_timeout_ms) {
+                Ok(token) => {
+                    self.lease_calls.insert(token, ask);
+                }
+                // Nothing reached the sidecar; the marker goes stale and a later draw asks again.
+                Err(e) => warn!("[root {}] cannot ask for lease {}: {e:?}", self.context_id, ask.lease_id),
+            }
+        }
+    }
+
+    /// The reply to a background lease request.
+    fn lease_answered(&mut self, ask: LeaseRequest, status: Option<&str>, body: &[u8]) {
+        let Some(cfg) = self.config.clone() else { return };
+        let reply = match status {
+            Some("200") => serde_json::from_slice::<LeaseReply>(body).ok(),
+            _ => None,
+        };
+        match reply {
+            Some(LeaseReply::Grant { tokens, .. }) => {
+                let key = lease::slot_key(&ask.key_hash);
+                for _ in 0..CAS_TRIES {
+                    let (slot, cas) = read_slot(&key);
+                    let now = now_ms(self);
+                    match lease::renew(slot.as_ref(), &ask.lease_id, &ask.key_hash, tokens, now, cfg.lease_ms) {
+                        Renew::Live { slot, close } => {
+                            if write_slot(&key, Some(&slot), cas) {
+                                debug!("[root {}] lease {} of {tokens} live", self.context_id, ask.lease_id);
+                                if let Some(close) = close {
+                                    self.keep(Item::Close(close));
+                                }
+                                self.leases.borrow_mut().insert(key);
+                                return;
+                            }
+                        }
+                        Renew::Orphan(close) => return self.keep(Item::Close(close)),
+                    }
+                }
+                self.keep(Item::Close(LeaseClose {
+                    key_hash: ask.key_hash,
+                    lease_id: ask.lease_id,
+                    tokens: Some(tokens),
+                    drawn_tokens: 0,
+                    drawn_n: 0,
+                }));
+            }
+            // Refused (frozen, no balance): the current lease runs out, and the
+            // request that then fetches gets the refusal. The marker stays
+            // until stale, so a refused key is not asked for on every draw.
+            Some(LeaseReply::Refuse { status, .. }) => {
+                debug!("[root {}] lease {} refused ({status})", self.context_id, ask.lease_id)
+            }
+            // It may have been granted unseen: give it back.
+            None => {
+                warn!("[root {}] lease {} answered {status:?}; releasing it", self.context_id, ask.lease_id);
+                self.keep(Item::Close(LeaseClose {
+                    key_hash: ask.key_hash,
+                    lease_id: ask.lease_id,
+                    tokens: None,
+                    drawn_tokens: 0,
+                    drawn_n: 0,
+                }));
+            }
+        }
+    }
+
     fn send_due_batch(&mut self) {
         let Some(cfg) = self.config.clone() else { return };
         if self.in_flight.is_some() {
@@ -238,6 +315,16 @@ impl Context for Root {
         let Some(cfg) = self.config.clone() else { return true };
         self.drain_queue();
         self.sweep_leases(true);
+        // Lease calls whose replies will not come now: release what they may have got.
+        for (_, ask) in std::mem::take(&mut self.lease_calls) {
+            self.keep(Item::Close(LeaseClose {
+                key_hash: ask.key_hash,
+                lease_id: ask.lease_id,
+                tokens: None,
+                drawn_tokens: 0,
+                drawn_n: 0,
+            }));
+        }
         let records = self.settler.take_all();
         if records.is_empty() {
             return true;
@@ -254,6 +341,13 @@ impl Context for Root {
     }
 
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if let Some(ask) = self.lease_calls.remove(&token) {
+            let status = self.get_http_call_response_header(":status");
+            let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+            self.lease_answered(ask, status.as_deref(), &body);
+            self.report_pending();
+            return;
+        }
         if self.in_flight != Some(token) {
             return;
         }
@@ -310,6 +404,13 @@ impl RootContext for Root {
                 return false;
             }
         }
+        match hostcalls::register_shared_queue(LEASE_QUEUE) {
+            Ok(q) => self.lease_queue = Some(q),
+            Err(e) => {
+                error!("[root {}] cannot register the lease queue: {e:?}", self.context_id);
+                return false;
+            }
+        }
         self.settler = Settler::new(cfg.settle_batch_max);
         self.pending_gauge = hostcalls::define_metric(MetricType::Gauge, PENDING_GAUGE).ok();
         self.set_tick_period(Duration::from_millis(cfg.settle_interval_ms));
@@ -326,13 +427,17 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.ask_for_leases();
         self.drain_queue();
         self.sweep_leases(false);
         self.send_due_batch();
         self.report_pending();
     }
 
-    fn on_queue_ready(&mut self, _queue_id: u32) {
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if Some(queue_id) == self.lease_queue {
+            return self.ask_for_leases();
+        }
         self.drain_queue();
         self.send_due_batch();
         self.report_pending();
@@ -356,6 +461,7 @@ impl RootContext for Root {
             status: 0,
             meter: None,
             lease_keys: self.leases.clone(),
+            lease_queue: self.lease_queue,
             lease_id: None,
             fetching: None,
         }))
@@ -407,6 +513,7 @@ struct Gateway {
     status: u32,
     meter: Option<ResponseMeter>,
     lease_keys: LeaseKeys,
+    lease_queue: Option<u32>,
     /// The lease the estimate was drawn from.
     lease_id: Option<String>,
     /// The lease this request is fetching (its marker is in the key's slot).
@@ -423,16 +530,19 @@ enum Precheck {
 impl Gateway {
     /// Draws this request's estimate from the key's lease, or takes the job of
     /// fetching the next one; reserves alone while another worker fetches.
-    fn precheck(&mut self, estimate: i64) -> Precheck {
+    fn precheck(&mut self, estimate: i64, model: &str) -> Precheck {
         let Some(new_id) = crate::new_request_id() else { return Precheck::Reserve };
         let key = lease::slot_key(&self.key_hash);
         let stale_ms = self.config.sidecar_timeout_ms + 1_000;
         for _ in 0..CAS_TRIES {
             let now = now_ms(self);
             let (slot, cas) = read_slot(&key);
-            match lease::draw(slot.as_ref(), now, estimate, &new_id, stale_ms) {
-                Draw::Drawn { slot, lease_id } => {
+            match lease::draw(slot.as_ref(), now, estimate, &new_id, stale_ms, self.config.lease_ms) {
+                Draw::Drawn { slot, lease_id, refresh } => {
                     if write_slot(&key, Some(&slot), cas) {
+                        if let Some(id) = refresh {
+                            self.ask_in_background(id, estimate, model);
+                        }
                         return Precheck::Drawn(lease_id);
                     }
                 }
@@ -448,6 +558,25 @@ impl Gateway {
             }
         }
         Precheck::Reserve
+    }
+
+    /// The next lease, asked for by a root context: this request does not wait.
+    fn ask_in_background(&self, lease_id: String, estimate: i64, model: &str) {
+        let ask = LeaseRequest {
+            key_hash: self.key_hash.clone(),
+            lease_id,
+            model: model.to_owned(),
+            want: self.config.lease_tokens.max(estimate),
+            min: estimate,
+        };
+        let queued = match (self.lease_queue, serde_json::to_vec(&ask)) {
+            (Some(q), Ok(bytes)) => hostcalls::enqueue_shared_queue(q, Some(&bytes)).is_ok(),
+            _ => false,
+        };
+        if !queued {
+            // The marker goes stale; the lease is fetched when this one runs out.
+            warn!("[{}] could not queue a lease request", self.id);
+        }
     }
 
     fn close_lease(&self, close: LeaseClose) {
@@ -482,6 +611,7 @@ impl Gateway {
             drawn_tokens: estimate,
             drawn_n: 1,
             expires_ms: 0,
+            refresh: None,
         };
         self.close_lease(lease.close());
     }
@@ -750,7 +880,7 @@ impl HttpContext for Gateway {
         self.body = body;
         self.admission = Some(admission);
         if cfg.lease_tokens > 0 {
-            match self.precheck(estimate) {
+            match self.precheck(estimate, &model) {
                 Precheck::Drawn(lease_id) => {
                     // Headers were held for this body: continuing the body releases both.
                     self.reserved = estimate;
