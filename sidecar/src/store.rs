@@ -14,12 +14,12 @@
 //! - holds older than the TTL are charged in full by the sweeper through the same
 //!   outbox path, with `expired_hold: true`.
 //! - lease: like a reservation, but of up to `want` tokens under
-//!   `leases.<lease_id>`, for many requests. Each request drawn from it settles
-//!   as above, guarded by a `done.<request_id>` mark inside the lease instead of
-//!   a hold of its own, and the records of one lease in a batch settle in one
-//!   update. Its close returns `tokens - drawn_tokens` to the balance; the
-//!   lease is removed once closed and every drawn request has settled. Closes
-//!   and settlements commute: each moves the balance by its own difference.
+//!   `leases.<lease_id>`, for many requests. Its close returns
+//!   `tokens - drawn_tokens` to the balance at once. A request drawn from it
+//!   settles by its audit row alone (one insert for a batch, unique
+//!   `request_id`, no update of the key): the rows are the lease's ledger. Once
+//!   the lease is closed and has a row for every drawn request, one update
+//!   returns `drawn_tokens - sum(total_tokens)` and removes the lease.
 
 use std::time::Duration;
 
@@ -110,11 +110,31 @@ fn lease_path(lease_id: &str) -> String {
     format!("leases.{lease_id}")
 }
 
-/// Tokens a lease still keeps from the balance: all it took until it is closed,
-/// then what was drawn, less what settled either way.
+/// Tokens a lease keeps from the balance until it is finalised: all it took
+/// until it is closed, then what was drawn.
 fn lease_outstanding(lease: &Document) -> i64 {
-    let taken = if lease.get_bool("closed").unwrap_or(false) { int(lease, "drawn_tokens") } else { int(lease, "tokens") };
-    taken - int(lease, "settled_tokens")
+    if lease.get_bool("closed").unwrap_or(false) {
+        int(lease, "drawn_tokens")
+    } else {
+        int(lease, "tokens")
+    }
+}
+
+fn lease_of(key: &Document, lease_id: &str) -> Option<Document> {
+    key.get_document("leases").ok()?.get_document(lease_id).ok().cloned()
+}
+
+/// How long an `expiring` mark stands before the lease's rows are summed
+/// (at most the hold TTL): far longer than a settlement takes from its check
+/// of the mark to its insert.
+const EXPIRY_GRACE: Duration = Duration::from_secs(5);
+
+/// What the audit rows of a lease add up to.
+#[derive(Debug, Default)]
+struct LeaseUsage {
+    rows: i64,
+    total: i64,
+    reserved: i64,
 }
 
 /// Why a guarded reservation or lease did not match.
@@ -307,6 +327,10 @@ impl Store {
         self.audit
             .create_index(IndexModel::builder().keys(doc! {"timestamp": -1}).build())
             .await?;
+        // A lease's rows are summed when it is finalised.
+        self.audit
+            .create_index(IndexModel::builder().keys(doc! {"lease_id": 1}).build())
+            .await?;
         for field in ["holds_n", "outbox_n", "leases_n", "released_n"] {
             self.keys
                 .create_index(IndexModel::builder().keys(doc! {field: 1}).build())
@@ -447,8 +471,7 @@ impl Store {
             };
             let update = doc! {
                 "$inc": {"balance_tokens": -want, "leases_n": 1_i64},
-                "$set": {&at: {"tokens": want, "model": &req.model, "at": DateTime::now(),
-                    "settled_n": 0_i64, "settled_tokens": 0_i64}},
+                "$set": {&at: {"tokens": want, "model": &req.model, "at": DateTime::now()}},
             };
             let granted = self
                 .keys
@@ -571,94 +594,98 @@ impl Store {
         Ok(results)
     }
 
-    /// Records drawn from one lease of one key: one update for all of them
-    /// when none was settled before (the usual case), else one by one.
+    /// Records drawn from one lease of one key. Their audit rows are the
+    /// lease's ledger: written once each (unique `request_id`), in one insert,
+    /// with no update of the key at all; the balance moves once for the whole
+    /// lease when it is finalised (see [`Store::finalize_lease`]).
     async fn settle_leased(&self, group: &[&SettleRecord], now: DateTime) -> Result<Vec<Settled>, AppError> {
-        if group.len() > 1 {
-            if let Some(rows) = self.settle_lease_update(group, now).await? {
-                return Ok(rows.into_iter().map(|row| (SettleOutcome::Settled, None, Some(row))).collect());
-            }
-        }
-        let mut out = Vec::with_capacity(group.len());
-        for r in group {
-            out.push(match self.settle_lease_update(&[r], now).await? {
-                Some(mut rows) => (SettleOutcome::Settled, None, rows.pop()),
-                None => {
-                    let (outcome, message) = self.classify_unsettled(r).await?;
-                    (outcome, message, None)
-                }
-            });
-        }
-        Ok(out)
-    }
-
-    /// Settles records of one lease in one update, guarded by each record's
-    /// `done` mark; `None` when the lease is gone or any of them was settled.
-    async fn settle_lease_update(&self, group: &[&SettleRecord], now: DateTime) -> Result<Option<Vec<OutboxRow>>, AppError> {
         let (Some(first), Some(lease_id)) = (group.first(), group.first().and_then(|r| r.lease_id.as_deref())) else {
-            return Ok(Some(Vec::new()));
+            return Ok(Vec::new());
         };
-        let lease = lease_path(lease_id);
-        let mut filter = doc! {"_id": &first.key_hash, &lease: {"$exists": true}};
-        let mut set = Document::new();
-        let mut refund = 0_i64;
-        let mut drawn = 0_i64;
-        let mut entries = Vec::with_capacity(group.len());
-        for r in group {
-            let done = format!("{lease}.done.{}", r.request_id);
-            filter.insert(&done, doc! {"$exists": false});
-            let total = r.input_tokens + r.output_tokens;
-            refund += r.reserved - total;
-            drawn += r.reserved;
-            let entry = audit_entry(r, total, false, now);
-            set.insert(done, true);
-            set.insert(outbox_path(&r.request_id), &entry);
-            entries.push(entry);
-        }
-        let n = group.len() as i64;
-        let after = self
+        let path = lease_path(lease_id);
+        let key = self
             .keys
-            .find_one_and_update(
-                filter,
-                doc! {
-                    "$inc": {"balance_tokens": refund, format!("{lease}.settled_n"): n,
-                        format!("{lease}.settled_tokens"): drawn, "outbox_n": n},
-                    "$set": set,
-                },
-            )
-            .return_document(ReturnDocument::After)
-            .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1,
-                format!("{lease}.closed"): 1, format!("{lease}.drawn_n"): 1, format!("{lease}.settled_n"): 1})
+            .find_one(doc! {"_id": &first.key_hash})
+            .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1, &path: 1})
             .await?;
-        let Some(owner) = after else { return Ok(None) };
-        self.remove_lease_if_done(&first.key_hash, lease_id, &owner).await?;
-        Ok(Some(
-            group
-                .iter()
-                .zip(entries)
-                .map(|(r, entry)| OutboxRow::new(&r.key_hash, &r.request_id, &owner, entry))
-                .collect(),
-        ))
+        let lease = key.as_ref().and_then(|k| lease_of(k, lease_id));
+        let (Some(owner), Some(lease)) = (key.as_ref(), lease.filter(|l| !l.contains_key("expiring"))) else {
+            // Gone (finalised, expired) or never granted: a row now would be counted nowhere.
+            let mut out = Vec::with_capacity(group.len());
+            for r in group {
+                let (outcome, message) = self.classify_unsettled(r).await?;
+                out.push((outcome, message, None));
+            }
+            return Ok(out);
+        };
+        let rows: Vec<Document> = group
+            .iter()
+            .map(|r| OutboxRow::new(&r.key_hash, &r.request_id, owner, audit_entry(r, r.input_tokens + r.output_tokens, false, now)).row)
+            .collect();
+        let mut duplicates = std::collections::BTreeSet::new();
+        match self.audit.insert_many(&rows).ordered(false).await {
+            Ok(_) => {}
+            Err(e) => match e.kind.as_ref() {
+                ErrorKind::InsertMany(m)
+                    if m.write_errors.as_ref().is_some_and(|errs| errs.iter().all(|w| w.code == DUPLICATE_KEY)) =>
+                {
+                    duplicates.extend(m.write_errors.iter().flatten().map(|w| w.index));
+                }
+                _ => return Err(e.into()),
+            },
+        }
+        // Read afresh: a close may have come between our read and our insert.
+        self.finalize_lease(&first.key_hash, lease_id).await?;
+        Ok((0..group.len())
+            .map(|i| {
+                if duplicates.contains(&i) {
+                    (SettleOutcome::AlreadySettled, None, None)
+                } else {
+                    (SettleOutcome::Settled, None, None)
+                }
+            })
+            .collect())
     }
 
-    /// A lease closed and fully settled has nothing left to guard: remove it.
-    /// `doc` is the key as the last update left it.
-    async fn remove_lease_if_done(&self, key_hash: &str, lease_id: &str, doc: &Document) -> Result<(), AppError> {
-        let Some(lease) = doc.get_document("leases").ok().and_then(|l| l.get_document(lease_id).ok()) else {
-            return Ok(());
-        };
-        let drawn_n = int(lease, "drawn_n");
-        if !lease.get_bool("closed").unwrap_or(false) || int(lease, "settled_n") != drawn_n {
-            return Ok(());
+    /// A closed lease whose drawn requests have all settled: the balance gets
+    /// back what was drawn less what its rows used, and the lease goes away,
+    /// in one update. Does nothing while rows are missing.
+    async fn finalize_lease(&self, key_hash: &str, lease_id: &str) -> Result<bool, AppError> {
+        let path = lease_path(lease_id);
+        let key = self.keys.find_one(doc! {"_id": key_hash}).projection(doc! {&path: 1}).await?;
+        let Some(lease) = key.as_ref().and_then(|k| lease_of(k, lease_id)) else { return Ok(false) };
+        if !lease.get_bool("closed").unwrap_or(false) || lease.contains_key("expiring") {
+            return Ok(false);
         }
-        let at = lease_path(lease_id);
-        self.keys
+        let used = self.lease_usage(lease_id).await?;
+        let (drawn_n, drawn) = (int(&lease, "drawn_n"), int(&lease, "drawn_tokens"));
+        if used.rows < drawn_n {
+            return Ok(false);
+        }
+        let done = self
+            .keys
             .update_one(
-                doc! {"_id": key_hash, format!("{at}.closed"): true, format!("{at}.settled_n"): drawn_n},
-                doc! {"$unset": {&at: ""}, "$inc": {"leases_n": -1_i64}},
+                doc! {"_id": key_hash, format!("{path}.closed"): true, format!("{path}.expiring"): {"$exists": false}},
+                doc! {"$inc": {"balance_tokens": drawn - used.total, "leases_n": -1_i64}, "$unset": {&path: ""}},
             )
             .await?;
-        Ok(())
+        Ok(done.modified_count == 1)
+    }
+
+    /// What the audit rows of a lease add up to.
+    async fn lease_usage(&self, lease_id: &str) -> Result<LeaseUsage, AppError> {
+        let mut cursor = self
+            .audit
+            .aggregate([
+                doc! {"$match": {"lease_id": lease_id, "expired_hold": false}},
+                doc! {"$group": {"_id": Bson::Null, "rows": {"$sum": 1_i64}, "total": {"$sum": "$total_tokens"},
+                    "reserved": {"$sum": "$reserved_tokens"}}},
+            ])
+            .await?;
+        Ok(match cursor.try_next().await? {
+            Some(d) => LeaseUsage { rows: int(&d, "rows"), total: int(&d, "total"), reserved: int(&d, "reserved") },
+            None => LeaseUsage::default(),
+        })
     }
 
     /// Closes leases: what was not drawn returns to the balance. A release (no
@@ -679,11 +706,7 @@ impl Store {
         let at = lease_path(&c.lease_id);
         for _ in 0..3 {
             let current = self.keys.find_one(doc! {"_id": &c.key_hash}).projection(doc! {&at: 1}).await?;
-            let lease = current
-                .as_ref()
-                .and_then(|d| d.get_document("leases").ok())
-                .and_then(|l| l.get_document(&c.lease_id).ok());
-            let Some(lease) = lease else {
+            let Some(lease) = current.as_ref().and_then(|d| lease_of(d, &c.lease_id)) else {
                 if c.tokens.is_some() {
                     return Ok((SettleOutcome::Unknown, Some("no such lease under this key".into())));
                 }
@@ -702,29 +725,28 @@ impl Store {
             if lease.get_bool("closed").unwrap_or(false) {
                 return Ok((SettleOutcome::AlreadySettled, None));
             }
-            let tokens = int(lease, "tokens");
+            let tokens = int(&lease, "tokens");
             if c.tokens.is_some_and(|t| t != tokens) || c.drawn_tokens > tokens {
                 return Ok((SettleOutcome::Invalid, Some(format!("the lease holds {tokens} tokens"))));
             }
-            let after = self
+            let closed = self
                 .keys
-                .find_one_and_update(
-                    doc! {"_id": &c.key_hash, format!("{at}.tokens"): tokens, format!("{at}.closed"): {"$exists": false}},
+                .update_one(
+                    doc! {"_id": &c.key_hash, format!("{at}.tokens"): tokens, format!("{at}.closed"): {"$exists": false},
+                        format!("{at}.expiring"): {"$exists": false}},
                     doc! {
                         "$inc": {"balance_tokens": tokens - c.drawn_tokens},
                         "$set": {format!("{at}.closed"): true, format!("{at}.drawn_n"): c.drawn_n,
                             format!("{at}.drawn_tokens"): c.drawn_tokens},
                     },
                 )
-                .return_document(ReturnDocument::After)
-                .projection(doc! {&at: 1})
                 .await?;
-            if let Some(doc) = after {
-                self.remove_lease_if_done(&c.key_hash, &c.lease_id, &doc).await?;
+            if closed.modified_count == 1 {
+                self.finalize_lease(&c.key_hash, &c.lease_id).await?;
                 return Ok((SettleOutcome::Settled, None));
             }
         }
-        Ok((SettleOutcome::AlreadySettled, Some("closed meanwhile".into())))
+        Ok((SettleOutcome::AlreadySettled, Some("closed or expiring meanwhile".into())))
     }
 
     /// One record: returns its outcome and, when it settled now, the owner and the
@@ -974,9 +996,14 @@ impl Store {
         Ok(n + leases)
     }
 
-    /// Leases older than the TTL: what they still keep (drawn by requests whose
-    /// settlements never came, or never closed at all) stays charged, with one
-    /// audit row per lease whose `request_id` is the lease id.
+    /// Leases past the TTL, in two sweeps: the first marks the lease
+    /// `expiring`, which settlements check before they write a row; the next,
+    /// once no settlement that passed that check can still be writing, sums the
+    /// rows that came. Their requests pay what they used; the drawn requests
+    /// that never settled (or the whole lease, if it never closed) are charged
+    /// at their estimates, with one audit row whose `request_id` is the lease
+    /// id. Closed leases not yet finalised (a failure between two steps) are
+    /// finalised here too.
     async fn expire_leases(&self, cutoff: i64, now: DateTime) -> Result<usize, AppError> {
         let docs: Vec<Document> = self
             .keys
@@ -985,6 +1012,7 @@ impl Store {
             .await?
             .try_collect()
             .await?;
+        let grace_ms = i64::try_from(self.hold_ttl.min(EXPIRY_GRACE).as_millis()).unwrap_or(i64::MAX);
         let mut rows = Vec::new();
         for key in &docs {
             let hash = key.get_str("_id").unwrap_or_default();
@@ -992,34 +1020,50 @@ impl Store {
             for (lease_id, lease) in leases {
                 let Some(lease) = lease.as_document() else { continue };
                 let Ok(at) = lease.get_datetime("at") else { continue };
+                let path = lease_path(lease_id);
                 if at.timestamp_millis() > cutoff {
+                    if lease.get_bool("closed").unwrap_or(false) {
+                        self.finalize_lease(hash, lease_id).await?;
+                    }
                     continue;
                 }
-                let kept = lease_outstanding(lease);
+                let Ok(marked) = lease.get_datetime("expiring") else {
+                    self.keys
+                        .update_one(
+                            doc! {"_id": hash, format!("{path}.at"): *at, format!("{path}.expiring"): {"$exists": false}},
+                            doc! {"$set": {format!("{path}.expiring"): now}},
+                        )
+                        .await?;
+                    continue;
+                };
+                if now.timestamp_millis() - marked.timestamp_millis() < grace_ms {
+                    continue;
+                }
+                let used = self.lease_usage(lease_id).await?;
+                let taken = if lease.get_bool("closed").unwrap_or(false) {
+                    int(lease, "drawn_tokens")
+                } else {
+                    int(lease, "tokens")
+                };
+                let kept = (taken - used.reserved).max(0);
                 let record = expired_record(lease_id, hash, lease, kept, *at, now, Some(lease_id));
                 let entry = audit_entry(&record, kept, true, now);
-                let path = lease_path(lease_id);
-                let outbox = outbox_path(lease_id);
-                // Guarded by what was read: a settlement or close that came meanwhile wins.
-                let mut filter = doc! {"_id": hash, format!("{path}.at"): *at, format!("{path}.settled_n"): int(lease, "settled_n")};
-                if lease.get_bool("closed").unwrap_or(false) {
-                    filter.insert(format!("{path}.closed"), true);
-                } else {
-                    filter.insert(format!("{path}.closed"), doc! {"$exists": false});
+                let mut update = doc! {
+                    "$inc": {"balance_tokens": used.reserved - used.total, "leases_n": -1_i64},
+                    "$unset": {&path: ""},
+                };
+                if kept > 0 {
+                    update.insert("$set", doc! {outbox_path(lease_id): &entry});
+                    if let Ok(inc) = update.get_document_mut("$inc") {
+                        inc.insert("outbox_n", 1_i64);
+                    }
                 }
                 let owner = self
                     .keys
-                    .find_one_and_update(
-                        filter,
-                        doc! {
-                            "$inc": {"leases_n": -1_i64, "outbox_n": 1_i64},
-                            "$unset": {&path: ""},
-                            "$set": {&outbox: &entry},
-                        },
-                    )
+                    .find_one_and_update(doc! {"_id": hash, format!("{path}.expiring"): *marked}, update)
                     .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1})
                     .await?;
-                if let Some(owner) = owner {
+                if let (Some(owner), true) = (owner, kept > 0) {
                     tracing::warn!(lease_id = %lease_id, tokens = kept, "lease expired with requests unsettled; charged at their estimates");
                     rows.push(OutboxRow::new(hash, lease_id, &owner, entry));
                 }

@@ -665,22 +665,24 @@ async fn a_lease_takes_at_most_the_balance_and_closes_and_settlements_commute() 
         }
         other => panic!("lease beyond the balance: {other:?}"),
     }
-    // Two of L1's three requests settle in one batch, before L1 closes.
+    // Two of L1's three requests settle in one batch, before L1 closes: their
+    // rows are written, the balance moves when the lease is finalised.
     let batch = [drawn(key, "L1", "a", 100, 20, 10), drawn(key, "L1", "b", 100, 40, 10)];
     let reply = s.settle(&batch).await;
     assert!(reply.results.iter().all(|r| r.outcome == SettleOutcome::Settled), "{reply:?}");
-    assert_eq!(s.balance(key).await, 70 + 50);
+    assert_eq!(s.audit_rows().await.len(), 2);
     // Resent (a lost reply): nothing changes.
     let again = s.settle(&batch).await;
     assert!(again.results.iter().all(|r| r.outcome == SettleOutcome::AlreadySettled), "{again:?}");
-    assert_eq!(s.balance(key).await, 120);
-    // L1 closes with 300 drawn by 3 requests: its other 300 return.
+    assert_eq!(s.audit_rows().await.len(), 2);
+    // L1 closes with 300 drawn by 3 requests: its other 300 return at once.
     assert_eq!(s.close(&[close_of(key, "L1", Some(600), 300, 3)]).await.closes[0].outcome, SettleOutcome::Settled);
-    assert_eq!(s.balance(key).await, 420);
+    assert_eq!(s.balance(key).await, 300);
     assert_eq!(s.close(&[close_of(key, "L1", Some(600), 300, 3)]).await.closes[0].outcome, SettleOutcome::AlreadySettled);
     let (_, admin) = s.admin(reqwest::Method::GET, "/admin/keys", None).await;
-    assert_eq!(admin["data"][0]["held_tokens"], json!(400 + 100), "{admin}");
-    // The third settles after the close; the lease, done, goes away.
+    assert_eq!(admin["data"][0]["held_tokens"], json!(400 + 300), "{admin}");
+    // The third settles after the close: the lease is finalised, its drawn 300
+    // less the 180 its rows used return, and it goes away.
     assert_eq!(s.settle(&[drawn(key, "L1", "c", 100, 100, 0)]).await.results[0].outcome, SettleOutcome::Settled);
     assert_eq!(s.balance(key).await, 420);
     let d = s.key_doc(key).await;
@@ -739,10 +741,16 @@ async fn an_expired_lease_charges_what_never_settled_with_one_row() {
     // L1: two drawn (100 each), closed, one settled; L2 never closed (Envoy died).
     s.close(&[close_of(key, "L1", Some(500), 200, 2)]).await;
     s.settle(&[drawn(key, "L1", "kept", 100, 10, 10)]).await;
-    assert_eq!(s.balance(key).await, 1_000 - 200 - 200 + 80);
+    assert_eq!(s.balance(key).await, 1_000 - 200 - 200);
     assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 0);
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The first sweep past the TTL marks them; the next, a grace later, sums their rows.
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 0);
+    let late = s.settle(&[drawn(key, "L1", "late", 100, 1, 1)]).await;
+    assert_eq!(late.results[0].outcome, SettleOutcome::Unknown, "a row written now would be counted nowhere");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 2);
+    assert_eq!(s.balance(key).await, 1_000 - 200 - 200 + 80);
     let rows = s.audit_rows().await;
     let lease_row = |id: &str| rows.iter().find(|r| r.get_str("request_id") == Ok(id)).cloned().unwrap();
     assert_eq!(lease_row("L1").get_i64("total_tokens"), Ok(100));
