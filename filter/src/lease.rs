@@ -85,8 +85,9 @@ impl Slot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Draw {
     /// Taken from lease `lease_id`: write `slot` (compare-and-swap), then
-    /// forward; if `refresh` is set, ask for that lease in the background.
-    Drawn { slot: Slot, lease_id: String, refresh: Option<String> },
+    /// forward; if `refresh` is set, ask for that lease (id, tokens wanted) in
+    /// the background.
+    Drawn { slot: Slot, lease_id: String, refresh: Option<(String, i64)> },
     /// Write `slot` (our fetch marker), then ask the sidecar for a lease; the
     /// lease it replaces, if any, is closed with what was drawn from it.
     Fetch { slot: Slot, close: Option<LeaseClose> },
@@ -118,7 +119,7 @@ pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, st
             let half_drawn = lease.drawn_tokens * 2 >= lease.tokens;
             let refresh = if (half_time || half_drawn) && !refreshing(&lease) {
                 lease.refresh = Some(Refresh { id: new_id.to_owned(), since_ms: now_ms });
-                Some(new_id.to_owned())
+                Some((new_id.to_owned(), next_want(&lease, now_ms, window_ms)))
             } else {
                 None
             };
@@ -129,6 +130,17 @@ pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, st
         // Expired, or too little left for this request: a new lease replaces it.
         Some(Slot::Live(lease)) => fetch(Some(lease.close())),
     }
+}
+
+/// Tokens the next lease should ask for: twice what this one was drawn at,
+/// over a whole window, so a busy key's lease lasts its window rather than
+/// running out and sending requests to reserve alone. The plugin takes at
+/// least its configured size.
+pub fn next_want(lease: &Lease, now_ms: u64, window_ms: u64) -> i64 {
+    let granted_ms = lease.expires_ms.saturating_sub(window_ms);
+    let elapsed = now_ms.saturating_sub(granted_ms).max(1);
+    let per_window = i128::from(lease.drawn_tokens) * i128::from(window_ms) / i128::from(elapsed);
+    i64::try_from(per_window.saturating_mul(2)).unwrap_or(i64::MAX)
 }
 
 /// What to do with a lease the sidecar granted.
@@ -248,6 +260,10 @@ mod tests {
             match draw(Some(&slot), 1_000, 30, &format!("R{drawn}"), 5_000, 1_000) {
                 Draw::Drawn { slot: next, lease_id, refresh } => {
                     assert_eq!(lease_id, "L1");
+                    // 60 drawn in the first 0 ms (of a 1000 ms window ending at 2000 => granted at 1000).
+                    if let Some((_, want)) = &refresh {
+                        assert_eq!(*want, 2 * 60 * 1_000);
+                    }
                     drawn += 30;
                     // Half the tokens gone (60 of 100): the next lease is asked for, once.
                     assert_eq!(refresh.is_some(), drawn == 60, "drawn {drawn}: {refresh:?}");
@@ -306,7 +322,7 @@ mod tests {
         let Draw::Drawn { slot, refresh: Some(id), .. } = draw(Some(&slot), 1_500, 1, "R1", 5_000, 1_000) else {
             panic!("no refresh at half time")
         };
-        assert_eq!(id, "R1");
+        assert_eq!(id, ("R1".to_owned(), 2 * 1_000 / 500));
         // Granted: the new lease replaces the old, which closes with its draws.
         let Renew::Live { slot: Slot::Live(new), close: Some(old) } = renew(Some(&slot), "R1", KEY, 700, 1_500, 1_000)
         else {

@@ -540,8 +540,8 @@ impl Gateway {
             match lease::draw(slot.as_ref(), now, estimate, &new_id, stale_ms, self.config.lease_ms) {
                 Draw::Drawn { slot, lease_id, refresh } => {
                     if write_slot(&key, Some(&slot), cas) {
-                        if let Some(id) = refresh {
-                            self.ask_in_background(id, estimate, model);
+                        if let Some((id, want)) = refresh {
+                            self.ask_in_background(id, want, estimate, model);
                         }
                         return Precheck::Drawn(lease_id);
                     }
@@ -561,12 +561,12 @@ impl Gateway {
     }
 
     /// The next lease, asked for by a root context: this request does not wait.
-    fn ask_in_background(&self, lease_id: String, estimate: i64, model: &str) {
+    fn ask_in_background(&self, lease_id: String, want: i64, estimate: i64, model: &str) {
         let ask = LeaseRequest {
             key_hash: self.key_hash.clone(),
             lease_id,
             model: model.to_owned(),
-            want: self.config.lease_tokens.max(estimate),
+            want: self.config.lease_tokens.max(estimate).max(want),
             min: estimate,
         };
         let queued = match (self.lease_queue, serde_json::to_vec(&ask)) {
