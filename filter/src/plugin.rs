@@ -984,8 +984,10 @@ impl HttpContext for Gateway {
 
     fn on_log(&mut self) {
         if matches!(self.phase, Phase::Reserving | Phase::Leasing) {
-            // The client left while the sidecar decided: whatever it decided is undone.
+            // The client left while the sidecar decided: whatever it decided is
+            // undone (a release names the hold by its size).
             self.clear_marker();
+            self.reserved = self.admission.as_ref().map_or(0, |a| a.estimate);
             self.status = 499;
             self.phase = Phase::Released;
         }
