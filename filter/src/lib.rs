@@ -20,10 +20,6 @@ use bridge_protocol::UsageSource;
 use crate::config::Encoding;
 use crate::response::ResponseMeter;
 
-/// Name of the Envoy shared queue that carries settlement records from finished
-/// requests to the root contexts.
-pub const SETTLE_QUEUE: &str = "openclaw_bridge_settlements";
-
 /// Name of the Envoy shared queue that carries background lease requests from
 /// requests (which may be gone before a reply) to the root contexts.
 pub const LEASE_QUEUE: &str = "openclaw_bridge_lease_requests";

@@ -4,10 +4,10 @@
 //! Per request: headers (key check, upstream path and key, route marker) ->
 //! body (validate, estimate) -> draw the estimate from the key's lease in shared
 //! data (no callout), or fetch a lease / reserve with a callout -> resume or local reply ->
-//! response chunks metered as they pass -> `on_log` hands one settlement record
-//! to the shared queue. The root context drains the queue (on notification and
-//! on a tick) and sends batches to the sidecar, retrying with backoff; on the
-//! tick it also closes the expired leases its VM installed.
+//! response chunks metered as they pass -> `on_log` puts one settlement record
+//! in its VM's queue. The VM's root context sends the queue in batches on a
+//! tick, retrying with backoff (a call made from `on_log` would get no reply);
+//! on the tick it also closes the expired leases its VM installed.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -29,7 +29,7 @@ use crate::request::{admit, client_key};
 use crate::response::{Forward, ResponseMeter};
 use crate::lease::{self, Draw, Install, Renew, Slot};
 use crate::settle::{batch_of, Item, Settler};
-use crate::{LEASE_QUEUE, SETTLE_QUEUE};
+use crate::LEASE_QUEUE;
 
 /// Shown by Envoy as `wasmcustom.openclaw_bridge_pending_settlements`.
 const PENDING_GAUGE: &str = "openclaw_bridge_pending_settlements";
@@ -42,8 +42,7 @@ proxy_wasm::main! {{
         Box::new(Root {
             context_id,
             config: None,
-            queue: None,
-            settler: Settler::new(1),
+            settler: Rc::new(RefCell::new(Settler::new(1))),
             in_flight: None,
             pending_gauge: None,
             reported: 0,
@@ -93,10 +92,16 @@ fn write_slot(key: &str, slot: Option<&Slot>, cas: Option<u32>) -> bool {
 /// Compare-and-swap attempts on a slot before giving up on it.
 const CAS_TRIES: usize = 8;
 
-fn enqueue(queue: Option<u32>, item: &Item) -> bool {
-    match (queue, serde_json::to_vec(item)) {
-        (Some(q), Ok(bytes)) => hostcalls::enqueue_shared_queue(q, Some(&bytes)).is_ok(),
-        _ => false,
+/// The settlement queue of one VM: its requests put records in, its root
+/// context sends them. A plain shared value, not an Envoy shared queue: the
+/// root and the requests of a VM run on one thread, and an Envoy queue would
+/// cost a copy, a serialization and a cross-thread wake-up per request.
+type SettleQueue = Rc<RefCell<Settler>>;
+
+/// Queues an item; logs the oldest if it had to make room for it.
+fn keep(queue: &SettleQueue, item: Item, context_id: u32) {
+    if let Some(old) = queue.borrow_mut().push(item) {
+        error!("[{context_id}] settlement queue full: {} dropped; its hold will be charged at expiry", old.id());
     }
 }
 
@@ -120,8 +125,7 @@ fn sidecar_headers<'a>(cfg: &'a PluginConfig, path: &'a str) -> Vec<(&'a str, &'
 struct Root {
     context_id: u32,
     config: Option<Rc<PluginConfig>>,
-    queue: Option<u32>,
-    settler: Settler,
+    settler: SettleQueue,
     /// Token of the settlement call in flight.
     in_flight: Option<u32>,
     /// Envoy gauge `wasmcustom.openclaw_bridge_pending_settlements`: the sum over
@@ -141,37 +145,14 @@ impl Root {
         let Some(gauge) = self.pending_gauge else { return };
         // A live lease is a close still to send: drained Envoy reaches 0 once
         // its leases expired and their closes were taken.
-        let now = (self.settler.pending() + self.leases.borrow().len()) as i64;
+        let now = (self.settler.borrow().pending() + self.leases.borrow().len()) as i64;
         if now != self.reported && hostcalls::increment_metric(gauge, now - self.reported).is_ok() {
             self.reported = now;
         }
     }
 
-    fn drain_queue(&mut self) {
-        let Some(queue) = self.queue else { return };
-        loop {
-            match hostcalls::dequeue_shared_queue(queue) {
-                Ok(Some(bytes)) => match serde_json::from_slice::<Item>(&bytes) {
-                    Ok(item) => self.keep(item),
-                    Err(e) => error!("[root {}] unreadable settlement record dropped: {e}", self.context_id),
-                },
-                Ok(None) => break,
-                Err(e) => {
-                    warn!("[root {}] cannot read the settlement queue: {e:?}", self.context_id);
-                    break;
-                }
-            }
-        }
-    }
-
     fn keep(&mut self, item: Item) {
-        if let Some(old) = self.settler.push(item) {
-            error!(
-                "[root {}] settlement queue full: {} dropped; its hold will be charged at expiry",
-                self.context_id,
-                old.id()
-            );
-        }
+        keep(&self.settler, item, self.context_id);
     }
 
     /// Closes the leases this VM installed once they expire (all of them when
@@ -263,6 +244,7 @@ impl Root {
             Some(LeaseReply::Refuse { status, .. }) => {
                 debug!("[root {}] lease {} refused ({status})", self.context_id, ask.lease_id)
             }
+            Some(LeaseReply::Retry) => debug!("[root {}] lease {} not granted now", self.context_id, ask.lease_id),
             // It may have been granted unseen: give it back.
             None => {
                 warn!("[root {}] lease {} answered {status:?}; releasing it", self.context_id, ask.lease_id);
@@ -283,16 +265,19 @@ impl Root {
             return;
         }
         let now = now_ms(self);
-        let Some(batch) = self.settler.next_batch(now) else { return };
-        let body = match serde_json::to_vec(&batch_of(batch)) {
-            Ok(b) => b,
-            Err(e) => {
+        let encoded = {
+            let mut settler = self.settler.borrow_mut();
+            let Some(batch) = settler.next_batch(now) else { return };
+            (serde_json::to_vec(&batch_of(batch)), batch.len())
+        };
+        let (body, n) = match encoded {
+            (Ok(b), n) => (b, n),
+            (Err(e), _) => {
                 error!("[root {}] cannot encode a settlement batch: {e}", self.context_id);
-                self.settler.failed(now);
+                self.settler.borrow_mut().failed(now);
                 return;
             }
         };
-        let n = batch.len();
         match call_sidecar(self, &cfg, SETTLE_PATH, &body, cfg.settle_timeout_ms) {
             Ok(token) => {
                 debug!("[root {}] settling {n} records (call {token})", self.context_id);
@@ -300,7 +285,7 @@ impl Root {
             }
             Err(e) => {
                 warn!("[root {}] cannot reach the sidecar to settle {n} records: {e:?}; will retry", self.context_id);
-                self.settler.failed(now);
+                self.settler.borrow_mut().failed(now);
             }
         }
     }
@@ -313,7 +298,6 @@ impl Context for Root {
     /// charged at its hold when the hold expires.
     fn on_done(&mut self) -> bool {
         let Some(cfg) = self.config.clone() else { return true };
-        self.drain_queue();
         self.sweep_leases(true);
         // Lease calls whose replies will not come now: release what they may have got.
         for (_, ask) in std::mem::take(&mut self.lease_calls) {
@@ -325,7 +309,7 @@ impl Context for Root {
                 drawn_n: 0,
             }));
         }
-        let records = self.settler.take_all();
+        let records = self.settler.borrow_mut().take_all();
         if records.is_empty() {
             return true;
         }
@@ -361,13 +345,12 @@ impl Context for Root {
         };
         match reply {
             Some(reply) => {
-                self.settler.sent();
+                self.settler.borrow_mut().sent();
                 let results = reply.results.iter().chain(&reply.closes);
                 for r in results.filter(|r| !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled)) {
                     warn!("[root {}] settlement {} {:?}: {}", self.context_id, r.request_id, r.outcome, r.message.as_deref().unwrap_or(""));
                 }
                 // More may be waiting: send the next batch now rather than on the next tick.
-                self.drain_queue();
                 self.send_due_batch();
                 self.report_pending();
             }
@@ -376,9 +359,9 @@ impl Context for Root {
                     "[root {}] sidecar did not take a settlement batch (status {:?}); {} records kept for retry",
                     self.context_id,
                     status,
-                    self.settler.pending()
+                    self.settler.borrow().pending()
                 );
-                self.settler.failed(now);
+                self.settler.borrow_mut().failed(now);
             }
         }
     }
@@ -397,13 +380,6 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match hostcalls::register_shared_queue(SETTLE_QUEUE) {
-            Ok(q) => self.queue = Some(q),
-            Err(e) => {
-                error!("[root {}] cannot register the settlement queue: {e:?}", self.context_id);
-                return false;
-            }
-        }
         match hostcalls::register_shared_queue(LEASE_QUEUE) {
             Ok(q) => self.lease_queue = Some(q),
             Err(e) => {
@@ -411,7 +387,7 @@ impl RootContext for Root {
                 return false;
             }
         }
-        self.settler = Settler::new(cfg.settle_batch_max);
+        *self.settler.borrow_mut() = Settler::new(cfg.settle_batch_max);
         self.pending_gauge = hostcalls::define_metric(MetricType::Gauge, PENDING_GAUGE).ok();
         self.set_tick_period(Duration::from_millis(cfg.settle_interval_ms));
         info!(
@@ -428,7 +404,6 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.ask_for_leases();
-        self.drain_queue();
         self.sweep_leases(false);
         self.send_due_batch();
         self.report_pending();
@@ -436,11 +411,8 @@ impl RootContext for Root {
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         if Some(queue_id) == self.lease_queue {
-            return self.ask_for_leases();
+            self.ask_for_leases();
         }
-        self.drain_queue();
-        self.send_due_batch();
-        self.report_pending();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -448,7 +420,7 @@ impl RootContext for Root {
         Some(Box::new(Gateway {
             id: context_id,
             config,
-            queue: self.queue,
+            settler: self.settler.clone(),
             phase: Phase::Headers,
             key_hash: String::new(),
             request_id: String::new(),
@@ -499,7 +471,7 @@ enum Phase {
 struct Gateway {
     id: u32,
     config: Rc<PluginConfig>,
-    queue: Option<u32>,
+    settler: SettleQueue,
     phase: Phase,
     key_hash: String,
     request_id: String,
@@ -580,10 +552,7 @@ impl Gateway {
     }
 
     fn close_lease(&self, close: LeaseClose) {
-        let id = close.lease_id.clone();
-        if !enqueue(self.queue, &Item::Close(close)) {
-            error!("[{}] could not queue the close of lease {id}; it will be charged at expiry", self.id);
-        }
+        keep(&self.settler, Item::Close(close), self.id);
     }
 
     /// The granted lease goes live in the key's slot with this request drawn
@@ -717,13 +686,8 @@ impl Gateway {
             release: released,
             lease_id: self.lease_id.take(),
         };
-        let (id, reserved) = (record.request_id.clone(), record.reserved);
-        if enqueue(self.queue, &Item::Settle(record)) {
-            debug!("[{}] {id}: queued settlement {input}+{output} of {reserved} ({source:?})", self.id);
-        } else {
-            // The hold stays and the sidecar charges it in full when it expires.
-            error!("[{}] {id}: could not queue the settlement; its hold will expire", self.id);
-        }
+        debug!("[{}] {}: queued settlement {input}+{output} of {} ({source:?})", self.id, record.request_id, record.reserved);
+        keep(&self.settler, Item::Settle(record), self.id);
     }
 }
 
@@ -761,6 +725,27 @@ impl Context for Gateway {
 }
 
 impl Gateway {
+    /// Asks the sidecar to hold this request's estimate on its own.
+    fn reserve(&mut self) {
+        let cfg = self.config.clone();
+        let Some(admission) = self.admission.as_ref() else { return };
+        let reserve = ReserveRequest {
+            key_hash: self.key_hash.clone(),
+            request_id: self.request_id.clone(),
+            model: admission.model.clone(),
+            estimate: admission.estimate,
+        };
+        self.phase = Phase::Reserving;
+        let payload = match serde_json::to_vec(&reserve) {
+            Ok(p) => p,
+            Err(e) => return self.sidecar_failed(&format!("cannot encode the reservation: {e}"), false),
+        };
+        match call_sidecar(self, &cfg, RESERVE_PATH, &payload, cfg.sidecar_timeout_ms) {
+            Ok(token) => self.callout = Some(token),
+            Err(e) => self.sidecar_failed(&format!("dispatch failed: {e:?}"), false),
+        }
+    }
+
     fn lease_reply(&mut self, body: &[u8]) {
         match serde_json::from_slice::<LeaseReply>(body) {
             Ok(LeaseReply::Grant { tokens, .. }) => {
@@ -779,6 +764,11 @@ impl Gateway {
                 self.fetching = None;
                 info!("[{}] {}: refused {status} {:?}", self.id, self.request_id, error.code);
                 self.answer(LocalReply::refusal(status, error));
+            }
+            Ok(LeaseReply::Retry) => {
+                self.clear_marker();
+                self.fetching = None;
+                self.reserve();
             }
             Err(e) => {
                 self.clear_marker();
@@ -869,12 +859,6 @@ impl HttpContext for Gateway {
         if let Some(new_body) = &admission.rewritten {
             self.set_http_request_body(0, body_size, new_body);
         }
-        let reserve = ReserveRequest {
-            key_hash: self.key_hash.clone(),
-            request_id: self.request_id.clone(),
-            model: admission.model.clone(),
-            estimate: admission.estimate,
-        };
         let estimate = admission.estimate;
         let model = admission.model.clone();
         self.body = body;
@@ -917,19 +901,7 @@ impl HttpContext for Gateway {
                 Precheck::Reserve => {}
             }
         }
-        let payload = match serde_json::to_vec(&reserve) {
-            Ok(p) => p,
-            Err(e) => {
-                self.phase = Phase::Reserving;
-                self.sidecar_failed(&format!("cannot encode the reservation: {e}"), false);
-                return Action::Pause;
-            }
-        };
-        self.phase = Phase::Reserving;
-        match call_sidecar(self, &cfg, RESERVE_PATH, &payload, cfg.sidecar_timeout_ms) {
-            Ok(token) => self.callout = Some(token),
-            Err(e) => self.sidecar_failed(&format!("dispatch failed: {e:?}"), false),
-        }
+        self.reserve();
         Action::Pause
     }
 

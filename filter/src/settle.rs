@@ -1,5 +1,5 @@
 //! The root context's settlement queue: records arrive from finished requests
-//! (through Envoy's shared queue), leave in batches, and come back after a
+//! (in the same VM), leave in batches, and come back after a
 //! failed send with exponential backoff. Pure logic; the plugin does the I/O.
 
 use std::collections::VecDeque;
@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use bridge_protocol::{LeaseClose, SettleBatch, SettleRecord};
 use serde::{Deserialize, Serialize};
 
-/// What travels on the shared queue to the root contexts.
+/// What a VM's settlement queue holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Item {

@@ -114,6 +114,9 @@ pub struct LeaseRequest {
 pub enum LeaseReply {
     Grant { tokens: i64, balance_tokens: i64 },
     Refuse { status: u16, error: ErrorBody },
+    /// No lease now (the balance moved under every attempt): the request
+    /// reserves on its own. Never a reason to refuse a client.
+    Retry,
 }
 
 /// The end of a lease's draw window: `drawn_tokens` of its `tokens` went to

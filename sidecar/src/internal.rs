@@ -71,6 +71,7 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
         LeaseReply::Refuse { status, error } => {
             tracing::info!(status, code = ?error.code, min = req.min, "lease refused")
         }
+        LeaseReply::Retry => tracing::debug!("lease contended; the request reserves alone"),
     }
     Ok(Json(reply))
 }

@@ -497,7 +497,9 @@ impl Store {
                 }
             }
         }
-        Err(AppError::Internal(format!("lease {}: the balance kept changing", req.lease_id)))
+        // Other requests of the key kept moving the balance (they reserve on
+        // their own while this lease is fetched): this one does too.
+        Ok(LeaseReply::Retry)
     }
 
     /// Reads the key only to say why a guarded update found nothing to change.
@@ -609,7 +611,7 @@ impl Store {
             .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1, &path: 1})
             .await?;
         let lease = key.as_ref().and_then(|k| lease_of(k, lease_id));
-        let (Some(owner), Some(lease)) = (key.as_ref(), lease.filter(|l| !l.contains_key("expiring"))) else {
+        let (Some(owner), Some(_)) = (key.as_ref(), lease.filter(|l| !l.contains_key("expiring"))) else {
             // Gone (finalised, expired) or never granted: a row now would be counted nowhere.
             let mut out = Vec::with_capacity(group.len());
             for r in group {
