@@ -292,6 +292,9 @@ def main():
                     row["drain_s"] = med(lambda r: r["drain_s"])
                 results.append(row)
             extras[conc]["ttfb"] = {name: ttfb(url, headers) for name, (url, headers, _) in targets.items()}
+            # Stop as the README says: once the last leases are closed and settled
+            # (a lease still open when Envoy stops is charged at the TTL).
+            wait_settled(uri, db)
             for p in (bare, bridge) + ((per_req[0],) if per_req else ()):
                 p.terminate()
                 p.wait(timeout=30)
