@@ -125,9 +125,9 @@ pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, st
             };
             Draw::Drawn { slot: Slot::Live(lease), lease_id, refresh }
         }
-        // The next lease is on its way: this request reserves alone meanwhile.
-        Some(Slot::Live(lease)) if refreshing(lease) => Draw::Reserve,
-        // Expired, or too little left for this request: a new lease replaces it.
+        // Expired, or too little left for this request: a new lease replaces it
+        // (a renewal still on its way finds the slot moved on and gives its
+        // lease back). Not reserving alone: the balance may be all in this lease.
         Some(Slot::Live(lease)) => fetch(Some(lease.close())),
     }
 }
@@ -268,13 +268,6 @@ mod tests {
                     // Half the tokens gone (60 of 100): the next lease is asked for, once.
                     assert_eq!(refresh.is_some(), drawn == 60, "drawn {drawn}: {refresh:?}");
                     slot = next;
-                }
-                Draw::Reserve => {
-                    // The refresh is on its way: the rest reserve alone.
-                    assert_eq!(drawn, 90);
-                    let Slot::Live(mut lease) = slot.clone() else { panic!() };
-                    lease.refresh = None;
-                    slot = Slot::Live(lease);
                 }
                 Draw::Fetch { close: Some(close), .. } => {
                     assert_eq!((close.tokens, close.drawn_tokens, close.drawn_n), (Some(100), 90, 3));

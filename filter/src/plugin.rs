@@ -436,6 +436,7 @@ impl RootContext for Root {
             lease_queue: self.lease_queue,
             lease_id: None,
             fetching: None,
+            replacing: None,
         }))
     }
 
@@ -490,12 +491,15 @@ struct Gateway {
     lease_id: Option<String>,
     /// The lease this request is fetching (its marker is in the key's slot).
     fetching: Option<String>,
+    /// The lease the fetch replaces, closed by the same call.
+    replacing: Option<LeaseClose>,
 }
 
 /// Where a request's estimate comes from.
 enum Precheck {
     Drawn(String),
-    Fetch(String),
+    /// Fetch lease `0`, closing the lease `1` it replaces in the same call.
+    Fetch(String, Option<LeaseClose>),
     Reserve,
 }
 
@@ -520,10 +524,7 @@ impl Gateway {
                 }
                 Draw::Fetch { slot, close } => {
                     if write_slot(&key, Some(&slot), cas) {
-                        if let Some(close) = close {
-                            self.close_lease(close);
-                        }
-                        return Precheck::Fetch(new_id);
+                        return Precheck::Fetch(new_id, close);
                     }
                 }
                 Draw::Reserve => return Precheck::Reserve,
@@ -540,6 +541,7 @@ impl Gateway {
             model: model.to_owned(),
             want: self.config.lease_tokens.max(estimate).max(want),
             min: estimate,
+            replaces: None,
         };
         let queued = match (self.lease_queue, serde_json::to_vec(&ask)) {
             (Some(q), Ok(bytes)) => hostcalls::enqueue_shared_queue(q, Some(&bytes)).is_ok(),
@@ -548,6 +550,14 @@ impl Gateway {
         if !queued {
             // The marker goes stale; the lease is fetched when this one runs out.
             warn!("[{}] could not queue a lease request", self.id);
+        }
+    }
+
+    /// The lease call that carried the close of the replaced lease got no
+    /// answer: close it through the settlement queue.
+    fn close_replaced(&mut self) {
+        if let Some(close) = self.replacing.take() {
+            self.close_lease(close);
         }
     }
 
@@ -702,6 +712,7 @@ impl Context for Gateway {
             // The call may have reached the sidecar whatever the status (a timeout
             // shows as 504, a reset after sending as 503): release to be sure.
             self.clear_marker();
+            self.close_replaced();
             self.sidecar_failed(&format!("{:?} answered {status:?}", self.phase), true);
             return;
         }
@@ -747,7 +758,12 @@ impl Gateway {
     }
 
     fn lease_reply(&mut self, body: &[u8]) {
-        match serde_json::from_slice::<LeaseReply>(body) {
+        let reply = serde_json::from_slice::<LeaseReply>(body);
+        if reply.is_ok() {
+            // Answered: the sidecar closed the replaced lease before deciding.
+            self.replacing = None;
+        }
+        match reply {
             Ok(LeaseReply::Grant { tokens, .. }) => {
                 let estimate = self.admission.as_ref().map_or(0, |a| a.estimate);
                 if let Some(id) = self.fetching.take() {
@@ -772,6 +788,7 @@ impl Gateway {
             }
             Err(e) => {
                 self.clear_marker();
+                self.close_replaced();
                 self.sidecar_failed(&format!("unreadable lease reply: {e}"), true);
             }
         }
@@ -872,14 +889,18 @@ impl HttpContext for Gateway {
                     self.phase = Phase::Forwarded;
                     return Action::Continue;
                 }
-                Precheck::Fetch(lease_id) => {
+                Precheck::Fetch(lease_id, replaces) => {
                     let ask = LeaseRequest {
                         key_hash: self.key_hash.clone(),
                         lease_id: lease_id.clone(),
                         model,
                         want: cfg.lease_tokens.max(estimate),
                         min: estimate,
+                        replaces: replaces.clone(),
                     };
+                    // Kept until the call is answered: if it is not, the close
+                    // goes with the settlements instead (it is idempotent).
+                    self.replacing = replaces;
                     self.fetching = Some(lease_id);
                     self.phase = Phase::Leasing;
                     let sent = serde_json::to_vec(&ask)
@@ -893,6 +914,7 @@ impl HttpContext for Gateway {
                         Err(why) => {
                             self.clear_marker();
                             self.fetching = None;
+                            self.close_replaced();
                             self.sidecar_failed(&why, false);
                         }
                     }
@@ -959,6 +981,7 @@ impl HttpContext for Gateway {
             // The client left while the sidecar decided: whatever it decided is
             // undone (a release names the hold by its size).
             self.clear_marker();
+            self.close_replaced();
             self.reserved = self.admission.as_ref().map_or(0, |a| a.estimate);
             self.status = 499;
             self.phase = Phase::Released;

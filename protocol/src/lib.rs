@@ -105,6 +105,10 @@ pub struct LeaseRequest {
     pub model: String,
     pub want: i64,
     pub min: i64,
+    /// The expired or spent lease this one replaces, closed first: its undrawn
+    /// tokens are back in the balance before the new lease is taken from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<LeaseClose>,
 }
 
 /// The sidecar's answer to a lease: `tokens` granted (between `min` and

@@ -52,6 +52,9 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
     if !bridge_protocol::valid_key_hash(&req.key_hash) {
         return Err(AppError::bad_request("key_hash must be a SHA-256 hex digest", Some("key_hash")));
     }
+    if req.replaces.as_ref().is_some_and(|c| c.key_hash != req.key_hash) {
+        return Err(AppError::bad_request("replaces must name a lease of the same key", Some("replaces")));
+    }
     if req.min < 1 || req.want < req.min {
         return Err(AppError::bad_request("need 1 <= min <= want", Some("min")));
     }
@@ -61,7 +64,12 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
     // Tracked, as a reservation: granted and answered, or not granted.
     let reply = state
         .tasks
-        .spawn(async move { store.lease(&task_req).await })
+        .spawn(async move {
+            if let Some(close) = &task_req.replaces {
+                store.close_leases(std::slice::from_ref(close)).await?;
+            }
+            store.lease(&task_req).await
+        })
         .await
         .map_err(|e| AppError::Internal(format!("lease task: {e}")))??;
     match &reply {

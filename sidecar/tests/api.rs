@@ -765,3 +765,35 @@ async fn an_expired_lease_charges_what_never_settled_with_one_row() {
     assert_ne!(s.settle(&[drawn(key, "L1", "lost", 100, 1, 1)]).await.results[0].outcome, SettleOutcome::Settled);
     assert_eq!(s.balance(key).await, 1_000 - charged);
 }
+
+#[tokio::test]
+async fn a_lease_that_replaces_another_closes_it_first_and_takes_what_it_gave_back() {
+    let s = start().await;
+    let key = "sk-leased-key-04";
+    s.create(key, 1_000).await;
+    // The first lease took the whole balance; it expired with 100 drawn.
+    assert_eq!(s.granted(key, "L1", 5_000, 100).await, 1_000);
+    let resp = s
+        .http
+        .post(format!("{}/internal/lease", s.url))
+        .json(&json!({"key_hash": key_hash(key), "lease_id": "L2", "model": "m", "want": 5_000, "min": 100,
+            "replaces": close_of(key, "L1", Some(1_000), 100, 1)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    match resp.json::<LeaseReply>().await.unwrap() {
+        LeaseReply::Grant { tokens, .. } => assert_eq!(tokens, 900, "the 900 L1 gave back"),
+        other => panic!("not granted: {other:?}"),
+    }
+    // Another key's lease cannot be named.
+    let resp = s
+        .http
+        .post(format!("{}/internal/lease", s.url))
+        .json(&json!({"key_hash": key_hash(key), "lease_id": "L3", "model": "m", "want": 5, "min": 1,
+            "replaces": close_of("sk-someone-else-1", "X", Some(1), 0, 0)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}

@@ -524,3 +524,29 @@ async fn requests_draw_from_a_lease_without_a_call_each_and_a_freeze_ends_it() {
     let billed: i64 = s.audit_rows(key).await.iter().map(total).sum();
     assert_eq!(balance, 1_000_000 - billed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_whole_balance_is_leased_keeps_being_served_across_lease_windows() {
+    // A slow settlement tick: nothing but the next request closes the expired lease.
+    let s = Stack::start(StackOptions {
+        extra_env: vec![("SETTLE_INTERVAL_MS".into(), "3000".into())],
+        ..StackOptions::default()
+    })
+    .await;
+    // Less than one lease: the first lease takes all of it, and the renewal
+    // asked for half way through is refused; the request after the window
+    // must replace the lease, not reserve against an empty balance.
+    let key = "sk-small-balance-02";
+    s.create_key(key, 20_000).await;
+    let body = json!({"model": "gpt-5-nano", "max_completion_tokens": 50, "messages": messages("hi")});
+    for pause_ms in [0, 600, 700, 1_200] {
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        let resp = s.chat(key, &body).send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        assert_eq!(status, 200, "after {pause_ms} ms: {text}");
+    }
+    let balance = s.settled_balance(key).await;
+    let billed: i64 = s.audit_rows(key).await.iter().map(total).sum();
+    assert_eq!(balance, 20_000 - billed);
+}
