@@ -106,29 +106,40 @@ pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, st
         slot: Slot::Fetching { id: new_id.to_owned(), since_ms: now_ms },
         close,
     };
+    if let Some(mut lease) = take(current, now_ms, estimate) {
+        let lease_id = lease.id.clone();
+        let half_time = now_ms.saturating_add(window_ms / 2) >= lease.expires_ms;
+        let half_drawn = lease.drawn_tokens * 2 >= lease.tokens;
+        let refresh = if (half_time || half_drawn) && !refreshing(&lease) {
+            lease.refresh = Some(Refresh { id: new_id.to_owned(), since_ms: now_ms });
+            Some((new_id.to_owned(), next_want(&lease, now_ms, window_ms)))
+        } else {
+            None
+        };
+        return Draw::Drawn { slot: Slot::Live(lease), lease_id, refresh };
+    }
     match current {
         None => fetch(None),
         Some(Slot::Fetching { since_ms, .. }) if now_ms.saturating_sub(*since_ms) < stale_ms => Draw::Reserve,
         Some(Slot::Fetching { .. }) => fetch(None),
-        Some(Slot::Live(lease)) if now_ms < lease.expires_ms && lease.tokens - lease.drawn_tokens >= estimate => {
-            let mut lease = lease.clone();
-            lease.drawn_tokens += estimate;
-            lease.drawn_n += 1;
-            let lease_id = lease.id.clone();
-            let half_time = now_ms.saturating_add(window_ms / 2) >= lease.expires_ms;
-            let half_drawn = lease.drawn_tokens * 2 >= lease.tokens;
-            let refresh = if (half_time || half_drawn) && !refreshing(&lease) {
-                lease.refresh = Some(Refresh { id: new_id.to_owned(), since_ms: now_ms });
-                Some((new_id.to_owned(), next_want(&lease, now_ms, window_ms)))
-            } else {
-                None
-            };
-            Draw::Drawn { slot: Slot::Live(lease), lease_id, refresh }
-        }
         // Expired, or too little left for this request: a new lease replaces it
         // (a renewal still on its way finds the slot moved on and gives its
         // lease back). Not reserving alone: the balance may be all in this lease.
         Some(Slot::Live(lease)) => fetch(Some(lease.close())),
+    }
+}
+
+/// This request's estimate taken from the live lease, if it is not expired
+/// and has enough left: the lease as it is to be written back.
+pub fn take(current: Option<&Slot>, now_ms: u64, estimate: i64) -> Option<Lease> {
+    match current {
+        Some(Slot::Live(lease)) if now_ms < lease.expires_ms && lease.tokens - lease.drawn_tokens >= estimate => {
+            let mut lease = lease.clone();
+            lease.drawn_tokens += estimate;
+            lease.drawn_n += 1;
+            Some(lease)
+        }
+        _ => None,
     }
 }
 
@@ -327,6 +338,15 @@ mod tests {
         assert!(matches!(renew(None, "R1", KEY, 700, 0, 1), Renew::Live { close: None, .. }));
         let Renew::Orphan(close) = renew(Some(&live(5, 0, 9)), "R1", KEY, 700, 0, 1) else { panic!("replaced") };
         assert_eq!((close.tokens, close.drawn_tokens), (Some(700), 0));
+    }
+
+    #[test]
+    fn take_draws_only_from_a_live_lease_with_enough_left() {
+        let slot = live(100, 60, 2_000);
+        assert_eq!(take(Some(&slot), 1_000, 40).map(|l| (l.drawn_tokens, l.drawn_n)), Some((100, 2)));
+        assert_eq!(take(Some(&slot), 1_000, 41), None, "more than is left");
+        assert_eq!(take(Some(&slot), 2_000, 1), None, "expired");
+        assert_eq!(take(Some(&Slot::Fetching { id: "x".into(), since_ms: 0 }), 0, 1), None);
     }
 
     #[test]

@@ -533,6 +533,28 @@ impl Gateway {
         Precheck::Reserve
     }
 
+    /// Draws this request's estimate from the key's live lease, if there is one
+    /// with enough left; nothing else (no fetch).
+    fn draw_only(&mut self) -> bool {
+        if self.config.lease_tokens == 0 {
+            return false;
+        }
+        let estimate = self.admission.as_ref().map_or(0, |a| a.estimate);
+        let key = lease::slot_key(&self.key_hash);
+        for _ in 0..CAS_TRIES {
+            let (slot, cas) = read_slot(&key);
+            let now = now_ms(self);
+            let Some(lease) = lease::take(slot.as_ref(), now, estimate) else { return false };
+            let lease_id = lease.id.clone();
+            if write_slot(&key, Some(&Slot::Live(lease)), cas) {
+                self.reserved = estimate;
+                self.lease_id = Some(lease_id);
+                return true;
+            }
+        }
+        false
+    }
+
     /// The next lease, asked for by a root context: this request does not wait.
     fn ask_in_background(&self, lease_id: String, want: i64, estimate: i64, model: &str) {
         let ask = LeaseRequest {
@@ -723,6 +745,12 @@ impl Context for Gateway {
         match serde_json::from_slice::<ReserveReply>(&body) {
             Ok(ReserveReply::Admit { .. }) => {
                 self.reserved = self.admission.as_ref().map_or(0, |a| a.estimate);
+                self.phase = Phase::Forwarded;
+                self.resume_http_request();
+            }
+            Ok(ReserveReply::Refuse { status: 429, .. }) if self.draw_only() => {
+                // The balance was in the key's lease, fetched while this request
+                // reserved alone: drawn from it after all.
                 self.phase = Phase::Forwarded;
                 self.resume_http_request();
             }
