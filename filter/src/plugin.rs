@@ -248,13 +248,7 @@ impl Root {
             // It may have been granted unseen: give it back.
             None => {
                 warn!("[root {}] lease {} answered {status:?}; releasing it", self.context_id, ask.lease_id);
-                self.keep(Item::Close(LeaseClose {
-                    key_hash: ask.key_hash,
-                    lease_id: ask.lease_id,
-                    tokens: None,
-                    drawn_tokens: 0,
-                    drawn_n: 0,
-                }));
+                self.keep(Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
             }
         }
     }
@@ -301,13 +295,7 @@ impl Context for Root {
         self.sweep_leases(true);
         // Lease calls whose replies will not come now: release what they may have got.
         for (_, ask) in std::mem::take(&mut self.lease_calls) {
-            self.keep(Item::Close(LeaseClose {
-                key_hash: ask.key_hash,
-                lease_id: ask.lease_id,
-                tokens: None,
-                drawn_tokens: 0,
-                drawn_n: 0,
-            }));
+            self.keep(Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
         }
         let records = self.settler.borrow_mut().take_all();
         if records.is_empty() {
@@ -658,13 +646,7 @@ impl Gateway {
                 warn!("[{}] {}: sidecar unavailable ({why}); forwarding without a hold", self.id, self.request_id);
                 if let Some(lease_id) = self.fetching.take() {
                     // Whatever the lost reply granted goes back.
-                    self.close_lease(LeaseClose {
-                        key_hash: self.key_hash.clone(),
-                        lease_id,
-                        tokens: None,
-                        drawn_tokens: 0,
-                        drawn_n: 0,
-                    });
+                    self.close_lease(LeaseClose::release(self.key_hash.clone(), lease_id));
                 }
                 self.unreserved = true;
                 self.phase = Phase::Forwarded;
@@ -680,13 +662,7 @@ impl Gateway {
                 // The lease may have been granted unseen: release it.
                 self.phase = Phase::Settled;
                 let key_hash = std::mem::take(&mut self.key_hash);
-                self.close_lease(LeaseClose {
-                    key_hash,
-                    lease_id,
-                    tokens: None,
-                    drawn_tokens: 0,
-                    drawn_n: 0,
-                });
+                self.close_lease(LeaseClose::release(key_hash, lease_id));
                 return;
             }
         }

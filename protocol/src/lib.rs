@@ -137,6 +137,13 @@ pub struct LeaseClose {
     pub drawn_n: i64,
 }
 
+impl LeaseClose {
+    /// The release of a lease whose grant the filter never saw.
+    pub fn release(key_hash: String, lease_id: String) -> Self {
+        Self { key_hash, lease_id, tokens: None, drawn_tokens: 0, drawn_n: 0 }
+    }
+}
+
 /// Where the token counts of a settlement came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
