@@ -690,6 +690,21 @@ impl Store {
         })
     }
 
+    /// Marks `id` released so that a reservation or lease of it arriving later
+    /// is refused, but only while `occupied` (its hold or lease) does not
+    /// exist: one that landed meanwhile must be undone instead. Whether the
+    /// mark was set.
+    async fn mark_released(&self, key_hash: &str, occupied: &str, id: &str) -> Result<bool, AppError> {
+        let mark = self
+            .keys
+            .update_one(
+                doc! {"_id": key_hash, occupied: {"$exists": false}, released_path(id): {"$exists": false}},
+                doc! {"$set": {released_path(id): DateTime::now()}, "$inc": {"released_n": 1_i64}},
+            )
+            .await?;
+        Ok(mark.matched_count == 1)
+    }
+
     /// Closes leases: what was not drawn returns to the balance. A release (no
     /// `tokens`) of a lease not granted yet leaves a mark that refuses it later.
     pub async fn close_leases(&self, closes: &[LeaseClose]) -> Result<Vec<SettleResult>, AppError> {
@@ -712,14 +727,7 @@ impl Store {
                 if c.tokens.is_some() {
                     return Ok((SettleOutcome::Unknown, Some("no such lease under this key".into())));
                 }
-                let mark = self
-                    .keys
-                    .update_one(
-                        doc! {"_id": &c.key_hash, &at: {"$exists": false}, released_path(&c.lease_id): {"$exists": false}},
-                        doc! {"$set": {released_path(&c.lease_id): DateTime::now()}, "$inc": {"released_n": 1_i64}},
-                    )
-                    .await?;
-                if mark.matched_count == 1 {
+                if self.mark_released(&c.key_hash, &at, &c.lease_id).await? {
                     return Ok((SettleOutcome::Unknown, Some("released before it was granted".into())));
                 }
                 continue;
@@ -788,14 +796,7 @@ impl Store {
             // A release that found no hold: the reservation failed, or it is still
             // on its way. Mark the id so that it is refused when it comes, but only
             // while there is still no hold: one landing just now is released above.
-            let mark = self
-                .keys
-                .update_one(
-                    doc! {"_id": &r.key_hash, &hold: {"$exists": false}, released_path(&r.request_id): {"$exists": false}},
-                    doc! {"$set": {released_path(&r.request_id): DateTime::now()}, "$inc": {"released_n": 1_i64}},
-                )
-                .await?;
-            if mark.matched_count == 1 {
+            if self.mark_released(&r.key_hash, &hold, &r.request_id).await? {
                 return Ok((SettleOutcome::Unknown, Some("released before any hold was made".into()), None));
             }
             if attempt >= 3 {
