@@ -2,14 +2,22 @@
 //! plain Rust modules that build and test natively; `plugin` (wasm only) is the
 //! thin layer that talks to Envoy through `proxy-wasm` host calls.
 
+pub mod background;
 pub mod config;
+pub mod exchange;
+pub mod host;
 pub mod lease;
 pub mod reply;
 pub mod request;
 pub mod response;
+pub mod route;
 pub mod settle;
+pub mod slot;
 pub mod sse;
 pub mod tokens;
+
+#[cfg(test)]
+mod fake;
 
 // Not in test builds: a wasm test binary runs under plain WASI, without Envoy.
 #[cfg(all(target_arch = "wasm32", not(test)))]

@@ -1,0 +1,266 @@
+//! The root context's work, over the `Host` trait: sending the VM's
+//! settlement queue in batches and retrying with backoff, asking for the
+//! leases requests queued in the background and installing the grants, and
+//! closing the leases this VM installed once they expire.
+//!
+//! A call made from a request's `on_log` would get no reply (Envoy delivers
+//! none after the stream is gone), so finished requests only queue records;
+//! the root sends them on its tick.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+
+use bridge_protocol::{LeaseClose, LeaseReply, LeaseRequest, SettleOutcome, SettleReply, LEASE_PATH, SETTLE_PATH};
+use log::{debug, error, info, warn};
+
+use crate::config::PluginConfig;
+use crate::host::{call_sidecar, sidecar_reply, Host};
+use crate::lease::{self, Renew, Slot};
+use crate::settle::{batch_of, Item, Settler};
+use crate::slot::{self, Step};
+
+/// What the root and the requests of one VM share. They run on one thread,
+/// so plain shared values serve: an Envoy shared queue would cost a copy, a
+/// serialization and a cross-thread wake-up per request.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    /// Records and lease closes waiting to be sent.
+    pub settler: Rc<RefCell<Settler>>,
+    /// Slots of the leases this VM installed, for the root's sweep.
+    pub leases: Rc<RefCell<BTreeSet<String>>>,
+}
+
+impl Vm {
+    pub fn new(batch_max: usize) -> Self {
+        Self { settler: Rc::new(RefCell::new(Settler::new(batch_max))), leases: Rc::default() }
+    }
+
+    /// Queues an item; logs the oldest if it had to make room for it.
+    pub fn keep(&self, item: Item, context_id: u32) {
+        if let Some(old) = self.settler.borrow_mut().push(item) {
+            error!("[{context_id}] settlement queue full: {} dropped; its hold will be charged at expiry", old.id());
+        }
+    }
+
+    /// Records not yet settled plus live leases (each a close still to send).
+    pub fn pending(&self) -> usize {
+        self.settler.borrow().pending() + self.leases.borrow().len()
+    }
+}
+
+/// The root context's state.
+pub struct Background {
+    pub context_id: u32,
+    pub config: Rc<PluginConfig>,
+    pub vm: Vm,
+    /// Token of the settlement call in flight.
+    in_flight: Option<u32>,
+    /// Lease calls in flight, by callout token.
+    lease_calls: HashMap<u32, LeaseRequest>,
+    /// What this VM last added to the pending gauge (a sum over all VMs, which
+    /// operators wait to reach 0 before stopping Envoy).
+    reported: i64,
+}
+
+/// How a sweep left one slot.
+enum Swept {
+    Closed(LeaseClose),
+    StillLive,
+    NotOurs,
+}
+
+impl Background {
+    pub fn new(context_id: u32, config: Rc<PluginConfig>) -> Self {
+        let vm = Vm::new(config.settle_batch_max);
+        Self { context_id, config, vm, in_flight: None, lease_calls: HashMap::new(), reported: 0 }
+    }
+
+    fn keep(&self, item: Item) {
+        self.vm.keep(item, self.context_id);
+    }
+
+    pub fn on_tick(&mut self, host: &impl Host) {
+        self.ask_for_leases(host);
+        self.sweep_leases(host, false);
+        self.send_due_batch(host);
+        self.report_pending(host);
+    }
+
+    pub fn report_pending(&mut self, host: &impl Host) {
+        let now = self.vm.pending() as i64;
+        if now != self.reported && host.add_to_gauge(now - self.reported) {
+            self.reported = now;
+        }
+    }
+
+    /// Closes the leases this VM installed once they expire (all of them when
+    /// `force`), and forgets slots that are no longer live.
+    pub fn sweep_leases(&mut self, host: &impl Host, force: bool) {
+        let keys: Vec<String> = self.vm.leases.borrow().iter().cloned().collect();
+        for key in keys {
+            let swept = slot::update(host, &key, |slot, now| match lease::expire(slot, now, force) {
+                Some(close) => Step::Write(None, Swept::Closed(close)),
+                None if matches!(slot, Some(Slot::Live(_))) => Step::Keep(Swept::StillLive),
+                // Empty, or another worker is fetching: nothing of ours left.
+                None => Step::Keep(Swept::NotOurs),
+            });
+            match swept {
+                Some(Swept::Closed(close)) => {
+                    debug!("[root {}] lease {} closed: {} of {:?} drawn", self.context_id, close.lease_id, close.drawn_tokens, close.tokens);
+                    self.keep(Item::Close(close));
+                }
+                Some(Swept::NotOurs) => {}
+                // Live, or every try lost: looked at again on the next tick.
+                Some(Swept::StillLive) | None => continue,
+            }
+            self.vm.leases.borrow_mut().remove(&key);
+        }
+    }
+
+    /// Sends the background lease requests waiting on the queue.
+    pub fn ask_for_leases(&mut self, host: &impl Host) {
+        while let Some(bytes) = host.dequeue_lease_ask() {
+            let Ok(ask) = serde_json::from_slice::<LeaseRequest>(&bytes) else { continue };
+            match call_sidecar(host, &self.config, LEASE_PATH, &bytes, self.config.sidecar_timeout_ms) {
+                Ok(token) => {
+                    self.lease_calls.insert(token, ask);
+                }
+                // Nothing reached the sidecar; the marker goes stale and a later draw asks again.
+                Err(e) => warn!("[root {}] cannot ask for lease {}: {e}", self.context_id, ask.lease_id),
+            }
+        }
+    }
+
+    /// A reply to one of the root's calls.
+    pub fn on_call_response(&mut self, host: &impl Host, token: u32, body_size: usize) {
+        if let Some(ask) = self.lease_calls.remove(&token) {
+            self.lease_answered(host, ask, sidecar_reply(host, body_size));
+            self.report_pending(host);
+            return;
+        }
+        if self.in_flight != Some(token) {
+            return;
+        }
+        self.in_flight = None;
+        match sidecar_reply::<SettleReply>(host, body_size) {
+            Ok(reply) => {
+                self.vm.settler.borrow_mut().sent();
+                let results = reply.results.iter().chain(&reply.closes);
+                for r in results.filter(|r| !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled)) {
+                    warn!("[root {}] settlement {} {:?}: {}", self.context_id, r.request_id, r.outcome, r.message.as_deref().unwrap_or(""));
+                }
+                // More may be waiting: send the next batch now rather than on the next tick.
+                self.send_due_batch(host);
+                self.report_pending(host);
+            }
+            Err(why) => {
+                warn!(
+                    "[root {}] sidecar did not take a settlement batch ({why}); {} records kept for retry",
+                    self.context_id,
+                    self.vm.settler.borrow().pending()
+                );
+                self.vm.settler.borrow_mut().failed(host.now_ms());
+            }
+        }
+    }
+
+    /// The reply to a background lease request.
+    fn lease_answered(&mut self, host: &impl Host, ask: LeaseRequest, reply: Result<LeaseReply, crate::host::BadReply>) {
+        match reply {
+            Ok(LeaseReply::Grant { tokens, .. }) => {
+                let key = lease::slot_key(&ask.key_hash);
+                let lease_ms = self.config.lease_ms;
+                let renewed = slot::update(host, &key, |slot, now| {
+                    match lease::renew(slot, &ask.lease_id, &ask.key_hash, tokens, now, lease_ms) {
+                        Renew::Live { slot, close } => Step::Write(Some(slot), Ok(close)),
+                        Renew::Orphan(close) => Step::Keep(Err(close)),
+                    }
+                });
+                match renewed {
+                    Some(Ok(replaced)) => {
+                        debug!("[root {}] lease {} of {tokens} live", self.context_id, ask.lease_id);
+                        if let Some(close) = replaced {
+                            self.keep(Item::Close(close));
+                        }
+                        self.vm.leases.borrow_mut().insert(key);
+                    }
+                    Some(Err(orphan)) => self.keep(Item::Close(orphan)),
+                    // Never installed: nothing was drawn from it.
+                    None => self.keep(Item::Close(LeaseClose {
+                        key_hash: ask.key_hash,
+                        lease_id: ask.lease_id,
+                        tokens: Some(tokens),
+                        drawn_tokens: 0,
+                        drawn_n: 0,
+                    })),
+                }
+            }
+            // Refused (frozen, no balance): the current lease runs out, and the
+            // request that then fetches gets the refusal. The marker stays
+            // until stale, so a refused key is not asked for on every draw.
+            Ok(LeaseReply::Refuse { status, .. }) => {
+                debug!("[root {}] lease {} refused ({status})", self.context_id, ask.lease_id)
+            }
+            Ok(LeaseReply::Retry) => debug!("[root {}] lease {} not granted now", self.context_id, ask.lease_id),
+            // It may have been granted unseen: give it back.
+            Err(why) => {
+                warn!("[root {}] lease {} {why}; releasing it", self.context_id, ask.lease_id);
+                self.keep(Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
+            }
+        }
+    }
+
+    pub fn send_due_batch(&mut self, host: &impl Host) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        let now = host.now_ms();
+        let encoded = {
+            let mut settler = self.vm.settler.borrow_mut();
+            let Some(batch) = settler.next_batch(now) else { return };
+            (serde_json::to_vec(&batch_of(batch)), batch.len())
+        };
+        let (body, n) = match encoded {
+            (Ok(b), n) => (b, n),
+            (Err(e), _) => {
+                error!("[root {}] cannot encode a settlement batch: {e}", self.context_id);
+                self.vm.settler.borrow_mut().failed(now);
+                return;
+            }
+        };
+        match call_sidecar(host, &self.config, SETTLE_PATH, &body, self.config.settle_timeout_ms) {
+            Ok(token) => {
+                debug!("[root {}] settling {n} records (call {token})", self.context_id);
+                self.in_flight = Some(token);
+            }
+            Err(e) => {
+                warn!("[root {}] cannot reach the sidecar to settle {n} records: {e}; will retry", self.context_id);
+                self.vm.settler.borrow_mut().failed(now);
+            }
+        }
+    }
+
+    /// The VM is going away (Envoy shutting down or reloading): send what is
+    /// still queued. Replies to calls made now never arrive, but the calls reach
+    /// the sidecar, and settlement is idempotent; what still fails to arrive is
+    /// charged at its hold when the hold expires.
+    pub fn on_done(&mut self, host: &impl Host) {
+        self.sweep_leases(host, true);
+        // Lease calls whose replies will not come now: release what they may have got.
+        for (_, ask) in std::mem::take(&mut self.lease_calls) {
+            self.keep(Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
+        }
+        let records = self.vm.settler.borrow_mut().take_all();
+        if records.is_empty() {
+            return;
+        }
+        for chunk in records.chunks(self.config.settle_batch_max) {
+            let Ok(body) = serde_json::to_vec(&batch_of(chunk)) else { continue };
+            if let Err(e) = call_sidecar(host, &self.config, SETTLE_PATH, &body, self.config.settle_timeout_ms) {
+                error!("[root {}] shutting down: {} settlements not sent ({e}); their holds will expire", self.context_id, chunk.len());
+            }
+        }
+        info!("[root {}] shutting down: sent {} queued settlements", self.context_id, records.len());
+    }
+}

@@ -1,0 +1,292 @@
+//! Admission: the estimate drawn from the key's lease without a callout, or
+//! a lease fetched or a reservation made with one; the sidecar's replies; the
+//! failure mode when it cannot answer; and the one path that gives back what
+//! an abandoned admission may have been granted.
+
+use bridge_protocol::{LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, UsageSource, LEASE_PATH, RESERVE_PATH};
+use log::{debug, info, warn};
+
+use super::{record, Admitted, Exchange, Hold, State, Wait};
+use crate::config::FailureMode;
+use crate::host::{call_sidecar, sidecar_reply, Flow, HttpHost};
+use crate::lease::{self, Draw, Install, Slot};
+use crate::reply::LocalReply;
+use crate::settle::Item;
+use crate::slot::{self, Step};
+
+/// Where a request's estimate comes from.
+enum Precheck {
+    Drawn(String),
+    /// Fetch lease `0`, closing the lease `1` it replaces in the same call.
+    Fetch(String, Option<LeaseClose>),
+    Reserve,
+}
+
+impl Exchange {
+    /// The body is in: draw, fetch or reserve.
+    pub(super) fn admit(&mut self, host: &impl HttpHost, req: Admitted) -> Flow {
+        if self.cfg.lease_tokens == 0 {
+            return self.reserve(host, req);
+        }
+        match self.precheck(host, &req) {
+            // Headers were held for this body: continuing the body releases both.
+            Precheck::Drawn(lease_id) => {
+                self.state = State::Forwarded { req, hold: Hold::Drawn(lease_id), status: 0, meter: None };
+                Flow::Continue
+            }
+            Precheck::Fetch(lease_id, replaces) => {
+                let ask = LeaseRequest {
+                    key_hash: req.caller.key_hash.clone(),
+                    lease_id: lease_id.clone(),
+                    model: req.admission.model.clone(),
+                    want: self.cfg.lease_tokens.max(req.admission.estimate),
+                    min: req.admission.estimate,
+                    replaces: replaces.clone(),
+                };
+                // Kept until the call is answered: if it is not, the close
+                // goes with the settlements instead (it is idempotent).
+                let wait = Wait::Lease { lease_id, replacing: replaces };
+                self.call(host, req, wait, LEASE_PATH, serde_json::to_vec(&ask))
+            }
+            Precheck::Reserve => self.reserve(host, req),
+        }
+    }
+
+    /// Draws this request's estimate from the key's lease, or takes the job of
+    /// fetching the next one; reserves alone while another worker fetches.
+    fn precheck(&self, host: &impl HttpHost, req: &Admitted) -> Precheck {
+        let Some(new_id) = crate::new_request_id() else { return Precheck::Reserve };
+        let estimate = req.admission.estimate;
+        let stale_ms = self.cfg.sidecar_timeout_ms + 1_000;
+        let key = lease::slot_key(&req.caller.key_hash);
+        let decided = slot::update(host, &key, |slot, now| {
+            match lease::draw(slot, now, estimate, &new_id, stale_ms, self.cfg.lease_ms) {
+                Draw::Drawn { slot, lease_id, refresh } => Step::Write(Some(slot), (Precheck::Drawn(lease_id), refresh)),
+                Draw::Fetch { slot, close } => Step::Write(Some(slot), (Precheck::Fetch(new_id.clone(), close), None)),
+                Draw::Reserve => Step::Keep((Precheck::Reserve, None)),
+            }
+        });
+        let Some((precheck, refresh)) = decided else { return Precheck::Reserve };
+        if let Some((id, want)) = refresh {
+            self.ask_in_background(host, req, id, want);
+        }
+        precheck
+    }
+
+    /// The next lease, asked for by a root context: this request does not wait.
+    fn ask_in_background(&self, host: &impl HttpHost, req: &Admitted, lease_id: String, want: i64) {
+        let estimate = req.admission.estimate;
+        let ask = LeaseRequest {
+            key_hash: req.caller.key_hash.clone(),
+            lease_id,
+            model: req.admission.model.clone(),
+            want: self.cfg.lease_tokens.max(estimate).max(want),
+            min: estimate,
+            replaces: None,
+        };
+        let queued = serde_json::to_vec(&ask).is_ok_and(|bytes| host.enqueue_lease_ask(&bytes));
+        if !queued {
+            // The marker goes stale; the lease is fetched when this one runs out.
+            warn!("[{}] could not queue a lease request", self.id);
+        }
+    }
+
+    /// Asks the sidecar to hold this request's estimate on its own.
+    fn reserve(&mut self, host: &impl HttpHost, req: Admitted) -> Flow {
+        let reserve = ReserveRequest {
+            key_hash: req.caller.key_hash.clone(),
+            request_id: req.caller.request_id.clone(),
+            model: req.admission.model.clone(),
+            estimate: req.admission.estimate,
+        };
+        self.call(host, req, Wait::Reserve, RESERVE_PATH, serde_json::to_vec(&reserve))
+    }
+
+    /// Sends the admission call and waits for it; if it cannot be sent, the
+    /// sidecar never saw it.
+    fn call(&mut self, host: &impl HttpHost, req: Admitted, wait: Wait, path: &str, payload: serde_json::Result<Vec<u8>>) -> Flow {
+        let sent = payload
+            .map_err(|e| format!("cannot encode the call: {e}"))
+            .and_then(|p| call_sidecar(host, &self.cfg, path, &p, self.cfg.sidecar_timeout_ms).map_err(|e| format!("dispatch failed: {e}")));
+        match sent {
+            Ok(callout) => {
+                self.state = State::Admitting { req, callout, wait };
+                Flow::Pause
+            }
+            Err(why) => self.sidecar_failed(host, req, wait, &why, false),
+        }
+    }
+
+    /// The reply to this request's admission call. Replies to other calls,
+    /// or arriving after the request moved on (a client gone), are ignored.
+    pub fn on_call_response(&mut self, host: &impl HttpHost, token: u32, body_size: usize) {
+        if !matches!(&self.state, State::Admitting { callout, .. } if *callout == token) {
+            return;
+        }
+        let State::Admitting { req, wait, .. } = std::mem::replace(&mut self.state, State::Settled) else { return };
+        match wait {
+            Wait::Reserve => match sidecar_reply::<ReserveReply>(host, body_size) {
+                Ok(ReserveReply::Admit { .. }) => self.forward(host, req, Hold::Reserved),
+                Ok(ReserveReply::Refuse { status: 429, error }) => match self.draw_only(host, &req) {
+                    // The balance was in the key's lease, fetched while this
+                    // request reserved alone: drawn from it after all.
+                    Some(lease_id) => self.forward(host, req, Hold::Drawn(lease_id)),
+                    None => self.refuse(host, &req, 429, error),
+                },
+                Ok(ReserveReply::Refuse { status, error }) => self.refuse(host, &req, status, error),
+                Err(why) => {
+                    self.sidecar_failed(host, req, Wait::Reserve, &why.to_string(), true);
+                }
+            },
+            Wait::Lease { lease_id, replacing } => match sidecar_reply::<LeaseReply>(host, body_size) {
+                // Answered: the sidecar closed the replaced lease before deciding.
+                Ok(LeaseReply::Grant { tokens, .. }) => {
+                    debug!("[{}] {}: lease {lease_id} of {tokens} granted", self.id, req.caller.request_id);
+                    self.install_lease(host, &req, &lease_id, tokens);
+                    self.forward(host, req, Hold::Drawn(lease_id));
+                }
+                Ok(LeaseReply::Refuse { status, error }) => {
+                    self.clear_marker(host, &req, &lease_id);
+                    self.refuse(host, &req, status, error);
+                }
+                Ok(LeaseReply::Retry) => {
+                    self.clear_marker(host, &req, &lease_id);
+                    self.reserve(host, req);
+                }
+                Err(why) => {
+                    self.sidecar_failed(host, req, Wait::Lease { lease_id, replacing }, &why.to_string(), true);
+                }
+            },
+        }
+    }
+
+    fn forward(&mut self, host: &impl HttpHost, req: Admitted, hold: Hold) {
+        self.state = State::Forwarded { req, hold, status: 0, meter: None };
+        host.resume_request();
+    }
+
+    fn refuse(&mut self, host: &impl HttpHost, req: &Admitted, status: u16, error: bridge_protocol::ErrorBody) {
+        info!("[{}] {}: refused {status} {:?}", self.id, req.caller.request_id, error.code);
+        self.answer(host, LocalReply::refusal(status, error));
+    }
+
+    /// Draws this request's estimate from the key's live lease, if there is one
+    /// with enough left; nothing else (no fetch).
+    fn draw_only(&self, host: &impl HttpHost, req: &Admitted) -> Option<String> {
+        if self.cfg.lease_tokens == 0 {
+            return None;
+        }
+        let estimate = req.admission.estimate;
+        let key = lease::slot_key(&req.caller.key_hash);
+        slot::update(host, &key, |slot, now| match lease::take(slot, now, estimate) {
+            Some(lease) => {
+                let id = lease.id.clone();
+                Step::Write(Some(Slot::Live(lease)), Some(id))
+            }
+            None => Step::Keep(None),
+        })
+        .flatten()
+    }
+
+    /// The granted lease goes live in the key's slot with this request drawn
+    /// from it, or, if our marker was replaced meanwhile (or every try lost),
+    /// serves this request alone and is closed at once.
+    fn install_lease(&self, host: &impl HttpHost, req: &Admitted, id: &str, granted: i64) {
+        let (key_hash, estimate) = (&req.caller.key_hash, req.admission.estimate);
+        let key = lease::slot_key(key_hash);
+        let installed = slot::update(host, &key, |slot, now| {
+            match lease::install(slot, id, key_hash, granted, estimate, now, self.cfg.lease_ms) {
+                Install::Live(slot) => Step::Write(Some(slot), None),
+                Install::Orphan(close) => Step::Keep(Some(close)),
+            }
+        });
+        match installed {
+            Some(None) => {
+                self.vm.leases.borrow_mut().insert(key);
+            }
+            Some(Some(orphan)) => self.keep(Item::Close(orphan)),
+            None => {
+                let lease = lease::Lease {
+                    id: id.to_owned(),
+                    key_hash: key_hash.clone(),
+                    tokens: granted,
+                    drawn_tokens: estimate,
+                    drawn_n: 1,
+                    expires_ms: 0,
+                    refresh: None,
+                };
+                self.keep(Item::Close(lease.close()));
+            }
+        }
+    }
+
+    /// The fetch ended without a lease: take our marker out of the slot so
+    /// the next request fetches again.
+    fn clear_marker(&self, host: &impl HttpHost, req: &Admitted, lease_id: &str) {
+        let key = lease::slot_key(&req.caller.key_hash);
+        slot::update(host, &key, |slot, _| match lease::is_our_marker(slot, lease_id) {
+            true => Step::Write(None, ()),
+            false => Step::Keep(()),
+        });
+    }
+
+    /// The one release path: an admission abandoned while the sidecar
+    /// decided (a failure, a client gone) undoes whatever it may have been
+    /// granted unseen. A lease fetch clears its marker, hands the close of
+    /// the lease it replaced to the settlements (the call may not have carried
+    /// it) and releases the lease; a reservation settles with nothing used,
+    /// naming the hold by its size.
+    pub(super) fn give_back(&self, host: &impl HttpHost, req: &Admitted, wait: Wait, status: u32) {
+        match wait {
+            Wait::Lease { lease_id, replacing } => {
+                self.clear_marker(host, req, &lease_id);
+                if let Some(close) = replacing {
+                    self.keep(Item::Close(close));
+                }
+                self.keep(Item::Close(LeaseClose::release(req.caller.key_hash.clone(), lease_id)));
+            }
+            Wait::Reserve => {
+                let record = record(host.now_ms(), req, &Hold::Reserved, status, (0, 0, UsageSource::Upstream), true);
+                self.keep(Item::Settle(record));
+            }
+        }
+    }
+
+    /// The sidecar could not answer: the configured failure mode decides.
+    /// `maybe_granted`: the call may have reached it, so what it may have
+    /// granted is given back either way.
+    fn sidecar_failed(&mut self, host: &impl HttpHost, req: Admitted, wait: Wait, why: &str, maybe_granted: bool) -> Flow {
+        // What a call that never left could not have granted is still ours to tidy.
+        let wait = match (maybe_granted, wait) {
+            (true, wait) => Some(wait),
+            (false, Wait::Lease { lease_id, replacing }) => {
+                self.clear_marker(host, &req, &lease_id);
+                if let Some(close) = replacing {
+                    self.keep(Item::Close(close));
+                }
+                None
+            }
+            (false, Wait::Reserve) => None,
+        };
+        match self.cfg.failure_mode {
+            FailureMode::Deny => {
+                warn!("[{}] {}: sidecar unavailable ({why}); answering 503", self.id, req.caller.request_id);
+                if let Some(wait) = wait {
+                    self.give_back(host, &req, wait, 503);
+                }
+                self.answer(host, LocalReply::unavailable(self.cfg.retry_after_secs))
+            }
+            FailureMode::Allow => {
+                warn!("[{}] {}: sidecar unavailable ({why}); forwarding without a hold", self.id, req.caller.request_id);
+                match wait {
+                    // Whatever the lost reply granted goes back.
+                    Some(lease @ Wait::Lease { .. }) => self.give_back(host, &req, lease, 503),
+                    // A hold it may have made is settled by the unreserved record.
+                    Some(Wait::Reserve) | None => {}
+                }
+                self.forward(host, req, Hold::Unreserved);
+                Flow::Pause
+            }
+        }
+    }
+}

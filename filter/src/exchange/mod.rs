@@ -1,0 +1,294 @@
+//! One request through the gateway, as a state machine whose states carry
+//! their own data:
+//!
+//! ```text
+//! Headers -> Body -> Admitting {callout, wait: reserve | lease} -> Forwarded {hold, meter} -> Settled
+//!    |         |          |
+//!    +---------+----------+--> Answered (a local reply) / Passthrough (not ours)
+//! ```
+//!
+//! A request reaches the upstream only from `Forwarded`, which only
+//! admission enters (a draw from the key's lease, a granted lease or
+//! reservation, or `failure_mode: allow`). Every admitted request leaves
+//! exactly one settlement record when it ends; an admission abandoned while
+//! the sidecar decided gives back what the sidecar may have granted
+//! (`admit::give_back`), and nothing else queues anything.
+
+mod admit;
+#[cfg(test)]
+mod tests;
+
+use std::rc::Rc;
+
+use bridge_protocol::{SettleRecord, UsageSource};
+use log::{debug, error};
+
+use crate::background::Vm;
+use crate::config::PluginConfig;
+use crate::host::{Flow, HttpHost};
+use crate::reply::{models_list, LocalReply};
+use crate::request::{client_key, Admission};
+use crate::response::{Forward, ResponseMeter};
+use crate::route::{route, Route};
+use crate::settle::Item;
+
+/// Who the request is, once its headers were accepted.
+#[derive(Debug)]
+struct Caller {
+    key_hash: String,
+    request_id: String,
+    started_ms: u64,
+}
+
+/// A request whose body was accepted, with what admission learned from it.
+#[derive(Debug)]
+struct Admitted {
+    caller: Caller,
+    /// The client's body, kept for the tiktoken fallback of the prompt.
+    body: Vec<u8>,
+    admission: Admission,
+}
+
+/// What the sidecar is deciding while the request waits.
+#[derive(Debug)]
+enum Wait {
+    /// A reservation of this request's estimate alone.
+    Reserve,
+    /// Lease `lease_id` (its fetch marker is in the key's slot), closing the
+    /// lease it replaces in the same call.
+    Lease { lease_id: String, replacing: Option<bridge_protocol::LeaseClose> },
+}
+
+/// What covers a forwarded request's estimate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hold {
+    /// A reservation of its own on the key.
+    Reserved,
+    /// Drawn from this lease.
+    Drawn(String),
+    /// Nothing: the sidecar failed and `failure_mode: allow` let it through.
+    Unreserved,
+}
+
+#[derive(Debug)]
+enum State {
+    Headers,
+    /// Not ours (a path outside `/v1/`): passes untouched.
+    Passthrough,
+    /// Answered locally; nothing to settle.
+    Answered,
+    /// Buffering the body.
+    Body(Caller),
+    /// Waiting for the sidecar's reply to `callout`.
+    Admitting { req: Admitted, callout: u32, wait: Wait },
+    /// Admitted and forwarded: settles exactly once.
+    Forwarded { req: Admitted, hold: Hold, status: u32, meter: Option<ResponseMeter> },
+    /// The settlement record is queued (or was never owed).
+    Settled,
+}
+
+pub struct Exchange {
+    id: u32,
+    cfg: Rc<PluginConfig>,
+    vm: Vm,
+    state: State,
+}
+
+impl Exchange {
+    pub fn new(id: u32, cfg: Rc<PluginConfig>, vm: Vm) -> Self {
+        Self { id, cfg, vm, state: State::Headers }
+    }
+
+    fn keep(&self, item: Item) {
+        self.vm.keep(item, self.id);
+    }
+
+    fn answer(&mut self, host: &impl HttpHost, reply: LocalReply) -> Flow {
+        let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+        headers.extend(reply.headers.iter().map(|(k, v)| (*k, v.as_str())));
+        host.send_reply(reply.status, &headers, &reply.body);
+        self.state = State::Answered;
+        Flow::Pause
+    }
+
+    pub fn on_request_headers(&mut self, host: &impl HttpHost, end_of_stream: bool) -> Flow {
+        let cfg = self.cfg.clone();
+        // The route marker is ours alone: a client may not send it.
+        host.set_request_header(&cfg.route_header, None);
+        let path = host.request_header(":path").unwrap_or_default();
+        let method = host.request_header(":method").unwrap_or_default();
+        let target = route(&method, &path);
+        if target == Route::Passthrough {
+            self.state = State::Passthrough;
+            return Flow::Continue;
+        }
+        let authorization = host.request_header("authorization");
+        let api_key = host.request_header("api-key");
+        let key = client_key(authorization.as_deref(), api_key.as_deref()).map(str::to_owned);
+        match target {
+            Route::Passthrough | Route::ChatCompletions => {}
+            Route::Unknown(bare) => return self.answer(host, LocalReply::not_found(&bare)),
+            Route::WrongMethod { method, path } => {
+                return self.answer(host, LocalReply::method_not_allowed(&method, &path))
+            }
+            Route::Models if key.is_none() => return self.answer(host, LocalReply::missing_key()),
+            Route::Models => {
+                let body = models_list(cfg.served_model());
+                host.send_reply(200, &[("content-type", "application/json")], &body);
+                self.state = State::Answered;
+                return Flow::Pause;
+            }
+        }
+        let Some(key) = key else {
+            return self.answer(host, LocalReply::missing_key());
+        };
+        let Some(request_id) = crate::new_request_id() else {
+            error!("[{}] no randomness for a request id", self.id);
+            return self.answer(host, LocalReply::unavailable(cfg.retry_after_secs));
+        };
+        if end_of_stream {
+            return self.answer(host, LocalReply::bad_request("The request has no body.", None));
+        }
+        // All header work happens here, while the headers are held: the client's
+        // key is removed, the upstream's set, and the length dropped because the
+        // body may be rewritten (setting it later traps the VM).
+        host.set_request_header("authorization", None);
+        host.set_request_header("api-key", None);
+        host.set_request_header("content-length", None);
+        // The meter reads the answer's usage and text: it must come uncompressed.
+        host.set_request_header("accept-encoding", None);
+        let (auth_name, auth_value) = cfg.upstream_auth();
+        host.set_request_header(auth_name, Some(&auth_value));
+        host.set_request_header(":path", Some(&cfg.upstream_path()));
+        host.set_request_header(&cfg.route_header, Some("upstream"));
+        self.state = State::Body(Caller {
+            key_hash: bridge_protocol::key_hash(&key),
+            request_id,
+            started_ms: host.now_ms(),
+        });
+        Flow::Pause
+    }
+
+    pub fn on_request_body(&mut self, host: &impl HttpHost, body_size: usize, end_of_stream: bool) -> Flow {
+        if !matches!(self.state, State::Body(_)) {
+            return Flow::Continue;
+        }
+        if body_size > self.cfg.max_body_bytes {
+            return self.answer(host, LocalReply::too_large(self.cfg.max_body_bytes));
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        let State::Body(caller) = std::mem::replace(&mut self.state, State::Settled) else { return Flow::Continue };
+        let body = host.request_body(body_size);
+        let admission = match crate::request::admit(&body, &self.cfg) {
+            Ok(a) => a,
+            Err(reply) => return self.answer(host, reply),
+        };
+        if let Some(new_body) = &admission.rewritten {
+            host.set_request_body(body_size, new_body);
+        }
+        self.admit(host, Admitted { caller, body, admission })
+    }
+
+    /// Trailers end a body that never said it ended: until admission has
+    /// decided, they are held like the body (an HTTP/2 request with trailers
+    /// would otherwise go on upstream when they arrive).
+    pub fn on_request_trailers(&mut self, host: &impl HttpHost) -> Flow {
+        match self.state {
+            State::Body(_) => self.answer(
+                host,
+                LocalReply::bad_request("Request trailers are not accepted; send the body without trailers.", None),
+            ),
+            State::Admitting { .. } => Flow::Pause,
+            _ => Flow::Continue,
+        }
+    }
+
+    pub fn on_response_headers(&mut self, host: &impl HttpHost) -> Flow {
+        let State::Forwarded { req, status, meter, .. } = &mut self.state else { return Flow::Continue };
+        *status = host.response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let is_sse = host
+            .response_header("content-type")
+            .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"));
+        let hide_usage = req.admission.stream && !req.admission.client_wants_usage;
+        let m = ResponseMeter::new(is_sse, hide_usage);
+        if m.rewrites_body() {
+            host.set_response_header("content-length", None);
+        }
+        *meter = Some(m);
+        host.add_response_header("x-bridge-request-id", &req.caller.request_id);
+        Flow::Continue
+    }
+
+    pub fn on_response_body(&mut self, host: &impl HttpHost, body_size: usize, end_of_stream: bool) -> Flow {
+        let State::Forwarded { meter: Some(meter), .. } = &mut self.state else { return Flow::Continue };
+        let chunk = if body_size > 0 { host.response_body(body_size) } else { Vec::new() };
+        let mut out = match meter.on_chunk(&chunk) {
+            Forward::Unchanged => None,
+            Forward::Replace(bytes) => Some(bytes),
+        };
+        if end_of_stream {
+            let rest = meter.on_end();
+            if !rest.is_empty() {
+                let mut all = out.take().unwrap_or(chunk);
+                all.extend(rest);
+                out = Some(all);
+            }
+        }
+        if let Some(bytes) = out {
+            host.set_response_body(body_size, &bytes);
+        }
+        Flow::Continue
+    }
+
+    /// The stream is over, however it ended: the one place a forwarded
+    /// request settles.
+    pub fn on_log(&mut self, host: &impl HttpHost) {
+        match std::mem::replace(&mut self.state, State::Settled) {
+            // The client left while the sidecar decided: whatever it decided is undone.
+            State::Admitting { req, wait, .. } => self.give_back(host, &req, wait, 499),
+            State::Forwarded { req, hold, status, mut meter } => {
+                if let Some(m) = &mut meter {
+                    // A client that left mid-answer never reached the end: finish the count here.
+                    m.on_end();
+                }
+                let (input, output, source) = crate::charge(meter.as_ref(), status, &req.body, self.cfg.tiktoken_encoding);
+                let record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
+                debug!("[{}] {}: queued settlement {input}+{output} of {} ({source:?})", self.id, record.request_id, record.reserved);
+                self.keep(Item::Settle(record));
+            }
+            other => self.state = other,
+        }
+    }
+
+    /// Whether a settlement may still be owed (for tests and logs).
+    pub fn is_settled(&self) -> bool {
+        matches!(self.state, State::Settled | State::Answered | State::Passthrough)
+    }
+}
+
+/// The settlement record of a request: what it used, or with `release` that
+/// it was refused after a reservation that may have succeeded unseen (settled
+/// with nothing used, which releases such a hold).
+fn record(now_ms: u64, req: &Admitted, hold: &Hold, status: u32, usage: (i64, i64, UsageSource), release: bool) -> SettleRecord {
+    let (input_tokens, output_tokens, usage_source) = usage;
+    SettleRecord {
+        request_id: req.caller.request_id.clone(),
+        key_hash: req.caller.key_hash.clone(),
+        model: req.admission.model.clone(),
+        reserved: req.admission.estimate,
+        input_tokens,
+        output_tokens,
+        usage_source,
+        duration_ms: now_ms.saturating_sub(req.caller.started_ms) as i64,
+        status_code: u16::try_from(status).unwrap_or(0),
+        stream: req.admission.stream,
+        unreserved: *hold == Hold::Unreserved,
+        release,
+        lease_id: match hold {
+            Hold::Drawn(id) => Some(id.clone()),
+            Hold::Reserved | Hold::Unreserved => None,
+        },
+    }
+}

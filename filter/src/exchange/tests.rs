@@ -1,0 +1,481 @@
+//! The middle test tier: whole requests and the root's background work
+//! against the fake host, each stage transition driven step by step.
+
+use std::rc::Rc;
+
+use bridge_protocol::{LeaseClose, SettleRecord, UsageSource, LEASE_PATH, RESERVE_PATH, SETTLE_PATH};
+use serde_json::{json, Value};
+
+use super::Exchange;
+use crate::background::Background;
+use crate::config::PluginConfig;
+use crate::fake::{Stream, World};
+use crate::host::Flow;
+use crate::lease::{self, Slot};
+use crate::settle::Item;
+
+const KEY: &str = "sk-user-0001";
+const BODY: &[u8] = br#"{"model":"gpt-5-nano","messages":[{"role":"user","content":"hello world"}],"max_completion_tokens":64}"#;
+
+/// One Envoy with one VM: its world, its root, and requests made on it.
+struct Gateway {
+    world: Rc<World>,
+    root: Background,
+    next_id: u32,
+}
+
+impl Gateway {
+    fn new(extra: Value) -> Self {
+        let mut cfg = json!({"sidecar_cluster": "sidecar", "upstream_key": "upstream-secret", "deployment": "gpt-5-nano"});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            cfg[k] = v;
+        }
+        let cfg = PluginConfig::from_json(cfg.to_string().as_bytes()).unwrap();
+        Self { world: World::new(), root: Background::new(1, Rc::new(cfg)), next_id: 10 }
+    }
+
+    fn exchange(&mut self) -> Exchange {
+        self.next_id += 1;
+        Exchange::new(self.next_id, self.root.config.clone(), self.root.vm.clone())
+    }
+
+    /// A chat request whose headers and whole body have arrived.
+    fn send(&mut self, body: &[u8]) -> (Exchange, Stream, Flow) {
+        let (mut ex, s) = self.headers(KEY);
+        *s.request_body.borrow_mut() = body.to_vec();
+        let flow = ex.on_request_body(&s, body.len(), true);
+        (ex, s, flow)
+    }
+
+    fn headers(&mut self, key: &str) -> (Exchange, Stream) {
+        let mut ex = self.exchange();
+        let auth = format!("Bearer {key}");
+        let s = Stream::new(
+            &self.world,
+            &[(":method", "POST"), (":path", "/v1/chat/completions"), ("authorization", &auth), ("content-length", "99")],
+        );
+        assert_eq!(ex.on_request_headers(&s, false), Flow::Pause);
+        (ex, s)
+    }
+
+    /// Delivers a reply to the last call made.
+    fn answer(&self, ex: &mut Exchange, s: &Stream, status: &str, body: Value) {
+        let call = self.world.calls().pop().unwrap();
+        let n = self.world.reply_with(status, &body);
+        ex.on_call_response(s, call.token, n);
+    }
+
+    /// Everything the VM queued for the sidecar, taken out.
+    fn queued(&self) -> Vec<Item> {
+        self.root.vm.settler.borrow_mut().take_all()
+    }
+
+    fn records(&self) -> Vec<SettleRecord> {
+        self.queued()
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Settle(r) => Some(r),
+                Item::Close(_) => None,
+            })
+            .collect()
+    }
+
+    fn slot(&self) -> Option<Slot> {
+        self.world.slot(&lease::slot_key(&bridge_protocol::key_hash(KEY)))
+    }
+}
+
+fn grant(tokens: i64) -> Value {
+    json!({"verdict": "grant", "tokens": tokens, "balance_tokens": 0})
+}
+
+fn refuse(status: u16, code: &str) -> Value {
+    json!({"verdict": "refuse", "status": status, "error": {"message": "no", "type": code, "param": null, "code": code}})
+}
+
+/// The upstream's answer: a plain JSON body with usage, then the end.
+fn respond(ex: &mut Exchange, s: &Stream, status: &str, body: &[u8]) {
+    *s.response_headers.borrow_mut() = vec![(":status".into(), status.into()), ("content-type".into(), "application/json".into())];
+    ex.on_response_headers(s);
+    *s.response_body.borrow_mut() = body.to_vec();
+    ex.on_response_body(s, body.len(), true);
+}
+
+const USAGE: &[u8] = br#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#;
+
+#[test]
+fn the_first_request_fetches_a_lease_and_the_next_draws_without_a_call() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, flow) = gw.send(BODY);
+    assert_eq!(flow, Flow::Pause, "waits for the lease");
+    let call = &gw.world.calls_to(LEASE_PATH)[0];
+    let estimate = call.body["min"].as_i64().unwrap();
+    assert_eq!(call.body["want"], 100_000);
+    assert_eq!(s.resumed.get(), 0, "nothing forwarded before the grant");
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    assert_eq!(s.resumed.get(), 1);
+    let Some(Slot::Live(l)) = gw.slot() else { panic!("no live lease") };
+    assert_eq!((l.drawn_tokens, l.drawn_n), (estimate, 1));
+
+    let (mut ex2, s2, flow) = gw.send(BODY);
+    assert_eq!(flow, Flow::Continue, "drawn from the lease: no callout");
+    assert_eq!(gw.world.calls().len(), 1);
+    for (ex, s) in [(&mut ex, &s), (&mut ex2, &s2)] {
+        respond(ex, s, "200", USAGE);
+        ex.on_log(s);
+        assert!(ex.is_settled());
+    }
+    let records = gw.records();
+    assert_eq!(records.len(), 2);
+    for r in &records {
+        assert_eq!((r.input_tokens, r.output_tokens, r.usage_source), (7, 3, UsageSource::Upstream));
+        assert_eq!((r.reserved, r.lease_id.as_deref()), (estimate, Some(l.id.as_str())));
+        assert!(!r.unreserved && !r.release);
+    }
+}
+
+#[test]
+fn the_headers_phase_swaps_the_keys_and_the_route_marker_is_ours_alone() {
+    let mut gw = Gateway::new(json!({}));
+    let mut ex = gw.exchange();
+    let s = Stream::new(
+        &gw.world,
+        &[(":method", "POST"), (":path", "/v1/chat/completions"), ("api-key", KEY), ("x-openclaw-bridge-route", "upstream")],
+    );
+    ex.on_request_headers(&s, false);
+    assert_eq!(s.header("api-key").as_deref(), Some("upstream-secret"));
+    assert_eq!(s.header(":path").unwrap(), "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview");
+    // Outside /v1 the client's marker is still removed.
+    let mut ex = gw.exchange();
+    let s = Stream::new(&gw.world, &[(":method", "GET"), (":path", "/other"), ("x-openclaw-bridge-route", "upstream")]);
+    assert_eq!(ex.on_request_headers(&s, false), Flow::Continue);
+    assert_eq!(s.header("x-openclaw-bridge-route"), None);
+}
+
+#[test]
+fn local_answers_need_no_callout() {
+    let mut gw = Gateway::new(json!({}));
+    let cases: [(&str, &str, Option<&str>, u32); 5] = [
+        ("GET", "/v1/models", Some(KEY), 200),
+        ("GET", "/v1/models", None, 401),
+        ("POST", "/v1/models", Some(KEY), 405),
+        ("POST", "/v1/embeddings", Some(KEY), 404),
+        ("POST", "/v1/chat/completions", None, 401),
+    ];
+    for (method, path, key, status) in cases {
+        let mut ex = gw.exchange();
+        let auth = key.map(|k| format!("Bearer {k}")).unwrap_or_default();
+        let mut headers = vec![(":method", method), (":path", path)];
+        if key.is_some() {
+            headers.push(("authorization", &auth));
+        }
+        let s = Stream::new(&gw.world, &headers);
+        assert_eq!(ex.on_request_headers(&s, false), Flow::Pause);
+        assert_eq!(s.replied(), Some(status), "{method} {path}");
+        ex.on_log(&s);
+    }
+    assert!(gw.world.calls().is_empty());
+    assert!(gw.queued().is_empty());
+}
+
+#[test]
+fn trailers_before_admission_never_forward_the_request() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s) = gw.headers(KEY);
+    *s.request_body.borrow_mut() = BODY.to_vec();
+    assert_eq!(ex.on_request_body(&s, BODY.len(), false), Flow::Pause);
+    // HTTP/2: the body ends with trailers, never with end_of_stream.
+    assert_eq!(ex.on_request_trailers(&s), Flow::Pause);
+    assert_eq!(s.replied(), Some(400));
+    assert_eq!(s.resumed.get(), 0);
+    ex.on_log(&s);
+    assert!(gw.world.calls().is_empty() && gw.queued().is_empty());
+    // Trailers while the admission call is out are held too.
+    let (mut ex, s, _) = gw.send(BODY);
+    assert_eq!(ex.on_request_trailers(&s), Flow::Pause);
+}
+
+#[test]
+fn a_body_over_the_limit_or_invalid_is_refused_without_a_callout() {
+    let mut gw = Gateway::new(json!({"max_body_bytes": 50}));
+    let (mut ex, s) = gw.headers(KEY);
+    assert_eq!(ex.on_request_body(&s, 51, false), Flow::Pause);
+    assert_eq!(s.replied(), Some(413));
+    let (_, s, _) = gw.send(b"{}");
+    assert_eq!(s.replied(), Some(400));
+    assert!(gw.world.calls().is_empty());
+}
+
+#[test]
+fn a_reply_after_the_client_left_is_ignored_and_what_it_granted_released() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    ex.on_log(&s);
+    let lease_id = gw.world.calls_to(LEASE_PATH)[0].body["lease_id"].as_str().unwrap().to_owned();
+    assert_eq!(gw.slot(), None, "the fetch marker is cleared");
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    assert_eq!(s.resumed.get(), 0, "the late grant forwards nothing");
+    assert_eq!(gw.slot(), None, "and installs nothing");
+    let key_hash = bridge_protocol::key_hash(KEY);
+    assert_eq!(gw.queued(), [Item::Close(LeaseClose::release(key_hash, lease_id))]);
+
+    // A reservation: the release names the hold by its size.
+    let mut gw = Gateway::new(json!({"lease_tokens": 0}));
+    let (mut ex, s, _) = gw.send(BODY);
+    let estimate = gw.world.calls_to(RESERVE_PATH)[0].body["estimate"].as_i64().unwrap();
+    ex.on_log(&s);
+    gw.answer(&mut ex, &s, "200", json!({"verdict": "admit", "balance_tokens": 5}));
+    assert_eq!(s.resumed.get(), 0);
+    let [r] = &gw.records()[..] else { panic!("one release") };
+    assert!(r.release && r.reserved == estimate && r.status_code == 499);
+    assert_eq!((r.input_tokens, r.output_tokens), (0, 0));
+}
+
+#[test]
+fn a_lost_or_unreadable_reply_answers_503_and_releases() {
+    for (status, body) in [("504", json!(null)), ("503", json!(null)), ("200", json!({"verdict": "maybe"}))] {
+        let mut gw = Gateway::new(json!({"retry_after_secs": 7}));
+        let (mut ex, s, _) = gw.send(BODY);
+        gw.answer(&mut ex, &s, status, body.clone());
+        assert_eq!(s.replied(), Some(503), "{status} {body}");
+        assert!(String::from_utf8_lossy(&s.replies.borrow()[0].1).contains("billing_unavailable"));
+        assert_eq!(s.resumed.get(), 0);
+        assert_eq!(gw.slot(), None);
+        let queued = gw.queued();
+        assert!(matches!(&queued[..], [Item::Close(LeaseClose { tokens: None, .. })]), "{queued:?}");
+
+        let mut gw = Gateway::new(json!({"lease_tokens": 0}));
+        let (mut ex, s, _) = gw.send(BODY);
+        gw.answer(&mut ex, &s, status, body.clone());
+        assert_eq!(s.replied(), Some(503));
+        let [r] = &gw.records()[..] else { panic!("one release record") };
+        assert!(r.release && r.status_code == 503);
+        ex.on_log(&s);
+        assert!(gw.queued().is_empty(), "nothing more once answered");
+    }
+}
+
+#[test]
+fn a_call_that_never_left_costs_nothing_and_answers_503() {
+    for lease_tokens in [100_000, 0] {
+        let mut gw = Gateway::new(json!({"lease_tokens": lease_tokens}));
+        gw.world.dispatch_fails.set(true);
+        let (mut ex, s, flow) = gw.send(BODY);
+        assert_eq!((flow, s.replied()), (Flow::Pause, Some(503)));
+        assert_eq!(gw.slot(), None, "no marker left behind");
+        ex.on_log(&s);
+        assert!(gw.queued().is_empty());
+    }
+}
+
+#[test]
+fn failure_mode_allow_forwards_unreserved_and_gives_back_a_fetched_lease() {
+    let mut gw = Gateway::new(json!({"failure_mode": "allow"}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "504", json!(null));
+    assert_eq!((s.replied(), s.resumed.get()), (None, 1));
+    respond(&mut ex, &s, "200", USAGE);
+    ex.on_log(&s);
+    let queued = gw.queued();
+    let [Item::Close(release), Item::Settle(r)] = &queued[..] else { panic!("{queued:?}") };
+    assert_eq!(release.tokens, None);
+    assert!(r.unreserved && !r.release && r.lease_id.is_none());
+    assert_eq!(r.input_tokens + r.output_tokens, 10);
+
+    // A reservation call that never left: forwarded, settled unreserved.
+    let mut gw = Gateway::new(json!({"failure_mode": "allow", "lease_tokens": 0}));
+    gw.world.dispatch_fails.set(true);
+    let (mut ex, s, _) = gw.send(BODY);
+    assert_eq!(s.resumed.get(), 1);
+    ex.on_log(&s);
+    let [r] = &gw.records()[..] else { panic!("one record") };
+    assert!(r.unreserved && r.status_code == 0);
+}
+
+#[test]
+fn refusals_are_relayed_and_clear_the_marker() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", refuse(429, "insufficient_quota"));
+    assert_eq!(s.replied(), Some(429));
+    assert_eq!(gw.slot(), None);
+    ex.on_log(&s);
+    assert!(gw.queued().is_empty());
+}
+
+#[test]
+fn a_lease_not_granted_now_reserves_alone() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", json!({"verdict": "retry"}));
+    assert_eq!(gw.slot(), None);
+    assert_eq!(gw.world.calls_to(RESERVE_PATH).len(), 1);
+    gw.answer(&mut ex, &s, "200", json!({"verdict": "admit", "balance_tokens": 1}));
+    assert_eq!(s.resumed.get(), 1);
+    respond(&mut ex, &s, "200", USAGE);
+    ex.on_log(&s);
+    let [r] = &gw.records()[..] else { panic!("one record") };
+    assert!(r.lease_id.is_none() && !r.unreserved);
+}
+
+#[test]
+fn while_a_lease_is_fetched_others_reserve_and_a_429_draws_from_it_once_it_arrived() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut fetcher, fs, _) = gw.send(BODY);
+    let (mut other, os, flow) = gw.send(BODY);
+    assert_eq!(flow, Flow::Pause);
+    let reserve = gw.world.calls_to(RESERVE_PATH);
+    assert_eq!(reserve.len(), 1, "the second request reserved alone");
+    let lease_call = gw.world.calls_to(LEASE_PATH)[0].token;
+    let n = gw.world.reply_with("200", &grant(100_000));
+    fetcher.on_call_response(&fs, lease_call, n);
+    // The balance went into the lease: the reservation is refused, and draws.
+    let n = gw.world.reply_with("200", &refuse(429, "insufficient_quota"));
+    other.on_call_response(&os, reserve[0].token, n);
+    assert_eq!((os.replied(), os.resumed.get()), (None, 1));
+    let Some(Slot::Live(l)) = gw.slot() else { panic!("no lease") };
+    assert_eq!(l.drawn_n, 2);
+}
+
+#[test]
+fn losing_every_compare_and_swap_falls_back_without_overdrawing() {
+    // The precheck: reserve alone.
+    let mut gw = Gateway::new(json!({}));
+    gw.world.lose_cas.set(crate::slot::CAS_TRIES);
+    let (_, _, flow) = gw.send(BODY);
+    assert_eq!(flow, Flow::Pause);
+    assert_eq!(gw.world.calls_to(RESERVE_PATH).len(), 1);
+    assert!(gw.world.calls_to(LEASE_PATH).is_empty());
+
+    // The install: the lease serves this request alone and is closed at once.
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.world.lose_cas.set(crate::slot::CAS_TRIES);
+    gw.answer(&mut ex, &s, "200", grant(1_000));
+    assert_eq!(s.resumed.get(), 1);
+    let queued = gw.queued();
+    let [Item::Close(c)] = &queued[..] else { panic!("{queued:?}") };
+    assert_eq!((c.tokens, c.drawn_n), (Some(1_000), 1));
+    assert!(c.drawn_tokens > 0);
+}
+
+#[test]
+fn the_client_gone_in_every_stage_settles_once_or_not_at_all() {
+    let mut gw = Gateway::new(json!({}));
+    // Gone after the headers, and while the body was buffering: nothing owed.
+    let (mut ex, s) = gw.headers(KEY);
+    ex.on_log(&s);
+    let (mut ex, s) = gw.headers(KEY);
+    ex.on_request_body(&s, 10, false);
+    ex.on_log(&s);
+    assert!(gw.queued().is_empty());
+
+    // Forwarded, gone before any answer: charged the prompt by tiktoken.
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    ex.on_log(&s);
+    ex.on_log(&s);
+    let [r] = &gw.records()[..] else { panic!("exactly one record") };
+    assert_eq!((r.status_code, r.usage_source, r.output_tokens), (0, UsageSource::Tiktoken, 0));
+    assert!(r.input_tokens > 0);
+
+    // Gone mid-stream: the visible text so far is counted.
+    let (mut ex, s, _) = gw.send(BODY);
+    *s.response_headers.borrow_mut() = vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
+    ex.on_response_headers(&s);
+    let chunk = b"data: {\"choices\":[{\"delta\":{\"content\":\"hello world\"}}]}\n\n";
+    *s.response_body.borrow_mut() = chunk.to_vec();
+    ex.on_response_body(&s, chunk.len(), false);
+    ex.on_log(&s);
+    let [r] = &gw.records()[..] else { panic!("exactly one record") };
+    assert_eq!((r.status_code, r.output_tokens, r.usage_source), (200, 2, UsageSource::Tiktoken));
+}
+
+#[test]
+fn streamed_requests_hide_the_usage_event_they_did_not_ask_for() {
+    let mut gw = Gateway::new(json!({}));
+    let body = br#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    let (mut ex, s, _) = gw.send(body);
+    let sent: Value = serde_json::from_slice(&s.request_body.borrow()).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    *s.response_headers.borrow_mut() = vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
+    ex.on_response_headers(&s);
+    assert!(s.response_headers.borrow().iter().any(|(k, _)| k == "x-bridge-request-id"));
+    let chunk = b"data: {\"choices\":[{\"delta\":{\"content\":\"yo\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
+    *s.response_body.borrow_mut() = chunk.to_vec();
+    ex.on_response_body(&s, chunk.len(), true);
+    let out = String::from_utf8(s.response_body.borrow().clone()).unwrap();
+    assert!(out.contains("yo") && out.contains("[DONE]") && !out.contains("usage"), "{out}");
+    ex.on_log(&s);
+    let [r] = &gw.records()[..] else { panic!("one record") };
+    assert_eq!((r.input_tokens, r.output_tokens, r.stream), (4, 1, true));
+}
+
+#[test]
+fn half_way_through_a_lease_the_root_fetches_the_next_in_the_background() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    gw.world.advance(600);
+    let (_, _, flow) = gw.send(BODY);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(gw.world.lease_queue.borrow().len(), 1, "one background ask queued");
+    gw.root.on_tick(&*gw.world);
+    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    assert_eq!(ask.body["replaces"], Value::Null);
+    let n = gw.world.reply_with("200", &grant(50_000));
+    gw.root.on_call_response(&*gw.world, ask.token, n);
+    let Some(Slot::Live(l)) = gw.slot() else { panic!("no lease") };
+    assert_eq!((l.id.as_str(), l.tokens, l.drawn_n), (ask.body["lease_id"].as_str().unwrap(), 50_000, 0));
+    // The renewed lease replaced the first, which closes with its two draws.
+    let queued = gw.queued();
+    let [Item::Close(old)] = &queued[..] else { panic!("{queued:?}") };
+    assert_eq!((old.tokens, old.drawn_n), (Some(100_000), 2));
+}
+
+#[test]
+fn the_root_sends_batches_retries_with_backoff_and_sweeps_expired_leases() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    respond(&mut ex, &s, "200", USAGE);
+    ex.on_log(&s);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.world.gauge.get(), 2, "one record and one live lease pending");
+    let first = gw.world.calls_to(SETTLE_PATH);
+    assert_eq!(first[0].body["records"].as_array().unwrap().len(), 1);
+    // The sidecar fails: the batch is kept and sent again after the backoff.
+    let n = gw.world.reply_with("503", &json!(null));
+    gw.root.on_call_response(&*gw.world, first[0].token, n);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.world.calls_to(SETTLE_PATH).len(), 1, "backing off");
+    gw.world.advance(1_000);
+    gw.root.on_tick(&*gw.world);
+    // The lease expired meanwhile: swept and closed in the same batch.
+    assert_eq!(gw.slot(), None);
+    let again = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    assert_eq!(again.body["records"][0]["request_id"], first[0].body["records"][0]["request_id"]);
+    assert_eq!(again.body["closes"][0]["drawn_n"], 1);
+    let n = gw.world.reply_with("200", &json!({"results": [], "closes": []}));
+    gw.root.on_call_response(&*gw.world, again.token, n);
+    assert_eq!(gw.world.gauge.get(), 0, "nothing pending");
+}
+
+#[test]
+fn shutdown_closes_live_leases_and_releases_asks_in_flight() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    gw.world.advance(600);
+    gw.send(BODY);
+    gw.root.on_tick(&*gw.world);
+    let before = gw.world.calls().len();
+    gw.root.on_done(&*gw.world);
+    let last = gw.world.calls();
+    let [shutdown] = &last[before..] else { panic!("one last batch") };
+    let closes = shutdown.body["closes"].as_array().unwrap();
+    assert_eq!(closes.len(), 2, "the live lease and the unanswered renewal: {closes:?}");
+    assert!(closes.iter().any(|c| c["tokens"].is_null()));
+    assert_eq!(gw.slot(), None);
+}
