@@ -234,8 +234,128 @@ pub struct SettleReply {
     pub closes: Vec<SettleResult>,
 }
 
+/// Why a message of the internal API is not acceptable: the field at fault
+/// and what is wrong with it. Both the sidecar's handlers and its ledger
+/// check a message with its one `validate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub param: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+fn invalid(param: &'static str, message: impl Into<String>) -> Result<(), Invalid> {
+    Err(Invalid { param, message: message.into() })
+}
+
+fn check_key_hash(key_hash: &str) -> Result<(), Invalid> {
+    if valid_key_hash(key_hash) {
+        return Ok(());
+    }
+    invalid("key_hash", "key_hash must be a SHA-256 hex digest")
+}
+
+impl ReserveRequest {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !valid_request_id(&self.request_id) {
+            return invalid("request_id", "request_id must match [A-Za-z0-9_-]{1,128}");
+        }
+        check_key_hash(&self.key_hash)?;
+        if self.estimate < 1 {
+            return invalid("estimate", "estimate must be >= 1");
+        }
+        Ok(())
+    }
+}
+
+impl LeaseRequest {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !valid_request_id(&self.lease_id) {
+            return invalid("lease_id", "lease_id must match [A-Za-z0-9_-]{1,128}");
+        }
+        check_key_hash(&self.key_hash)?;
+        if self.replaces.as_ref().is_some_and(|c| c.key_hash != self.key_hash) {
+            return invalid("replaces", "replaces must name a lease of the same key");
+        }
+        if self.min < 1 || self.want < self.min {
+            return invalid("min", "need 1 <= min <= want");
+        }
+        Ok(())
+    }
+}
+
+impl SettleBatch {
+    /// The batch as a whole; each record and close is checked on its own, so
+    /// that one bad record is refused alone.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.records.len() + self.closes.len() > MAX_SETTLE_BATCH {
+            return invalid("records", format!("at most {MAX_SETTLE_BATCH} records per batch"));
+        }
+        Ok(())
+    }
+}
+
+impl SettleRecord {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !valid_request_id(&self.request_id) {
+            return invalid("request_id", "request_id has characters outside [A-Za-z0-9_-] or is too long");
+        }
+        if !valid_key_hash(&self.key_hash) {
+            return invalid("key_hash", "key_hash is not a SHA-256 hex digest");
+        }
+        if self.input_tokens < 0 || self.output_tokens < 0 || self.reserved < 0 || self.duration_ms < 0 {
+            return invalid("input_tokens", "token counts and duration must not be negative");
+        }
+        if self.input_tokens.checked_add(self.output_tokens).is_none() {
+            return invalid("input_tokens", "token counts overflow");
+        }
+        if self.lease_id.as_deref().is_some_and(|l| !valid_request_id(l)) {
+            return invalid("lease_id", "lease_id has characters outside [A-Za-z0-9_-] or is too long");
+        }
+        Ok(())
+    }
+}
+
+impl LeaseClose {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if !valid_request_id(&self.lease_id) {
+            return invalid("lease_id", "lease_id has characters outside [A-Za-z0-9_-] or is too long");
+        }
+        if !valid_key_hash(&self.key_hash) {
+            return invalid("key_hash", "key_hash is not a SHA-256 hex digest");
+        }
+        if self.drawn_tokens < 0 || self.drawn_n < 0 || self.tokens.is_some_and(|t| t < self.drawn_tokens) {
+            return invalid("drawn_tokens", "drawn_tokens and drawn_n must be between 0 and the lease's tokens");
+        }
+        if self.tokens.is_none() && (self.drawn_tokens != 0 || self.drawn_n != 0) {
+            return invalid("tokens", "a release (no tokens) cannot have drawn anything");
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn each_message_validates_itself() {
+        let hash = key_hash("k");
+        let reserve = ReserveRequest { key_hash: hash.clone(), request_id: "r1".into(), model: "m".into(), estimate: 1 };
+        assert_eq!(reserve.validate(), Ok(()));
+        let bad = ReserveRequest { estimate: 0, ..reserve.clone() };
+        assert_eq!(bad.validate().map_err(|e| e.param), Err("estimate"));
+        let bad = ReserveRequest { request_id: "a.b".into(), ..reserve };
+        assert_eq!(bad.validate().map_err(|e| e.param), Err("request_id"));
+        let close = LeaseClose { key_hash: hash.clone(), lease_id: "L".into(), tokens: None, drawn_tokens: 1, drawn_n: 1 };
+        assert_eq!(close.validate().map_err(|e| e.param), Err("tokens"));
+        let lease = LeaseRequest { key_hash: hash, lease_id: "L".into(), model: "m".into(), want: 5, min: 9, replaces: None };
+        assert_eq!(lease.validate().map_err(|e| e.param), Err("min"));
+    }
+
     use super::*;
 
     #[test]

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{AppError, Json};
 use crate::keys;
-use crate::store::{KeyStatus, KeyView, NewKey};
+use crate::ledger::{KeyStatus, KeyView, NewKey};
 use crate::AppState;
 
 const DEFAULT_PAGE: i64 = 100;

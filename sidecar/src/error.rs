@@ -23,6 +23,26 @@ pub enum AppError {
     Internal(String),
 }
 
+/// The ledger's errors at the handler edge.
+impl From<crate::ledger::LedgerError> for AppError {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        use crate::ledger::LedgerError as L;
+        match e {
+            L::Database(e) => AppError::Database(e),
+            L::Conflict { message, code } => AppError::Conflict { message, code },
+            L::NotFound(m) => AppError::NotFound(m),
+            L::Internal(m) => AppError::Internal(m),
+        }
+    }
+}
+
+/// An internal-API message that failed its `validate()`.
+impl From<bridge_protocol::Invalid> for AppError {
+    fn from(e: bridge_protocol::Invalid) -> Self {
+        AppError::bad_request(e.message, Some(e.param))
+    }
+}
+
 impl AppError {
     pub fn bad_request(message: impl Into<String>, param: Option<&str>) -> Self {
         AppError::BadRequest { message: message.into(), param: param.map(str::to_owned) }

@@ -2,11 +2,10 @@
 //! public listener; optionally guarded by a shared secret header as well.
 
 use axum::extract::State;
-use bridge_protocol::{
-    LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, SettleBatch, SettleOutcome, SettleReply, MAX_SETTLE_BATCH,
-};
+use bridge_protocol::{LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, SettleBatch, SettleOutcome, SettleReply};
 
 use crate::error::{AppError, Json};
+use crate::ledger::Decision;
 use crate::AppState;
 
 #[tracing::instrument(skip_all, fields(request_id = %req.request_id))]
@@ -14,25 +13,25 @@ pub async fn reserve(
     State(state): State<AppState>,
     Json(req): Json<ReserveRequest>,
 ) -> Result<Json<ReserveReply>, AppError> {
-    if !bridge_protocol::valid_request_id(&req.request_id) {
-        return Err(AppError::bad_request("request_id must match [A-Za-z0-9_-]{1,128}", Some("request_id")));
-    }
-    if !bridge_protocol::valid_key_hash(&req.key_hash) {
-        return Err(AppError::bad_request("key_hash must be a SHA-256 hex digest", Some("key_hash")));
-    }
-    if req.estimate < 1 {
-        return Err(AppError::bad_request("estimate must be >= 1", Some("estimate")));
-    }
+    req.validate()?;
     let store = state.store.clone();
     let task_req = req.clone();
     let started = std::time::Instant::now();
     // A tracked task: a hold is either made and answered, or not made, never
     // cut halfway by a caller that hung up or by shutdown.
-    let reply = state
+    let decision = state
         .tasks
         .spawn(async move { store.reserve(&task_req).await })
         .await
         .map_err(|e| AppError::Internal(format!("reservation task: {e}")))??;
+    let reply = match decision {
+        Decision::Granted { balance_tokens, .. } => ReserveReply::Admit { balance_tokens },
+        Decision::Refused(why) => {
+            let (status, error) = crate::refusal::reply(&why);
+            ReserveReply::Refuse { status, error }
+        }
+        Decision::Retry => return Err(AppError::Internal("a reservation has no retry".into())),
+    };
     match &reply {
         ReserveReply::Admit { balance_tokens } => {
             tracing::debug!(estimate = req.estimate, balance_tokens, ms = started.elapsed().as_millis() as u64, "reserved")
@@ -46,23 +45,12 @@ pub async fn reserve(
 
 #[tracing::instrument(skip_all, fields(lease_id = %req.lease_id))]
 pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>) -> Result<Json<LeaseReply>, AppError> {
-    if !bridge_protocol::valid_request_id(&req.lease_id) {
-        return Err(AppError::bad_request("lease_id must match [A-Za-z0-9_-]{1,128}", Some("lease_id")));
-    }
-    if !bridge_protocol::valid_key_hash(&req.key_hash) {
-        return Err(AppError::bad_request("key_hash must be a SHA-256 hex digest", Some("key_hash")));
-    }
-    if req.replaces.as_ref().is_some_and(|c| c.key_hash != req.key_hash) {
-        return Err(AppError::bad_request("replaces must name a lease of the same key", Some("replaces")));
-    }
-    if req.min < 1 || req.want < req.min {
-        return Err(AppError::bad_request("need 1 <= min <= want", Some("min")));
-    }
+    req.validate()?;
     let store = state.store.clone();
     let task_req = req.clone();
     let started = std::time::Instant::now();
     // Tracked, as a reservation: granted and answered, or not granted.
-    let reply = state
+    let decision = state
         .tasks
         .spawn(async move {
             if let Some(close) = &task_req.replaces {
@@ -72,6 +60,14 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
         })
         .await
         .map_err(|e| AppError::Internal(format!("lease task: {e}")))??;
+    let reply = match decision {
+        Decision::Granted { tokens, balance_tokens } => LeaseReply::Grant { tokens, balance_tokens },
+        Decision::Refused(why) => {
+            let (status, error) = crate::refusal::reply(&why);
+            LeaseReply::Refuse { status, error }
+        }
+        Decision::Retry => LeaseReply::Retry,
+    };
     match &reply {
         LeaseReply::Grant { tokens, balance_tokens } => {
             tracing::debug!(tokens, balance_tokens, ms = started.elapsed().as_millis() as u64, "lease granted")
@@ -89,12 +85,7 @@ pub async fn settle(
     State(state): State<AppState>,
     Json(batch): Json<SettleBatch>,
 ) -> Result<Json<SettleReply>, AppError> {
-    if batch.records.len() + batch.closes.len() > MAX_SETTLE_BATCH {
-        return Err(AppError::bad_request(
-            format!("at most {MAX_SETTLE_BATCH} records per batch"),
-            Some("records"),
-        ));
-    }
+    batch.validate()?;
     let store = state.store.clone();
     let span = tracing::Span::current();
     let started = std::time::Instant::now();

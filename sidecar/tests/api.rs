@@ -11,7 +11,7 @@ use bridge_protocol::{
 use bridge_tests::{mongo_uri, start_sidecar, unique_db};
 use mongodb::bson::{doc, Document};
 use openclaw_sidecar::config::Secret;
-use openclaw_sidecar::store::Store;
+use openclaw_sidecar::ledger::Store;
 use openclaw_sidecar::{app, sweeper, AppState};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};

@@ -1,0 +1,211 @@
+//! Expiry: holds and leases that outlived the TTL are charged at their
+//! estimates, and release marks are forgotten once they can block nothing.
+
+use std::time::Duration;
+
+use bridge_protocol::{SettleRecord, UsageSource};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, DateTime, Document};
+
+use super::outbox::OutboxRow;
+use super::settle::audit_entry;
+use super::{hold_path, int, lease_path, outbox_path, released_path, LedgerError, Store};
+
+/// How long an `expiring` mark stands before the lease's rows are summed
+/// (at most the hold TTL): far longer than a settlement takes from its check
+/// of the mark to its insert.
+pub(super) const EXPIRY_GRACE: Duration = Duration::from_secs(5);
+
+/// The settlement the sweeper makes for a hold or lease that outlived its TTL:
+/// `tokens` charged at the estimate, nothing counted.
+pub(super) fn expired_record(
+    id: &str,
+    key_hash: &str,
+    held: &Document,
+    tokens: i64,
+    at: DateTime,
+    now: DateTime,
+    lease_id: Option<&str>,
+) -> SettleRecord {
+    SettleRecord {
+        request_id: id.to_owned(),
+        key_hash: key_hash.to_owned(),
+        model: held.get_str("model").unwrap_or_default().to_owned(),
+        reserved: tokens,
+        input_tokens: 0,
+        output_tokens: 0,
+        usage_source: UsageSource::Estimate,
+        duration_ms: now.timestamp_millis().saturating_sub(at.timestamp_millis()),
+        status_code: 0,
+        stream: false,
+        unreserved: false,
+        release: false,
+        lease_id: lease_id.map(str::to_owned),
+    }
+}
+
+impl Store {
+    /// Charges holds older than the TTL in full and writes their audit rows.
+    /// Returns how many holds it finalised.
+    pub async fn expire_holds(&self) -> Result<usize, LedgerError> {
+        let ttl_ms = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
+        let now = DateTime::now();
+        let cutoff = now.timestamp_millis().saturating_sub(ttl_ms);
+        let docs: Vec<Document> = self
+            .keys
+            .find(doc! {"holds_n": {"$gt": 0_i64}})
+            .projection(doc! {"holds": 1})
+            .await?
+            .try_collect()
+            .await?;
+        let mut expired = Vec::new();
+        for key in &docs {
+            let hash = key.get_str("_id").unwrap_or_default();
+            let Ok(holds) = key.get_document("holds") else { continue };
+            for (request_id, hold) in holds {
+                let Some(hold) = hold.as_document() else { continue };
+                let Ok(at) = hold.get_datetime("at") else { continue };
+                if at.timestamp_millis() <= cutoff {
+                    expired.push((hash.to_owned(), request_id.clone(), hold.clone(), *at));
+                }
+            }
+        }
+        let mut rows = Vec::new();
+        for (hash, request_id, hold, at) in expired {
+            let tokens = int(&hold, "tokens");
+            let record = expired_record(&request_id, &hash, &hold, tokens, at, now, None);
+            let entry = audit_entry(&record, tokens, true, now);
+            let hold_at = hold_path(&request_id);
+            let outbox = outbox_path(&request_id);
+            // Guarded by the hold's own timestamp: a settlement that won the race keeps its hold.
+            let owner = self
+                .keys
+                .find_one_and_update(
+                    doc! {"_id": &hash, format!("{hold_at}.at"): at, format!("{hold_at}.tokens"): tokens},
+                    doc! {
+                        "$inc": {"holds_n": -1_i64, "outbox_n": 1_i64},
+                        "$unset": {&hold_at: ""},
+                        "$set": {&outbox: &entry},
+                    },
+                )
+                .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1})
+                .await?;
+            if let Some(owner) = owner {
+                tracing::warn!(request_id = %request_id, tokens, "hold expired unsettled; charged in full");
+                rows.push(OutboxRow::new(&hash, &request_id, &owner, entry));
+            }
+        }
+        let n = rows.len();
+        self.write_audit_rows(rows).await?;
+        let leases = self.expire_leases(cutoff, now).await?;
+        self.forget_releases(cutoff).await?;
+        Ok(n + leases)
+    }
+
+    /// Leases past the TTL, in two sweeps: the first marks the lease
+    /// `expiring`, which settlements check before they write a row; the next,
+    /// once no settlement that passed that check can still be writing, sums the
+    /// rows that came. Their requests pay what they used; the drawn requests
+    /// that never settled (or the whole lease, if it never closed) are charged
+    /// at their estimates, with one audit row whose `request_id` is the lease
+    /// id. Closed leases not yet finalised (a failure between two steps) are
+    /// finalised here too.
+    pub(super) async fn expire_leases(&self, cutoff: i64, now: DateTime) -> Result<usize, LedgerError> {
+        let docs: Vec<Document> = self
+            .keys
+            .find(doc! {"leases_n": {"$gt": 0_i64}})
+            .projection(doc! {"leases": 1})
+            .await?
+            .try_collect()
+            .await?;
+        let grace_ms = i64::try_from(self.hold_ttl.min(EXPIRY_GRACE).as_millis()).unwrap_or(i64::MAX);
+        let mut rows = Vec::new();
+        for key in &docs {
+            let hash = key.get_str("_id").unwrap_or_default();
+            let Ok(leases) = key.get_document("leases") else { continue };
+            for (lease_id, lease) in leases {
+                let Some(lease) = lease.as_document() else { continue };
+                let Ok(at) = lease.get_datetime("at") else { continue };
+                let path = lease_path(lease_id);
+                if at.timestamp_millis() > cutoff {
+                    if lease.get_bool("closed").unwrap_or(false) {
+                        self.finalize_lease(hash, lease_id).await?;
+                    }
+                    continue;
+                }
+                let Ok(marked) = lease.get_datetime("expiring") else {
+                    self.keys
+                        .update_one(
+                            doc! {"_id": hash, format!("{path}.at"): *at, format!("{path}.expiring"): {"$exists": false}},
+                            doc! {"$set": {format!("{path}.expiring"): now}},
+                        )
+                        .await?;
+                    continue;
+                };
+                if now.timestamp_millis() - marked.timestamp_millis() < grace_ms {
+                    continue;
+                }
+                let used = self.lease_usage(lease_id).await?;
+                let taken = if lease.get_bool("closed").unwrap_or(false) {
+                    int(lease, "drawn_tokens")
+                } else {
+                    int(lease, "tokens")
+                };
+                let kept = (taken - used.reserved).max(0);
+                let record = expired_record(lease_id, hash, lease, kept, *at, now, Some(lease_id));
+                let entry = audit_entry(&record, kept, true, now);
+                let mut update = doc! {
+                    "$inc": {"balance_tokens": used.reserved - used.total, "leases_n": -1_i64},
+                    "$unset": {&path: ""},
+                };
+                if kept > 0 {
+                    update.insert("$set", doc! {outbox_path(lease_id): &entry});
+                    if let Ok(inc) = update.get_document_mut("$inc") {
+                        inc.insert("outbox_n", 1_i64);
+                    }
+                }
+                let owner = self
+                    .keys
+                    .find_one_and_update(doc! {"_id": hash, format!("{path}.expiring"): *marked}, update)
+                    .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1})
+                    .await?;
+                if let (Some(owner), true) = (owner, kept > 0) {
+                    tracing::warn!(lease_id = %lease_id, tokens = kept, "lease expired with requests unsettled; charged at their estimates");
+                    rows.push(OutboxRow::new(hash, lease_id, &owner, entry));
+                }
+            }
+        }
+        let n = rows.len();
+        self.write_audit_rows(rows).await?;
+        Ok(n)
+    }
+
+    /// Release marks only need to outlive the reservation they block; drop
+    /// those older than the hold TTL.
+    pub(super) async fn forget_releases(&self, cutoff_ms: i64) -> Result<(), LedgerError> {
+        let docs: Vec<Document> = self
+            .keys
+            .find(doc! {"released_n": {"$gt": 0_i64}})
+            .projection(doc! {"released": 1})
+            .await?
+            .try_collect()
+            .await?;
+        for key in &docs {
+            let hash = key.get_str("_id").unwrap_or_default();
+            let Ok(released) = key.get_document("released") else { continue };
+            for (request_id, at) in released {
+                let Some(at) = at.as_datetime() else { continue };
+                if at.timestamp_millis() <= cutoff_ms {
+                    self.keys
+                        .update_one(
+                            doc! {"_id": hash, released_path(request_id): {"$exists": true}},
+                            doc! {"$unset": {released_path(request_id): ""}, "$inc": {"released_n": -1_i64}},
+                        )
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+}

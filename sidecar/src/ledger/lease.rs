@@ -1,0 +1,173 @@
+//! Leases: many requests' estimates taken from a key in one guarded update,
+//! closed with what was drawn, and finalised once every drawn request has its
+//! audit row.
+
+use bridge_protocol::{LeaseClose, LeaseRequest, SettleOutcome, SettleResult};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::options::ReturnDocument;
+
+use super::reserve::Why;
+use super::{int, lease_path, released_path, Decision, LedgerError, Refusal, Store};
+
+/// Tokens a lease keeps from the balance until it is finalised: all it took
+/// until it is closed, then what was drawn.
+pub(super) fn lease_outstanding(lease: &Document) -> i64 {
+    if lease.get_bool("closed").unwrap_or(false) {
+        int(lease, "drawn_tokens")
+    } else {
+        int(lease, "tokens")
+    }
+}
+
+pub(super) fn lease_of(key: &Document, lease_id: &str) -> Option<Document> {
+    key.get_document("leases").ok()?.get_document(lease_id).ok().cloned()
+}
+
+/// What the audit rows of a lease add up to.
+#[derive(Debug, Default)]
+pub(super) struct LeaseUsage {
+    pub(super) rows: i64,
+    pub(super) total: i64,
+    pub(super) reserved: i64,
+}
+
+impl Store {
+    /// Takes up to `want` (at least `min`) tokens from the balance into a lease,
+    /// in one guarded update; a balance below `want` is leased whole.
+    pub async fn lease(&self, req: &LeaseRequest) -> Result<Decision, LedgerError> {
+        let at = lease_path(&req.lease_id);
+        let mut want = req.want.max(req.min);
+        for _ in 0..4 {
+            let filter = doc! {
+                "_id": &req.key_hash,
+                "status": "active",
+                "balance_tokens": {"$gte": want},
+                &at: {"$exists": false},
+                released_path(&req.lease_id): {"$exists": false},
+            };
+            let update = doc! {
+                "$inc": {"balance_tokens": -want, "leases_n": 1_i64},
+                "$set": {&at: {"tokens": want, "model": &req.model, "at": DateTime::now()}},
+            };
+            let granted = self
+                .keys
+                .find_one_and_update(filter, update)
+                .return_document(ReturnDocument::After)
+                .projection(doc! {"balance_tokens": 1})
+                .await?;
+            if let Some(d) = granted {
+                return Ok(Decision::Granted { tokens: want, balance_tokens: int(&d, "balance_tokens") });
+            }
+            match self.why_refused(&req.key_hash, "leases", &req.lease_id).await? {
+                // Less than asked but enough for this request: lease what there is.
+                Why::Broke(balance) if balance >= req.min && balance < want => want = balance,
+                Why::Broke(balance) if balance < req.min => {
+                    return Ok(Decision::Refused(Refusal::Insufficient { needed: req.min, balance }));
+                }
+                // The balance moved between the two reads: try again.
+                Why::Broke(_) => {}
+                other => return other.decision(&req.lease_id, req.min),
+            }
+        }
+        // Other requests of the key kept moving the balance (they reserve on
+        // their own while this lease is fetched): this one does too.
+        Ok(Decision::Retry)
+    }
+
+    /// A closed lease whose drawn requests have all settled: the balance gets
+    /// back what was drawn less what its rows used, and the lease goes away,
+    /// in one update. Does nothing while rows are missing.
+    pub(super) async fn finalize_lease(&self, key_hash: &str, lease_id: &str) -> Result<bool, LedgerError> {
+        let path = lease_path(lease_id);
+        let key = self.keys.find_one(doc! {"_id": key_hash}).projection(doc! {&path: 1}).await?;
+        let Some(lease) = key.as_ref().and_then(|k| lease_of(k, lease_id)) else { return Ok(false) };
+        if !lease.get_bool("closed").unwrap_or(false) || lease.contains_key("expiring") {
+            return Ok(false);
+        }
+        let used = self.lease_usage(lease_id).await?;
+        let (drawn_n, drawn) = (int(&lease, "drawn_n"), int(&lease, "drawn_tokens"));
+        if used.rows < drawn_n {
+            return Ok(false);
+        }
+        let done = self
+            .keys
+            .update_one(
+                doc! {"_id": key_hash, format!("{path}.closed"): true, format!("{path}.expiring"): {"$exists": false}},
+                doc! {"$inc": {"balance_tokens": drawn - used.total, "leases_n": -1_i64}, "$unset": {&path: ""}},
+            )
+            .await?;
+        Ok(done.modified_count == 1)
+    }
+
+    /// What the audit rows of a lease add up to.
+    pub(super) async fn lease_usage(&self, lease_id: &str) -> Result<LeaseUsage, LedgerError> {
+        let mut cursor = self
+            .audit
+            .aggregate([
+                doc! {"$match": {"lease_id": lease_id, "expired_hold": false}},
+                doc! {"$group": {"_id": Bson::Null, "rows": {"$sum": 1_i64}, "total": {"$sum": "$total_tokens"},
+                    "reserved": {"$sum": "$reserved_tokens"}}},
+            ])
+            .await?;
+        Ok(match cursor.try_next().await? {
+            Some(d) => LeaseUsage { rows: int(&d, "rows"), total: int(&d, "total"), reserved: int(&d, "reserved") },
+            None => LeaseUsage::default(),
+        })
+    }
+
+    /// Closes leases: what was not drawn returns to the balance. A release (no
+    /// `tokens`) of a lease not granted yet leaves a mark that refuses it later.
+    pub async fn close_leases(&self, closes: &[LeaseClose]) -> Result<Vec<SettleResult>, LedgerError> {
+        let outcomes = futures::future::try_join_all(closes.iter().map(|c| self.close_lease(c))).await?;
+        Ok(closes
+            .iter()
+            .zip(outcomes)
+            .map(|(c, (outcome, message))| SettleResult { request_id: c.lease_id.clone(), outcome, message })
+            .collect())
+    }
+
+    pub(super) async fn close_lease(&self, c: &LeaseClose) -> Result<(SettleOutcome, Option<String>), LedgerError> {
+        if let Err(why) = c.validate() {
+            return Ok((SettleOutcome::Invalid, Some(why.message)));
+        }
+        let at = lease_path(&c.lease_id);
+        for _ in 0..3 {
+            let current = self.keys.find_one(doc! {"_id": &c.key_hash}).projection(doc! {&at: 1}).await?;
+            let Some(lease) = current.as_ref().and_then(|d| lease_of(d, &c.lease_id)) else {
+                if c.tokens.is_some() {
+                    return Ok((SettleOutcome::Unknown, Some("no such lease under this key".into())));
+                }
+                if self.mark_released(&c.key_hash, &at, &c.lease_id).await? {
+                    return Ok((SettleOutcome::Unknown, Some("released before it was granted".into())));
+                }
+                continue;
+            };
+            if lease.get_bool("closed").unwrap_or(false) {
+                return Ok((SettleOutcome::AlreadySettled, None));
+            }
+            let tokens = int(&lease, "tokens");
+            if c.tokens.is_some_and(|t| t != tokens) || c.drawn_tokens > tokens {
+                return Ok((SettleOutcome::Invalid, Some(format!("the lease holds {tokens} tokens"))));
+            }
+            let closed = self
+                .keys
+                .update_one(
+                    doc! {"_id": &c.key_hash, format!("{at}.tokens"): tokens, format!("{at}.closed"): {"$exists": false},
+                        format!("{at}.expiring"): {"$exists": false}},
+                    doc! {
+                        "$inc": {"balance_tokens": tokens - c.drawn_tokens},
+                        "$set": {format!("{at}.closed"): true, format!("{at}.drawn_n"): c.drawn_n,
+                            format!("{at}.drawn_tokens"): c.drawn_tokens},
+                    },
+                )
+                .await?;
+            if closed.modified_count == 1 {
+                self.finalize_lease(&c.key_hash, &c.lease_id).await?;
+                return Ok((SettleOutcome::Settled, None));
+            }
+        }
+        Ok((SettleOutcome::AlreadySettled, Some("closed or expiring meanwhile".into())))
+    }
+
+}

@@ -1,0 +1,199 @@
+//! The ledger in MongoDB, one module per workflow.
+//!
+//! One document per key in `api_keys`, `_id` = SHA-256 of the key. Every balance
+//! change is one guarded update of that one document, never read-then-write:
+//!
+//! - reserve: `balance_tokens >= estimate` in the filter, `$inc` by `-estimate` and
+//!   `$set holds.<request_id>` in the update.
+//! - settle: `holds.<request_id>.tokens == reserved` in the filter; `$inc` by
+//!   `reserved - actual`, `$unset` the hold and `$set outbox.<request_id>` to the
+//!   audit row in the same update. Only one settlement can ever remove the hold.
+//! - the audit row is then inserted into `audit_logs` (unique `request_id`) and the
+//!   outbox entry removed. A crash between the two leaves the entry in the outbox,
+//!   which the sweeper flushes: the row is written once, never lost.
+//! - holds older than the TTL are charged in full by the sweeper through the same
+//!   outbox path, with `expired_hold: true`.
+//! - lease: like a reservation, but of up to `want` tokens under
+//!   `leases.<lease_id>`, for many requests. Its close returns
+//!   `tokens - drawn_tokens` to the balance at once. A request drawn from it
+//!   settles by its audit row alone (one insert for a batch, unique
+//!   `request_id`, no update of the key): the rows are the lease's ledger. Once
+//!   the lease is closed and has a row for every drawn request, one update
+//!   returns `drawn_tokens - sum(total_tokens)` and removes the lease.
+
+//!
+//! Modules: `keys` (the admin's view and changes), `reserve`, `lease`,
+//! `settle`, `outbox` (audit rows that outlive a crash), `expiry` (the
+//! sweeper's work). Errors are `LedgerError`, mapped to the API's `AppError`
+//! at the handler edge; refusals are typed (`Refusal`) and worded for clients
+//! by `crate::refusal`.
+
+mod expiry;
+mod keys;
+mod lease;
+mod outbox;
+mod reserve;
+mod settle;
+
+use std::time::Duration;
+
+use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::IndexOptions;
+use mongodb::{Client, Collection, IndexModel};
+
+pub use keys::{KeyStatus, KeyView, NewKey};
+
+use bridge_protocol::SettleOutcome;
+use outbox::OutboxRow;
+
+/// What can go wrong in the ledger, apart from a refusal (which is an answer).
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("database: {0}")]
+    Database(#[from] mongodb::error::Error),
+    #[error("{message}")]
+    Conflict { message: String, code: &'static str },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Why a key may not take what a request needs; `crate::refusal` words it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    UnknownKey,
+    Frozen { masked_key: String },
+    /// The balance is below what the request needs.
+    Insufficient { needed: i64, balance: i64 },
+}
+
+/// The ledger's answer to a reservation or a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Granted { tokens: i64, balance_tokens: i64 },
+    Refused(Refusal),
+    /// A lease could not be taken now (the balance moved under every try):
+    /// the request reserves alone.
+    Retry,
+}
+
+pub(super) const DUPLICATE_KEY: i32 = 11000;
+
+/// Cheap to clone: the driver's handles are `Arc`s inside.
+#[derive(Clone, Debug)]
+pub struct Store {
+    keys: Collection<Document>,
+    audit: Collection<Document>,
+    hold_ttl: Duration,
+}
+
+pub(super) fn hold_path(request_id: &str) -> String {
+    format!("holds.{request_id}")
+}
+
+pub(super) fn outbox_path(request_id: &str) -> String {
+    format!("outbox.{request_id}")
+}
+
+pub(super) fn released_path(request_id: &str) -> String {
+    format!("released.{request_id}")
+}
+
+pub(super) fn lease_path(lease_id: &str) -> String {
+    format!("leases.{lease_id}")
+}
+
+pub(super) fn rfc3339(doc: &Document, field: &str) -> String {
+    doc.get_datetime(field)
+        .ok()
+        .and_then(|d| d.try_to_rfc3339_string().ok())
+        .unwrap_or_default()
+}
+
+pub(super) fn int(doc: &Document, field: &str) -> i64 {
+    match doc.get(field) {
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(Bson::Double(f)) => *f as i64,
+        _ => 0,
+    }
+}
+
+pub(super) fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
+        ErrorKind::InsertMany(m) => m
+            .write_errors
+            .as_ref()
+            .is_some_and(|errs| errs.iter().all(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
+        _ => false,
+    }
+}
+
+impl Store {
+    pub async fn connect(uri: &str, db_name: &str, hold_ttl: Duration) -> Result<Self, LedgerError> {
+        let client = Client::with_uri_str(uri).await?;
+        let db = client.database(db_name);
+        Ok(Self {
+            keys: db.collection("api_keys"),
+            audit: db.collection("audit_logs"),
+            hold_ttl,
+        })
+    }
+
+    /// Creates the indexes the ledger relies on; `request_id` uniqueness is what
+    /// makes audit writes idempotent.
+    pub async fn ensure_indexes(&self) -> Result<(), LedgerError> {
+        let unique = IndexOptions::builder().unique(true).build();
+        self.audit
+            .create_index(IndexModel::builder().keys(doc! {"request_id": 1}).options(unique).build())
+            .await?;
+        self.audit
+            .create_index(IndexModel::builder().keys(doc! {"key_id": 1, "timestamp": -1}).build())
+            .await?;
+        self.audit
+            .create_index(IndexModel::builder().keys(doc! {"timestamp": -1}).build())
+            .await?;
+        // A lease's rows are summed when it is finalised.
+        self.audit
+            .create_index(IndexModel::builder().keys(doc! {"lease_id": 1}).build())
+            .await?;
+        for field in ["holds_n", "outbox_n", "leases_n", "released_n"] {
+            self.keys
+                .create_index(IndexModel::builder().keys(doc! {field: 1}).build())
+                .await?;
+        }
+        self.keys
+            .create_index(IndexModel::builder().keys(doc! {"created_at": 1, "_id": 1}).build())
+            .await?;
+        Ok(())
+    }
+
+    /// Marks `id` released so that a reservation or lease of it arriving later
+    /// is refused, but only while `occupied` (its hold or lease) does not
+    /// exist: one that landed meanwhile must be undone instead. Whether the
+    /// mark was set.
+    pub(super) async fn mark_released(&self, key_hash: &str, occupied: &str, id: &str) -> Result<bool, LedgerError> {
+        let mark = self
+            .keys
+            .update_one(
+                doc! {"_id": key_hash, occupied: {"$exists": false}, released_path(id): {"$exists": false}},
+                doc! {"$set": {released_path(id): DateTime::now()}, "$inc": {"released_n": 1_i64}},
+            )
+            .await?;
+        Ok(mark.matched_count == 1)
+    }
+
+    /// Whether MongoDB answers; used by the readiness endpoint.
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        self.keys.find_one(doc! {"_id": ""}).projection(doc! {"_id": 1}).await?;
+        Ok(())
+    }
+
+}
+
+/// What became of one settlement record, and the audit row to write if it settled now.
+type Settled = (SettleOutcome, Option<String>, Option<OutboxRow>);

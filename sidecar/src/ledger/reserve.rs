@@ -1,0 +1,84 @@
+//! Reservations: one request's estimate held on its key in one guarded
+//! update, or the typed reason it was not.
+
+use bridge_protocol::ReserveRequest;
+use mongodb::bson::{doc, DateTime};
+use mongodb::options::ReturnDocument;
+
+use super::keys::masked_key;
+use super::{hold_path, int, released_path, Decision, LedgerError, Refusal, Store};
+
+/// Why a guarded reservation or lease found nothing to change.
+pub(super) enum Why {
+    Refused(Refusal),
+    /// The id is already in use under this key.
+    Taken,
+    /// The filter gave up on this id and released it.
+    Released,
+    /// Active and not taken, but the balance is below what was asked.
+    Broke(i64),
+}
+
+impl Why {
+    /// The answer for a caller that asked for `needed`; an id in use or
+    /// released is no answer for a client (nobody waits for it).
+    pub(super) fn decision(self, id: &str, needed: i64) -> Result<Decision, LedgerError> {
+        match self {
+            Why::Refused(r) => Ok(Decision::Refused(r)),
+            Why::Broke(balance) => Ok(Decision::Refused(Refusal::Insufficient { needed, balance })),
+            Why::Taken => Err(LedgerError::Internal(format!("id {id} reserved twice"))),
+            // Nobody waits for this answer: the filter gave up and released it.
+            Why::Released => Err(LedgerError::Conflict { message: "reservation already released".into(), code: "released" }),
+        }
+    }
+}
+
+impl Store {
+    /// Takes `estimate` tokens from the balance and records the hold, in one update.
+    pub async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, LedgerError> {
+        let hold = hold_path(&req.request_id);
+        let filter = doc! {
+            "_id": &req.key_hash,
+            "status": "active",
+            "balance_tokens": {"$gte": req.estimate},
+            &hold: {"$exists": false},
+            // Released before it got here: the client has its 503 already.
+            released_path(&req.request_id): {"$exists": false},
+        };
+        let update = doc! {
+            "$inc": {"balance_tokens": -req.estimate, "holds_n": 1_i64},
+            "$set": {&hold: {"tokens": req.estimate, "model": &req.model, "at": DateTime::now()}},
+        };
+        let admitted = self
+            .keys
+            .find_one_and_update(filter, update)
+            .return_document(ReturnDocument::After)
+            .projection(doc! {"balance_tokens": 1})
+            .await?;
+        if let Some(d) = admitted {
+            return Ok(Decision::Granted { tokens: req.estimate, balance_tokens: int(&d, "balance_tokens") });
+        }
+        self.why_refused(&req.key_hash, "holds", &req.request_id).await?.decision(&req.request_id, req.estimate)
+    }
+
+    /// Reads the key only to say why a guarded update found nothing to change.
+    pub(super) async fn why_refused(&self, key_hash: &str, map: &str, id: &str) -> Result<Why, LedgerError> {
+        let taken = format!("{map}.{id}");
+        let current = self
+            .keys
+            .find_one(doc! {"_id": key_hash})
+            .projection(doc! {"status": 1, "balance_tokens": 1, "key_prefix": 1, "key_last4": 1, &taken: 1,
+                released_path(id): 1})
+            .await?;
+        let Some(d) = current else { return Ok(Why::Refused(Refusal::UnknownKey)) };
+        Ok(if d.get_str("status") != Ok("active") {
+            Why::Refused(Refusal::Frozen { masked_key: masked_key(&d) })
+        } else if d.get_document(map).is_ok_and(|h| h.contains_key(id)) {
+            Why::Taken
+        } else if d.get_document("released").is_ok_and(|h| h.contains_key(id)) {
+            Why::Released
+        } else {
+            Why::Broke(int(&d, "balance_tokens"))
+        })
+    }
+}

@@ -1,0 +1,245 @@
+//! Settlement: each request's hold replaced by what it used, once; the
+//! requests drawn from a lease settle by their audit rows alone.
+
+use bridge_protocol::{SettleOutcome, SettleRecord, SettleResult};
+use mongodb::bson::{doc, DateTime, Document};
+use mongodb::error::ErrorKind;
+
+use super::lease::lease_of;
+use super::outbox::OutboxRow;
+use super::{hold_path, lease_path, outbox_path, LedgerError, Settled, Store, DUPLICATE_KEY};
+
+/// The audit row of one settlement, without the key owner's fields (added on flush).
+pub(super) fn audit_entry(r: &SettleRecord, total: i64, expired: bool, now: DateTime) -> Document {
+    let mut row = doc! {
+        "timestamp": now,
+        "request_id": &r.request_id,
+        "key_id": &r.key_hash,
+        "model": &r.model,
+        "input_tokens": r.input_tokens,
+        "output_tokens": r.output_tokens,
+        "total_tokens": total,
+        "duration_ms": r.duration_ms,
+        "status_code": i32::from(r.status_code),
+        "stream": r.stream,
+        "usage_source": r.usage_source.as_str(),
+        "expired_hold": expired,
+        "reserved_tokens": r.reserved,
+    };
+    if let Some(lease) = &r.lease_id {
+        row.insert("lease_id", lease);
+    }
+    row
+}
+
+impl Store {
+    /// Settles a batch: each record replaces its hold by the actual usage once;
+    /// the records of one lease settle together.
+    pub async fn settle(&self, records: &[SettleRecord]) -> Result<Vec<SettleResult>, LedgerError> {
+        let now = DateTime::now();
+        let mut singles = Vec::new();
+        let mut groups: Vec<(&str, &str, Vec<usize>)> = Vec::new();
+        for (i, r) in records.iter().enumerate() {
+            let Some(lease) = r.lease_id.as_deref().filter(|_| r.validate().is_ok()) else {
+                singles.push(i);
+                continue;
+            };
+            match groups.iter_mut().find(|(k, l, _)| *k == r.key_hash && *l == lease) {
+                // The same id twice in one batch cannot go in one update.
+                Some((_, _, ids)) if ids.iter().any(|&j| records[j].request_id == r.request_id) => singles.push(i),
+                Some((_, _, ids)) => ids.push(i),
+                None => groups.push((&r.key_hash, lease, vec![i])),
+            }
+        }
+        let (single_outcomes, group_outcomes) = futures::future::try_join(
+            futures::future::try_join_all(singles.iter().map(|&i| self.settle_one(&records[i], now))),
+            futures::future::try_join_all(groups.iter().map(|(_, _, ids)| {
+                let group: Vec<&SettleRecord> = ids.iter().map(|&i| &records[i]).collect();
+                async move { self.settle_leased(&group, now).await }
+            })),
+        )
+        .await?;
+        let mut outcomes: Vec<Option<Settled>> = records.iter().map(|_| None).collect();
+        for (i, o) in singles.iter().zip(single_outcomes) {
+            outcomes[*i] = Some(o);
+        }
+        for ((_, _, ids), group) in groups.iter().zip(group_outcomes) {
+            for (i, o) in ids.iter().zip(group) {
+                outcomes[*i] = Some(o);
+            }
+        }
+        let mut results = Vec::with_capacity(records.len());
+        let mut rows = Vec::new();
+        for (record, outcome) in records.iter().zip(outcomes) {
+            let (outcome, message, row) =
+                outcome.unwrap_or((SettleOutcome::Invalid, Some("not processed".into()), None));
+            if let Some(row) = row {
+                rows.push(row);
+            }
+            results.push(SettleResult { request_id: record.request_id.clone(), outcome, message });
+        }
+        self.write_audit_rows(rows).await?;
+        Ok(results)
+    }
+
+    /// Records drawn from one lease of one key. Their audit rows are the
+    /// lease's ledger: written once each (unique `request_id`), in one insert,
+    /// with no update of the key at all; the balance moves once for the whole
+    /// lease when it is finalised (see [`Store::finalize_lease`]).
+    pub(super) async fn settle_leased(&self, group: &[&SettleRecord], now: DateTime) -> Result<Vec<Settled>, LedgerError> {
+        let (Some(first), Some(lease_id)) = (group.first(), group.first().and_then(|r| r.lease_id.as_deref())) else {
+            return Ok(Vec::new());
+        };
+        let path = lease_path(lease_id);
+        let key = self
+            .keys
+            .find_one(doc! {"_id": &first.key_hash})
+            .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1, &path: 1})
+            .await?;
+        let lease = key.as_ref().and_then(|k| lease_of(k, lease_id));
+        let (Some(owner), Some(_)) = (key.as_ref(), lease.filter(|l| !l.contains_key("expiring"))) else {
+            // Gone (finalised, expired) or never granted: a row now would be counted nowhere.
+            let mut out = Vec::with_capacity(group.len());
+            for r in group {
+                let (outcome, message) = self.classify_unsettled(r).await?;
+                out.push((outcome, message, None));
+            }
+            return Ok(out);
+        };
+        let rows: Vec<Document> = group
+            .iter()
+            .map(|r| OutboxRow::new(&r.key_hash, &r.request_id, owner, audit_entry(r, r.input_tokens + r.output_tokens, false, now)).row)
+            .collect();
+        let mut duplicates = std::collections::BTreeSet::new();
+        match self.audit.insert_many(&rows).ordered(false).await {
+            Ok(_) => {}
+            Err(e) => match e.kind.as_ref() {
+                ErrorKind::InsertMany(m)
+                    if m.write_errors.as_ref().is_some_and(|errs| errs.iter().all(|w| w.code == DUPLICATE_KEY)) =>
+                {
+                    duplicates.extend(m.write_errors.iter().flatten().map(|w| w.index));
+                }
+                _ => return Err(e.into()),
+            },
+        }
+        // Read afresh: a close may have come between our read and our insert.
+        self.finalize_lease(&first.key_hash, lease_id).await?;
+        Ok((0..group.len())
+            .map(|i| {
+                if duplicates.contains(&i) {
+                    (SettleOutcome::AlreadySettled, None, None)
+                } else {
+                    (SettleOutcome::Settled, None, None)
+                }
+            })
+            .collect())
+    }
+
+    /// One record: returns its outcome and, when it settled now, the owner and the
+    /// audit row to write (key hash, request id, row).
+    pub(super) async fn settle_one(&self, r: &SettleRecord, now: DateTime) -> Result<Settled, LedgerError> {
+        if let Err(why) = r.validate() {
+            return Ok((SettleOutcome::Invalid, Some(why.message), None));
+        }
+        if r.lease_id.is_some() {
+            let mut one = self.settle_leased(&[r], now).await?;
+            return Ok(one.pop().unwrap_or((SettleOutcome::Invalid, None, None)));
+        }
+        let total = r.input_tokens + r.output_tokens;
+        let entry = audit_entry(r, total, false, now);
+        let outbox = outbox_path(&r.request_id);
+        let projection = doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1};
+        let hold = hold_path(&r.request_id);
+        // The hold, if there is one: replaced by the actual usage.
+        let mut attempt = 0;
+        let owner = loop {
+            attempt += 1;
+            let owner = self
+                .keys
+                .find_one_and_update(
+                    doc! {"_id": &r.key_hash, format!("{hold}.tokens"): r.reserved},
+                    doc! {
+                        "$inc": {"balance_tokens": r.reserved - total, "holds_n": -1_i64, "outbox_n": 1_i64},
+                        "$unset": {&hold: ""},
+                        "$set": {&outbox: &entry},
+                    },
+                )
+                .projection(projection.clone())
+                .await?;
+            if owner.is_some() || !r.release {
+                break owner;
+            }
+            // A release that found no hold: the reservation failed, or it is still
+            // on its way. Mark the id so that it is refused when it comes, but only
+            // while there is still no hold: one landing just now is released above.
+            if self.mark_released(&r.key_hash, &hold, &r.request_id).await? {
+                return Ok((SettleOutcome::Unknown, Some("released before any hold was made".into()), None));
+            }
+            if attempt >= 3 {
+                return Ok((SettleOutcome::Unknown, Some("already released".into()), None));
+            }
+        };
+        let owner = match owner {
+            Some(owner) => Some(owner),
+            // Admitted without a hold (failure mode `allow`, the reservation lost):
+            // charge what was used, once.
+            None if r.unreserved => {
+                if self.audit.find_one(doc! {"request_id": &r.request_id}).await?.is_some() {
+                    return Ok((SettleOutcome::AlreadySettled, None, None));
+                }
+                self.keys
+                    .find_one_and_update(
+                        doc! {"_id": &r.key_hash, &outbox: {"$exists": false}},
+                        doc! {"$inc": {"balance_tokens": -total, "outbox_n": 1_i64}, "$set": {&outbox: &entry}},
+                    )
+                    .projection(projection)
+                    .await?
+            }
+            None => None,
+        };
+        match owner {
+            Some(owner) => Ok((
+                SettleOutcome::Settled,
+                None,
+                Some(OutboxRow::new(&r.key_hash, &r.request_id, &owner, entry)),
+            )),
+            None => {
+                let (outcome, message) = self.classify_unsettled(r).await?;
+                Ok((outcome, message, None))
+            }
+        }
+    }
+
+    /// Why a settlement found no hold to replace.
+    pub(super) async fn classify_unsettled(&self, r: &SettleRecord) -> Result<(SettleOutcome, Option<String>), LedgerError> {
+        let hold = hold_path(&r.request_id);
+        let outbox = outbox_path(&r.request_id);
+        let key = self
+            .keys
+            .find_one(doc! {"_id": &r.key_hash})
+            .projection(doc! {&hold: 1, &outbox: 1})
+            .await?;
+        let pending = key.as_ref().and_then(|k| {
+            k.get_document("outbox").ok().and_then(|o| o.get_document(&r.request_id).ok()).cloned()
+        });
+        let row = match pending {
+            Some(p) => Some(p),
+            None => self.audit.find_one(doc! {"request_id": &r.request_id}).await?,
+        };
+        if let Some(row) = row {
+            return Ok(if row.get_bool("expired_hold").unwrap_or(false) {
+                (SettleOutcome::Expired, Some("the hold expired and was charged in full".into()))
+            } else {
+                (SettleOutcome::AlreadySettled, None)
+            });
+        }
+        if key.as_ref().is_some_and(|k| k.get_document("holds").is_ok_and(|h| h.contains_key(&r.request_id))) {
+            return Ok((SettleOutcome::Invalid, Some("reserved does not match the hold".into())));
+        }
+        Ok(match &r.lease_id {
+            Some(_) => (SettleOutcome::Unknown, Some("no open lease of this id under this key".into())),
+            None => (SettleOutcome::Unknown, Some("no hold for this request id under this key".into())),
+        })
+    }
+
+}
