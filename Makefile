@@ -17,8 +17,8 @@ wasm: deps
 build: deps
 	$(CARGO) build --workspace --bins
 
-# Every test: the filter's pure logic compiled to wasm (run under Node's WASI)
-# and natively, the sidecar against the MongoDB-wire server, the built .wasm in
+# Every test: formatting and lints (scripts/lint.sh), the filter's pure logic
+# compiled to wasm (run under Node's WASI) and natively, the sidecar against the MongoDB-wire server, the built .wasm in
 # a real Envoy, end-to-end through the whole stack.
 test: build wasm
 	scripts/test.sh
@@ -30,8 +30,10 @@ bench: deps
 	$(CARGO) build --release --target wasm32-wasip1 -p openclaw-filter
 	python3 scripts/bench.py
 
+# Formatting (rustfmt.toml) and clippy, natively and for the .wasm: the
+# proxy-wasm shell (filter/src/plugin.rs) only compiles for wasm32.
 lint: deps
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	scripts/lint.sh
 
 clean:
 	$(CARGO) clean

@@ -32,7 +32,7 @@ def env(name, default=None, required=False):
     return value
 
 
-def env_int(name, default, minimum=0):
+def env_int(name, default=None, minimum=0):
     raw = env(name)
     if raw is None:
         return default
@@ -43,6 +43,30 @@ def env_int(name, default, minimum=0):
     if value < minimum:
         raise SettingError(f"{name} must be >= {minimum}")
     return value
+
+
+def env_choice(name, choices):
+    value = env(name)
+    if value is not None and value not in choices:
+        raise SettingError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+# The filter's settings that an environment variable may set: (variable,
+# field, minimum). What is not set is left out of the plugin configuration, so
+# the filter's own defaults (filter/src/config.rs) are the only ones; a test
+# renders with an empty environment and checks they parse to exactly those.
+PLUGIN_INTS = [
+    ("SIDECAR_TIMEOUT_MS", "sidecar_timeout_ms", 1),
+    ("RETRY_AFTER_SECS", "retry_after_secs", 1),
+    ("MAX_BODY_BYTES", "max_body_bytes", 1),
+    ("DEFAULT_OUTPUT_RESERVATION", "default_output_reservation", 1),
+    ("SETTLE_INTERVAL_MS", "settle_interval_ms", 1),
+    ("LEASE_TOKENS", "lease_tokens", 0),
+    ("LEASE_MS", "lease_ms", 10),
+]
+# The filter's default of max_body_bytes, which Envoy's buffer must also fit.
+FILTER_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def host_port(name, default):
@@ -94,35 +118,33 @@ def cluster(name, host, port, tls_sni=None, timeout="2s"):
 
 
 def plugin_configuration():
-    provider = env("LLM_PROVIDER", "azure")
-    if provider not in ("azure", "openai"):
-        raise SettingError(f"LLM_PROVIDER must be azure or openai, not {provider!r}")
-    model = env("LLM_MODEL", "gpt-5-nano")
-    failure_mode = env("FAILURE_MODE", "deny")
-    if failure_mode not in ("deny", "allow"):
-        raise SettingError(f"FAILURE_MODE must be deny or allow, not {failure_mode!r}")
-    encoding = env("TIKTOKEN_ENCODING", "cl100k_base")
-    if encoding not in ("cl100k_base", "o200k_base"):
-        raise SettingError(f"TIKTOKEN_ENCODING must be cl100k_base or o200k_base, not {encoding!r}")
+    """The filter's configuration: what is required, and what the environment sets."""
+    provider = env_choice("LLM_PROVIDER", ("azure", "openai"))
     cfg = {
         "sidecar_cluster": "sidecar",
-        "sidecar_timeout_ms": env_int("SIDECAR_TIMEOUT_MS", 2000, 1),
-        "upstream": provider,
-        "model": model,
+        # The seed's default model: the Azure deployment, or the model sent to an OpenAI upstream.
+        "model": env("LLM_MODEL", "gpt-5-nano"),
         "upstream_key": env("LLM_API_KEY", required=True),
-        "tiktoken_encoding": encoding,
-        "failure_mode": failure_mode,
-        "retry_after_secs": env_int("RETRY_AFTER_SECS", 5, 1),
-        "max_body_bytes": env_int("MAX_BODY_BYTES", 8 * 1024 * 1024, 1),
-        "default_output_reservation": env_int("DEFAULT_OUTPUT_RESERVATION", 4096, 1),
-        "settle_interval_ms": env_int("SETTLE_INTERVAL_MS", 200, 1),
-        "lease_tokens": env_int("LEASE_TOKENS", 100000, 0),
-        "lease_ms": env_int("LEASE_MS", 1000, 10),
         "route_header": ROUTE_HEADER,
     }
-    if provider == "azure":
-        cfg["deployment"] = model
-        cfg["api_version"] = env("LLM_API_VERSION", "2024-12-01-preview")
+    if provider:
+        cfg["upstream"] = provider
+    if provider in (None, "azure"):
+        cfg["deployment"] = cfg["model"]
+        version = env("LLM_API_VERSION")
+        if version:
+            cfg["api_version"] = version
+    for name, field, choices in [
+        ("FAILURE_MODE", "failure_mode", ("deny", "allow")),
+        ("TIKTOKEN_ENCODING", "tiktoken_encoding", ("cl100k_base", "o200k_base")),
+    ]:
+        value = env_choice(name, choices)
+        if value:
+            cfg[field] = value
+    for name, field, minimum in PLUGIN_INTS:
+        value = env_int(name, None, minimum)
+        if value is not None:
+            cfg[field] = value
     token = env("INTERNAL_TOKEN")
     if token:
         cfg["internal_token"] = token
@@ -145,7 +167,7 @@ def render():
     wasm = os.path.abspath(env("WASM_PATH", os.path.join(
         os.path.dirname(os.path.abspath(__file__)), "..", "target", "wasm32-wasip1", "release",
         "openclaw_filter.wasm")))
-    max_body = env_int("MAX_BODY_BYTES", 8 * 1024 * 1024, 1)
+    max_body = env_int("MAX_BODY_BYTES", FILTER_MAX_BODY_BYTES, 1)
     idle = f'{env_int("STREAM_IDLE_TIMEOUT_SECS", 300, 1)}s'
     # BRIDGE_FILTER=0 renders the same listener and routes without the filter,
     # with Envoy itself adding the upstream key and path: the "bare Envoy" the

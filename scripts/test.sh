@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # `make test`: every test, then one closing line with the totals.
+#  0. formatting and lints (scripts/lint.sh): a failure fails the run, after the tests;
 #  1. the filter's and protocol's unit tests compiled to wasm32-wasip1, run under Node's WASI;
 #  2. the whole workspace natively, with a MongoDB-wire server (scripts/with-mongo.sh):
 #     unit tests, the sidecar on MongoDB, the .wasm in real Envoy, real clients.
@@ -9,12 +10,15 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 
+scripts/lint.sh 2>&1 | tee -a "$log" || { status=1; lint_failed=1; }
+
 CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(pwd)/scripts/wasi-run.mjs" \
   cargo test --target wasm32-wasip1 -p openclaw-filter -p bridge-protocol --lib 2>&1 | tee -a "$log" || status=1
 scripts/with-mongo.sh cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee -a "$log" || status=1
 
 passed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$log" | awk '{s += $6} END {print s + 0}')
-if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi  # a build failure counts
+if [ "${lint_failed:-0}" -eq 1 ]; then echo "make test: formatting or lints failed (scripts/lint.sh)" >&2; fi
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi  # a build or lint failure counts
 echo "total: $passed passed, $failed failed"
 exit "$status"

@@ -107,7 +107,10 @@ impl Background {
             });
             match swept {
                 Some(Swept::Closed(close)) => {
-                    debug!("[root {}] lease {} closed: {} of {:?} drawn", self.context_id, close.lease_id, close.drawn_tokens, close.tokens);
+                    debug!(
+                        "[root {}] lease {} closed: {} of {:?} drawn",
+                        self.context_id, close.lease_id, close.drawn_tokens, close.tokens
+                    );
                     self.keep(Item::Close(close));
                 }
                 Some(Swept::NotOurs) => {}
@@ -147,8 +150,16 @@ impl Background {
             Ok(reply) => {
                 self.vm.settler.borrow_mut().sent();
                 let results = reply.results.iter().chain(&reply.closes);
-                for r in results.filter(|r| !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled)) {
-                    warn!("[root {}] settlement {} {:?}: {}", self.context_id, r.request_id, r.outcome, r.message.as_deref().unwrap_or(""));
+                for r in
+                    results.filter(|r| !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled))
+                {
+                    warn!(
+                        "[root {}] settlement {} {:?}: {}",
+                        self.context_id,
+                        r.request_id,
+                        r.outcome,
+                        r.message.as_deref().unwrap_or("")
+                    );
                 }
                 // More may be waiting: send the next batch now rather than on the next tick.
                 self.send_due_batch(host);
@@ -166,7 +177,12 @@ impl Background {
     }
 
     /// The reply to a background lease request.
-    fn lease_answered(&mut self, host: &impl Host, ask: LeaseRequest, reply: Result<LeaseReply, crate::host::BadReply>) {
+    fn lease_answered(
+        &mut self,
+        host: &impl Host,
+        ask: LeaseRequest,
+        reply: Result<LeaseReply, crate::host::BadReply>,
+    ) {
         match reply {
             Ok(LeaseReply::Grant { tokens, .. }) => {
                 let key = lease::slot_key(&ask.key_hash);
@@ -258,9 +274,95 @@ impl Background {
         for chunk in records.chunks(self.config.settle_batch_max) {
             let Ok(body) = serde_json::to_vec(&batch_of(chunk)) else { continue };
             if let Err(e) = call_sidecar(host, &self.config, SETTLE_PATH, &body, self.config.settle_timeout_ms) {
-                error!("[root {}] shutting down: {} settlements not sent ({e}); their holds will expire", self.context_id, chunk.len());
+                error!(
+                    "[root {}] shutting down: {} settlements not sent ({e}); their holds will expire",
+                    self.context_id,
+                    chunk.len()
+                );
             }
         }
         info!("[root {}] shutting down: sent {} queued settlements", self.context_id, records.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The root's work in the middle tier: background lease asks, batches and
+    //! their retries, the sweep, shutdown.
+
+    use bridge_protocol::{LEASE_PATH, SETTLE_PATH};
+    use serde_json::{json, Value};
+
+    use crate::exchange::harness::*;
+    use crate::host::Flow;
+    use crate::lease::Slot;
+    use crate::settle::Item;
+
+    #[test]
+    fn half_way_through_a_lease_the_root_fetches_the_next_in_the_background() {
+        let mut gw = Gateway::new(json!({}));
+        let (mut ex, s, _) = gw.send(BODY);
+        gw.answer(&mut ex, &s, "200", grant(100_000));
+        gw.world.advance(600);
+        let (_, _, flow) = gw.send(BODY);
+        assert_eq!(flow, Flow::Continue);
+        assert_eq!(gw.world.lease_queue.borrow().len(), 1, "one background ask queued");
+        gw.root.on_tick(&*gw.world);
+        let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+        assert_eq!(ask.body["replaces"], Value::Null);
+        let n = gw.world.reply_with("200", &grant(50_000));
+        gw.root.on_call_response(&*gw.world, ask.token, n);
+        let Some(Slot::Live(l)) = gw.slot() else { panic!("no lease") };
+        assert_eq!((l.id.as_str(), l.tokens, l.drawn_n), (ask.body["lease_id"].as_str().unwrap(), 50_000, 0));
+        // The renewed lease replaced the first, which closes with its two draws.
+        let queued = gw.queued();
+        let [Item::Close(old)] = &queued[..] else { panic!("{queued:?}") };
+        assert_eq!((old.tokens, old.drawn_n), (Some(100_000), 2));
+    }
+
+    #[test]
+    fn the_root_sends_batches_retries_with_backoff_and_sweeps_expired_leases() {
+        let mut gw = Gateway::new(json!({}));
+        let (mut ex, s, _) = gw.send(BODY);
+        gw.answer(&mut ex, &s, "200", grant(100_000));
+        respond(&mut ex, &s, "200", USAGE);
+        ex.on_log(&s);
+        gw.root.on_tick(&*gw.world);
+        assert_eq!(gw.world.gauge.get(), 2, "one record and one live lease pending");
+        let first = gw.world.calls_to(SETTLE_PATH);
+        assert_eq!(first[0].body["records"].as_array().unwrap().len(), 1);
+        // The sidecar fails: the batch is kept and sent again after the backoff.
+        let n = gw.world.reply_with("503", &json!(null));
+        gw.root.on_call_response(&*gw.world, first[0].token, n);
+        gw.root.on_tick(&*gw.world);
+        assert_eq!(gw.world.calls_to(SETTLE_PATH).len(), 1, "backing off");
+        gw.world.advance(1_000);
+        gw.root.on_tick(&*gw.world);
+        // The lease expired meanwhile: swept and closed in the same batch.
+        assert_eq!(gw.slot(), None);
+        let again = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+        assert_eq!(again.body["records"][0]["request_id"], first[0].body["records"][0]["request_id"]);
+        assert_eq!(again.body["closes"][0]["drawn_n"], 1);
+        let n = gw.world.reply_with("200", &json!({"results": [], "closes": []}));
+        gw.root.on_call_response(&*gw.world, again.token, n);
+        assert_eq!(gw.world.gauge.get(), 0, "nothing pending");
+    }
+
+    #[test]
+    fn shutdown_closes_live_leases_and_releases_asks_in_flight() {
+        let mut gw = Gateway::new(json!({}));
+        let (mut ex, s, _) = gw.send(BODY);
+        gw.answer(&mut ex, &s, "200", grant(100_000));
+        gw.world.advance(600);
+        gw.send(BODY);
+        gw.root.on_tick(&*gw.world);
+        let before = gw.world.calls().len();
+        gw.root.on_done(&*gw.world);
+        let last = gw.world.calls();
+        let [shutdown] = &last[before..] else { panic!("one last batch") };
+        let closes = shutdown.body["closes"].as_array().unwrap();
+        assert_eq!(closes.len(), 2, "the live lease and the unanswered renewal: {closes:?}");
+        assert!(closes.iter().any(|c| c["tokens"].is_null()));
+        assert_eq!(gw.slot(), None);
     }
 }

@@ -82,7 +82,7 @@ fn default_route_header() -> String {
     "x-openclaw-bridge-route".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Envoy cluster of the sidecar (`dispatch_http_call` takes a cluster, not host:port).
@@ -245,10 +245,7 @@ mod tests {
         assert_eq!(c.upstream, UpstreamStyle::Azure);
         assert_eq!(c.tiktoken_encoding, Encoding::Cl100kBase);
         assert_eq!(c.failure_mode, FailureMode::Deny);
-        assert_eq!(
-            c.upstream_path(),
-            "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview"
-        );
+        assert_eq!(c.upstream_path(), "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview");
         assert_eq!(c.upstream_auth(), ("api-key", "k".to_owned()));
     }
 
@@ -271,7 +268,10 @@ mod tests {
             (r#"{"sidecar_cluster":"s","upstream_key":"k"}"#, "deployment"),
             (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"a/b"}"#, "deployment"),
             (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","failure_mode":"maybe"}"#, "failure_mode"),
-            (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","tiktoken_encoding":"p50k"}"#, "tiktoken_encoding"),
+            (
+                r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","tiktoken_encoding":"p50k"}"#,
+                "tiktoken_encoding",
+            ),
             (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","colour":1}"#, "colour"),
             (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","settle_batch_max":0}"#, "settle_batch_max"),
             (r#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","lease_tokens":-1}"#, "lease_tokens"),

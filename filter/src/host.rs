@@ -61,7 +61,13 @@ pub enum Flow {
 }
 
 /// POSTs JSON to the sidecar's internal API.
-pub fn call_sidecar(host: &impl Host, cfg: &PluginConfig, path: &str, body: &[u8], timeout_ms: u64) -> Result<u32, String> {
+pub fn call_sidecar(
+    host: &impl Host,
+    cfg: &PluginConfig,
+    path: &str,
+    body: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, String> {
     let mut headers = vec![
         (":method", "POST"),
         (":path", path),

@@ -65,7 +65,10 @@ impl Lease {
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Slot {
     /// A worker is asking the sidecar for lease `id`; others reserve per request meanwhile.
-    Fetching { id: String, since_ms: u64 },
+    Fetching {
+        id: String,
+        since_ms: u64,
+    },
     Live(Lease),
 }
 
@@ -99,9 +102,8 @@ pub enum Draw {
 /// fetch; a fetch marker older than `stale_ms` (its fetcher gone) is replaced;
 /// `window_ms` is a lease's draw window.
 pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, stale_ms: u64, window_ms: u64) -> Draw {
-    let refreshing = |lease: &Lease| {
-        lease.refresh.as_ref().is_some_and(|r| now_ms.saturating_sub(r.since_ms) < stale_ms)
-    };
+    let refreshing =
+        |lease: &Lease| lease.refresh.as_ref().is_some_and(|r| now_ms.saturating_sub(r.since_ms) < stale_ms);
     let fetch = |close: Option<LeaseClose>| Draw::Fetch {
         slot: Slot::Fetching { id: new_id.to_owned(), since_ms: now_ms },
         close,

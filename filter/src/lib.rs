@@ -71,7 +71,10 @@ mod tests {
     #[test]
     fn upstream_usage_wins() {
         let mut m = ResponseMeter::new(false, false);
-        assert_eq!(m.on_chunk(br#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}"#), Forward::Unchanged);
+        assert_eq!(
+            m.on_chunk(br#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}"#),
+            Forward::Unchanged
+        );
         m.on_end();
         assert_eq!(charge(Some(&m), 200, BODY, Encoding::Cl100kBase), (5, 9, UsageSource::Upstream));
     }

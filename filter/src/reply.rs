@@ -51,7 +51,9 @@ impl LocalReply {
         Self::json(
             404,
             &ErrorEnvelope::new(
-                format!("Unknown request URL: {path}. This gateway serves POST /v1/chat/completions and GET /v1/models."),
+                format!(
+                    "Unknown request URL: {path}. This gateway serves POST /v1/chat/completions and GET /v1/models."
+                ),
                 "invalid_request_error",
                 None,
                 Some("unknown_url"),

@@ -50,8 +50,8 @@ fn integer_param(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, Lo
 
 /// Validates the body and prepares the upstream request.
 pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
-    let text = std::str::from_utf8(body)
-        .map_err(|_| LocalReply::bad_request("The request body is not valid UTF-8.", None))?;
+    let text =
+        std::str::from_utf8(body).map_err(|_| LocalReply::bad_request("The request body is not valid UTF-8.", None))?;
     let mut value: Value = serde_json::from_str(text).map_err(|e| {
         LocalReply::bad_request(format!("We could not parse the JSON body of your request: {e}."), None)
     })?;
@@ -123,7 +123,10 @@ pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
         }
     }
     let rewritten = if changed {
-        Some(serde_json::to_vec(&value).map_err(|e| LocalReply::bad_request(format!("cannot re-encode the body: {e}"), None))?)
+        Some(
+            serde_json::to_vec(&value)
+                .map_err(|e| LocalReply::bad_request(format!("cannot re-encode the body: {e}"), None))?,
+        )
     } else {
         None
     };
@@ -143,7 +146,13 @@ mod tests {
         assert_eq!(client_key(Some("Bearer sk-user-0001"), None), Some("sk-user-0001"));
         assert_eq!(client_key(Some("bearer  sk-user-0001 "), None), Some("sk-user-0001"));
         assert_eq!(client_key(None, Some("sk-user-0001")), Some("sk-user-0001"));
-        for bad in [Some("Basic abc"), Some("Bearer"), Some("Bearer short"), Some("Bearer sk-\u{7f}xxxxxxx"), Some("sk-user-0001")] {
+        for bad in [
+            Some("Basic abc"),
+            Some("Bearer"),
+            Some("Bearer short"),
+            Some("Bearer sk-\u{7f}xxxxxxx"),
+            Some("sk-user-0001"),
+        ] {
             assert_eq!(client_key(bad, None), None, "{bad:?}");
         }
         assert_eq!(client_key(None, None), None);
@@ -151,7 +160,8 @@ mod tests {
 
     #[test]
     fn streamed_requests_get_include_usage_and_remember_who_asked() {
-        let body = br#"{"model":"gpt-5-nano","messages":[{"role":"user","content":"hi"}],"stream":true,"temperature":0.7}"#;
+        let body =
+            br#"{"model":"gpt-5-nano","messages":[{"role":"user","content":"hi"}],"stream":true,"temperature":0.7}"#;
         let a = admit(body, &cfg()).unwrap();
         assert!(a.stream && !a.client_wants_usage);
         let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
@@ -160,7 +170,8 @@ mod tests {
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
         assert_eq!(keys, ["model", "messages", "stream", "temperature", "stream_options"], "field order kept");
 
-        let asked = br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#;
+        let asked =
+            br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#;
         let a = admit(asked, &cfg()).unwrap();
         assert!(a.client_wants_usage);
         assert_eq!(a.rewritten, None, "nothing to change");
@@ -198,7 +209,10 @@ mod tests {
             (br#"{"messages":[{"role":"user"}],"model":5}"#, Some("model")),
             (br#"{"messages":[{"role":"user"}],"stream":"yes"}"#, Some("stream")),
             (br#"{"messages":[{"role":"user"}],"max_completion_tokens":-5}"#, Some("max_completion_tokens")),
-            (br#"{"messages":[{"role":"user"}],"stream":true,"stream_options":{"include_usage":"y"}}"#, Some("stream_options.include_usage")),
+            (
+                br#"{"messages":[{"role":"user"}],"stream":true,"stream_options":{"include_usage":"y"}}"#,
+                Some("stream_options.include_usage"),
+            ),
         ];
         for (body, param) in cases {
             let r = admit(body, &cfg()).unwrap_err();

@@ -189,7 +189,8 @@ mod tests {
 
     #[test]
     fn a_batch_carries_records_and_closes_apart() {
-        let close = LeaseClose { key_hash: "k".into(), lease_id: "L1".into(), tokens: Some(9), drawn_tokens: 3, drawn_n: 1 };
+        let close =
+            LeaseClose { key_hash: "k".into(), lease_id: "L1".into(), tokens: Some(9), drawn_tokens: 3, drawn_n: 1 };
         let items = [rec(0), Item::Close(close.clone()), rec(1)];
         let batch = batch_of(&items);
         assert_eq!(batch.records.len(), 2);

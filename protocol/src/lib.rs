@@ -28,11 +28,7 @@ pub fn key_hash(api_key: &str) -> String {
 /// A request id becomes a field name inside the key's MongoDB document, so it is
 /// limited to characters that cannot form an operator or a dotted path.
 pub fn valid_request_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// `true` when `s` looks like a SHA-256 hex digest as produced by [`key_hash`].
@@ -116,8 +112,14 @@ pub struct LeaseRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
 pub enum LeaseReply {
-    Grant { tokens: i64, balance_tokens: i64 },
-    Refuse { status: u16, error: ErrorBody },
+    Grant {
+        tokens: i64,
+        balance_tokens: i64,
+    },
+    Refuse {
+        status: u16,
+        error: ErrorBody,
+    },
     /// No lease now (the balance moved under every attempt): the request
     /// reserves on its own. Never a reason to refuse a client.
     Retry,
@@ -344,15 +346,18 @@ mod tests {
     #[test]
     fn each_message_validates_itself() {
         let hash = key_hash("k");
-        let reserve = ReserveRequest { key_hash: hash.clone(), request_id: "r1".into(), model: "m".into(), estimate: 1 };
+        let reserve =
+            ReserveRequest { key_hash: hash.clone(), request_id: "r1".into(), model: "m".into(), estimate: 1 };
         assert_eq!(reserve.validate(), Ok(()));
         let bad = ReserveRequest { estimate: 0, ..reserve.clone() };
         assert_eq!(bad.validate().map_err(|e| e.param), Err("estimate"));
         let bad = ReserveRequest { request_id: "a.b".into(), ..reserve };
         assert_eq!(bad.validate().map_err(|e| e.param), Err("request_id"));
-        let close = LeaseClose { key_hash: hash.clone(), lease_id: "L".into(), tokens: None, drawn_tokens: 1, drawn_n: 1 };
+        let close =
+            LeaseClose { key_hash: hash.clone(), lease_id: "L".into(), tokens: None, drawn_tokens: 1, drawn_n: 1 };
         assert_eq!(close.validate().map_err(|e| e.param), Err("tokens"));
-        let lease = LeaseRequest { key_hash: hash, lease_id: "L".into(), model: "m".into(), want: 5, min: 9, replaces: None };
+        let lease =
+            LeaseRequest { key_hash: hash, lease_id: "L".into(), model: "m".into(), want: 5, min: 9, replaces: None };
         assert_eq!(lease.validate().map_err(|e| e.param), Err("min"));
     }
 
@@ -361,10 +366,7 @@ mod tests {
     #[test]
     fn key_hash_is_sha256_hex() {
         // sha256("abc") from FIPS 180-2.
-        assert_eq!(
-            key_hash("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(key_hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert!(valid_key_hash(&key_hash("sk-anything")));
         assert!(!valid_key_hash("ABC"));
     }
@@ -387,7 +389,10 @@ mod tests {
             error: ErrorEnvelope::new("no", "insufficient_quota", None, Some("insufficient_quota")).error,
         };
         let text = serde_json::to_string(&refuse).unwrap_or_default();
-        assert!(text.starts_with(r#"{"verdict":"refuse","status":429,"error":{"message":"no","type":"insufficient_quota""#), "{text}");
+        assert!(
+            text.starts_with(r#"{"verdict":"refuse","status":429,"error":{"message":"no","type":"insufficient_quota""#),
+            "{text}"
+        );
     }
 
     #[test]

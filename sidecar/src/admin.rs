@@ -33,9 +33,10 @@ fn reject_unknown(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), AppE
 fn integer(map: &Map<String, Value>, field: &str) -> Result<Option<i64>, AppError> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(|| {
-            AppError::bad_request(format!("{field} must be a whole number of tokens."), Some(field))
-        }),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| AppError::bad_request(format!("{field} must be a whole number of tokens."), Some(field))),
         Some(_) => Err(AppError::bad_request(format!("{field} must be an integer."), Some(field))),
     }
 }
@@ -52,10 +53,7 @@ fn status(map: &Map<String, Value>) -> Result<Option<KeyStatus>, AppError> {
     string(map, "status")?
         .map(|s| {
             KeyStatus::parse(s).ok_or_else(|| {
-                AppError::bad_request(
-                    format!("status must be 'active' or 'frozen', not '{s}'."),
-                    Some("status"),
-                )
+                AppError::bad_request(format!("status must be 'active' or 'frozen', not '{s}'."), Some("status"))
             })
         })
         .transpose()
@@ -153,10 +151,7 @@ pub async fn patch_key(
     let delta = integer(&map, "balance_tokens")?;
     let status = status(&map)?;
     if delta.is_none() && status.is_none() {
-        return Err(AppError::bad_request(
-            "Give balance_tokens (added to the balance) and/or status.",
-            None,
-        ));
+        return Err(AppError::bad_request("Give balance_tokens (added to the balance) and/or status.", None));
     }
     let hash = bridge_protocol::key_hash(&api_key);
     let view = state.store.patch_key(&hash, delta, status).await?;

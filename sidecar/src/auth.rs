@@ -33,10 +33,8 @@ pub async fn require_admin(State(state): State<AppState>, request: Request, next
 
 pub async fn require_internal(State(state): State<AppState>, request: Request, next: Next) -> Response {
     if let Some(expected) = &state.internal_token {
-        let presented = request
-            .headers()
-            .get(bridge_protocol::INTERNAL_TOKEN_HEADER)
-            .map(|v| Sha256::digest(v.as_bytes()));
+        let presented =
+            request.headers().get(bridge_protocol::INTERNAL_TOKEN_HEADER).map(|v| Sha256::digest(v.as_bytes()));
         let wanted = Sha256::digest(expected.expose().as_bytes());
         if !presented.is_some_and(|p| constant_time_eq(&p, &wanted)) {
             // 403, not 401: the caller is the filter, and a refusal here is a

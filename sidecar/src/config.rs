@@ -72,10 +72,7 @@ impl Settings {
         let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         let admin_token = get("ADMIN_TOKEN").ok_or(ConfigError::Missing("ADMIN_TOKEN"))?;
         if admin_token.len() < 8 {
-            return Err(ConfigError::Invalid {
-                var: "ADMIN_TOKEN",
-                reason: "must be at least 8 characters".into(),
-            });
+            return Err(ConfigError::Invalid { var: "ADMIN_TOKEN", reason: "must be at least 8 characters".into() });
         }
         let mongodb_uri = get("MONGODB_URI").unwrap_or_else(|| DEFAULT_MONGODB_URI.into());
         if !(mongodb_uri.starts_with("mongodb://") || mongodb_uri.starts_with("mongodb+srv://")) {
@@ -101,10 +98,9 @@ impl Settings {
                 None => Ok(Duration::from_secs(default)),
                 Some(v) => match v.trim().parse::<u64>() {
                     Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
-                    _ => Err(ConfigError::Invalid {
-                        var,
-                        reason: format!("{v:?} is not a positive number of seconds"),
-                    }),
+                    _ => {
+                        Err(ConfigError::Invalid { var, reason: format!("{v:?} is not a positive number of seconds") })
+                    }
                 },
             }
         };
@@ -128,8 +124,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 

@@ -83,9 +83,7 @@ impl AppError {
                 None,
                 Some("service_unavailable"),
             ),
-            AppError::Internal(_) => {
-                ErrorEnvelope::new("Internal server error.", "server_error", None, None)
-            }
+            AppError::Internal(_) => ErrorEnvelope::new("Internal server error.", "server_error", None, None),
         }
     }
 }

@@ -2,7 +2,9 @@
 //! public listener; optionally guarded by a shared secret header as well.
 
 use axum::extract::State;
-use bridge_protocol::{LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, SettleBatch, SettleOutcome, SettleReply};
+use bridge_protocol::{
+    LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, SettleBatch, SettleOutcome, SettleReply,
+};
 
 use crate::error::{AppError, Json};
 use crate::ledger::Decision;
@@ -34,7 +36,12 @@ pub async fn reserve(
     };
     match &reply {
         ReserveReply::Admit { balance_tokens } => {
-            tracing::debug!(estimate = req.estimate, balance_tokens, ms = started.elapsed().as_millis() as u64, "reserved")
+            tracing::debug!(
+                estimate = req.estimate,
+                balance_tokens,
+                ms = started.elapsed().as_millis() as u64,
+                "reserved"
+            )
         }
         ReserveReply::Refuse { status, error } => {
             tracing::info!(status, code = ?error.code, estimate = req.estimate, "reservation refused")

@@ -37,10 +37,7 @@ pub fn mask_parts(key: &str) -> (String, String) {
     let chars: Vec<char> = key.chars().collect();
     let last = chars.len().min(4);
     let prefix = (chars.len() * 6 / 10).saturating_sub(last).min(6);
-    (
-        chars[..prefix].iter().collect(),
-        chars[chars.len() - last..].iter().collect(),
-    )
+    (chars[..prefix].iter().collect(), chars[chars.len() - last..].iter().collect())
 }
 
 pub fn masked(prefix: &str, last4: &str) -> String {

@@ -117,7 +117,8 @@ impl Sidecar {
     }
 
     async fn balance(&self, key: &str) -> i64 {
-        let d = self.db.collection::<Document>("api_keys").find_one(doc! {"_id": key_hash(key)}).await.unwrap().unwrap();
+        let d =
+            self.db.collection::<Document>("api_keys").find_one(doc! {"_id": key_hash(key)}).await.unwrap().unwrap();
         d.get_i64("balance_tokens").unwrap()
     }
 
@@ -172,16 +173,14 @@ async fn seed_flow_create_list_top_up_freeze() {
     assert_eq!(list["data"][0]["api_key"], "sk-my-...-001");
     assert!(!list.to_string().contains("sk-my-user-key-001"), "listing leaks the key: {list}");
 
-    let (st, v) = s
-        .admin(reqwest::Method::PATCH, "/admin/keys/sk-my-user-key-001", Some(json!({"balance_tokens": 500})))
-        .await;
+    let (st, v) =
+        s.admin(reqwest::Method::PATCH, "/admin/keys/sk-my-user-key-001", Some(json!({"balance_tokens": 500}))).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["balance_tokens"], 10_500);
     assert_eq!(s.balance("sk-my-user-key-001").await, 10_500);
 
-    let (st, v) = s
-        .admin(reqwest::Method::PATCH, "/admin/keys/sk-my-user-key-001", Some(json!({"status": "frozen"})))
-        .await;
+    let (st, v) =
+        s.admin(reqwest::Method::PATCH, "/admin/keys/sk-my-user-key-001", Some(json!({"status": "frozen"}))).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "frozen");
     match s.reserve("sk-my-user-key-001", "r-frozen", 10).await {
@@ -197,7 +196,10 @@ async fn seed_flow_create_list_top_up_freeze() {
             Some(json!({"balance_tokens": -500, "status": "active"})),
         )
         .await;
-    assert_eq!((st, v["balance_tokens"].as_i64(), v["status"].as_str()), (StatusCode::OK, Some(10_000), Some("active")));
+    assert_eq!(
+        (st, v["balance_tokens"].as_i64(), v["status"].as_str()),
+        (StatusCode::OK, Some(10_000), Some("active"))
+    );
     let (st, v) = s
         .admin(reqwest::Method::PATCH, "/admin/keys/sk-my-user-key-001", Some(json!({"balance_tokens": -10_001})))
         .await;
@@ -217,9 +219,8 @@ async fn seed_flow_create_list_top_up_freeze() {
 #[tokio::test]
 async fn generated_keys_are_shown_once_and_work() {
     let s = start().await;
-    let (st, v) = s
-        .admin(reqwest::Method::POST, "/admin/keys", Some(json!({"user_name": "li", "balance_tokens": 50})))
-        .await;
+    let (st, v) =
+        s.admin(reqwest::Method::POST, "/admin/keys", Some(json!({"user_name": "li", "balance_tokens": 50}))).await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
     let key = v["api_key"].as_str().unwrap().to_owned();
     assert!(key.starts_with("sk-") && key.len() == 51, "{key}");
@@ -300,7 +301,14 @@ async fn every_validation_error_names_its_field() {
     }
     // Path tricks on the key: hashed like any key, so simply unknown.
     for path in ["/admin/keys/..%2F..%2Finternal%2Fsettle", "/admin/keys/%00", "/admin/keys/%E2%80%AE"] {
-        let resp = s.http.patch(format!("{}{path}", s.url)).bearer_auth(ADMIN).json(&json!({"balance_tokens": 1})).send().await.unwrap();
+        let resp = s
+            .http
+            .patch(format!("{}{path}", s.url))
+            .bearer_auth(ADMIN)
+            .json(&json!({"balance_tokens": 1}))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
         assert_openai_error(&resp.json().await.unwrap());
     }
@@ -310,14 +318,17 @@ async fn every_validation_error_names_its_field() {
         .await;
     assert_eq!((st, v["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("key_exists")), "{v}");
     // PATCH: unknown key, nothing to change, bad types.
-    let (st, v) = s.admin(reqwest::Method::PATCH, "/admin/keys/sk-nobody-here", Some(json!({"balance_tokens": 5}))).await;
+    let (st, v) =
+        s.admin(reqwest::Method::PATCH, "/admin/keys/sk-nobody-here", Some(json!({"balance_tokens": 5}))).await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
     assert_openai_error(&v);
     let (st, _) = s.admin(reqwest::Method::PATCH, "/admin/keys/sk-existing-key-1", Some(json!({}))).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
-    let (st, v) = s.admin(reqwest::Method::PATCH, "/admin/keys/sk-existing-key-1", Some(json!({"status": "gone"}))).await;
+    let (st, v) =
+        s.admin(reqwest::Method::PATCH, "/admin/keys/sk-existing-key-1", Some(json!({"status": "gone"}))).await;
     assert_eq!((st, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("status")));
-    let (st, v) = s.admin(reqwest::Method::PATCH, "/admin/keys/sk-existing-key-1", Some(json!({"user_name": "x"}))).await;
+    let (st, v) =
+        s.admin(reqwest::Method::PATCH, "/admin/keys/sk-existing-key-1", Some(json!({"user_name": "x"}))).await;
     assert_eq!((st, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("user_name")));
     // Listing parameters.
     for q in ["limit=0", "limit=1001", "limit=abc", "offset=-1", "page=2"] {
@@ -381,10 +392,8 @@ async fn concurrent_reserves_never_overdraw_and_settlement_is_exact_and_idempote
         async move { (i, s.reserve(key, &format!("req-{i}"), 100).await) }
     }))
     .await;
-    let admitted: Vec<usize> = attempts
-        .iter()
-        .filter_map(|(i, r)| matches!(r, ReserveReply::Admit { .. }).then_some(*i))
-        .collect();
+    let admitted: Vec<usize> =
+        attempts.iter().filter_map(|(i, r)| matches!(r, ReserveReply::Admit { .. }).then_some(*i)).collect();
     assert_eq!(admitted.len(), 100, "exactly the balance's worth is admitted");
     for (_, r) in &attempts {
         if let ReserveReply::Refuse { status, .. } = r {
@@ -412,8 +421,21 @@ async fn concurrent_reserves_never_overdraw_and_settlement_is_exact_and_idempote
     assert_eq!(rows.len(), 100);
     let audited: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
     assert_eq!(audited, used);
-    for field in ["timestamp", "user_id", "api_key", "model", "input_tokens", "output_tokens", "total_tokens",
-        "duration_ms", "status_code", "request_id", "stream", "usage_source", "expired_hold"] {
+    for field in [
+        "timestamp",
+        "user_id",
+        "api_key",
+        "model",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "duration_ms",
+        "status_code",
+        "request_id",
+        "stream",
+        "usage_source",
+        "expired_hold",
+    ] {
         assert!(rows[0].contains_key(field), "audit row lacks {field}: {:?}", rows[0]);
     }
     assert_eq!(rows[0].get_str("api_key").unwrap(), "sk-co...-key");
@@ -478,13 +500,13 @@ async fn an_audit_row_left_in_the_outbox_by_a_crash_is_written_once() {
     assert!(matches!(s.reserve(key, "crash-1", 100).await, ReserveReply::Admit { .. }));
     // Do by hand what settle's first step does, then "crash" before the audit insert.
     let entry = doc! {"timestamp": mongodb::bson::DateTime::now(), "request_id": "crash-1", "key_id": key_hash(key),
-        "model": "m", "input_tokens": 30_i64, "output_tokens": 10_i64, "total_tokens": 40_i64, "duration_ms": 5_i64,
-        "status_code": 200, "stream": false, "usage_source": "upstream", "expired_hold": false, "reserved_tokens": 100_i64};
+    "model": "m", "input_tokens": 30_i64, "output_tokens": 10_i64, "total_tokens": 40_i64, "duration_ms": 5_i64,
+    "status_code": 200, "stream": false, "usage_source": "upstream", "expired_hold": false, "reserved_tokens": 100_i64};
     s.db.collection::<Document>("api_keys")
         .update_one(
             doc! {"_id": key_hash(key), "holds.crash-1.tokens": 100_i64},
             doc! {"$inc": {"balance_tokens": 60_i64, "holds_n": -1_i64, "outbox_n": 1_i64},
-                  "$unset": {"holds.crash-1": ""}, "$set": {"outbox.crash-1": entry}},
+            "$unset": {"holds.crash-1": ""}, "$set": {"outbox.crash-1": entry}},
         )
         .await
         .unwrap();
@@ -567,7 +589,10 @@ async fn a_restart_between_settlement_batches_neither_double_charges_nor_loses_r
     assert_eq!(rows, 20);
     // The log file got the start-up, admin and settlement lines, without the key.
     let log = std::fs::read_to_string(bridge_tests::log_dir().join(format!("{db}-app.log"))).unwrap();
-    assert!(log.contains("sidecar listening") && log.contains("admin created key") && log.contains("settlement batch"), "{log}");
+    assert!(
+        log.contains("sidecar listening") && log.contains("admin created key") && log.contains("settlement batch"),
+        "{log}"
+    );
     assert!(!log.contains(key) && !log.contains(ADMIN));
 }
 
@@ -591,9 +616,9 @@ async fn concurrent_outbox_flushes_write_each_row_once_and_keep_the_count_exact(
     let keys = s.db.collection::<Document>("api_keys");
     for (i, id) in ["f-1", "f-2", "f-3"].iter().enumerate() {
         let entry = doc! {"timestamp": mongodb::bson::DateTime::now(), "request_id": *id, "key_id": key_hash(key),
-            "model": "m", "input_tokens": 1_i64, "output_tokens": i as i64, "total_tokens": 1 + i as i64,
-            "duration_ms": 5_i64, "status_code": 200, "stream": false, "usage_source": "upstream",
-            "expired_hold": false, "reserved_tokens": 10_i64};
+        "model": "m", "input_tokens": 1_i64, "output_tokens": i as i64, "total_tokens": 1 + i as i64,
+        "duration_ms": 5_i64, "status_code": 200, "stream": false, "usage_source": "upstream",
+        "expired_hold": false, "reserved_tokens": 10_i64};
         keys.update_one(
             doc! {"_id": key_hash(key)},
             doc! {"$inc": {"outbox_n": 1_i64}, "$set": {format!("outbox.{id}"): entry}},
@@ -678,7 +703,10 @@ async fn a_lease_takes_at_most_the_balance_and_closes_and_settlements_commute() 
     // L1 closes with 300 drawn by 3 requests: its other 300 return at once.
     assert_eq!(s.close(&[close_of(key, "L1", Some(600), 300, 3)]).await.closes[0].outcome, SettleOutcome::Settled);
     assert_eq!(s.balance(key).await, 300);
-    assert_eq!(s.close(&[close_of(key, "L1", Some(600), 300, 3)]).await.closes[0].outcome, SettleOutcome::AlreadySettled);
+    assert_eq!(
+        s.close(&[close_of(key, "L1", Some(600), 300, 3)]).await.closes[0].outcome,
+        SettleOutcome::AlreadySettled
+    );
     let (_, admin) = s.admin(reqwest::Method::GET, "/admin/keys", None).await;
     assert_eq!(admin["data"][0]["held_tokens"], json!(400 + 300), "{admin}");
     // The third settles after the close: the lease is finalised, its drawn 300

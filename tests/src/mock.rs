@@ -87,7 +87,12 @@ async fn azure(
     }
     let key = headers.get("api-key").and_then(|v| v.to_str().ok());
     if key != Some(s.upstream_key.as_str()) {
-        return error(StatusCode::UNAUTHORIZED, "Access denied due to invalid subscription key.", "invalid_request_error", "401");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "Access denied due to invalid subscription key.",
+            "invalid_request_error",
+            "401",
+        );
     }
     complete(s, format!("/openai/deployments/{deployment}/chat/completions"), headers, body, true, &deployment).await
 }
@@ -95,17 +100,20 @@ async fn azure(
 async fn openai(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     if auth != Some(format!("Bearer {}", s.upstream_key).as_str()) {
-        return error(StatusCode::UNAUTHORIZED, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "Incorrect API key provided.",
+            "invalid_request_error",
+            "invalid_api_key",
+        );
     }
     complete(s, "/v1/chat/completions".into(), headers, body, false, "").await
 }
 
 /// Deterministic prompt size: about four bytes of message text a token, plus framing.
 pub fn mock_prompt_tokens(body: &Value) -> i64 {
-    let text_len: usize = body["messages"]
-        .as_array()
-        .map(|m| m.iter().map(|msg| msg["content"].to_string().len()).sum())
-        .unwrap_or(0);
+    let text_len: usize =
+        body["messages"].as_array().map(|m| m.iter().map(|msg| msg["content"].to_string().len()).sum()).unwrap_or(0);
     (text_len / 4) as i64 + 7
 }
 
@@ -140,30 +148,32 @@ fn answer_text(body: &Value, words: usize) -> Vec<String> {
     }
 }
 
-async fn complete(s: MockState, path: String, headers: HeaderMap, body: Bytes, azure: bool, deployment: &str) -> Response {
+async fn complete(
+    s: MockState,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+    azure: bool,
+    deployment: &str,
+) -> Response {
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request.", "invalid_request_error", "invalid_json");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        );
     };
-    let scenario = headers
-        .get("x-mock-scenario")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let scenario = headers.get("x-mock-scenario").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let stream = body["stream"] == true;
     let include_usage = stream && body["stream_options"]["include_usage"] == true && scenario != "no_usage";
-    let words = headers
-        .get("x-mock-words")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5usize);
+    let words =
+        headers.get("x-mock-words").and_then(|v| v.to_str().ok()).and_then(|n| n.parse().ok()).unwrap_or(5usize);
     let tool = tool_call_for(&body);
     let pieces = if tool.is_some() { Vec::new() } else { answer_text(&body, words) };
     let prompt_tokens = mock_prompt_tokens(&body);
-    let completion_tokens = if let Some((name, args)) = &tool {
-        (name.len() + args.len()).div_ceil(4) as i64
-    } else {
-        pieces.len() as i64
-    };
+    let completion_tokens =
+        if let Some((name, args)) = &tool { (name.len() + args.len()).div_ceil(4) as i64 } else { pieces.len() as i64 };
     let model = if azure { deployment.to_owned() } else { body["model"].as_str().unwrap_or("mock").to_owned() };
     let record = Seen {
         path,
@@ -181,8 +191,12 @@ async fn complete(s: MockState, path: String, headers: HeaderMap, body: Bytes, a
         seen.push(record);
     }
     match scenario.as_str() {
-        "error_400" => return error(StatusCode::BAD_REQUEST, "mock: invalid request", "invalid_request_error", "mock_400"),
-        "error_500" => return error(StatusCode::INTERNAL_SERVER_ERROR, "mock: upstream failure", "server_error", "mock_500"),
+        "error_400" => {
+            return error(StatusCode::BAD_REQUEST, "mock: invalid request", "invalid_request_error", "mock_400")
+        }
+        "error_500" => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "mock: upstream failure", "server_error", "mock_500")
+        }
         _ => {}
     }
     let usage = json!({
@@ -225,8 +239,11 @@ async fn complete(s: MockState, path: String, headers: HeaderMap, body: Bytes, a
     events.push(chunk(json!({"role": "assistant", "content": ""}), Value::Null));
     match &tool {
         Some((name, args)) => {
-            events.push(chunk(json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                "function": {"name": name, "arguments": ""}}]}), Value::Null));
+            events.push(chunk(
+                json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": name, "arguments": ""}}]}),
+                Value::Null,
+            ));
             let (a, b) = args.split_at(args.len() / 2);
             for part in [a, b] {
                 events.push(chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": part}}]}), Value::Null));

@@ -37,7 +37,10 @@ async fn the_openai_python_sdk_is_billed_exactly() {
     let stream = s.settled_row(r["stream"]["request_id"].as_str().unwrap()).await;
     assert_eq!(stream.get_str("usage_source"), Ok("upstream"));
 
-    assert_eq!((r["tool"]["name"].as_str(), r["tool"]["arguments"]["path"].as_str()), (Some("read"), Some("hello.txt")));
+    assert_eq!(
+        (r["tool"]["name"].as_str(), r["tool"]["arguments"]["path"].as_str()),
+        (Some("read"), Some("hello.txt"))
+    );
     let tool = s.settled_row(r["tool"]["request_id"].as_str().unwrap()).await;
 
     assert_eq!(r["bad_key"]["status"], 401);
@@ -83,11 +86,7 @@ async fn a_real_openclaw_tool_turn_is_billed_exactly() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "OpenClaw turn failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "OpenClaw turn failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let served = s.served().await;
     assert!(served.len() >= 2, "a tool round trip is at least two model requests: {}", served.len());
     assert!(served.iter().all(|x| x.stream && x.include_usage), "OpenClaw streams; the filter asks for usage");

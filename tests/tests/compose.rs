@@ -35,10 +35,7 @@ fn compose_exposes_port_8000_and_mounts_the_built_wasm() {
     let ports: Vec<&str> = envoy["ports"].as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
     assert_eq!(ports, ["${GATEWAY_PORT:-8000}:8000"]);
     let mounts: Vec<&str> = envoy["volumes"].as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
-    assert!(
-        mounts.iter().any(|m| m.starts_with("./target/wasm32-wasip1/release/openclaw_filter.wasm:")),
-        "{mounts:?}"
-    );
+    assert!(mounts.iter().any(|m| m.starts_with("./target/wasm32-wasip1/release/openclaw_filter.wasm:")), "{mounts:?}");
     // The rendered config's wasm path is where the file is mounted.
     let render = env_of(&c["services"]["envoy-config"]);
     let wasm = render[&Value::from("WASM_PATH")].as_str().unwrap();
@@ -52,13 +49,16 @@ fn compose_passes_every_seed_setting() {
     let c = compose();
     let render = env_of(&c["services"]["envoy-config"]);
     for var in ["LLM_PROVIDER", "LLM_ENDPOINT", "LLM_API_KEY", "LLM_MODEL", "LLM_API_VERSION", "TIKTOKEN_ENCODING"] {
-        let merged = render.contains_key(var)
-            || c["x-settings"].as_mapping().is_some_and(|m| m.contains_key(var));
+        let merged = render.contains_key(var) || c["x-settings"].as_mapping().is_some_and(|m| m.contains_key(var));
         assert!(merged, "{var} missing from the envoy-config service");
     }
     let sidecar = env_of(&c["services"]["sidecar"]);
     for var in ["MONGODB_URI", "MONGODB_DB", "ADMIN_TOKEN", "LOG_FILE"] {
         assert!(sidecar.contains_key(var), "{var} missing from the sidecar");
     }
-    assert_eq!(sidecar[&Value::from("ADMIN_TOKEN")].as_str(), Some("${ADMIN_TOKEN:?set ADMIN_TOKEN}"), "no default admin token");
+    assert_eq!(
+        sidecar[&Value::from("ADMIN_TOKEN")].as_str(),
+        Some("${ADMIN_TOKEN:?set ADMIN_TOKEN}"),
+        "no default admin token"
+    );
 }

@@ -22,10 +22,7 @@ fn request_id(resp: &reqwest::Response) -> String {
 
 /// The `data:` payloads of an SSE body.
 fn events(body: &str) -> Vec<String> {
-    body.split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .map(str::to_owned)
-        .collect()
+    body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
 }
 
 /// Status of a request sent byte for byte (no client-side path normalisation).
@@ -65,7 +62,10 @@ async fn plain_and_streamed_requests_are_billed_exactly() {
     let row = s.settled_row(&id).await;
     assert_eq!(row.get_i64("input_tokens").unwrap(), usage["prompt_tokens"].as_i64().unwrap());
     assert_eq!(row.get_i64("output_tokens").unwrap(), usage["completion_tokens"].as_i64().unwrap());
-    assert_eq!((row.get_str("usage_source"), row.get_bool("stream"), row.get_i32("status_code")), (Ok("upstream"), Ok(false), Ok(200)));
+    assert_eq!(
+        (row.get_str("usage_source"), row.get_bool("stream"), row.get_i32("status_code")),
+        (Ok("upstream"), Ok(false), Ok(200))
+    );
     assert_eq!(row.get_str("model"), Ok("gpt-5-nano"));
     spent += total(&row);
 
@@ -98,8 +98,11 @@ async fn plain_and_streamed_requests_are_billed_exactly() {
 
     // Streamed, the client asked: it gets the usage event, byte for byte.
     let resp = s
-        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "stream_options": {"include_usage": true},
-            "messages": messages("with usage")}))
+        .chat(
+            key,
+            &json!({"model": "gpt-5-nano", "stream": true, "stream_options": {"include_usage": true},
+            "messages": messages("with usage")}),
+        )
         .send()
         .await
         .unwrap();
@@ -118,8 +121,11 @@ async fn plain_and_streamed_requests_are_billed_exactly() {
     let tools = json!([{"type": "function", "function": {"name": "read", "parameters": {
         "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]);
     let resp = s
-        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "tools": tools, "tool_choice": "auto",
-            "max_completion_tokens": 500, "messages": messages("read hello.txt")}))
+        .chat(
+            key,
+            &json!({"model": "gpt-5-nano", "stream": true, "tools": tools, "tool_choice": "auto",
+            "max_completion_tokens": 500, "messages": messages("read hello.txt")}),
+        )
         .send()
         .await
         .unwrap();
@@ -150,7 +156,10 @@ async fn without_usage_tiktoken_counts_and_upstream_errors_pass_through() {
     // What the upstream received is what tiktoken counts (the filter added stream_options).
     let sent = serde_json::to_vec(&s.served().await.last().unwrap().body).unwrap();
     assert_eq!(row.get_i64("input_tokens").unwrap(), count_prompt(Encoding::Cl100kBase, &sent));
-    assert_eq!(row.get_i64("output_tokens").unwrap(), count_text(Encoding::Cl100kBase, "word0 word1 word2 word3 word4 "));
+    assert_eq!(
+        row.get_i64("output_tokens").unwrap(),
+        count_text(Encoding::Cl100kBase, "word0 word1 word2 word3 word4 ")
+    );
     let mut spent = total(&row);
 
     // Upstream 4xx and 5xx reach the client unchanged and cost nothing.
@@ -201,7 +210,10 @@ async fn a_client_abort_mid_stream_is_settled_for_what_was_streamed() {
     assert_eq!(row.get_str("usage_source"), Ok("tiktoken"));
     let output = row.get_i64("output_tokens").unwrap();
     assert!(output >= 3, "at least what the client saw is charged: {output}");
-    assert!(output < count_text(Encoding::Cl100kBase, "word0 word1 word2 word3 word4 "), "not the whole answer: {output}");
+    assert!(
+        output < count_text(Encoding::Cl100kBase, "word0 word1 word2 word3 word4 "),
+        "not the whole answer: {output}"
+    );
     assert!(row.get_i64("input_tokens").unwrap() > 0);
     assert_eq!(s.settled_balance(key).await, 100_000 - total(&row));
     assert_eq!(s.open_holds(key).await, 0);
@@ -250,7 +262,8 @@ async fn refusals_and_bad_input_get_openai_errors_and_cost_nothing() {
     check(429, Some("insufficient_quota"), None)(st, v);
 
     let fine = "sk-fine-user-0001";
-    let raw = |body: &'static str| s.http.post(&url).bearer_auth(fine).header("content-type", "application/json").body(body);
+    let raw =
+        |body: &'static str| s.http.post(&url).bearer_auth(fine).header("content-type", "application/json").body(body);
     let (st, v) = send(raw("{not json")).await;
     check(400, None, None)(st, v);
     let (st, v) = send(raw(r#"{"model":"gpt-5-nano"}"#)).await;
@@ -279,7 +292,8 @@ async fn refusals_and_bad_input_get_openai_errors_and_cost_nothing() {
 
     // Deeply nested JSON is refused, not recursed into.
     let nested = format!("{{\"messages\":{}1{}}}", "[".repeat(5000), "]".repeat(5000));
-    let (st, v) = send(s.http.post(&url).bearer_auth(fine).header("content-type", "application/json").body(nested)).await;
+    let (st, v) =
+        send(s.http.post(&url).bearer_auth(fine).header("content-type", "application/json").body(nested)).await;
     check(400, None, None)(st, v);
     // Odd headers: a key with spaces, an empty bearer, a header-injection attempt.
     for auth in ["Bearer sk-fine user-0001", "Bearer ", "Bearer\tsk-fine-user-0001"] {
@@ -394,13 +408,8 @@ async fn two_hundred_concurrent_requests_never_overdraw_a_key_that_affords_ten()
     s.create_key(key, balance).await;
     // Slow, long answers: every reservation is decided while the first holds still stand.
     let responses = futures::future::join_all((0..200).map(|_| async {
-        let resp = s
-            .chat(key, &body)
-            .header("x-mock-scenario", "slow")
-            .header("x-mock-words", "60")
-            .send()
-            .await
-            .unwrap();
+        let resp =
+            s.chat(key, &body).header("x-mock-scenario", "slow").header("x-mock-words", "60").send().await.unwrap();
         let status = resp.status().as_u16();
         let id = resp.headers().get("x-bridge-request-id").map(|v| v.to_str().unwrap().to_owned());
         let text = resp.text().await.unwrap();

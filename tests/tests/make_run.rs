@@ -45,7 +45,9 @@ async fn make_run_starts_the_stack_with_local_defaults_and_stops_it() {
     let resp = http
         .post(format!("{base}/admin/keys"))
         .bearer_auth(admin.trim())
-        .json(&json!({"api_key": "sk-my-user-key-001", "user_name": "张三", "balance_tokens": 10000, "status": "active"}))
+        .json(
+            &json!({"api_key": "sk-my-user-key-001", "user_name": "张三", "balance_tokens": 10000, "status": "active"}),
+        )
         .send()
         .await
         .unwrap();

@@ -225,7 +225,8 @@ async fn soak_with_faults_loses_no_token() {
             expired += usize::from(lost);
             // The row of a lease whose drawn requests never settled (Envoy was
             // killed with their records queued) carries the lease's id.
-            expired_leases += usize::from(lost && r.get_str("lease_id").is_ok_and(|l| r.get_str("request_id") == Ok(l)));
+            expired_leases +=
+                usize::from(lost && r.get_str("lease_id").is_ok_and(|l| r.get_str("request_id") == Ok(l)));
         }
     }
     let mut charged_by_lease = 0;

@@ -3,7 +3,9 @@
 //! failure mode when it cannot answer; and the one path that gives back what
 //! an abandoned admission may have been granted.
 
-use bridge_protocol::{LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, UsageSource, LEASE_PATH, RESERVE_PATH};
+use bridge_protocol::{
+    LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, UsageSource, LEASE_PATH, RESERVE_PATH,
+};
 use log::{debug, info, warn};
 
 use super::{record, Admitted, Exchange, Hold, State, Wait};
@@ -61,7 +63,9 @@ impl Exchange {
         let key = lease::slot_key(&req.caller.key_hash);
         let decided = slot::update(host, &key, |slot, now| {
             match lease::draw(slot, now, estimate, &new_id, stale_ms, self.cfg.lease_ms) {
-                Draw::Drawn { slot, lease_id, refresh } => Step::Write(Some(slot), (Precheck::Drawn(lease_id), refresh)),
+                Draw::Drawn { slot, lease_id, refresh } => {
+                    Step::Write(Some(slot), (Precheck::Drawn(lease_id), refresh))
+                }
                 Draw::Fetch { slot, close } => Step::Write(Some(slot), (Precheck::Fetch(new_id.clone(), close), None)),
                 Draw::Reserve => Step::Keep((Precheck::Reserve, None)),
             }
@@ -104,10 +108,18 @@ impl Exchange {
 
     /// Sends the admission call and waits for it; if it cannot be sent, the
     /// sidecar never saw it.
-    fn call(&mut self, host: &impl HttpHost, req: Admitted, wait: Wait, path: &str, payload: serde_json::Result<Vec<u8>>) -> Flow {
-        let sent = payload
-            .map_err(|e| format!("cannot encode the call: {e}"))
-            .and_then(|p| call_sidecar(host, &self.cfg, path, &p, self.cfg.sidecar_timeout_ms).map_err(|e| format!("dispatch failed: {e}")));
+    fn call(
+        &mut self,
+        host: &impl HttpHost,
+        req: Admitted,
+        wait: Wait,
+        path: &str,
+        payload: serde_json::Result<Vec<u8>>,
+    ) -> Flow {
+        let sent = payload.map_err(|e| format!("cannot encode the call: {e}")).and_then(|p| {
+            call_sidecar(host, &self.cfg, path, &p, self.cfg.sidecar_timeout_ms)
+                .map_err(|e| format!("dispatch failed: {e}"))
+        });
         match sent {
             Ok(callout) => {
                 self.state = State::Admitting { req, callout, wait };
@@ -255,7 +267,14 @@ impl Exchange {
     /// The sidecar could not answer: the configured failure mode decides.
     /// `maybe_granted`: the call may have reached it, so what it may have
     /// granted is given back either way.
-    fn sidecar_failed(&mut self, host: &impl HttpHost, req: Admitted, wait: Wait, why: &str, maybe_granted: bool) -> Flow {
+    fn sidecar_failed(
+        &mut self,
+        host: &impl HttpHost,
+        req: Admitted,
+        wait: Wait,
+        why: &str,
+        maybe_granted: bool,
+    ) -> Flow {
         // What a call that never left could not have granted is still ours to tidy.
         let wait = match (maybe_granted, wait) {
             (true, wait) => Some(wait),
@@ -277,7 +296,10 @@ impl Exchange {
                 self.answer(host, LocalReply::unavailable(self.cfg.retry_after_secs))
             }
             FailureMode::Allow => {
-                warn!("[{}] {}: sidecar unavailable ({why}); forwarding without a hold", self.id, req.caller.request_id);
+                warn!(
+                    "[{}] {}: sidecar unavailable ({why}); forwarding without a hold",
+                    self.id, req.caller.request_id
+                );
                 match wait {
                     // Whatever the lost reply granted goes back.
                     Some(lease @ Wait::Lease { .. }) => self.give_back(host, &req, lease, 503),

@@ -16,6 +16,8 @@
 
 mod admit;
 #[cfg(test)]
+pub(crate) mod harness;
+#[cfg(test)]
 mod tests;
 
 use std::rc::Rc;
@@ -80,9 +82,18 @@ enum State {
     /// Buffering the body.
     Body(Caller),
     /// Waiting for the sidecar's reply to `callout`.
-    Admitting { req: Admitted, callout: u32, wait: Wait },
+    Admitting {
+        req: Admitted,
+        callout: u32,
+        wait: Wait,
+    },
     /// Admitted and forwarded: settles exactly once.
-    Forwarded { req: Admitted, hold: Hold, status: u32, meter: Option<ResponseMeter> },
+    Forwarded {
+        req: Admitted,
+        hold: Hold,
+        status: u32,
+        meter: Option<ResponseMeter>,
+    },
     /// The settlement record is queued (or was never owed).
     Settled,
 }
@@ -161,11 +172,8 @@ impl Exchange {
         host.set_request_header(auth_name, Some(&auth_value));
         host.set_request_header(":path", Some(&cfg.upstream_path()));
         host.set_request_header(&cfg.route_header, Some("upstream"));
-        self.state = State::Body(Caller {
-            key_hash: bridge_protocol::key_hash(&key),
-            request_id,
-            started_ms: host.now_ms(),
-        });
+        self.state =
+            State::Body(Caller { key_hash: bridge_protocol::key_hash(&key), request_id, started_ms: host.now_ms() });
         Flow::Pause
     }
 
@@ -253,9 +261,13 @@ impl Exchange {
                     // A client that left mid-answer never reached the end: finish the count here.
                     m.on_end();
                 }
-                let (input, output, source) = crate::charge(meter.as_ref(), status, &req.body, self.cfg.tiktoken_encoding);
+                let (input, output, source) =
+                    crate::charge(meter.as_ref(), status, &req.body, self.cfg.tiktoken_encoding);
                 let record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
-                debug!("[{}] {}: queued settlement {input}+{output} of {} ({source:?})", self.id, record.request_id, record.reserved);
+                debug!(
+                    "[{}] {}: queued settlement {input}+{output} of {} ({source:?})",
+                    self.id, record.request_id, record.reserved
+                );
                 self.keep(Item::Settle(record));
             }
             other => self.state = other,
@@ -271,7 +283,14 @@ impl Exchange {
 /// The settlement record of a request: what it used, or with `release` that
 /// it was refused after a reservation that may have succeeded unseen (settled
 /// with nothing used, which releases such a hold).
-fn record(now_ms: u64, req: &Admitted, hold: &Hold, status: u32, usage: (i64, i64, UsageSource), release: bool) -> SettleRecord {
+fn record(
+    now_ms: u64,
+    req: &Admitted,
+    hold: &Hold,
+    status: u32,
+    usage: (i64, i64, UsageSource),
+    release: bool,
+) -> SettleRecord {
     let (input_tokens, output_tokens, usage_source) = usage;
     SettleRecord {
         request_id: req.caller.request_id.clone(),

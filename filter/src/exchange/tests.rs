@@ -1,107 +1,14 @@
-//! The middle test tier: whole requests and the root's background work
-//! against the fake host, each stage transition driven step by step.
+//! The middle test tier: whole requests against the fake host, each stage
+//! transition driven step by step.
 
-use std::rc::Rc;
-
-use bridge_protocol::{LeaseClose, SettleRecord, UsageSource, LEASE_PATH, RESERVE_PATH, SETTLE_PATH};
+use bridge_protocol::{LeaseClose, UsageSource, LEASE_PATH, RESERVE_PATH};
 use serde_json::{json, Value};
 
-use super::Exchange;
-use crate::background::Background;
-use crate::config::PluginConfig;
-use crate::fake::{Stream, World};
+use super::harness::*;
+use crate::fake::Stream;
 use crate::host::Flow;
-use crate::lease::{self, Slot};
+use crate::lease::Slot;
 use crate::settle::Item;
-
-const KEY: &str = "sk-user-0001";
-const BODY: &[u8] = br#"{"model":"gpt-5-nano","messages":[{"role":"user","content":"hello world"}],"max_completion_tokens":64}"#;
-
-/// One Envoy with one VM: its world, its root, and requests made on it.
-struct Gateway {
-    world: Rc<World>,
-    root: Background,
-    next_id: u32,
-}
-
-impl Gateway {
-    fn new(extra: Value) -> Self {
-        let mut cfg = json!({"sidecar_cluster": "sidecar", "upstream_key": "upstream-secret", "deployment": "gpt-5-nano"});
-        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-            cfg[k] = v;
-        }
-        let cfg = PluginConfig::from_json(cfg.to_string().as_bytes()).unwrap();
-        Self { world: World::new(), root: Background::new(1, Rc::new(cfg)), next_id: 10 }
-    }
-
-    fn exchange(&mut self) -> Exchange {
-        self.next_id += 1;
-        Exchange::new(self.next_id, self.root.config.clone(), self.root.vm.clone())
-    }
-
-    /// A chat request whose headers and whole body have arrived.
-    fn send(&mut self, body: &[u8]) -> (Exchange, Stream, Flow) {
-        let (mut ex, s) = self.headers(KEY);
-        *s.request_body.borrow_mut() = body.to_vec();
-        let flow = ex.on_request_body(&s, body.len(), true);
-        (ex, s, flow)
-    }
-
-    fn headers(&mut self, key: &str) -> (Exchange, Stream) {
-        let mut ex = self.exchange();
-        let auth = format!("Bearer {key}");
-        let s = Stream::new(
-            &self.world,
-            &[(":method", "POST"), (":path", "/v1/chat/completions"), ("authorization", &auth), ("content-length", "99")],
-        );
-        assert_eq!(ex.on_request_headers(&s, false), Flow::Pause);
-        (ex, s)
-    }
-
-    /// Delivers a reply to the last call made.
-    fn answer(&self, ex: &mut Exchange, s: &Stream, status: &str, body: Value) {
-        let call = self.world.calls().pop().unwrap();
-        let n = self.world.reply_with(status, &body);
-        ex.on_call_response(s, call.token, n);
-    }
-
-    /// Everything the VM queued for the sidecar, taken out.
-    fn queued(&self) -> Vec<Item> {
-        self.root.vm.settler.borrow_mut().take_all()
-    }
-
-    fn records(&self) -> Vec<SettleRecord> {
-        self.queued()
-            .into_iter()
-            .filter_map(|i| match i {
-                Item::Settle(r) => Some(r),
-                Item::Close(_) => None,
-            })
-            .collect()
-    }
-
-    fn slot(&self) -> Option<Slot> {
-        self.world.slot(&lease::slot_key(&bridge_protocol::key_hash(KEY)))
-    }
-}
-
-fn grant(tokens: i64) -> Value {
-    json!({"verdict": "grant", "tokens": tokens, "balance_tokens": 0})
-}
-
-fn refuse(status: u16, code: &str) -> Value {
-    json!({"verdict": "refuse", "status": status, "error": {"message": "no", "type": code, "param": null, "code": code}})
-}
-
-/// The upstream's answer: a plain JSON body with usage, then the end.
-fn respond(ex: &mut Exchange, s: &Stream, status: &str, body: &[u8]) {
-    *s.response_headers.borrow_mut() = vec![(":status".into(), status.into()), ("content-type".into(), "application/json".into())];
-    ex.on_response_headers(s);
-    *s.response_body.borrow_mut() = body.to_vec();
-    ex.on_response_body(s, body.len(), true);
-}
-
-const USAGE: &[u8] = br#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}"#;
 
 #[test]
 fn the_first_request_fetches_a_lease_and_the_next_draws_without_a_call() {
@@ -140,11 +47,19 @@ fn the_headers_phase_swaps_the_keys_and_the_route_marker_is_ours_alone() {
     let mut ex = gw.exchange();
     let s = Stream::new(
         &gw.world,
-        &[(":method", "POST"), (":path", "/v1/chat/completions"), ("api-key", KEY), ("x-openclaw-bridge-route", "upstream")],
+        &[
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            ("api-key", KEY),
+            ("x-openclaw-bridge-route", "upstream"),
+        ],
     );
     ex.on_request_headers(&s, false);
     assert_eq!(s.header("api-key").as_deref(), Some("upstream-secret"));
-    assert_eq!(s.header(":path").unwrap(), "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview");
+    assert_eq!(
+        s.header(":path").unwrap(),
+        "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview"
+    );
     // Outside /v1 the client's marker is still removed.
     let mut ex = gw.exchange();
     let s = Stream::new(&gw.world, &[(":method", "GET"), (":path", "/other"), ("x-openclaw-bridge-route", "upstream")]);
@@ -381,7 +296,8 @@ fn the_client_gone_in_every_stage_settles_once_or_not_at_all() {
 
     // Gone mid-stream: the visible text so far is counted.
     let (mut ex, s, _) = gw.send(BODY);
-    *s.response_headers.borrow_mut() = vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
+    *s.response_headers.borrow_mut() =
+        vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
     ex.on_response_headers(&s);
     let chunk = b"data: {\"choices\":[{\"delta\":{\"content\":\"hello world\"}}]}\n\n";
     *s.response_body.borrow_mut() = chunk.to_vec();
@@ -399,7 +315,8 @@ fn streamed_requests_hide_the_usage_event_they_did_not_ask_for() {
     let sent: Value = serde_json::from_slice(&s.request_body.borrow()).unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     gw.answer(&mut ex, &s, "200", grant(100_000));
-    *s.response_headers.borrow_mut() = vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
+    *s.response_headers.borrow_mut() =
+        vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
     ex.on_response_headers(&s);
     assert!(s.response_headers.borrow().iter().any(|(k, _)| k == "x-bridge-request-id"));
     let chunk = b"data: {\"choices\":[{\"delta\":{\"content\":\"yo\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\n\ndata: [DONE]\n\n";
@@ -410,72 +327,4 @@ fn streamed_requests_hide_the_usage_event_they_did_not_ask_for() {
     ex.on_log(&s);
     let [r] = &gw.records()[..] else { panic!("one record") };
     assert_eq!((r.input_tokens, r.output_tokens, r.stream), (4, 1, true));
-}
-
-#[test]
-fn half_way_through_a_lease_the_root_fetches_the_next_in_the_background() {
-    let mut gw = Gateway::new(json!({}));
-    let (mut ex, s, _) = gw.send(BODY);
-    gw.answer(&mut ex, &s, "200", grant(100_000));
-    gw.world.advance(600);
-    let (_, _, flow) = gw.send(BODY);
-    assert_eq!(flow, Flow::Continue);
-    assert_eq!(gw.world.lease_queue.borrow().len(), 1, "one background ask queued");
-    gw.root.on_tick(&*gw.world);
-    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
-    assert_eq!(ask.body["replaces"], Value::Null);
-    let n = gw.world.reply_with("200", &grant(50_000));
-    gw.root.on_call_response(&*gw.world, ask.token, n);
-    let Some(Slot::Live(l)) = gw.slot() else { panic!("no lease") };
-    assert_eq!((l.id.as_str(), l.tokens, l.drawn_n), (ask.body["lease_id"].as_str().unwrap(), 50_000, 0));
-    // The renewed lease replaced the first, which closes with its two draws.
-    let queued = gw.queued();
-    let [Item::Close(old)] = &queued[..] else { panic!("{queued:?}") };
-    assert_eq!((old.tokens, old.drawn_n), (Some(100_000), 2));
-}
-
-#[test]
-fn the_root_sends_batches_retries_with_backoff_and_sweeps_expired_leases() {
-    let mut gw = Gateway::new(json!({}));
-    let (mut ex, s, _) = gw.send(BODY);
-    gw.answer(&mut ex, &s, "200", grant(100_000));
-    respond(&mut ex, &s, "200", USAGE);
-    ex.on_log(&s);
-    gw.root.on_tick(&*gw.world);
-    assert_eq!(gw.world.gauge.get(), 2, "one record and one live lease pending");
-    let first = gw.world.calls_to(SETTLE_PATH);
-    assert_eq!(first[0].body["records"].as_array().unwrap().len(), 1);
-    // The sidecar fails: the batch is kept and sent again after the backoff.
-    let n = gw.world.reply_with("503", &json!(null));
-    gw.root.on_call_response(&*gw.world, first[0].token, n);
-    gw.root.on_tick(&*gw.world);
-    assert_eq!(gw.world.calls_to(SETTLE_PATH).len(), 1, "backing off");
-    gw.world.advance(1_000);
-    gw.root.on_tick(&*gw.world);
-    // The lease expired meanwhile: swept and closed in the same batch.
-    assert_eq!(gw.slot(), None);
-    let again = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
-    assert_eq!(again.body["records"][0]["request_id"], first[0].body["records"][0]["request_id"]);
-    assert_eq!(again.body["closes"][0]["drawn_n"], 1);
-    let n = gw.world.reply_with("200", &json!({"results": [], "closes": []}));
-    gw.root.on_call_response(&*gw.world, again.token, n);
-    assert_eq!(gw.world.gauge.get(), 0, "nothing pending");
-}
-
-#[test]
-fn shutdown_closes_live_leases_and_releases_asks_in_flight() {
-    let mut gw = Gateway::new(json!({}));
-    let (mut ex, s, _) = gw.send(BODY);
-    gw.answer(&mut ex, &s, "200", grant(100_000));
-    gw.world.advance(600);
-    gw.send(BODY);
-    gw.root.on_tick(&*gw.world);
-    let before = gw.world.calls().len();
-    gw.root.on_done(&*gw.world);
-    let last = gw.world.calls();
-    let [shutdown] = &last[before..] else { panic!("one last batch") };
-    let closes = shutdown.body["closes"].as_array().unwrap();
-    assert_eq!(closes.len(), 2, "the live lease and the unanswered renewal: {closes:?}");
-    assert!(closes.iter().any(|c| c["tokens"].is_null()));
-    assert_eq!(gw.slot(), None);
 }

@@ -51,13 +51,8 @@ impl Store {
         let ttl_ms = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
         let now = DateTime::now();
         let cutoff = now.timestamp_millis().saturating_sub(ttl_ms);
-        let docs: Vec<Document> = self
-            .keys
-            .find(doc! {"holds_n": {"$gt": 0_i64}})
-            .projection(doc! {"holds": 1})
-            .await?
-            .try_collect()
-            .await?;
+        let docs: Vec<Document> =
+            self.keys.find(doc! {"holds_n": {"$gt": 0_i64}}).projection(doc! {"holds": 1}).await?.try_collect().await?;
         let mut expired = Vec::new();
         for key in &docs {
             let hash = key.get_str("_id").unwrap_or_default();
@@ -207,5 +202,4 @@ impl Store {
         }
         Ok(())
     }
-
 }

@@ -59,9 +59,7 @@ pub struct NewKey {
 pub(super) fn key_view(doc: &Document, full_key: Option<&str>) -> KeyView {
     let hash = doc.get_str("_id").unwrap_or_default();
     let sum = |field: &str, f: fn(&Document) -> i64| -> i64 {
-        doc.get_document(field)
-            .map(|m| m.values().filter_map(Bson::as_document).map(f).sum())
-            .unwrap_or(0)
+        doc.get_document(field).map(|m| m.values().filter_map(Bson::as_document).map(f).sum()).unwrap_or(0)
     };
     let held = sum("holds", |hold| int(hold, "tokens")) + sum("leases", lease_outstanding);
     KeyView {
@@ -78,10 +76,7 @@ pub(super) fn key_view(doc: &Document, full_key: Option<&str>) -> KeyView {
 }
 
 pub(super) fn masked_key(doc: &Document) -> String {
-    keys::masked(
-        doc.get_str("key_prefix").unwrap_or_default(),
-        doc.get_str("key_last4").unwrap_or_default(),
-    )
+    keys::masked(doc.get_str("key_prefix").unwrap_or_default(), doc.get_str("key_last4").unwrap_or_default())
 }
 
 impl Store {
@@ -167,5 +162,4 @@ impl Store {
             None => Err(LedgerError::NotFound("No such api_key.".into())),
         }
     }
-
 }

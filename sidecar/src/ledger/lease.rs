@@ -107,7 +107,7 @@ impl Store {
             .aggregate([
                 doc! {"$match": {"lease_id": lease_id, "expired_hold": false}},
                 doc! {"$group": {"_id": Bson::Null, "rows": {"$sum": 1_i64}, "total": {"$sum": "$total_tokens"},
-                    "reserved": {"$sum": "$reserved_tokens"}}},
+                "reserved": {"$sum": "$reserved_tokens"}}},
             ])
             .await?;
         Ok(match cursor.try_next().await? {
@@ -169,5 +169,4 @@ impl Store {
         }
         Ok((SettleOutcome::AlreadySettled, Some("closed or expiring meanwhile".into())))
     }
-
 }

@@ -64,15 +64,23 @@ pub enum LedgerError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     UnknownKey,
-    Frozen { masked_key: String },
+    Frozen {
+        masked_key: String,
+    },
     /// The balance is below what the request needs.
-    Insufficient { needed: i64, balance: i64 },
+    Insufficient {
+        needed: i64,
+        balance: i64,
+    },
 }
 
 /// The ledger's answer to a reservation or a lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    Granted { tokens: i64, balance_tokens: i64 },
+    Granted {
+        tokens: i64,
+        balance_tokens: i64,
+    },
     Refused(Refusal),
     /// A lease could not be taken now (the balance moved under every try):
     /// the request reserves alone.
@@ -106,10 +114,7 @@ pub(super) fn lease_path(lease_id: &str) -> String {
 }
 
 pub(super) fn rfc3339(doc: &Document, field: &str) -> String {
-    doc.get_datetime(field)
-        .ok()
-        .and_then(|d| d.try_to_rfc3339_string().ok())
-        .unwrap_or_default()
+    doc.get_datetime(field).ok().and_then(|d| d.try_to_rfc3339_string().ok()).unwrap_or_default()
 }
 
 pub(super) fn int(doc: &Document, field: &str) -> i64 {
@@ -124,10 +129,9 @@ pub(super) fn int(doc: &Document, field: &str) -> i64 {
 pub(super) fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     match e.kind.as_ref() {
         ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == DUPLICATE_KEY,
-        ErrorKind::InsertMany(m) => m
-            .write_errors
-            .as_ref()
-            .is_some_and(|errs| errs.iter().all(|w| w.code == DUPLICATE_KEY)),
+        ErrorKind::InsertMany(m) => {
+            m.write_errors.as_ref().is_some_and(|errs| errs.iter().all(|w| w.code == DUPLICATE_KEY))
+        }
         ErrorKind::Command(c) => c.code == DUPLICATE_KEY,
         _ => false,
     }
@@ -137,38 +141,22 @@ impl Store {
     pub async fn connect(uri: &str, db_name: &str, hold_ttl: Duration) -> Result<Self, LedgerError> {
         let client = Client::with_uri_str(uri).await?;
         let db = client.database(db_name);
-        Ok(Self {
-            keys: db.collection("api_keys"),
-            audit: db.collection("audit_logs"),
-            hold_ttl,
-        })
+        Ok(Self { keys: db.collection("api_keys"), audit: db.collection("audit_logs"), hold_ttl })
     }
 
     /// Creates the indexes the ledger relies on; `request_id` uniqueness is what
     /// makes audit writes idempotent.
     pub async fn ensure_indexes(&self) -> Result<(), LedgerError> {
         let unique = IndexOptions::builder().unique(true).build();
-        self.audit
-            .create_index(IndexModel::builder().keys(doc! {"request_id": 1}).options(unique).build())
-            .await?;
-        self.audit
-            .create_index(IndexModel::builder().keys(doc! {"key_id": 1, "timestamp": -1}).build())
-            .await?;
-        self.audit
-            .create_index(IndexModel::builder().keys(doc! {"timestamp": -1}).build())
-            .await?;
+        self.audit.create_index(IndexModel::builder().keys(doc! {"request_id": 1}).options(unique).build()).await?;
+        self.audit.create_index(IndexModel::builder().keys(doc! {"key_id": 1, "timestamp": -1}).build()).await?;
+        self.audit.create_index(IndexModel::builder().keys(doc! {"timestamp": -1}).build()).await?;
         // A lease's rows are summed when it is finalised.
-        self.audit
-            .create_index(IndexModel::builder().keys(doc! {"lease_id": 1}).build())
-            .await?;
+        self.audit.create_index(IndexModel::builder().keys(doc! {"lease_id": 1}).build()).await?;
         for field in ["holds_n", "outbox_n", "leases_n", "released_n"] {
-            self.keys
-                .create_index(IndexModel::builder().keys(doc! {field: 1}).build())
-                .await?;
+            self.keys.create_index(IndexModel::builder().keys(doc! {field: 1}).build()).await?;
         }
-        self.keys
-            .create_index(IndexModel::builder().keys(doc! {"created_at": 1, "_id": 1}).build())
-            .await?;
+        self.keys.create_index(IndexModel::builder().keys(doc! {"created_at": 1, "_id": 1}).build()).await?;
         Ok(())
     }
 
@@ -192,7 +180,6 @@ impl Store {
         self.keys.find_one(doc! {"_id": ""}).projection(doc! {"_id": 1}).await?;
         Ok(())
     }
-
 }
 
 /// What became of one settlement record, and the audit row to write if it settled now.

@@ -54,10 +54,7 @@ impl Store {
                 unset.insert(outbox_path(id), "");
             }
             let n = ids.len() as i64;
-            let all = self
-                .keys
-                .update_one(filter, doc! {"$unset": unset, "$inc": {"outbox_n": -n}})
-                .await?;
+            let all = self.keys.update_one(filter, doc! {"$unset": unset, "$inc": {"outbox_n": -n}}).await?;
             if all.matched_count == 1 {
                 continue;
             }
@@ -99,5 +96,4 @@ impl Store {
         self.write_audit_rows(rows).await?;
         Ok(n)
     }
-
 }

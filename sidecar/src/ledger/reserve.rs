@@ -28,7 +28,9 @@ impl Why {
             Why::Broke(balance) => Ok(Decision::Refused(Refusal::Insufficient { needed, balance })),
             Why::Taken => Err(LedgerError::Internal(format!("id {id} reserved twice"))),
             // Nobody waits for this answer: the filter gave up and released it.
-            Why::Released => Err(LedgerError::Conflict { message: "reservation already released".into(), code: "released" }),
+            Why::Released => {
+                Err(LedgerError::Conflict { message: "reservation already released".into(), code: "released" })
+            }
         }
     }
 }
@@ -68,7 +70,7 @@ impl Store {
             .keys
             .find_one(doc! {"_id": key_hash})
             .projection(doc! {"status": 1, "balance_tokens": 1, "key_prefix": 1, "key_last4": 1, &taken: 1,
-                released_path(id): 1})
+            released_path(id): 1})
             .await?;
         let Some(d) = current else { return Ok(Why::Refused(Refusal::UnknownKey)) };
         Ok(if d.get_str("status") != Ok("active") {

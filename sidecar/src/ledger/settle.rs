@@ -86,7 +86,11 @@ impl Store {
     /// lease's ledger: written once each (unique `request_id`), in one insert,
     /// with no update of the key at all; the balance moves once for the whole
     /// lease when it is finalised (see [`Store::finalize_lease`]).
-    pub(super) async fn settle_leased(&self, group: &[&SettleRecord], now: DateTime) -> Result<Vec<Settled>, LedgerError> {
+    pub(super) async fn settle_leased(
+        &self,
+        group: &[&SettleRecord],
+        now: DateTime,
+    ) -> Result<Vec<Settled>, LedgerError> {
         let (Some(first), Some(lease_id)) = (group.first(), group.first().and_then(|r| r.lease_id.as_deref())) else {
             return Ok(Vec::new());
         };
@@ -108,7 +112,15 @@ impl Store {
         };
         let rows: Vec<Document> = group
             .iter()
-            .map(|r| OutboxRow::new(&r.key_hash, &r.request_id, owner, audit_entry(r, r.input_tokens + r.output_tokens, false, now)).row)
+            .map(|r| {
+                OutboxRow::new(
+                    &r.key_hash,
+                    &r.request_id,
+                    owner,
+                    audit_entry(r, r.input_tokens + r.output_tokens, false, now),
+                )
+                .row
+            })
             .collect();
         let mut duplicates = std::collections::BTreeSet::new();
         match self.audit.insert_many(&rows).ordered(false).await {
@@ -198,11 +210,9 @@ impl Store {
             None => None,
         };
         match owner {
-            Some(owner) => Ok((
-                SettleOutcome::Settled,
-                None,
-                Some(OutboxRow::new(&r.key_hash, &r.request_id, &owner, entry)),
-            )),
+            Some(owner) => {
+                Ok((SettleOutcome::Settled, None, Some(OutboxRow::new(&r.key_hash, &r.request_id, &owner, entry))))
+            }
             None => {
                 let (outcome, message) = self.classify_unsettled(r).await?;
                 Ok((outcome, message, None))
@@ -211,17 +221,16 @@ impl Store {
     }
 
     /// Why a settlement found no hold to replace.
-    pub(super) async fn classify_unsettled(&self, r: &SettleRecord) -> Result<(SettleOutcome, Option<String>), LedgerError> {
+    pub(super) async fn classify_unsettled(
+        &self,
+        r: &SettleRecord,
+    ) -> Result<(SettleOutcome, Option<String>), LedgerError> {
         let hold = hold_path(&r.request_id);
         let outbox = outbox_path(&r.request_id);
-        let key = self
-            .keys
-            .find_one(doc! {"_id": &r.key_hash})
-            .projection(doc! {&hold: 1, &outbox: 1})
-            .await?;
-        let pending = key.as_ref().and_then(|k| {
-            k.get_document("outbox").ok().and_then(|o| o.get_document(&r.request_id).ok()).cloned()
-        });
+        let key = self.keys.find_one(doc! {"_id": &r.key_hash}).projection(doc! {&hold: 1, &outbox: 1}).await?;
+        let pending = key
+            .as_ref()
+            .and_then(|k| k.get_document("outbox").ok().and_then(|o| o.get_document(&r.request_id).ok()).cloned());
         let row = match pending {
             Some(p) => Some(p),
             None => self.audit.find_one(doc! {"request_id": &r.request_id}).await?,
@@ -241,5 +250,4 @@ impl Store {
             None => (SettleOutcome::Unknown, Some("no hold for this request id under this key".into())),
         })
     }
-
 }
