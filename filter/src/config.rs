@@ -60,6 +60,9 @@ fn default_max_body_bytes() -> usize {
 fn default_output_reservation() -> i64 {
     4_096
 }
+fn default_true() -> bool {
+    true
+}
 fn default_bytes_per_token() -> u32 {
     2
 }
@@ -120,6 +123,11 @@ pub struct PluginConfig {
     /// Output tokens held when the request sets neither `max_completion_tokens` nor `max_tokens`.
     #[serde(default = "default_output_reservation")]
     pub default_output_reservation: i64,
+    /// A request naming no maximum is sent on with `max_completion_tokens`
+    /// set to `default_output_reservation`, so its output cannot outgrow its
+    /// hold. Off, such a request may spend past its hold (and the balance).
+    #[serde(default = "default_true")]
+    pub cap_output: bool,
     /// Request bytes per token assumed by the input estimate. Low values over-hold
     /// (refunded at settlement); 2 stays above the true count even for CJK text.
     #[serde(default = "default_bytes_per_token")]

@@ -99,9 +99,8 @@ pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
         },
         Some(_) => return Err(LocalReply::bad_request("'stream_options' must be an object.", Some("stream_options"))),
     };
-    let output = integer_param(obj, "max_completion_tokens")?
-        .or(integer_param(obj, "max_tokens")?)
-        .unwrap_or(cfg.default_output_reservation);
+    let client_max = integer_param(obj, "max_completion_tokens")?.or(integer_param(obj, "max_tokens")?);
+    let output = client_max.unwrap_or(cfg.default_output_reservation);
     let choices = integer_param(obj, "n")?.unwrap_or(1);
     let input = body.len().div_ceil(cfg.estimate_bytes_per_token as usize) as i64 + 16;
     let estimate = input.saturating_add(output.saturating_mul(choices));
@@ -113,6 +112,11 @@ pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
             o.insert("include_usage".into(), Value::Bool(true));
             changed = true;
         }
+    }
+    if client_max.is_none() && cfg.cap_output {
+        // The hold is a ceiling: what it reserved for output is all the upstream may write.
+        obj.insert("max_completion_tokens".into(), Value::from(output));
+        changed = true;
     }
     if cfg.upstream == UpstreamStyle::Openai {
         if let Some(m) = &cfg.model {
@@ -168,10 +172,14 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["temperature"], 0.7, "other fields survive unchanged");
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["model", "messages", "stream", "temperature", "stream_options"], "field order kept");
+        assert_eq!(
+            keys,
+            ["model", "messages", "stream", "temperature", "stream_options", "max_completion_tokens"],
+            "field order kept, the cap last"
+        );
 
         let asked =
-            br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}"#;
+            br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"max_tokens":5}"#;
         let a = admit(asked, &cfg()).unwrap();
         assert!(a.client_wants_usage);
         assert_eq!(a.rewritten, None, "nothing to change");
@@ -179,9 +187,28 @@ mod tests {
     }
 
     #[test]
-    fn non_streamed_bodies_pass_unchanged() {
-        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    fn non_streamed_bodies_that_name_a_maximum_pass_unchanged() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":9}"#;
         assert_eq!(admit(body, &cfg()).unwrap().rewritten, None);
+    }
+
+    #[test]
+    fn a_request_naming_no_maximum_is_capped_at_what_is_held() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":2}"#;
+        let a = admit(body, &cfg()).unwrap();
+        let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
+        assert_eq!(v["max_completion_tokens"], 4096, "the cap is the output the hold reserved");
+        assert_eq!(a.estimate, body.len().div_ceil(2) as i64 + 16 + 2 * 4096, "per choice");
+        // A client maximum is what is held, and the body keeps it as sent.
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":7}"#;
+        assert_eq!(admit(body, &cfg()).unwrap().rewritten, None);
+        // An operator may turn the cap off: then the body passes as sent.
+        let off = PluginConfig::from_json(
+            br#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","cap_output":false}"#,
+        )
+        .unwrap();
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(admit(body, &off).unwrap().rewritten, None);
     }
 
     #[test]

@@ -125,9 +125,12 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(1000))]
 
     #[test]
-    fn the_rewrite_only_adds_include_usage(extra in prop::collection::btree_map("[a-z]{1,10}", json_value(), 0..6),
-                                           content in "[^\u{0}]{0,200}",
-                                           stream in any::<bool>()) {
+    fn the_rewrite_only_adds_include_usage_and_the_output_cap(
+        extra in prop::collection::btree_map("[a-z]{1,10}", json_value(), 0..6),
+        content in "[^\u{0}]{0,200}",
+        stream in any::<bool>(),
+        client_max in prop::option::of(1i64..100_000),
+    ) {
         let mut body = Map::new();
         for (k, v) in extra {
             if !["messages", "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n"].contains(&k.as_str()) {
@@ -136,17 +139,27 @@ proptest! {
         }
         body.insert("messages".into(), json!([{"role": "user", "content": content}]));
         body.insert("stream".into(), json!(stream));
+        if let Some(m) = client_max {
+            body.insert("max_tokens".into(), json!(m));
+        }
         let original = Value::Object(body);
         let bytes = serde_json::to_vec(&original).unwrap();
         let a = admit(&bytes, &cfg()).unwrap();
         prop_assert!(a.estimate > 0);
         match a.rewritten {
-            None => prop_assert!(!stream),
+            None => prop_assert!(!stream && client_max.is_some()),
             Some(new) => {
-                prop_assert!(stream);
+                prop_assert!(stream || client_max.is_none());
                 let mut rewritten: Value = serde_json::from_slice(&new).unwrap();
-                prop_assert_eq!(&rewritten["stream_options"]["include_usage"], &json!(true));
-                rewritten.as_object_mut().unwrap().remove("stream_options");
+                let fields = rewritten.as_object_mut().unwrap();
+                let usage = fields.remove("stream_options");
+                prop_assert_eq!(usage.is_some(), stream);
+                if stream {
+                    prop_assert_eq!(&usage.unwrap()["include_usage"], &json!(true));
+                }
+                // The cap is what the hold reserved for output, set only when the client named none.
+                let cap = fields.remove("max_completion_tokens");
+                prop_assert_eq!(cap, client_max.is_none().then(|| json!(cfg().default_output_reservation)));
                 prop_assert_eq!(rewritten, original);
             }
         }

@@ -154,7 +154,10 @@ async fn without_usage_tiktoken_counts_and_upstream_errors_pass_through() {
     let row = s.settled_row(&id).await;
     assert_eq!(row.get_str("usage_source"), Ok("tiktoken"));
     // What the upstream received is what tiktoken counts (the filter added stream_options).
-    let sent = serde_json::to_vec(&s.served().await.last().unwrap().body).unwrap();
+    let served = s.served().await.last().unwrap().body.clone();
+    // It named no maximum: it went upstream capped at the output its hold reserved.
+    assert_eq!(served["max_completion_tokens"], 4096);
+    let sent = serde_json::to_vec(&served).unwrap();
     assert_eq!(row.get_i64("input_tokens").unwrap(), count_prompt(Encoding::Cl100kBase, &sent));
     assert_eq!(
         row.get_i64("output_tokens").unwrap(),
