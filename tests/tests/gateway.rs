@@ -562,3 +562,57 @@ async fn a_key_whose_whole_balance_is_leased_keeps_being_served_across_lease_win
     let billed: i64 = s.audit_rows(key).await.iter().map(total).sum();
     assert_eq!(balance, 20_000 - billed);
 }
+
+/// Sends `body` over HTTP/2 (h2c, prior knowledge), ending it with trailers
+/// instead of end-of-stream when `trailers`; returns the answer's status and body.
+async fn h2_post(base: &str, key: &str, body: &[u8], trailers: bool) -> (u16, Value) {
+    let addr = base.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("{base}/v1/chat/completions"))
+        .header("authorization", format!("Bearer {key}"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (response, mut stream) = client.send_request(req, false).unwrap();
+    stream.send_data(bytes::Bytes::copy_from_slice(body), !trailers).unwrap();
+    if trailers {
+        let mut map = http::HeaderMap::new();
+        map.insert("x-checksum", http::HeaderValue::from_static("1"));
+        stream.send_trailers(map).unwrap();
+    }
+    let response = tokio::time::timeout(Duration::from_secs(20), response).await.unwrap().unwrap();
+    let status = response.status().as_u16();
+    let mut recv = response.into_body();
+    let mut answer = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.unwrap();
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        answer.extend_from_slice(&chunk);
+    }
+    (status, serde_json::from_slice(&answer).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_ending_in_trailers_never_reaches_the_upstream() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-trailers-user-01";
+    s.create_key(key, 100_000).await;
+    let body = serde_json::to_vec(&json!({"model": "gpt-5-nano", "messages": messages("hi")})).unwrap();
+    for key in [key, "sk-made-up-key-00001"] {
+        let (status, answer) = h2_post(&s.base, key, &body, true).await;
+        assert_eq!(status, 400, "{key}: {answer}");
+        assert_eq!(answer["error"]["type"], "invalid_request_error", "{answer}");
+    }
+    assert!(s.served().await.is_empty(), "nothing reached the upstream");
+    assert!(s.audit_rows(key).await.is_empty());
+    // The same body over HTTP/2 without trailers is served and billed.
+    let (status, answer) = h2_post(&s.base, key, &body, false).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(s.served().await.len(), 1);
+    bridge_tests::eventually("the HTTP/2 request settled", Duration::from_secs(30), || async {
+        s.audit_rows(key).await.len() == 1
+    })
+    .await;
+}
