@@ -259,13 +259,24 @@ def render():
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
     }
     if env("ACCESS_LOG", "1") != "0":
-        hcm["access_log"] = [{"name": "envoy.access_loggers.stdout", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-            # No headers in the access log: they carry keys.
-            "log_format": {"text_format_source": {"inline_string":
-                "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" "
-                "%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms "
-                "bridge_id=%RESP(X-BRIDGE-REQUEST-ID)%\n"}}}}]
+        # No headers in the access log: they carry keys. Nor the rest of an
+        # /admin/ path: `PATCH /admin/keys/{api_key}` names a key in the URL,
+        # so those lines print the path cut after "/admin/keys/".
+        def access_log(path, admin):
+            return {
+                "name": "envoy.access_loggers.stdout",
+                "filter": {"header_filter": {"header": {
+                    "name": ":path", "string_match": {"prefix": "/admin/"}, "invert_match": not admin}}},
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    "log_format": {"text_format_source": {"inline_string":
+                        f"[%START_TIME%] \"%REQ(:METHOD)% {path} %PROTOCOL%\" "
+                        "%RESPONSE_CODE% %RESPONSE_FLAGS% %BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms "
+                        "bridge_id=%RESP(X-BRIDGE-REQUEST-ID)%\n"}}}}
+        hcm["access_log"] = [
+            access_log("%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", admin=False),
+            access_log("%REQ(:PATH):12%...", admin=True),
+        ]
     tls = upstream_host if url.scheme == "https" else None
     return {
         "admin": {"address": socket_address("127.0.0.1", admin_port)},

@@ -138,12 +138,13 @@ pub async fn list_keys(
     Ok(Json(KeyList { object: "list", data, total, limit, offset, has_more }))
 }
 
-/// `PATCH /admin/keys/{api_key}`: `balance_tokens` is added (negative deducts, never
-/// below zero), `status` sets `active` or `frozen`.
+/// `PATCH /admin/keys/{api_key or key_id}`: `balance_tokens` is added (negative
+/// deducts, never below zero), `status` sets `active` or `frozen`. The
+/// `key_id` form keeps the key out of URLs (and so out of every log).
 #[tracing::instrument(skip_all)]
 pub async fn patch_key(
     State(state): State<AppState>,
-    Path(api_key): Path<String>,
+    Path(key_or_id): Path<String>,
     Json(body): Json<Value>,
 ) -> Result<Json<KeyView>, AppError> {
     let map = object(body)?;
@@ -153,7 +154,7 @@ pub async fn patch_key(
     if delta.is_none() && status.is_none() {
         return Err(AppError::bad_request("Give balance_tokens (added to the balance) and/or status.", None));
     }
-    let hash = bridge_protocol::key_hash(&api_key);
+    let hash = state.store.resolve(&key_or_id).await?;
     let view = state.store.patch_key(&hash, delta, status).await?;
     tracing::info!(key = %view.key_id, delta = ?delta, status = ?status, balance = view.balance_tokens, "admin updated key");
     Ok(Json(view))

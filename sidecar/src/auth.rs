@@ -1,7 +1,7 @@
 //! The two guards of the sidecar's API: the admin token on `/admin`, and the
 //! optional shared secret on `/internal` (the filter's calls).
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -25,7 +25,9 @@ pub async fn require_admin(State(state): State<AppState>, request: Request, next
     match presented {
         Some(d) if constant_time_eq(&d, &state.admin_digest) => next.run(request).await,
         _ => {
-            tracing::info!(path = %request.uri().path(), "admin call refused: bad token");
+            // The route, never the path: an admin may name a key in the URL.
+            let route = request.extensions().get::<MatchedPath>().map_or("?", MatchedPath::as_str);
+            tracing::info!(%route, "admin call refused: bad token");
             AppError::Unauthorized.into_response()
         }
     }

@@ -83,7 +83,7 @@ async fn method_not_allowed() -> Response {
 pub fn app(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/keys", post(admin::create_key).get(admin::list_keys))
-        .route("/admin/keys/{api_key}", patch(admin::patch_key))
+        .route("/admin/keys/{key}", patch(admin::patch_key))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let internal = Router::new()
         .route(bridge_protocol::RESERVE_PATH, post(internal::reserve))

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use bridge_tests::stack::{Stack, StackOptions, UPSTREAM_KEY};
+use bridge_tests::stack::{Stack, StackOptions, ADMIN_TOKEN, UPSTREAM_KEY};
 use futures::StreamExt;
 use openclaw_filter::config::Encoding;
 use openclaw_filter::tokens::{count_prompt, count_text};
@@ -615,4 +615,50 @@ async fn an_http2_request_ending_in_trailers_never_reaches_the_upstream() {
         s.audit_rows(key).await.len() == 1
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_named_in_an_admin_url_reaches_no_log_and_a_key_id_serves_instead() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-url-secret-user-0001";
+    s.create_key(key, 1_000).await;
+    // The seed's flow: the key in the URL, with the admin token and with a wrong one.
+    s.patch_key(key, json!({"balance_tokens": 5})).await;
+    let url = format!("{}/admin/keys/{key}", s.base);
+    let resp = s.http.patch(&url).bearer_auth("not-the-token").json(&json!({"status": "frozen"})).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    // By key_id, which names no secret.
+    let key_id = bridge_protocol::key_hash(key)[..16].to_owned();
+    let resp = s
+        .http
+        .patch(format!("{}/admin/keys/{key_id}", s.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"balance_tokens": 10}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let view: Value = resp.json().await.unwrap();
+    assert_eq!((view["key_id"].as_str(), view["balance_tokens"].as_i64()), (Some(key_id.as_str()), Some(1_015)));
+    // An unknown key_id is 404, like an unknown key.
+    let resp = s
+        .http
+        .patch(format!("{}/admin/keys/0123456789abcdef", s.base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"balance_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    // Every admin call is in Envoy's access log, and the key in none of the logs.
+    bridge_tests::eventually("the access log has the admin calls", Duration::from_secs(15), || async {
+        std::fs::read_to_string(&s.envoy.log_path).unwrap_or_default().matches("\"PATCH /admin/").count() >= 4
+    })
+    .await;
+    let envoy_log = std::fs::read_to_string(&s.envoy.log_path).unwrap();
+    let app_log = std::fs::read_to_string(&s.sidecar_log).unwrap();
+    assert!(app_log.contains("admin call refused"), "{app_log}");
+    for (name, log) in [("envoy", &envoy_log), ("app.log", &app_log)] {
+        assert!(!log.contains(key), "{name} names the key:\n{log}");
+    }
 }

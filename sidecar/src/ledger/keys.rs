@@ -108,6 +108,34 @@ impl Store {
         }
     }
 
+    /// The hash of the key an admin names in a URL: its `key_id` (the first 16
+    /// hex digits of its hash, which reveal nothing) or, as in the seed's flow,
+    /// the key itself. A `key_id` is looked up by an index range on `_id`.
+    pub async fn resolve(&self, key_or_id: &str) -> Result<String, LedgerError> {
+        let is_key_id = key_or_id.len() == 16 && key_or_id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if is_key_id {
+            let matches: Vec<Document> = self
+                .keys
+                .find(doc! {"_id": {"$gte": key_or_id, "$lt": format!("{key_or_id}g")}})
+                .projection(doc! {"_id": 1})
+                .limit(2)
+                .await?
+                .try_collect()
+                .await?;
+            match &matches[..] {
+                [one] => return Ok(one.get_str("_id").unwrap_or_default().to_owned()),
+                [_, _] => {
+                    return Err(LedgerError::Conflict {
+                        message: "This key_id names more than one key; name the key itself.".into(),
+                        code: "ambiguous_key_id",
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(bridge_protocol::key_hash(key_or_id))
+    }
+
     /// One page of keys, oldest first, and whether more follow.
     pub async fn list_keys(&self, limit: i64, offset: u64) -> Result<(Vec<KeyView>, u64), LedgerError> {
         let total = self.keys.count_documents(doc! {}).await?;
