@@ -15,7 +15,7 @@ use bridge_protocol::{LeaseClose, LeaseReply, LeaseRequest, SettleOutcome, Settl
 use log::{debug, error, info, warn};
 
 use crate::config::PluginConfig;
-use crate::host::{call_sidecar, sidecar_reply, Host};
+use crate::host::{call_sidecar, sidecar_reply, BadReply, Host};
 use crate::lease::{self, Renew, Slot};
 use crate::settle::{batch_of, Item, Settler};
 use crate::slot::{self, Step};
@@ -162,6 +162,19 @@ impl Background {
                     );
                 }
                 // More may be waiting: send the next batch now rather than on the next tick.
+                self.send_due_batch(host);
+                self.report_pending(host);
+            }
+            Err(BadReply::Status(Some(status))) if matches!(status.as_str(), "400" | "413" | "422") => {
+                let dropped = self.vm.settler.borrow_mut().rejected();
+                match dropped {
+                    Some(item) => error!(
+                        "[root {}] the sidecar refused settlement {} ({status}); given up, its hold will be charged at expiry",
+                        self.context_id,
+                        item.id()
+                    ),
+                    None => warn!("[root {}] the sidecar refused a settlement batch ({status}); sending it in halves", self.context_id),
+                }
                 self.send_due_batch(host);
                 self.report_pending(host);
             }
@@ -346,6 +359,45 @@ mod tests {
         let n = gw.world.reply_with("200", &json!({"results": [], "closes": []}));
         gw.root.on_call_response(&*gw.world, again.token, n);
         assert_eq!(gw.world.gauge.get(), 0, "nothing pending");
+    }
+
+    #[test]
+    fn a_batch_the_sidecar_rejects_is_split_and_its_bad_record_dropped_alone() {
+        let mut gw = Gateway::new(json!({"lease_tokens": 0}));
+        for _ in 0..3 {
+            let (mut ex, s, _) = gw.send(BODY);
+            gw.answer(&mut ex, &s, "200", json!({"verdict": "admit", "balance_tokens": 1}));
+            respond(&mut ex, &s, "200", USAGE);
+            ex.on_log(&s);
+        }
+        let ids: Vec<Value> = gw.root.vm.settler.borrow().pending_ids().into_iter().map(Value::from).collect();
+        let bad = ids[1].clone();
+        gw.root.on_tick(&*gw.world);
+        // The sidecar refuses any batch holding the bad record (as a 413 would), takes the rest.
+        for _ in 0..10 {
+            let Some(call) = gw.world.calls_to(SETTLE_PATH).pop() else { break };
+            if gw.world.answered(call.token) {
+                break;
+            }
+            let records = call.body["records"].as_array().cloned().unwrap_or_default();
+            let n = if records.iter().any(|r| r["request_id"] == bad) {
+                gw.world.reply_with("413", &json!(null))
+            } else {
+                gw.world.reply_with("200", &json!({"results": [], "closes": []}))
+            };
+            gw.world.mark_answered(call.token);
+            gw.root.on_call_response(&*gw.world, call.token, n);
+        }
+        let taken: Vec<Value> = gw
+            .world
+            .calls_to(SETTLE_PATH)
+            .iter()
+            .filter(|c| !c.body["records"].as_array().unwrap().iter().any(|r| r["request_id"] == bad))
+            .flat_map(|c| c.body["records"].as_array().cloned().unwrap())
+            .map(|r| r["request_id"].clone())
+            .collect();
+        assert_eq!(taken, [ids[0].clone(), ids[2].clone()]);
+        assert_eq!(gw.root.vm.pending(), 0, "nothing wedged: the bad record was dropped");
     }
 
     #[test]

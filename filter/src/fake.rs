@@ -34,6 +34,8 @@ pub struct World {
     reply: RefCell<(Option<String>, Vec<u8>)>,
     pub lease_queue: RefCell<VecDeque<Vec<u8>>>,
     pub gauge: Cell<i64>,
+    /// Calls a test already delivered a reply to.
+    answered: RefCell<Vec<u32>>,
 }
 
 impl World {
@@ -63,6 +65,14 @@ impl World {
         let n = bytes.len();
         *self.reply.borrow_mut() = (Some(status.to_owned()), bytes);
         n
+    }
+
+    pub fn mark_answered(&self, token: u32) {
+        self.answered.borrow_mut().push(token);
+    }
+
+    pub fn answered(&self, token: u32) -> bool {
+        self.answered.borrow().contains(&token)
     }
 
     /// The decoded slot under `key`, if any.

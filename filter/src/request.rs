@@ -77,7 +77,11 @@ pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
     }
     let model = match obj.get("model") {
         None | Some(Value::Null) => cfg.served_model().to_owned(),
-        Some(Value::String(s)) => s.clone(),
+        Some(Value::String(s)) if s.len() <= bridge_protocol::MAX_MODEL_LEN => s.clone(),
+        Some(Value::String(_)) => {
+            let why = format!("'model' must be at most {} bytes.", bridge_protocol::MAX_MODEL_LEN);
+            return Err(LocalReply::bad_request(why, Some("model")));
+        }
         Some(_) => return Err(LocalReply::bad_request("'model' must be a string.", Some("model"))),
     };
     let stream = match obj.get("stream") {
@@ -221,6 +225,17 @@ mod tests {
         assert_eq!(admit(body, &cfg()).unwrap().estimate, body.len().div_ceil(2) as i64 + 16 + 10);
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
         assert_eq!(admit(body, &cfg()).unwrap().estimate, body.len().div_ceil(2) as i64 + 16 + 4096);
+    }
+
+    #[test]
+    fn a_model_name_longer_than_any_record_may_carry_is_refused() {
+        let long = "m".repeat(bridge_protocol::MAX_MODEL_LEN + 1);
+        let body = format!(r#"{{"model":"{long}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let r = admit(body.as_bytes(), &cfg()).unwrap_err();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!((r.status, v["error"]["param"].as_str()), (400, Some("model")));
+        let fits = format!(r#"{{"model":"{}","messages":[{{"role":"user","content":"hi"}}]}}"#, &long[1..]);
+        assert!(admit(fits.as_bytes(), &cfg()).is_ok());
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub struct Settler {
     batch_max: usize,
     backoff_ms: u64,
     next_attempt_ms: u64,
+    /// Set while a batch the sidecar refused is being split: batches are at
+    /// most this size until the record it could not take is found alone.
+    probe: Option<usize>,
 }
 
 impl Settler {
@@ -60,6 +63,7 @@ impl Settler {
             batch_max: batch_max.max(1),
             backoff_ms: 0,
             next_attempt_ms: 0,
+            probe: None,
         }
     }
 
@@ -79,7 +83,7 @@ impl Settler {
         if self.in_flight.is_some() || self.pending.is_empty() || now_ms < self.next_attempt_ms {
             return None;
         }
-        let n = self.pending.len().min(self.batch_max);
+        let n = self.pending.len().min(self.batch_max).min(self.probe.unwrap_or(usize::MAX));
         self.in_flight = Some(self.pending.drain(..n).collect());
         self.in_flight.as_deref()
     }
@@ -97,6 +101,30 @@ impl Settler {
         self.in_flight = None;
         self.backoff_ms = 0;
         self.next_attempt_ms = 0;
+    }
+
+    /// The sidecar refused the batch itself (400, 413, 422): sent again it
+    /// would be refused again, forever. A batch of one is given up and
+    /// returned, for the log (its hold or lease is charged at expiry, as for
+    /// any record that never arrives); a larger one goes back first in line
+    /// and leaves in halves, at once, until the record it cannot take is alone.
+    pub fn rejected(&mut self) -> Option<Item> {
+        let batch = self.in_flight.take()?;
+        if batch.len() == 1 {
+            self.probe = None;
+            return batch.into_iter().next();
+        }
+        self.probe = Some(batch.len() / 2);
+        for r in batch.into_iter().rev() {
+            self.pending.push_front(r);
+        }
+        None
+    }
+
+    /// Ids of what is waiting, oldest first (tests).
+    #[cfg(test)]
+    pub fn pending_ids(&self) -> Vec<String> {
+        self.pending.iter().map(|i| i.id().to_owned()).collect()
     }
 
     /// The send failed (no answer, not 200): keep the batch first in line and wait.
@@ -197,6 +225,36 @@ mod tests {
         assert_eq!(batch.closes, [close]);
         let text = serde_json::to_string(&items[1]).unwrap();
         assert_eq!(serde_json::from_str::<Item>(&text).unwrap(), items[1]);
+    }
+
+    #[test]
+    fn a_rejected_batch_is_split_until_the_bad_record_is_alone_and_dropped() {
+        let mut s = Settler::new(8);
+        for i in 0..8 {
+            s.push(rec(i));
+        }
+        let bad = "r5";
+        let mut sent = Vec::new();
+        let mut dropped = Vec::new();
+        for _ in 0..20 {
+            let Some(batch) = s.next_batch(0) else { break };
+            let ids: Vec<String> = batch.iter().map(|r| r.id().to_owned()).collect();
+            if ids.iter().any(|id| id == bad) {
+                // Rejected as a whole, no backoff: it is the batch, not the sidecar.
+                dropped.extend(s.rejected().map(|r| r.id().to_owned()));
+            } else {
+                s.sent();
+                sent.extend(ids);
+            }
+        }
+        assert_eq!(dropped, [bad]);
+        assert_eq!(sent.len(), 7, "every other record was sent: {sent:?}");
+        assert_eq!(s.pending(), 0);
+        // Back to full batches afterwards.
+        for i in 0..8 {
+            s.push(rec(i));
+        }
+        assert_eq!(s.next_batch(0).map(<[_]>::len), Some(8));
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! Both sides compile these types, so the JSON shapes of `/internal/reserve` and
 //! `/internal/settle` are defined exactly once. The OpenAI error object lives here
 //! too, because the sidecar writes refusals that the filter relays verbatim.
+//!
+//! Unknown fields are ignored, never refused: in a rolling upgrade a filter
+//! one release ahead may send a field its sidecar does not know yet (and the
+//! other way round), and a refused settlement batch would be retried forever.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -18,6 +22,10 @@ pub const LEASE_PATH: &str = "/internal/lease";
 pub const INTERNAL_TOKEN_HEADER: &str = "x-bridge-internal-token";
 /// Most records one settlement batch may carry; the filter never sends more.
 pub const MAX_SETTLE_BATCH: usize = 500;
+/// Longest `model` a request may name: it goes into every record of the
+/// request, so the filter refuses longer ones at admission (a record of a
+/// few hundred bytes keeps a full batch far below the sidecar's body limit).
+pub const MAX_MODEL_LEN: usize = 256;
 
 /// SHA-256 of a user key, lower-case hex. Keys are stored and looked up only by
 /// this digest, so the plain key never leaves the filter.
@@ -72,7 +80,6 @@ impl ErrorEnvelope {
 
 /// Hold `estimate` tokens of the key's balance for one request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReserveRequest {
     pub key_hash: String,
     pub request_id: String,
@@ -94,7 +101,6 @@ pub enum ReserveReply {
 /// `lease_id`. The filter draws request estimates from it for a short window
 /// and then closes it with what was drawn; each drawn request still settles.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
     pub key_hash: String,
     pub lease_id: String,
@@ -130,7 +136,6 @@ pub enum LeaseReply {
 /// release: the grant never reached the filter, so nothing was drawn, and a
 /// grant still on its way must be refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LeaseClose {
     pub key_hash: String,
     pub lease_id: String,
@@ -170,7 +175,6 @@ impl UsageSource {
 
 /// What one admitted request consumed, sent by the filter after the request ends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SettleRecord {
     pub request_id: String,
     pub key_hash: String,
@@ -197,7 +201,6 @@ pub struct SettleRecord {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SettleBatch {
     pub records: Vec<SettleRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -255,6 +258,13 @@ fn invalid(param: &'static str, message: impl Into<String>) -> Result<(), Invali
     Err(Invalid { param, message: message.into() })
 }
 
+fn check_model(model: &str) -> Result<(), Invalid> {
+    if model.len() <= MAX_MODEL_LEN {
+        return Ok(());
+    }
+    invalid("model", format!("model must be at most {MAX_MODEL_LEN} bytes"))
+}
+
 fn check_key_hash(key_hash: &str) -> Result<(), Invalid> {
     if valid_key_hash(key_hash) {
         return Ok(());
@@ -268,6 +278,7 @@ impl ReserveRequest {
             return invalid("request_id", "request_id must match [A-Za-z0-9_-]{1,128}");
         }
         check_key_hash(&self.key_hash)?;
+        check_model(&self.model)?;
         if self.estimate < 1 {
             return invalid("estimate", "estimate must be >= 1");
         }
@@ -281,6 +292,7 @@ impl LeaseRequest {
             return invalid("lease_id", "lease_id must match [A-Za-z0-9_-]{1,128}");
         }
         check_key_hash(&self.key_hash)?;
+        check_model(&self.model)?;
         if self.replaces.as_ref().is_some_and(|c| c.key_hash != self.key_hash) {
             return invalid("replaces", "replaces must name a lease of the same key");
         }
@@ -291,9 +303,19 @@ impl LeaseRequest {
     }
 }
 
-impl SettleBatch {
-    /// The batch as a whole; each record and close is checked on its own, so
-    /// that one bad record is refused alone.
+/// A settlement batch as the sidecar reads it: each record and close is
+/// decoded on its own, so one it cannot read is answered `invalid` alone
+/// instead of failing the batch (which the filter would send again).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawSettleBatch {
+    #[serde(default)]
+    pub records: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub closes: Vec<serde_json::Value>,
+}
+
+impl RawSettleBatch {
+    /// The batch as a whole; each record and close is checked on its own.
     pub fn validate(&self) -> Result<(), Invalid> {
         if self.records.len() + self.closes.len() > MAX_SETTLE_BATCH {
             return invalid("records", format!("at most {MAX_SETTLE_BATCH} records per batch"));
@@ -310,6 +332,7 @@ impl SettleRecord {
         if !valid_key_hash(&self.key_hash) {
             return invalid("key_hash", "key_hash is not a SHA-256 hex digest");
         }
+        check_model(&self.model)?;
         if self.input_tokens < 0 || self.output_tokens < 0 || self.reserved < 0 || self.duration_ms < 0 {
             return invalid("input_tokens", "token counts and duration must not be negative");
         }
@@ -343,6 +366,19 @@ impl LeaseClose {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_newer_peer_s_extra_fields_are_tolerated_and_models_are_bounded() {
+        let hash = key_hash("k");
+        let text = format!(
+            r#"{{"request_id":"r","key_hash":"{hash}","model":"m","reserved":1,"input_tokens":1,"output_tokens":0,
+            "usage_source":"upstream","duration_ms":1,"status_code":200,"stream":false,"cached_tokens":3}}"#
+        );
+        let r: SettleRecord = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.validate(), Ok(()));
+        let long = SettleRecord { model: "m".repeat(MAX_MODEL_LEN + 1), ..r };
+        assert_eq!(long.validate().map_err(|e| e.param), Err("model"));
+    }
+
     #[test]
     fn each_message_validates_itself() {
         let hash = key_hash("k");

@@ -3,8 +3,11 @@
 
 use axum::extract::State;
 use bridge_protocol::{
-    LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, SettleBatch, SettleOutcome, SettleReply,
+    LeaseClose, LeaseReply, LeaseRequest, RawSettleBatch, ReserveReply, ReserveRequest, SettleOutcome, SettleRecord,
+    SettleReply, SettleResult,
 };
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::error::{AppError, Json};
 use crate::ledger::Decision;
@@ -90,9 +93,11 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
 #[tracing::instrument(skip_all, fields(records = batch.records.len(), closes = batch.closes.len()))]
 pub async fn settle(
     State(state): State<AppState>,
-    Json(batch): Json<SettleBatch>,
+    Json(batch): Json<RawSettleBatch>,
 ) -> Result<Json<SettleReply>, AppError> {
     batch.validate()?;
+    let (records, unreadable_records) = decode_each::<SettleRecord>(batch.records, "request_id");
+    let (closes, unreadable_closes) = decode_each::<LeaseClose>(batch.closes, "lease_id");
     let store = state.store.clone();
     let span = tracing::Span::current();
     let started = std::time::Instant::now();
@@ -102,9 +107,9 @@ pub async fn settle(
         .tasks
         .spawn(tracing::Instrument::instrument(
             async move {
-                let results = store.settle(&batch.records).await?;
-                let closes = store.close_leases(&batch.closes).await?;
-                log_batch(&batch, &results, &closes, started.elapsed());
+                let results = merge(store.settle(&records).await?, unreadable_records);
+                let closes = merge(store.close_leases(&closes).await?, unreadable_closes);
+                log_batch(&records, &results, &closes, started.elapsed());
                 Ok::<_, AppError>((results, closes))
             },
             span,
@@ -114,14 +119,46 @@ pub async fn settle(
     Ok(Json(SettleReply { results, closes }))
 }
 
+/// Decodes each item of a batch on its own. One it cannot read (a malformed
+/// record, a field of the wrong type) is answered `invalid` alone, by the id
+/// it carries if any, at its place in the batch.
+fn decode_each<T: DeserializeOwned>(raw: Vec<Value>, id_field: &str) -> (Vec<T>, Vec<(usize, SettleResult)>) {
+    let mut good = Vec::with_capacity(raw.len());
+    let mut bad = Vec::new();
+    for (i, item) in raw.into_iter().enumerate() {
+        let id = item.get(id_field).and_then(Value::as_str).unwrap_or_default().to_owned();
+        match serde_json::from_value(item) {
+            Ok(t) => good.push(t),
+            Err(e) => bad.push((
+                i,
+                SettleResult {
+                    request_id: id,
+                    outcome: SettleOutcome::Invalid,
+                    message: Some(format!("unreadable: {e}")),
+                },
+            )),
+        }
+    }
+    (good, bad)
+}
+
+/// The results of the readable items with the unreadable ones put back at their places.
+fn merge(results: Vec<SettleResult>, unreadable: Vec<(usize, SettleResult)>) -> Vec<SettleResult> {
+    let mut all = results;
+    for (i, r) in unreadable {
+        all.insert(i.min(all.len()), r);
+    }
+    all
+}
+
 fn log_batch(
-    batch: &SettleBatch,
+    records: &[SettleRecord],
     results: &[bridge_protocol::SettleResult],
     closes: &[bridge_protocol::SettleResult],
     took: std::time::Duration,
 ) {
     let count = |o: SettleOutcome| results.iter().filter(|r| r.outcome == o).count();
-    let tokens: i64 = batch.records.iter().map(|r| r.input_tokens.saturating_add(r.output_tokens)).sum();
+    let tokens: i64 = records.iter().map(|r| r.input_tokens.saturating_add(r.output_tokens)).sum();
     tracing::info!(
         settled = count(SettleOutcome::Settled),
         already_settled = count(SettleOutcome::AlreadySettled),

@@ -375,11 +375,18 @@ async fn reservations_refuse_unknown_and_broke_keys_with_their_codes() {
         json!({"key_hash": key_hash("x"), "request_id": "a.b", "model": "m", "estimate": 1}),
         json!({"key_hash": "nothex", "request_id": "ab", "model": "m", "estimate": 1}),
         json!({"key_hash": key_hash("x"), "request_id": "ab", "model": "m", "estimate": 0}),
-        json!({"key_hash": key_hash("x"), "request_id": "ab", "model": "m", "estimate": 1, "extra": 1}),
+        json!({"key_hash": key_hash("x"), "request_id": "ab", "model": "m".repeat(257), "estimate": 1}),
     ] {
         let resp = s.http.post(format!("{}/internal/reserve", s.url)).json(&body).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body}");
     }
+    // A field this sidecar does not know (a newer filter's) is ignored, not refused:
+    // in a rolling upgrade a 400 here would be a 503 for every request.
+    let newer =
+        json!({"key_hash": key_hash("sk-small-balance"), "request_id": "r3", "model": "m", "estimate": 1, "extra": 1});
+    let resp = s.http.post(format!("{}/internal/reserve", s.url)).json(&newer).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(matches!(resp.json().await.unwrap(), ReserveReply::Admit { balance_tokens: 4 }));
 }
 
 #[tokio::test]
@@ -824,4 +831,44 @@ async fn a_lease_that_replaces_another_closes_it_first_and_takes_what_it_gave_ba
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn one_malformed_record_is_refused_alone_and_unknown_fields_are_tolerated() {
+    let s = start().await;
+    let key = "sk-batch-user-0001";
+    s.create(key, 1_000).await;
+    for id in ["good-1", "newer-1", "long-1"] {
+        assert!(matches!(s.reserve(key, id, 100).await, ReserveReply::Admit { .. }));
+    }
+    let good = serde_json::to_value(record(key, "good-1", 100, 10, 5)).unwrap();
+    // A newer filter's record carries a field this sidecar does not know.
+    let mut newer = serde_json::to_value(record(key, "newer-1", 100, 7, 3)).unwrap();
+    newer["cached_tokens"] = json!(2);
+    // A record whose model is longer than any client may send is invalid alone.
+    let mut long = record(key, "long-1", 100, 1, 1);
+    long.model = "m".repeat(bridge_protocol::MAX_MODEL_LEN + 1);
+    let broken = json!({"request_id": "broken-1", "key_hash": key_hash(key), "input_tokens": "many"});
+    let resp = s
+        .http
+        .post(format!("{}/internal/settle", s.url))
+        .json(&json!({"records": [good, broken, newer, long], "version": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let reply: SettleReply = resp.json().await.unwrap();
+    let outcomes: Vec<(&str, SettleOutcome)> =
+        reply.results.iter().map(|r| (r.request_id.as_str(), r.outcome)).collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("good-1", SettleOutcome::Settled),
+            ("broken-1", SettleOutcome::Invalid),
+            ("newer-1", SettleOutcome::Settled),
+            ("long-1", SettleOutcome::Invalid),
+        ]
+    );
+    // The long record's hold stays, to be charged at expiry; the others paid what they used.
+    assert_eq!(s.balance(key).await, 1_000 - 15 - 10 - 100);
 }

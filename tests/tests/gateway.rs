@@ -662,3 +662,29 @@ async fn a_key_named_in_an_admin_url_reaches_no_log_and_a_key_id_serves_instead(
         assert!(!log.contains(key), "{name} names the key:\n{log}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_model_name_is_refused_at_admission_and_settlement_keeps_flowing() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-huge-model-user-01";
+    s.create_key(key, 100_000).await;
+    let huge = json!({"model": "m".repeat(105_000), "max_completion_tokens": 5, "messages": messages("hi")});
+    for _ in 0..20 {
+        let resp = s.chat(key, &huge).send().await.unwrap();
+        assert_eq!(resp.status(), 400);
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["param"], "model");
+    }
+    assert!(s.served().await.is_empty());
+    // The worker's settlements are not wedged: an ordinary request settles.
+    let resp = s.chat(key, &json!({"model": "gpt-5-nano", "max_completion_tokens": 5, "messages": messages("hi")}));
+    let resp = resp.send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    s.settled_row(&id).await;
+    // Nothing stays pending: the gauge reaches 0 once the key's lease closed.
+    bridge_tests::eventually("no settlement pending", Duration::from_secs(15), || async {
+        s.pending_settlements().await == Some(0)
+    })
+    .await;
+}
