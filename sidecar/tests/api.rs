@@ -872,3 +872,39 @@ async fn one_malformed_record_is_refused_alone_and_unknown_fields_are_tolerated(
     // The long record's hold stays, to be charged at expiry; the others paid what they used.
     assert_eq!(s.balance(key).await, 1_000 - 15 - 10 - 100);
 }
+
+#[tokio::test]
+async fn an_unreserved_record_retried_concurrently_is_charged_once() {
+    let s = start().await;
+    let key = "sk-allow-mode-user-1";
+    s.create(key, 10_000).await;
+    for round in 0..5 {
+        let mut r = record(key, &format!("unreserved-{round}"), 100, 30, 20);
+        r.unreserved = true;
+        // A retried batch racing the first attempt: many copies at once.
+        let replies =
+            futures::future::join_all((0..12).map(|_| settle_at(&s.http, &s.url, std::slice::from_ref(&r)))).await;
+        let settled = replies.iter().filter(|rep| rep.results[0].outcome == SettleOutcome::Settled).count();
+        assert_eq!(settled, 1, "round {round}: {replies:?}");
+    }
+    assert_eq!(s.balance(key).await, 10_000 - 5 * 50);
+    assert_eq!(s.audit_rows().await.len(), 5);
+}
+
+#[tokio::test]
+async fn an_unreserved_record_is_charged_once_even_when_its_audit_row_is_not_seen() {
+    let s = start().await;
+    let key = "sk-allow-mode-user-2";
+    s.create(key, 10_000).await;
+    let mut r = record(key, "unreserved-stale", 100, 30, 20);
+    r.unreserved = true;
+    assert_eq!(s.settle(std::slice::from_ref(&r)).await.results[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.balance(key).await, 9_950);
+    // A second attempt that read before the first wrote its row: the read
+    // finds no row (removed here to make that interleaving deterministic) and
+    // the outbox entry is gone. Only the write's own guard stands.
+    s.db.collection::<Document>("audit_logs").delete_one(doc! {"request_id": "unreserved-stale"}).await.unwrap();
+    let again = s.settle(std::slice::from_ref(&r)).await;
+    assert_ne!(again.results[0].outcome, SettleOutcome::Settled, "{again:?}");
+    assert_eq!(s.balance(key).await, 9_950, "debited twice");
+}

@@ -9,7 +9,7 @@ use mongodb::bson::{doc, DateTime, Document};
 
 use super::outbox::OutboxRow;
 use super::settle::audit_entry;
-use super::{hold_path, int, lease_path, outbox_path, released_path, LedgerError, Store};
+use super::{hold_path, int, lease_path, outbox_path, LedgerError, Store};
 
 /// How long an `expiring` mark stands before the lease's rows are summed
 /// (at most the hold TTL): far longer than a settlement takes from its check
@@ -93,7 +93,7 @@ impl Store {
         let n = rows.len();
         self.write_audit_rows(rows).await?;
         let leases = self.expire_leases(cutoff, now).await?;
-        self.forget_releases(cutoff).await?;
+        self.forget_marks(cutoff).await?;
         Ok(n + leases)
     }
 
@@ -175,28 +175,27 @@ impl Store {
         Ok(n)
     }
 
-    /// Release marks only need to outlive the reservation they block; drop
-    /// those older than the hold TTL.
-    pub(super) async fn forget_releases(&self, cutoff_ms: i64) -> Result<(), LedgerError> {
-        let docs: Vec<Document> = self
-            .keys
-            .find(doc! {"released_n": {"$gt": 0_i64}})
-            .projection(doc! {"released": 1})
-            .await?
-            .try_collect()
-            .await?;
-        for key in &docs {
-            let hash = key.get_str("_id").unwrap_or_default();
-            let Ok(released) = key.get_document("released") else { continue };
-            for (request_id, at) in released {
-                let Some(at) = at.as_datetime() else { continue };
-                if at.timestamp_millis() <= cutoff_ms {
-                    self.keys
-                        .update_one(
-                            doc! {"_id": hash, released_path(request_id): {"$exists": true}},
-                            doc! {"$unset": {released_path(request_id): ""}, "$inc": {"released_n": -1_i64}},
-                        )
-                        .await?;
+    /// Release and charge marks only need to outlive the calls they guard
+    /// (a reservation that may still arrive, a settlement retry that may still
+    /// race its first attempt): drop those older than the hold TTL.
+    pub(super) async fn forget_marks(&self, cutoff_ms: i64) -> Result<(), LedgerError> {
+        for (map, counter) in [("released", "released_n"), ("charged", "charged_n")] {
+            let docs: Vec<Document> =
+                self.keys.find(doc! {counter: {"$gt": 0_i64}}).projection(doc! {map: 1}).await?.try_collect().await?;
+            for key in &docs {
+                let hash = key.get_str("_id").unwrap_or_default();
+                let Ok(marks) = key.get_document(map) else { continue };
+                for (id, at) in marks {
+                    let Some(at) = at.as_datetime() else { continue };
+                    if at.timestamp_millis() <= cutoff_ms {
+                        let path = format!("{map}.{id}");
+                        self.keys
+                            .update_one(
+                                doc! {"_id": hash, &path: {"$exists": true}},
+                                doc! {"$unset": {&path: ""}, "$inc": {counter: -1_i64}},
+                            )
+                            .await?;
+                    }
                 }
             }
         }

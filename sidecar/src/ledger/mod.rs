@@ -105,6 +105,11 @@ pub(super) fn outbox_path(request_id: &str) -> String {
     format!("outbox.{request_id}")
 }
 
+/// Mark of an unreserved request (failure mode `allow`) that was charged.
+pub(super) fn charged_path(request_id: &str) -> String {
+    format!("charged.{request_id}")
+}
+
 pub(super) fn released_path(request_id: &str) -> String {
     format!("released.{request_id}")
 }
@@ -153,7 +158,7 @@ impl Store {
         self.audit.create_index(IndexModel::builder().keys(doc! {"timestamp": -1}).build()).await?;
         // A lease's rows are summed when it is finalised.
         self.audit.create_index(IndexModel::builder().keys(doc! {"lease_id": 1}).build()).await?;
-        for field in ["holds_n", "outbox_n", "leases_n", "released_n"] {
+        for field in ["holds_n", "outbox_n", "leases_n", "released_n", "charged_n"] {
             self.keys.create_index(IndexModel::builder().keys(doc! {field: 1}).build()).await?;
         }
         self.keys.create_index(IndexModel::builder().keys(doc! {"created_at": 1, "_id": 1}).build()).await?;

@@ -7,7 +7,7 @@ use mongodb::error::ErrorKind;
 
 use super::lease::lease_of;
 use super::outbox::OutboxRow;
-use super::{hold_path, lease_path, outbox_path, LedgerError, Settled, Store, DUPLICATE_KEY};
+use super::{charged_path, hold_path, lease_path, outbox_path, LedgerError, Settled, Store, DUPLICATE_KEY};
 
 /// The audit row of one settlement, without the key owner's fields (added on flush).
 pub(super) fn audit_entry(r: &SettleRecord, total: i64, expired: bool, now: DateTime) -> Document {
@@ -199,10 +199,18 @@ impl Store {
                 if self.audit.find_one(doc! {"request_id": &r.request_id}).await?.is_some() {
                     return Ok((SettleOutcome::AlreadySettled, None, None));
                 }
+                // One guarded write: the `charged` mark goes in with the debit, so
+                // an attempt that read before another wrote its row still finds
+                // the mark. Marks are forgotten after the hold TTL, long after any
+                // retry of the batch could still be racing its first attempt.
+                let charged = charged_path(&r.request_id);
                 self.keys
                     .find_one_and_update(
-                        doc! {"_id": &r.key_hash, &outbox: {"$exists": false}},
-                        doc! {"$inc": {"balance_tokens": -total, "outbox_n": 1_i64}, "$set": {&outbox: &entry}},
+                        doc! {"_id": &r.key_hash, &outbox: {"$exists": false}, &charged: {"$exists": false}},
+                        doc! {
+                            "$inc": {"balance_tokens": -total, "outbox_n": 1_i64, "charged_n": 1_i64},
+                            "$set": {&outbox: &entry, &charged: now},
+                        },
                     )
                     .projection(projection)
                     .await?
