@@ -145,9 +145,10 @@ def plugin_configuration():
         value = env_int(name, None, minimum)
         if value is not None:
             cfg[field] = value
-    cap = env_choice("CAP_OUTPUT", ("1", "0"))
-    if cap:
-        cfg["cap_output"] = cap == "1"
+    for name, field in [("CAP_OUTPUT", "cap_output"), ("LLM_REASONING", "reasoning")]:
+        value = env_choice(name, ("1", "0"))
+        if value:
+            cfg[field] = value == "1"
     token = env("INTERNAL_TOKEN")
     if token:
         cfg["internal_token"] = token

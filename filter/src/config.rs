@@ -123,6 +123,11 @@ pub struct PluginConfig {
     /// Output tokens held when the request sets neither `max_completion_tokens` nor `max_tokens`.
     #[serde(default = "default_output_reservation")]
     pub default_output_reservation: i64,
+    /// The served model reasons (its reasoning tokens are billed but never
+    /// streamed): a request of it without upstream usage pays its hold.
+    /// Unset: inferred from the model's name (`reasons`).
+    #[serde(default)]
+    pub reasoning: Option<bool>,
     /// A request naming no maximum is sent on with `max_completion_tokens`
     /// set to `default_output_reservation`, so its output cannot outgrow its
     /// hold. Off, such a request may spend past its hold (and the balance).
@@ -220,6 +225,15 @@ impl PluginConfig {
         self.model.as_deref().or(self.deployment.as_deref()).unwrap_or("default")
     }
 
+    /// Whether the served model reasons: as configured, else by its name
+    /// (the o-series, gpt-5 and anything called a reasoner).
+    pub fn reasons(&self) -> bool {
+        self.reasoning.unwrap_or_else(|| {
+            let m = self.served_model().to_ascii_lowercase();
+            ["o1", "o3", "o4", "gpt-5"].iter().any(|p| m.starts_with(p)) || m.contains("reason")
+        })
+    }
+
     /// Upstream `:path` for chat completions.
     pub fn upstream_path(&self) -> String {
         match self.upstream {
@@ -255,6 +269,19 @@ mod tests {
         assert_eq!(c.failure_mode, FailureMode::Deny);
         assert_eq!(c.upstream_path(), "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview");
         assert_eq!(c.upstream_auth(), ("api-key", "k".to_owned()));
+    }
+
+    #[test]
+    fn reasoning_is_inferred_from_the_model_unless_set() {
+        let with = |extra: &str| {
+            let json = format!(r#"{{"sidecar_cluster":"s","upstream_key":"k","deployment":"gpt-5-nano"{extra}}}"#);
+            PluginConfig::from_json(json.as_bytes()).unwrap()
+        };
+        assert!(with("").reasons(), "gpt-5 models reason");
+        assert!(!with(r#","reasoning":false"#).reasons());
+        assert!(!with(r#","model":"gpt-4o-mini""#).reasons());
+        assert!(with(r#","model":"o4-mini""#).reasons());
+        assert!(with(r#","model":"gpt-4o-mini","reasoning":true"#).reasons());
     }
 
     #[test]

@@ -49,8 +49,30 @@ pub fn charge(
     if status >= 400 {
         return (0, 0, UsageSource::Upstream);
     }
-    let output = meter.map_or(0, |m| tokens::count_text(encoding, m.output_text()));
+    let output = meter.map_or(0, |m| m.output_tokens(encoding));
     (tokens::count_prompt(encoding, request_body), output, UsageSource::Tiktoken)
+}
+
+/// What a request is charged, by the policy that never charges less than the
+/// upstream bills: as [`charge`], except that a model that reasons
+/// (`reasoning_hold` is its hold) pays its hold when no usage arrived. Its
+/// reasoning tokens are billed but never streamed, so tiktoken would count
+/// them as 0; the hold bounds what it can bill, since its output is capped by
+/// the hold. The input stays tiktoken's count, the output is the rest of the
+/// hold (never less than the text seen), and the source says `estimate`.
+pub fn charge_without_usage(
+    meter: Option<&ResponseMeter>,
+    status: u32,
+    request_body: &[u8],
+    encoding: Encoding,
+    reasoning_hold: Option<i64>,
+) -> (i64, i64, UsageSource) {
+    match (charge(meter, status, request_body, encoding), reasoning_hold) {
+        ((input, output, UsageSource::Tiktoken), Some(hold)) => {
+            (input, hold.saturating_sub(input).max(output), UsageSource::Estimate)
+        }
+        (decided, _) => decided,
+    }
 }
 
 /// A request id nobody can choose: 128 random bits in hex. Client-supplied ids
@@ -97,6 +119,34 @@ mod tests {
         assert_eq!(output, 2);
         // A client that left before any answer still pays for the prompt.
         assert_eq!(charge(None, 0, BODY, Encoding::Cl100kBase).0, input);
+    }
+
+    #[test]
+    fn a_model_that_reasons_pays_its_hold_when_no_usage_arrives() {
+        let mut m = ResponseMeter::new(true, true);
+        m.on_chunk(b"data: {\"choices\":[{\"delta\":{\"content\":\"hello world\"}}]}\n\n");
+        let (input, output, source) = charge_without_usage(Some(&m), 200, BODY, Encoding::Cl100kBase, Some(5_000));
+        assert_eq!(source, UsageSource::Estimate);
+        assert_eq!((input, input + output), (tokens::count_prompt(Encoding::Cl100kBase, BODY), 5_000));
+        // Never less than what was seen, even past a (too small) hold.
+        let (_, output, _) = charge_without_usage(Some(&m), 200, BODY, Encoding::Cl100kBase, Some(1));
+        assert_eq!(output, 2);
+        // Usage, or an upstream error, decide as before; so does a model that does not reason.
+        let mut exact = ResponseMeter::new(false, false);
+        exact.on_chunk(br#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}"#);
+        exact.on_end();
+        assert_eq!(
+            charge_without_usage(Some(&exact), 200, BODY, Encoding::Cl100kBase, Some(5_000)),
+            (5, 9, UsageSource::Upstream)
+        );
+        assert_eq!(
+            charge_without_usage(None, 502, BODY, Encoding::Cl100kBase, Some(5_000)),
+            (0, 0, UsageSource::Upstream)
+        );
+        assert_eq!(
+            charge_without_usage(Some(&m), 200, BODY, Encoding::Cl100kBase, None),
+            charge(Some(&m), 200, BODY, Encoding::Cl100kBase)
+        );
     }
 
     #[test]

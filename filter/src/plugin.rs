@@ -154,6 +154,10 @@ impl RootContext for Root {
             }
         }
         self.envoy.pending_gauge = hostcalls::define_metric(MetricType::Gauge, PENDING_GAUGE).ok();
+        // Now, not on a request's turn: building it stalls this thread for ~0.5 s.
+        if !crate::tokens::warm(cfg.tiktoken_encoding) {
+            error!("[root {}] the tokenizer's tables did not load; the fallback will estimate", self.context_id);
+        }
         self.set_tick_period(Duration::from_millis(cfg.settle_interval_ms));
         info!(
             "[root {}] configured: upstream {:?}, model {}, sidecar cluster {}, failure mode {:?}",

@@ -5,8 +5,9 @@
 
 use serde_json::Value;
 
+use crate::config::Encoding;
 use crate::sse::{Event, SseParser};
-use crate::tokens::collect_choice_text;
+use crate::tokens::{collect_choice_text, MAX_EXACT_BYTES};
 
 /// Plain responses are copied up to this size to read their `usage`; beyond it
 /// the text is counted from what was copied (a chat answer is far smaller).
@@ -31,7 +32,11 @@ pub enum Forward {
 #[derive(Debug, Default)]
 struct Tally {
     usage: Option<Usage>,
+    /// Generated text, at most `MAX_EXACT_BYTES` of it: all the fallback
+    /// tokenizes exactly.
     text: String,
+    /// Bytes of generated text beyond that, only counted.
+    beyond: usize,
     error_event: bool,
 }
 
@@ -41,6 +46,19 @@ impl Tally {
         let n = |k: &str| u.get(k).and_then(Value::as_i64).unwrap_or(0).max(0);
         self.usage = Some(Usage { input: n("prompt_tokens"), output: n("completion_tokens") });
         true
+    }
+
+    /// Keeps at most `MAX_EXACT_BYTES` of text; the rest is counted in bytes.
+    fn bound_text(&mut self) {
+        if self.text.len() <= MAX_EXACT_BYTES {
+            return;
+        }
+        let mut cut = MAX_EXACT_BYTES;
+        while !self.text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.beyond += self.text.len() - cut;
+        self.text.truncate(cut);
     }
 
     /// Reads one stream event; returns whether the client should see it.
@@ -58,6 +76,7 @@ impl Tally {
                 collect_choice_text(delta, &mut self.text);
             }
         }
+        self.bound_text();
         let has_usage = self.take_usage(&v);
         // The usage-only event: non-null usage and no choices. Azure's content
         // filter events also have empty choices but no usage, and stay.
@@ -134,9 +153,11 @@ impl ResponseMeter {
                             collect_choice_text(m, &mut self.tally.text);
                         }
                     }
+                    self.tally.bound_text();
                 } else if self.tally.text.is_empty() {
                     // Not JSON (a truncated body): count what arrived.
                     self.tally.text = String::from_utf8_lossy(&self.plain).into_owned();
+                    self.tally.bound_text();
                 }
                 self.plain = Vec::new();
                 Vec::new()
@@ -148,9 +169,15 @@ impl ResponseMeter {
         self.tally.usage
     }
 
-    /// Generated text seen so far, for the tiktoken fallback.
+    /// Generated text seen so far (at most `MAX_EXACT_BYTES` of it).
     pub fn output_text(&self) -> &str {
         &self.tally.text
+    }
+
+    /// Output tokens by the tiktoken fallback: the text kept, counted, plus
+    /// what went beyond it, estimated.
+    pub fn output_tokens(&self, encoding: Encoding) -> i64 {
+        crate::tokens::count_text(encoding, &self.tally.text) + self.tally.beyond.div_ceil(2) as i64
     }
 
     pub fn saw_error_event(&self) -> bool {
@@ -196,6 +223,21 @@ mod tests {
             assert_eq!(m.usage(), Some(Usage { input: 11, output: 7 }));
             assert_eq!(m.output_text(), "Hello");
         }
+    }
+
+    #[test]
+    fn a_long_stream_without_usage_keeps_bounded_text_and_counts_all_of_it() {
+        let mut m = ResponseMeter::new(true, false);
+        let piece = "x".repeat(1_000);
+        let n = crate::tokens::MAX_EXACT_BYTES / 1_000 + 300;
+        for _ in 0..n {
+            m.on_chunk(chunk(&piece).as_bytes());
+        }
+        m.on_end();
+        assert!(m.output_text().len() <= crate::tokens::MAX_EXACT_BYTES, "kept {}", m.output_text().len());
+        let kept = crate::tokens::count_text(Encoding::Cl100kBase, m.output_text());
+        let rest = (n * 1_000 - m.output_text().len()).div_ceil(2) as i64;
+        assert_eq!(m.output_tokens(Encoding::Cl100kBase), kept + rest);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Token counting with tiktoken, for requests whose upstream reported no usage
 //! (client abort, truncated stream, an upstream that never reports it).
 //!
-//! The tokenizer takes 0.4-0.6 s to set up inside V8, so it is built lazily, once
-//! per VM, on the first fallback; requests with upstream usage never pay for it.
+//! The tokenizer takes 0.4-0.6 s to set up inside V8, so each VM builds it when
+//! it is configured (`warm`), before it serves traffic, never on a request's
+//! worker turn. Counting is bounded too: at most `MAX_EXACT_BYTES` of a text
+//! are tokenized; the rest is estimated, so one fallback holds a worker for
+//! tens of milliseconds at most, whatever a client sent or an upstream wrote.
 
 use std::cell::OnceCell;
 
@@ -16,26 +19,46 @@ thread_local! {
     static O200K: OnceCell<Option<CoreBPE>> = const { OnceCell::new() };
 }
 
-/// Tokens in `text`. Falls back to a bytes/4 estimate only if the tokenizer's
-/// embedded tables fail to load, which would be a build defect.
-pub fn count_text(encoding: Encoding, text: &str) -> i64 {
-    if text.is_empty() {
-        return 0;
-    }
+/// Bytes of one text tokenized exactly (about 60 ms in V8); beyond, 2 bytes
+/// a token, the admission estimate's rate, which errs high for text.
+pub const MAX_EXACT_BYTES: usize = 256 * 1024;
+
+fn with_bpe<T>(encoding: Encoding, f: impl FnOnce(Option<&CoreBPE>) -> T) -> T {
     let cell = match encoding {
         Encoding::Cl100kBase => &CL100K,
         Encoding::O200kBase => &O200K,
     };
     cell.with(|c| {
-        let bpe = c.get_or_init(|| match encoding {
+        f(c.get_or_init(|| match encoding {
             Encoding::Cl100kBase => tiktoken_rs::cl100k_base().ok(),
             Encoding::O200kBase => tiktoken_rs::o200k_base().ok(),
-        });
-        match bpe {
-            Some(bpe) => bpe.encode_ordinary(text).len() as i64,
-            None => text.len().div_ceil(4) as i64,
-        }
+        })
+        .as_ref())
     })
+}
+
+/// Builds this VM's tokenizer now; whether its tables loaded.
+pub fn warm(encoding: Encoding) -> bool {
+    with_bpe(encoding, |bpe| bpe.is_some())
+}
+
+/// Tokens in `text`: exact for its first `MAX_EXACT_BYTES`, estimated beyond.
+/// Falls back to a bytes/4 estimate only if the tokenizer's embedded tables
+/// fail to load, which would be a build defect.
+pub fn count_text(encoding: Encoding, text: &str) -> i64 {
+    if text.is_empty() {
+        return 0;
+    }
+    let mut cut = text.len().min(MAX_EXACT_BYTES);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let beyond = (text.len() - cut).div_ceil(2) as i64;
+    let exact = with_bpe(encoding, |bpe| match bpe {
+        Some(bpe) => bpe.encode_ordinary(&text[..cut]).len() as i64,
+        None => cut.div_ceil(4) as i64,
+    });
+    exact + beyond
 }
 
 fn content_text(content: &Value, out: &mut String) {
@@ -111,6 +134,29 @@ mod tests {
         assert_eq!(count_text(Encoding::Cl100kBase, "hello world"), 2);
         assert_eq!(count_text(Encoding::O200kBase, "hello world"), 2);
         assert_eq!(count_text(Encoding::Cl100kBase, ""), 0);
+    }
+
+    #[test]
+    fn long_text_is_counted_exactly_up_to_the_bound_and_estimated_beyond() {
+        let unit = "hello world ";
+        let text = unit.repeat(MAX_EXACT_BYTES / unit.len() + 5_000);
+        let cut = MAX_EXACT_BYTES;
+        let exact = count_text(Encoding::Cl100kBase, &text[..cut]);
+        let beyond = (text.len() - cut).div_ceil(2) as i64;
+        assert_eq!(count_text(Encoding::Cl100kBase, &text), exact + beyond);
+        // The estimate errs high: more than tiktoken would count for the rest.
+        assert!(
+            beyond > count_text(Encoding::Cl100kBase, &text[cut..cut + 24_000]) * (text.len() - cut) as i64 / 24_000
+        );
+        // A cut inside a multi-byte character moves back to its start.
+        let wide = "é".repeat(MAX_EXACT_BYTES);
+        assert!(count_text(Encoding::Cl100kBase, &wide) > 0);
+    }
+
+    #[test]
+    fn warming_loads_each_tokenizer_once() {
+        assert!(warm(Encoding::Cl100kBase));
+        assert!(warm(Encoding::O200kBase));
     }
 
     #[test]

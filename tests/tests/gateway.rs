@@ -38,6 +38,10 @@ async fn raw_status(base: &str, method: &str, path: &str) -> u16 {
     line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {line:?}"))
 }
 
+fn not_reasoning() -> Vec<(String, String)> {
+    vec![("LLM_REASONING".into(), "0".into())]
+}
+
 fn total(row: &mongodb::bson::Document) -> i64 {
     row.get_i64("total_tokens").unwrap()
 }
@@ -141,7 +145,8 @@ async fn plain_and_streamed_requests_are_billed_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_usage_tiktoken_counts_and_upstream_errors_pass_through() {
-    let s = Stack::start(StackOptions::default()).await;
+    // A model that does not reason: tiktoken's count of what it wrote is its bill.
+    let s = Stack::start(StackOptions { extra_env: not_reasoning(), ..StackOptions::default() }).await;
     let key = "sk-gateway-user-002";
     s.create_key(key, 100_000).await;
 
@@ -192,7 +197,8 @@ async fn without_usage_tiktoken_counts_and_upstream_errors_pass_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_abort_mid_stream_is_settled_for_what_was_streamed() {
-    let s = Stack::start(StackOptions::default()).await;
+    // A model that does not reason: tiktoken's count of what it wrote is its bill.
+    let s = Stack::start(StackOptions { extra_env: not_reasoning(), ..StackOptions::default() }).await;
     let key = "sk-gateway-user-003";
     s.create_key(key, 100_000).await;
     let resp = s
@@ -687,4 +693,32 @@ async fn a_huge_model_name_is_refused_at_admission_and_settlement_keeps_flowing(
         s.pending_settlements().await == Some(0)
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reasoning_model_cut_short_without_usage_pays_its_hold() {
+    // The seed's gpt-5-nano reasons: its hidden reasoning is billed, never streamed.
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-reasoning-user-01";
+    s.create_key(key, 100_000).await;
+    let resp = s
+        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "messages": messages("think hard")}))
+        .header("x-mock-scenario", "slow")
+        .header("x-mock-words", "60")
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    let mut stream = resp.bytes_stream();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("word2 ") {
+        got.extend(stream.next().await.unwrap().unwrap());
+    }
+    drop(stream);
+    let row = s.settled_row(&id).await;
+    assert_eq!(row.get_str("usage_source"), Ok("estimate"));
+    let reserved = row.get_i64("reserved_tokens").unwrap();
+    assert_eq!(total(&row), reserved, "the hold, which caps what the upstream can bill");
+    assert!(reserved > 4_096, "the output reservation and the prompt: {reserved}");
+    assert_eq!(s.settled_balance(key).await, 100_000 - reserved);
 }

@@ -81,6 +81,7 @@ fn each_variable_that_is_set_reaches_its_field() {
         ("LLM_API_VERSION", "2025-01-01"),
         ("INTERNAL_TOKEN", "shh"),
         ("CAP_OUTPUT", "0"),
+        ("LLM_REASONING", "0"),
     ];
     let (plugin, buffer_limit) = plugin_of(&render(&env));
     let c = PluginConfig::from_json(plugin.to_string().as_bytes()).unwrap();
@@ -91,6 +92,7 @@ fn each_variable_that_is_set_reaches_its_field() {
     assert_eq!((c.api_version.as_str(), c.internal_token.as_deref()), ("2025-01-01", Some("shh")));
     assert!(buffer_limit >= 1000);
     assert!(!c.cap_output);
+    assert_eq!(c.reasoning, Some(false));
     // OpenAI-style upstreams name no deployment.
     let (plugin, _) = plugin_of(&render(&[("LLM_PROVIDER", "openai")]));
     assert_eq!((plugin["upstream"].as_str(), plugin.get("deployment")), (Some("openai"), None));

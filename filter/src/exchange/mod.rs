@@ -261,8 +261,13 @@ impl Exchange {
                     // A client that left mid-answer never reached the end: finish the count here.
                     m.on_end();
                 }
-                let (input, output, source) =
-                    crate::charge(meter.as_ref(), status, &req.body, self.cfg.tiktoken_encoding);
+                let (input, output, source) = crate::charge_without_usage(
+                    meter.as_ref(),
+                    status,
+                    &req.body,
+                    self.cfg.tiktoken_encoding,
+                    self.cfg.reasons().then_some(req.admission.estimate),
+                );
                 let record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
                 debug!(
                     "[{}] {}: queued settlement {input}+{output} of {} ({source:?})",

@@ -276,7 +276,8 @@ fn losing_every_compare_and_swap_falls_back_without_overdrawing() {
 
 #[test]
 fn the_client_gone_in_every_stage_settles_once_or_not_at_all() {
-    let mut gw = Gateway::new(json!({}));
+    // A model that does not reason: what it wrote is all it is billed for.
+    let mut gw = Gateway::new(json!({"reasoning": false}));
     // Gone after the headers, and while the body was buffering: nothing owed.
     let (mut ex, s) = gw.headers(KEY);
     ex.on_log(&s);
@@ -327,4 +328,28 @@ fn streamed_requests_hide_the_usage_event_they_did_not_ask_for() {
     ex.on_log(&s);
     let [r] = &gw.records()[..] else { panic!("one record") };
     assert_eq!((r.input_tokens, r.output_tokens, r.stream), (4, 1, true));
+}
+
+#[test]
+fn a_reasoning_model_cut_short_without_usage_pays_its_hold() {
+    let mut gw = Gateway::new(json!({}));
+    assert!(gw.root.config.reasons(), "gpt-5-nano reasons");
+    let (mut ex, s, _) = gw.send(BODY);
+    let reserved = gw.world.calls_to(LEASE_PATH)[0].body["min"].as_i64().unwrap();
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    *s.response_headers.borrow_mut() =
+        vec![(":status".into(), "200".into()), ("content-type".into(), "text/event-stream".into())];
+    ex.on_response_headers(&s);
+    let chunk = b"data: {\"choices\":[{\"delta\":{\"content\":\"hello world\"}}]}\n\n";
+    *s.response_body.borrow_mut() = chunk.to_vec();
+    ex.on_response_body(&s, chunk.len(), false);
+    ex.on_log(&s);
+    let [r] = &gw.records()[..] else { panic!("one record") };
+    assert_eq!((r.usage_source, r.input_tokens + r.output_tokens), (UsageSource::Estimate, reserved));
+    // With usage it pays exactly what the upstream reported, reasoning or not.
+    let (mut ex, s, _) = gw.send(BODY);
+    respond(&mut ex, &s, "200", USAGE);
+    ex.on_log(&s);
+    let [r] = &gw.records()[..] else { panic!("one record") };
+    assert_eq!((r.usage_source, r.input_tokens, r.output_tokens), (UsageSource::Upstream, 7, 3));
 }
