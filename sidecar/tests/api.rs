@@ -6,12 +6,13 @@
 use std::time::Duration;
 
 use bridge_protocol::{
-    key_hash, LeaseClose, LeaseReply, ReserveReply, SettleOutcome, SettleRecord, SettleReply, UsageSource,
+    key_hash, LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, SettleOutcome, SettleRecord,
+    SettleReply, UsageSource,
 };
 use bridge_tests::{mongo_uri, start_sidecar, unique_db};
 use mongodb::bson::{doc, Document};
 use openclaw_sidecar::config::Secret;
-use openclaw_sidecar::ledger::Store;
+use openclaw_sidecar::ledger::{Decision, KeyStatus, NewKey, Store};
 use openclaw_sidecar::{app, sweeper, AppState};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
@@ -907,4 +908,71 @@ async fn an_unreserved_record_is_charged_once_even_when_its_audit_row_is_not_see
     let again = s.settle(std::slice::from_ref(&r)).await;
     assert_ne!(again.results[0].outcome, SettleOutcome::Settled, "{again:?}");
     assert_eq!(s.balance(key).await, 9_950, "debited twice");
+}
+
+async fn skewed_pair(ttl: Duration, behind_ms: i64, ahead_ms: i64) -> (Store, Store, mongodb::Database) {
+    let db_name = unique_db("skew");
+    let behind = Store::connect(&mongo_uri(), &db_name, ttl).await.unwrap().with_local_skew(-behind_ms);
+    let ahead = Store::connect(&mongo_uri(), &db_name, ttl).await.unwrap().with_local_skew(ahead_ms);
+    behind.ensure_indexes().await.unwrap();
+    let new = NewKey {
+        api_key: "sk-skewed-user-01".into(),
+        user_name: "u".into(),
+        balance_tokens: 10_000,
+        status: KeyStatus::Active,
+    };
+    behind.create_key(new, false).await.unwrap();
+    let db = mongodb::Client::with_uri_str(mongo_uri()).await.unwrap().database(&db_name);
+    (behind, ahead, db)
+}
+
+#[tokio::test]
+async fn expiry_does_not_depend_on_the_sidecars_clocks() {
+    // One sidecar's clock 20 minutes behind, another's 20 minutes ahead, a 10-minute TTL.
+    let (behind, ahead, db) = skewed_pair(Duration::from_secs(600), 20 * 60_000, 20 * 60_000).await;
+    let hash = key_hash("sk-skewed-user-01");
+    let reserve =
+        ReserveRequest { key_hash: hash.clone(), request_id: "fresh-1".into(), model: "m".into(), estimate: 100 };
+    assert!(matches!(behind.reserve(&reserve).await.unwrap(), Decision::Granted { .. }));
+    let lease = LeaseRequest {
+        key_hash: hash.clone(),
+        lease_id: "fresh-L".into(),
+        model: "m".into(),
+        want: 500,
+        min: 1,
+        replaces: None,
+    };
+    assert!(matches!(behind.lease(&lease).await.unwrap(), Decision::Granted { .. }));
+    // Milliseconds old, though 40 minutes apart by the two clocks: nothing expires.
+    assert_eq!(ahead.expire_holds().await.unwrap(), 0);
+    let key = db.collection::<Document>("api_keys").find_one(doc! {"_id": &hash}).await.unwrap().unwrap();
+    assert!(key.get_document("holds").unwrap().contains_key("fresh-1"), "{key:?}");
+    let l = key.get_document("leases").unwrap().get_document("fresh-L").unwrap();
+    assert!(!l.contains_key("expiring"), "a fresh lease marked expiring: {l:?}");
+    assert_eq!(key.get_i64("balance_tokens").unwrap(), 10_000 - 100 - 500);
+}
+
+#[tokio::test]
+async fn the_grace_between_the_two_expiry_sweeps_holds_whatever_the_clocks() {
+    // A 1 s TTL, so the grace between marking and summing is 1 s; the marking
+    // sidecar's clock is 10 s behind the summing one's.
+    let (behind, ahead, db) = skewed_pair(Duration::from_secs(1), 10_000, 0).await;
+    let hash = key_hash("sk-skewed-user-01");
+    let lease = LeaseRequest {
+        key_hash: hash.clone(),
+        lease_id: "old-L".into(),
+        model: "m".into(),
+        want: 500,
+        min: 1,
+        replaces: None,
+    };
+    // Granted and, once expired, marked by the sidecar whose clock is behind.
+    assert!(matches!(behind.lease(&lease).await.unwrap(), Decision::Granted { .. }));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    behind.expire_holds().await.unwrap();
+    ahead.expire_holds().await.unwrap();
+    // Marked, not yet summed: a settlement that checked before the mark may still be writing.
+    let key = db.collection::<Document>("api_keys").find_one(doc! {"_id": &hash}).await.unwrap().unwrap();
+    let l = key.get_document("leases").unwrap().get_document("old-L").unwrap();
+    assert!(l.contains_key("expiring"), "{l:?}");
 }

@@ -49,7 +49,7 @@ impl Store {
     /// Returns how many holds it finalised.
     pub async fn expire_holds(&self) -> Result<usize, LedgerError> {
         let ttl_ms = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
-        let now = DateTime::now();
+        let now = self.server_now().await?;
         let cutoff = now.timestamp_millis().saturating_sub(ttl_ms);
         let docs: Vec<Document> =
             self.keys.find(doc! {"holds_n": {"$gt": 0_i64}}).projection(doc! {"holds": 1}).await?.try_collect().await?;
@@ -132,7 +132,7 @@ impl Store {
                     self.keys
                         .update_one(
                             doc! {"_id": hash, format!("{path}.at"): *at, format!("{path}.expiring"): {"$exists": false}},
-                            doc! {"$set": {format!("{path}.expiring"): now}},
+                            doc! {"$currentDate": {format!("{path}.expiring"): true}},
                         )
                         .await?;
                     continue;

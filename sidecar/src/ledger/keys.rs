@@ -2,7 +2,7 @@
 //! is its account: the balance and everything held against it.
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::ReturnDocument;
 
 use super::{int, is_duplicate_key, lease::lease_outstanding, rfc3339, LedgerError, Store};
@@ -83,7 +83,7 @@ impl Store {
     pub async fn create_key(&self, new: NewKey, generated: bool) -> Result<KeyView, LedgerError> {
         let hash = bridge_protocol::key_hash(&new.api_key);
         let (prefix, last4) = keys::mask_parts(&new.api_key);
-        let now = DateTime::now();
+        let now = self.local_now();
         let document = doc! {
             "_id": &hash,
             "key_prefix": prefix,
@@ -161,7 +161,7 @@ impl Store {
         status: Option<KeyStatus>,
     ) -> Result<KeyView, LedgerError> {
         let mut filter = doc! {"_id": hash};
-        let mut set = doc! {"updated_at": DateTime::now()};
+        let mut set = doc! {"updated_at": self.local_now()};
         let mut update = Document::new();
         if let Some(delta) = delta {
             if delta < 0 {

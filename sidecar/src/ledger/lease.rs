@@ -4,7 +4,7 @@
 
 use bridge_protocol::{LeaseClose, LeaseRequest, SettleOutcome, SettleResult};
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::ReturnDocument;
 
 use super::reserve::Why;
@@ -48,7 +48,8 @@ impl Store {
             };
             let update = doc! {
                 "$inc": {"balance_tokens": -want, "leases_n": 1_i64},
-                "$set": {&at: {"tokens": want, "model": &req.model, "at": DateTime::now()}},
+                "$set": {format!("{at}.tokens"): want, format!("{at}.model"): &req.model},
+                "$currentDate": {format!("{at}.at"): true},
             };
             let granted = self
                 .keys

@@ -94,7 +94,12 @@ pub(super) const DUPLICATE_KEY: i32 = 11000;
 pub struct Store {
     keys: Collection<Document>,
     audit: Collection<Document>,
+    /// For `hello`, whose `localTime` is the database server's clock.
+    admin: mongodb::Database,
     hold_ttl: Duration,
+    /// Added to this process's clock: 0 but in tests that play a sidecar
+    /// whose clock is off.
+    local_skew_ms: i64,
 }
 
 pub(super) fn hold_path(request_id: &str) -> String {
@@ -146,7 +151,34 @@ impl Store {
     pub async fn connect(uri: &str, db_name: &str, hold_ttl: Duration) -> Result<Self, LedgerError> {
         let client = Client::with_uri_str(uri).await?;
         let db = client.database(db_name);
-        Ok(Self { keys: db.collection("api_keys"), audit: db.collection("audit_logs"), hold_ttl })
+        Ok(Self {
+            keys: db.collection("api_keys"),
+            audit: db.collection("audit_logs"),
+            admin: client.database("admin"),
+            hold_ttl,
+            local_skew_ms: 0,
+        })
+    }
+
+    /// This store as a sidecar whose clock is `ms` off would run it (tests of
+    /// clock skew between sidecars).
+    pub fn with_local_skew(mut self, ms: i64) -> Self {
+        self.local_skew_ms = ms;
+        self
+    }
+
+    /// The database server's clock (`hello`'s `localTime`): every time the
+    /// expiry compares (a hold's or lease's `at`, an `expiring` mark, a
+    /// release or charge mark) is written with `$currentDate` and compared
+    /// with this, so the sidecars' own clocks, which may differ, never meet.
+    pub(super) async fn server_now(&self) -> Result<DateTime, LedgerError> {
+        let hello = self.admin.run_command(doc! {"hello": 1}).await?;
+        Ok(hello.get_datetime("localTime").copied().unwrap_or_else(|_| self.local_now()))
+    }
+
+    /// This process's clock, for what only records when something happened.
+    pub(super) fn local_now(&self) -> DateTime {
+        DateTime::from_millis(DateTime::now().timestamp_millis().saturating_add(self.local_skew_ms))
     }
 
     /// Creates the indexes the ledger relies on; `request_id` uniqueness is what
@@ -174,7 +206,7 @@ impl Store {
             .keys
             .update_one(
                 doc! {"_id": key_hash, occupied: {"$exists": false}, released_path(id): {"$exists": false}},
-                doc! {"$set": {released_path(id): DateTime::now()}, "$inc": {"released_n": 1_i64}},
+                doc! {"$currentDate": {released_path(id): true}, "$inc": {"released_n": 1_i64}},
             )
             .await?;
         Ok(mark.matched_count == 1)

@@ -2,7 +2,7 @@
 //! update, or the typed reason it was not.
 
 use bridge_protocol::ReserveRequest;
-use mongodb::bson::{doc, DateTime};
+use mongodb::bson::doc;
 use mongodb::options::ReturnDocument;
 
 use super::keys::masked_key;
@@ -49,7 +49,9 @@ impl Store {
         };
         let update = doc! {
             "$inc": {"balance_tokens": -req.estimate, "holds_n": 1_i64},
-            "$set": {&hold: {"tokens": req.estimate, "model": &req.model, "at": DateTime::now()}},
+            "$set": {format!("{hold}.tokens"): req.estimate, format!("{hold}.model"): &req.model},
+            // The database's clock, as every time the expiry compares: sidecars' clocks may differ.
+            "$currentDate": {format!("{hold}.at"): true},
         };
         let admitted = self
             .keys

@@ -36,7 +36,7 @@ impl Store {
     /// Settles a batch: each record replaces its hold by the actual usage once;
     /// the records of one lease settle together.
     pub async fn settle(&self, records: &[SettleRecord]) -> Result<Vec<SettleResult>, LedgerError> {
-        let now = DateTime::now();
+        let now = self.local_now();
         let mut singles = Vec::new();
         let mut groups: Vec<(&str, &str, Vec<usize>)> = Vec::new();
         for (i, r) in records.iter().enumerate() {
@@ -209,7 +209,8 @@ impl Store {
                         doc! {"_id": &r.key_hash, &outbox: {"$exists": false}, &charged: {"$exists": false}},
                         doc! {
                             "$inc": {"balance_tokens": -total, "outbox_n": 1_i64, "charged_n": 1_i64},
-                            "$set": {&outbox: &entry, &charged: now},
+                            "$set": {&outbox: &entry},
+                            "$currentDate": {&charged: true},
                         },
                     )
                     .projection(projection)
