@@ -64,6 +64,7 @@ PLUGIN_INTS = [
     ("SETTLE_INTERVAL_MS", "settle_interval_ms", 1),
     ("LEASE_TOKENS", "lease_tokens", 0),
     ("LEASE_MS", "lease_ms", 10),
+    ("LEASE_SLOTS", "lease_slots", 1),
 ]
 # The filter's default of max_body_bytes, which Envoy's buffer must also fit.
 FILTER_MAX_BODY_BYTES = 8 * 1024 * 1024

@@ -198,7 +198,7 @@ impl Background {
     ) {
         match reply {
             Ok(LeaseReply::Grant { tokens, .. }) => {
-                let key = lease::slot_key(&ask.key_hash);
+                let key = lease::slot_key(&ask.key_hash, self.config.lease_slots);
                 let lease_ms = self.config.lease_ms;
                 let renewed = slot::update(host, &key, |slot, now| {
                     match lease::renew(slot, &ask.lease_id, &ask.key_hash, tokens, now, lease_ms) {

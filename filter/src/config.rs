@@ -81,6 +81,9 @@ fn default_lease_tokens() -> i64 {
 fn default_lease_ms() -> u64 {
     1_000
 }
+fn default_lease_slots() -> u32 {
+    65_536
+}
 fn default_route_header() -> String {
     "x-openclaw-bridge-route".into()
 }
@@ -154,6 +157,11 @@ pub struct PluginConfig {
     /// top-up takes at most to reach requests.
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
+    /// Lease slots in Envoy shared data, shared by keys by hash: Envoy never
+    /// frees shared data, so this bounds what made-up keys can make it hold
+    /// (a few hundred bytes a slot).
+    #[serde(default = "default_lease_slots")]
+    pub lease_slots: u32,
     /// Header the filter sets on admitted requests only; the upstream routes
     /// require it, so nothing unadmitted reaches the upstream.
     #[serde(default = "default_route_header")]
@@ -213,6 +221,9 @@ impl PluginConfig {
         }
         if self.lease_tokens > 0 && !(10..=60_000).contains(&self.lease_ms) {
             return fail("lease_ms", "must be 10 to 60000");
+        }
+        if self.lease_slots == 0 {
+            return fail("lease_slots", "must be >= 1");
         }
         if self.route_header.is_empty() || !self.route_header.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
             return fail("route_header", "must be a lower-case header name");

@@ -75,6 +75,11 @@ impl World {
         self.answered.borrow().contains(&token)
     }
 
+    /// Entries in shared data.
+    pub fn shared_len(&self) -> usize {
+        self.shared.borrow().len()
+    }
+
     /// The decoded slot under `key`, if any.
     pub fn slot(&self, key: &str) -> Option<crate::lease::Slot> {
         self.shared.borrow().get(key).and_then(|(v, _)| crate::lease::Slot::decode(v))

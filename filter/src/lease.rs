@@ -18,11 +18,17 @@
 use bridge_protocol::LeaseClose;
 use serde::{Deserialize, Serialize};
 
-/// Prefix of the shared-data key of a key's slot; the key hash follows.
+/// Prefix of the shared-data key of a slot; the slot's number follows.
 pub const SLOT_PREFIX: &str = "openclaw_bridge_lease:";
 
-pub fn slot_key(key_hash: &str) -> String {
-    format!("{SLOT_PREFIX}{key_hash}")
+/// The slot of a key: one of `slots`, by its hash. Envoy never deletes shared
+/// data, so a slot per key would let every made-up key grow Envoy's memory for
+/// good; a fixed number of slots bounds it. Each slot names the key it holds,
+/// so keys sharing a slot never draw from each other's leases: while one holds
+/// a live lease there, the other reserves per request.
+pub fn slot_key(key_hash: &str, slots: u32) -> String {
+    let n = key_hash.get(..8).and_then(|h| u32::from_str_radix(h, 16).ok()).unwrap_or(0);
+    format!("{SLOT_PREFIX}{:x}", n % slots.max(1))
 }
 
 /// A lease the filter is drawing from.
@@ -70,6 +76,14 @@ pub enum Slot {
         since_ms: u64,
     },
     Live(Lease),
+    /// The sidecar refused this key (unknown, frozen, no balance): its
+    /// requests get the same answer without a call until `until_ms`.
+    Refused {
+        key_hash: String,
+        until_ms: u64,
+        status: u16,
+        error: bridge_protocol::ErrorBody,
+    },
 }
 
 impl Slot {
@@ -94,21 +108,32 @@ pub enum Draw {
     /// Write `slot` (our fetch marker), then ask the sidecar for a lease; the
     /// lease it replaces, if any, is closed with what was drawn from it.
     Fetch { slot: Slot, close: Option<LeaseClose> },
-    /// Another worker is fetching: reserve this request on its own.
+    /// Another worker is fetching, or the slot holds another key's live
+    /// lease: reserve this request on its own.
     Reserve,
+    /// The key was refused a moment ago: answer this, without a call.
+    Refused { status: u16, error: bridge_protocol::ErrorBody },
 }
 
 /// Decides a request's draw from the slot as read. `new_id` names a lease to
 /// fetch; a fetch marker older than `stale_ms` (its fetcher gone) is replaced;
 /// `window_ms` is a lease's draw window.
-pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, stale_ms: u64, window_ms: u64) -> Draw {
+pub fn draw(
+    current: Option<&Slot>,
+    key_hash: &str,
+    now_ms: u64,
+    estimate: i64,
+    new_id: &str,
+    stale_ms: u64,
+    window_ms: u64,
+) -> Draw {
     let refreshing =
         |lease: &Lease| lease.refresh.as_ref().is_some_and(|r| now_ms.saturating_sub(r.since_ms) < stale_ms);
     let fetch = |close: Option<LeaseClose>| Draw::Fetch {
         slot: Slot::Fetching { id: new_id.to_owned(), since_ms: now_ms },
         close,
     };
-    if let Some(mut lease) = take(current, now_ms, estimate) {
+    if let Some(mut lease) = take(current, key_hash, now_ms, estimate) {
         let lease_id = lease.id.clone();
         let half_time = now_ms.saturating_add(window_ms / 2) >= lease.expires_ms;
         let half_drawn = lease.drawn_tokens * 2 >= lease.tokens;
@@ -124,18 +149,30 @@ pub fn draw(current: Option<&Slot>, now_ms: u64, estimate: i64, new_id: &str, st
         None => fetch(None),
         Some(Slot::Fetching { since_ms, .. }) if now_ms.saturating_sub(*since_ms) < stale_ms => Draw::Reserve,
         Some(Slot::Fetching { .. }) => fetch(None),
+        // Another key's live lease shares this slot: leave it be.
+        Some(Slot::Live(lease)) if lease.key_hash != key_hash && now_ms < lease.expires_ms => Draw::Reserve,
         // Expired, or too little left for this request: a new lease replaces it
         // (a renewal still on its way finds the slot moved on and gives its
         // lease back). Not reserving alone: the balance may be all in this lease.
         Some(Slot::Live(lease)) => fetch(Some(lease.close())),
+        Some(Slot::Refused { key_hash: refused, until_ms, status, error })
+            if refused == key_hash && now_ms < *until_ms =>
+        {
+            Draw::Refused { status: *status, error: error.clone() }
+        }
+        Some(Slot::Refused { .. }) => fetch(None),
     }
 }
 
 /// This request's estimate taken from the live lease, if it is not expired
 /// and has enough left: the lease as it is to be written back.
-pub fn take(current: Option<&Slot>, now_ms: u64, estimate: i64) -> Option<Lease> {
+pub fn take(current: Option<&Slot>, key_hash: &str, now_ms: u64, estimate: i64) -> Option<Lease> {
     match current {
-        Some(Slot::Live(lease)) if now_ms < lease.expires_ms && lease.tokens - lease.drawn_tokens >= estimate => {
+        Some(Slot::Live(lease))
+            if lease.key_hash == key_hash
+                && now_ms < lease.expires_ms
+                && lease.tokens - lease.drawn_tokens >= estimate =>
+        {
             let mut lease = lease.clone();
             lease.drawn_tokens += estimate;
             lease.drawn_n += 1;
@@ -222,6 +259,23 @@ pub fn renew(current: Option<&Slot>, id: &str, key_hash: &str, granted: i64, now
     }
 }
 
+/// The refusal our fetch got, cached in the slot in place of our marker.
+pub fn refuse(
+    current: Option<&Slot>,
+    id: &str,
+    key_hash: &str,
+    status: u16,
+    error: &bridge_protocol::ErrorBody,
+    until_ms: u64,
+) -> Option<Slot> {
+    is_our_marker(current, id).then(|| Slot::Refused {
+        key_hash: key_hash.to_owned(),
+        until_ms,
+        status,
+        error: error.clone(),
+    })
+}
+
 /// Whether the slot still carries our fetch marker (to be cleared when the
 /// fetch fails or is refused).
 pub fn is_our_marker(current: Option<&Slot>, id: &str) -> bool {
@@ -257,11 +311,13 @@ mod tests {
 
     #[test]
     fn an_empty_slot_fetches_and_others_reserve_meanwhile() {
-        let Draw::Fetch { slot, close: None } = draw(None, 1_000, 10, "L2", 5_000, 1_000) else { panic!("no fetch") };
+        let Draw::Fetch { slot, close: None } = draw(None, KEY, 1_000, 10, "L2", 5_000, 1_000) else {
+            panic!("no fetch")
+        };
         assert_eq!(slot, Slot::Fetching { id: "L2".into(), since_ms: 1_000 });
-        assert_eq!(draw(Some(&slot), 1_100, 10, "L3", 5_000, 1_000), Draw::Reserve);
+        assert_eq!(draw(Some(&slot), KEY, 1_100, 10, "L3", 5_000, 1_000), Draw::Reserve);
         // A fetcher that never came back is replaced.
-        assert!(matches!(draw(Some(&slot), 6_000, 10, "L3", 5_000, 1_000), Draw::Fetch { close: None, .. }));
+        assert!(matches!(draw(Some(&slot), KEY, 6_000, 10, "L3", 5_000, 1_000), Draw::Fetch { close: None, .. }));
     }
 
     #[test]
@@ -270,7 +326,7 @@ mod tests {
         let mut drawn = 0;
         loop {
             // A new id each time: a refresh marker once set stays the same one.
-            match draw(Some(&slot), 1_000, 30, &format!("R{drawn}"), 5_000, 1_000) {
+            match draw(Some(&slot), KEY, 1_000, 30, &format!("R{drawn}"), 5_000, 1_000) {
                 Draw::Drawn { slot: next, lease_id, refresh } => {
                     assert_eq!(lease_id, "L1");
                     // 60 drawn in the first 0 ms (of a 1000 ms window ending at 2000 => granted at 1000).
@@ -295,7 +351,8 @@ mod tests {
     #[test]
     fn an_expired_lease_is_replaced_and_closed() {
         let slot = live(100, 40, 2_000);
-        let Draw::Fetch { slot: marker, close: Some(close) } = draw(Some(&slot), 2_000, 1, "L2", 5_000, 1_000) else {
+        let Draw::Fetch { slot: marker, close: Some(close) } = draw(Some(&slot), KEY, 2_000, 1, "L2", 5_000, 1_000)
+        else {
             panic!("expired lease drawn from")
         };
         assert_eq!(close.lease_id, "L1");
@@ -322,10 +379,10 @@ mod tests {
     #[test]
     fn half_way_through_its_window_a_lease_asks_for_the_next_and_the_grant_replaces_it() {
         let slot = live(1_000, 0, 2_000);
-        let Draw::Drawn { refresh: None, .. } = draw(Some(&slot), 1_000, 1, "R1", 5_000, 1_000) else {
+        let Draw::Drawn { refresh: None, .. } = draw(Some(&slot), KEY, 1_000, 1, "R1", 5_000, 1_000) else {
             panic!("refreshed too early")
         };
-        let Draw::Drawn { slot, refresh: Some(id), .. } = draw(Some(&slot), 1_500, 1, "R1", 5_000, 1_000) else {
+        let Draw::Drawn { slot, refresh: Some(id), .. } = draw(Some(&slot), KEY, 1_500, 1, "R1", 5_000, 1_000) else {
             panic!("no refresh at half time")
         };
         assert_eq!(id, ("R1".to_owned(), 2 * 1_000 / 500));
@@ -345,10 +402,11 @@ mod tests {
     #[test]
     fn take_draws_only_from_a_live_lease_with_enough_left() {
         let slot = live(100, 60, 2_000);
-        assert_eq!(take(Some(&slot), 1_000, 40).map(|l| (l.drawn_tokens, l.drawn_n)), Some((100, 2)));
-        assert_eq!(take(Some(&slot), 1_000, 41), None, "more than is left");
-        assert_eq!(take(Some(&slot), 2_000, 1), None, "expired");
-        assert_eq!(take(Some(&Slot::Fetching { id: "x".into(), since_ms: 0 }), 0, 1), None);
+        assert_eq!(take(Some(&slot), KEY, 1_000, 40).map(|l| (l.drawn_tokens, l.drawn_n)), Some((100, 2)));
+        assert_eq!(take(Some(&slot), KEY, 1_000, 41), None, "more than is left");
+        assert_eq!(take(Some(&slot), KEY, 2_000, 1), None, "expired");
+        assert_eq!(take(Some(&Slot::Fetching { id: "x".into(), since_ms: 0 }), KEY, 0, 1), None);
+        assert_eq!(take(Some(&slot), "another-key", 1_000, 1), None, "another key's lease");
     }
 
     #[test]
@@ -358,6 +416,37 @@ mod tests {
         assert_eq!(expire(Some(&slot), 2_000, false).map(|c| c.drawn_tokens), Some(10));
         assert!(expire(Some(&slot), 0, true).is_some());
         assert_eq!(expire(None, 5_000, true), None);
+    }
+
+    #[test]
+    fn slots_are_bounded_and_keys_sharing_one_never_draw_from_each_other() {
+        let keys: std::collections::BTreeSet<String> =
+            (0..10_000).map(|i| slot_key(&bridge_protocol::key_hash(&format!("sk-made-up-{i}")), 64)).collect();
+        assert_eq!(keys.len(), 64, "10,000 keys, 64 slots");
+        let theirs = live(100, 0, 2_000);
+        // Their live lease: we reserve alone; once it expired, it is replaced and closed.
+        assert_eq!(draw(Some(&theirs), "another-key", 1_000, 10, "L2", 5_000, 1_000), Draw::Reserve);
+        let Draw::Fetch { close: Some(close), .. } = draw(Some(&theirs), "another-key", 2_000, 10, "L2", 5_000, 1_000)
+        else {
+            panic!("an expired lease of another key not replaced")
+        };
+        assert_eq!(close.key_hash, KEY);
+    }
+
+    #[test]
+    fn a_refusal_is_cached_for_its_key_until_it_runs_out() {
+        let error =
+            bridge_protocol::ErrorEnvelope::new("no", "invalid_request_error", None, Some("invalid_api_key")).error;
+        let marker = Slot::Fetching { id: "L2".into(), since_ms: 0 };
+        assert_eq!(refuse(Some(&marker), "L9", KEY, 401, &error, 2_000), None, "not our marker");
+        let cached = refuse(Some(&marker), "L2", KEY, 401, &error, 2_000).unwrap();
+        assert_eq!(draw(Some(&cached), KEY, 1_999, 1, "L3", 5_000, 1_000), Draw::Refused { status: 401, error });
+        assert!(matches!(draw(Some(&cached), KEY, 2_000, 1, "L3", 5_000, 1_000), Draw::Fetch { close: None, .. }));
+        assert!(matches!(
+            draw(Some(&cached), "another-key", 0, 1, "L3", 5_000, 1_000),
+            Draw::Fetch { close: None, .. }
+        ));
+        assert_eq!(Slot::decode(&cached.encode()), Some(cached));
     }
 
     #[test]

@@ -76,6 +76,7 @@ fn each_variable_that_is_set_reaches_its_field() {
         ("SETTLE_INTERVAL_MS", "50"),
         ("LEASE_TOKENS", "0"),
         ("LEASE_MS", "20"),
+        ("LEASE_SLOTS", "64"),
         ("FAILURE_MODE", "allow"),
         ("TIKTOKEN_ENCODING", "o200k_base"),
         ("LLM_API_VERSION", "2025-01-01"),
@@ -93,6 +94,7 @@ fn each_variable_that_is_set_reaches_its_field() {
     assert!(buffer_limit >= 1000);
     assert!(!c.cap_output);
     assert_eq!(c.reasoning, Some(false));
+    assert_eq!(c.lease_slots, 64);
     // OpenAI-style upstreams name no deployment.
     let (plugin, _) = plugin_of(&render(&[("LLM_PROVIDER", "openai")]));
     assert_eq!((plugin["upstream"].as_str(), plugin.get("deployment")), (Some("openai"), None));

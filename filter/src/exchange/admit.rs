@@ -4,7 +4,8 @@
 //! an abandoned admission may have been granted.
 
 use bridge_protocol::{
-    LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, UsageSource, LEASE_PATH, RESERVE_PATH,
+    ErrorBody, LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, UsageSource, LEASE_PATH,
+    RESERVE_PATH,
 };
 use log::{debug, info, warn};
 
@@ -22,6 +23,8 @@ enum Precheck {
     /// Fetch lease `0`, closing the lease `1` it replaces in the same call.
     Fetch(String, Option<LeaseClose>),
     Reserve,
+    /// Refused a moment ago: the same answer, without a call.
+    Refused(u16, bridge_protocol::ErrorBody),
 }
 
 impl Exchange {
@@ -51,6 +54,10 @@ impl Exchange {
                 self.call(host, req, wait, LEASE_PATH, serde_json::to_vec(&ask))
             }
             Precheck::Reserve => self.reserve(host, req),
+            Precheck::Refused(status, error) => {
+                self.refuse(host, &req, status, error);
+                Flow::Pause
+            }
         }
     }
 
@@ -60,14 +67,16 @@ impl Exchange {
         let Some(new_id) = crate::new_request_id() else { return Precheck::Reserve };
         let estimate = req.admission.estimate;
         let stale_ms = self.cfg.sidecar_timeout_ms + 1_000;
-        let key = lease::slot_key(&req.caller.key_hash);
+        let key = self.slot_of(req);
+        let key_hash = req.caller.key_hash.as_str();
         let decided = slot::update(host, &key, |slot, now| {
-            match lease::draw(slot, now, estimate, &new_id, stale_ms, self.cfg.lease_ms) {
+            match lease::draw(slot, key_hash, now, estimate, &new_id, stale_ms, self.cfg.lease_ms) {
                 Draw::Drawn { slot, lease_id, refresh } => {
                     Step::Write(Some(slot), (Precheck::Drawn(lease_id), refresh))
                 }
                 Draw::Fetch { slot, close } => Step::Write(Some(slot), (Precheck::Fetch(new_id.clone(), close), None)),
                 Draw::Reserve => Step::Keep((Precheck::Reserve, None)),
+                Draw::Refused { status, error } => Step::Keep((Precheck::Refused(status, error), None)),
             }
         });
         let Some((precheck, refresh)) = decided else { return Precheck::Reserve };
@@ -158,7 +167,7 @@ impl Exchange {
                     self.forward(host, req, Hold::Drawn(lease_id));
                 }
                 Ok(LeaseReply::Refuse { status, error }) => {
-                    self.clear_marker(host, &req, &lease_id);
+                    self.cache_refusal(host, &req, &lease_id, status, &error);
                     self.refuse(host, &req, status, error);
                 }
                 Ok(LeaseReply::Retry) => {
@@ -189,8 +198,8 @@ impl Exchange {
             return None;
         }
         let estimate = req.admission.estimate;
-        let key = lease::slot_key(&req.caller.key_hash);
-        slot::update(host, &key, |slot, now| match lease::take(slot, now, estimate) {
+        let key = self.slot_of(req);
+        slot::update(host, &key, |slot, now| match lease::take(slot, &req.caller.key_hash, now, estimate) {
             Some(lease) => {
                 let id = lease.id.clone();
                 Step::Write(Some(Slot::Live(lease)), Some(id))
@@ -205,7 +214,7 @@ impl Exchange {
     /// serves this request alone and is closed at once.
     fn install_lease(&self, host: &impl HttpHost, req: &Admitted, id: &str, granted: i64) {
         let (key_hash, estimate) = (&req.caller.key_hash, req.admission.estimate);
-        let key = lease::slot_key(key_hash);
+        let key = self.slot_of(req);
         let installed = slot::update(host, &key, |slot, now| {
             match lease::install(slot, id, key_hash, granted, estimate, now, self.cfg.lease_ms) {
                 Install::Live(slot) => Step::Write(Some(slot), None),
@@ -232,10 +241,28 @@ impl Exchange {
         }
     }
 
+    fn slot_of(&self, req: &Admitted) -> String {
+        lease::slot_key(&req.caller.key_hash, self.cfg.lease_slots)
+    }
+
+    /// The fetch was refused: the refusal takes our marker's place for one
+    /// lease window, so the key's next requests (a made-up key sent again, a
+    /// frozen key's agent retrying) are answered without a call.
+    fn cache_refusal(&self, host: &impl HttpHost, req: &Admitted, lease_id: &str, status: u16, error: &ErrorBody) {
+        let key = self.slot_of(req);
+        let until = host.now_ms().saturating_add(self.cfg.lease_ms);
+        slot::update(host, &key, |slot, _| {
+            match lease::refuse(slot, lease_id, &req.caller.key_hash, status, error, until) {
+                Some(refused) => Step::Write(Some(refused), ()),
+                None => Step::Keep(()),
+            }
+        });
+    }
+
     /// The fetch ended without a lease: take our marker out of the slot so
     /// the next request fetches again.
     fn clear_marker(&self, host: &impl HttpHost, req: &Admitted, lease_id: &str) {
-        let key = lease::slot_key(&req.caller.key_hash);
+        let key = self.slot_of(req);
         slot::update(host, &key, |slot, _| match lease::is_our_marker(slot, lease_id) {
             true => Step::Write(None, ()),
             false => Step::Keep(()),

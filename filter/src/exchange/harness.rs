@@ -88,7 +88,7 @@ impl Gateway {
     }
 
     pub fn slot(&self) -> Option<Slot> {
-        self.world.slot(&lease::slot_key(&bridge_protocol::key_hash(KEY)))
+        self.world.slot(&lease::slot_key(&bridge_protocol::key_hash(KEY), self.root.config.lease_slots))
     }
 }
 

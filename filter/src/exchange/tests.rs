@@ -208,14 +208,47 @@ fn failure_mode_allow_forwards_unreserved_and_gives_back_a_fetched_lease() {
 }
 
 #[test]
-fn refusals_are_relayed_and_clear_the_marker() {
+fn refusals_are_relayed_and_cached_for_one_window_without_a_call() {
     let mut gw = Gateway::new(json!({}));
     let (mut ex, s, _) = gw.send(BODY);
-    gw.answer(&mut ex, &s, "200", refuse(429, "insufficient_quota"));
-    assert_eq!(s.replied(), Some(429));
-    assert_eq!(gw.slot(), None);
+    gw.answer(&mut ex, &s, "200", refuse(401, "invalid_api_key"));
+    assert_eq!(s.replied(), Some(401));
     ex.on_log(&s);
     assert!(gw.queued().is_empty());
+    assert!(matches!(gw.slot(), Some(Slot::Refused { status: 401, .. })), "{:?}", gw.slot());
+    // The same key again within the window: answered alike, no call.
+    let calls = gw.world.calls().len();
+    let (_, s, flow) = gw.send(BODY);
+    assert_eq!((flow, s.replied()), (Flow::Pause, Some(401)));
+    assert!(String::from_utf8_lossy(&s.replies.borrow()[0].1).contains("invalid_api_key"));
+    assert_eq!(gw.world.calls().len(), calls);
+    // After it, the sidecar is asked again (a key created meanwhile works).
+    gw.world.advance(1_000);
+    gw.send(BODY);
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 2);
+}
+
+#[test]
+fn made_up_keys_cannot_grow_envoys_shared_data_past_its_slots() {
+    let mut gw = Gateway::new(json!({"lease_slots": 32}));
+    for i in 0..500 {
+        let (mut ex, s) = gw.headers(&format!("sk-made-up-key-{i:05}"));
+        *s.request_body.borrow_mut() = BODY.to_vec();
+        ex.on_request_body(&s, BODY.len(), true);
+        if gw.world.calls().last().is_some_and(|c| !gw.world.answered(c.token)) {
+            let token = gw.world.calls().last().unwrap().token;
+            gw.world.mark_answered(token);
+            gw.answer(&mut ex, &s, "200", refuse(401, "invalid_api_key"));
+        }
+        ex.on_log(&s);
+    }
+    assert!(gw.world.shared_len() <= 32, "{} slots", gw.world.shared_len());
+    // A real key sharing a slot with a refused one still gets its lease.
+    let (mut ex, s, _) = gw.send(BODY);
+    if s.replied().is_none() {
+        gw.answer(&mut ex, &s, "200", grant(1_000));
+    }
+    assert_eq!((s.replied(), s.resumed.get()), (None, 1));
 }
 
 #[test]
