@@ -92,9 +92,15 @@ impl LocalReply {
         r
     }
 
-    /// The sidecar's refusal (unknown key, frozen, no balance), relayed as it wrote it.
+    /// The sidecar's refusal (unknown key, frozen, no balance, too much in
+    /// flight), relayed as it wrote it; a rate limit says when to come back.
     pub fn refusal(status: u16, error: bridge_protocol::ErrorBody) -> Self {
-        Self::json(u32::from(status), &ErrorEnvelope { error })
+        let rate_limited = error.code.as_deref() == Some("rate_limit_exceeded");
+        let mut r = Self::json(u32::from(status), &ErrorEnvelope { error });
+        if rate_limited {
+            r.headers.push(("retry-after", "1".to_owned()));
+        }
+        r
     }
 }
 
@@ -121,6 +127,14 @@ mod tests {
         assert_eq!(r.status, 503);
         assert!(r.headers.contains(&("retry-after", "7".to_owned())));
         assert_eq!(parsed(&r)["error"]["type"], "server_error");
+    }
+
+    #[test]
+    fn a_rate_limit_refusal_says_when_to_retry_and_a_quota_one_does_not() {
+        let limit = ErrorEnvelope::new("busy", "requests", None, Some("rate_limit_exceeded")).error;
+        assert!(LocalReply::refusal(429, limit).headers.contains(&("retry-after", "1".to_owned())));
+        let quota = ErrorEnvelope::new("no", "insufficient_quota", None, Some("insufficient_quota")).error;
+        assert!(LocalReply::refusal(429, quota).headers.is_empty());
     }
 
     #[test]

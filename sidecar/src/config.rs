@@ -46,6 +46,9 @@ pub struct Settings {
     pub log_file: String,
     /// How long a hold may stay unsettled before the sweeper charges it.
     pub hold_ttl: Duration,
+    /// How long release and charge marks stand on a key: they guard calls that
+    /// may still be on their way, and bound the key's document.
+    pub mark_ttl: Duration,
     pub sweep_interval: Duration,
 }
 
@@ -113,6 +116,7 @@ impl Settings {
             log_level: get("LOG_LEVEL").unwrap_or_else(|| "info".into()),
             log_file: get("LOG_FILE").unwrap_or_else(|| "app.log".into()),
             hold_ttl: secs("HOLD_TTL_SECS", 1800)?,
+            mark_ttl: secs("MARK_TTL_SECS", 120)?,
             sweep_interval: secs("SWEEP_INTERVAL_SECS", 10)?,
         })
     }
@@ -140,6 +144,7 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:8001");
         assert_eq!(s.log_file, "app.log");
         assert_eq!(s.hold_ttl, Duration::from_secs(1800));
+        assert_eq!(s.mark_ttl, Duration::from_secs(120));
     }
 
     #[test]

@@ -51,7 +51,9 @@ impl AppState {
 
     /// Connects to MongoDB and creates the indexes.
     pub async fn from_settings(settings: &Settings) -> Result<Self, AppError> {
-        let store = Store::connect(settings.mongodb_uri.expose(), &settings.mongodb_db, settings.hold_ttl).await?;
+        let store = Store::connect(settings.mongodb_uri.expose(), &settings.mongodb_db, settings.hold_ttl)
+            .await?
+            .with_mark_ttl(settings.mark_ttl);
         store.ensure_indexes().await?;
         Ok(Self::new(store, &settings.admin_token, settings.internal_token.clone()))
     }

@@ -22,6 +22,15 @@ pub fn reply(refusal: &Refusal) -> (u16, ErrorBody) {
                 Some("key_frozen"),
             ),
         ),
+        Refusal::Busy => (
+            429,
+            ErrorEnvelope::new(
+                "Too many requests of this key are in flight; retry shortly.",
+                "requests",
+                None,
+                Some("rate_limit_exceeded"),
+            ),
+        ),
         Refusal::Insufficient { needed, balance } => (
             429,
             ErrorEnvelope::new(
@@ -45,6 +54,7 @@ mod tests {
             (Refusal::UnknownKey, 401, "invalid_api_key"),
             (Refusal::Frozen { masked_key: "sk-ab...cd".into() }, 403, "key_frozen"),
             (Refusal::Insufficient { needed: 10, balance: 3 }, 429, "insufficient_quota"),
+            (Refusal::Busy, 429, "rate_limit_exceeded"),
         ];
         for (refusal, status, code) in cases {
             let (s, body) = reply(&refusal);

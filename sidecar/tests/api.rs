@@ -27,8 +27,12 @@ struct Sidecar {
 }
 
 async fn start_with(ttl: Duration, internal: Option<&str>) -> Sidecar {
+    start_with_store(ttl, internal, |store| store).await
+}
+
+async fn start_with_store(ttl: Duration, internal: Option<&str>, tune: impl FnOnce(Store) -> Store) -> Sidecar {
     let db_name = unique_db("sidecar");
-    let store = Store::connect(&mongo_uri(), &db_name, ttl).await.unwrap();
+    let store = tune(Store::connect(&mongo_uri(), &db_name, ttl).await.unwrap());
     store.ensure_indexes().await.unwrap();
     let state = AppState::new(store, &Secret::new(ADMIN), internal.map(Secret::new));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -975,4 +979,60 @@ async fn the_grace_between_the_two_expiry_sweeps_holds_whatever_the_clocks() {
     let key = db.collection::<Document>("api_keys").find_one(doc! {"_id": &hash}).await.unwrap().unwrap();
     let l = key.get_document("leases").unwrap().get_document("old-L").unwrap();
     assert!(l.contains_key("expiring"), "{l:?}");
+}
+
+#[tokio::test]
+async fn a_stall_cannot_grow_a_key_document_past_its_bounds() {
+    use openclaw_sidecar::ledger::KeyLimits;
+    let limits = KeyLimits { holds: 40, leases: 5, marks: 100 };
+    let s = start_with_store(Duration::from_secs(1800), None, |store| {
+        store.with_mark_ttl(Duration::from_secs(1)).with_limits(limits)
+    })
+    .await;
+    let key = "sk-stalled-busy-key";
+    s.create(key, 10_000_000).await;
+    let doc_bytes = || async { mongodb::bson::to_vec(&s.key_doc(key).await).unwrap().len() };
+    // The stall: reservations pile up, then the filter gives up on hundreds more
+    // (release records for holds that never landed) and, in failure mode allow,
+    // settles hundreds unreserved. Each leaves a mark on the key.
+    for i in 0..60 {
+        let reply = s.reserve(key, &format!("held-{i}"), 10).await;
+        match (i < limits.holds, reply) {
+            (true, ReserveReply::Admit { .. }) => {}
+            (false, ReserveReply::Refuse { status: 429, error }) => {
+                assert_eq!(error.code.as_deref(), Some("rate_limit_exceeded"), "never insufficient_quota")
+            }
+            (_, other) => panic!("hold {i}: {other:?}"),
+        }
+    }
+    for batch in 0..4 {
+        let records: Vec<SettleRecord> = (0..150)
+            .map(|i| {
+                let mut r = record(key, &format!("gone-{batch}-{i}"), 10, 0, 0);
+                r.release = batch % 2 == 0;
+                r.unreserved = batch % 2 == 1;
+                r.input_tokens = if r.unreserved { 3 } else { 0 };
+                r
+            })
+            .collect();
+        let reply = s.settle(&records).await;
+        assert_eq!(reply.results.len(), 150);
+    }
+    let key_doc = s.key_doc(key).await;
+    for (map, n) in [("released", "released_n"), ("charged", "charged_n")] {
+        let count = key_doc.get_document(map).map_or(0, |m| m.len());
+        assert!(count <= limits.marks, "{map}: {count} marks");
+        assert_eq!(key_doc.get_i64(n).unwrap_or(0), count as i64, "{n} counts them");
+    }
+    assert_eq!(key_doc.get_document("holds").unwrap().len(), limits.holds);
+    let peak = doc_bytes().await;
+    assert!(peak < 64 * 1024, "{peak} bytes at the peak");
+    // Marks need only outlive the calls they guard: a sweep after their TTL drops them.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    s.state.store.expire_holds().await.unwrap();
+    let key_doc = s.key_doc(key).await;
+    assert!(key_doc.get_document("released").map_or(true, |m| m.is_empty()), "{key_doc:?}");
+    assert!(key_doc.get_document("charged").map_or(true, |m| m.is_empty()));
+    let after = doc_bytes().await;
+    assert!(after < peak / 2, "{after} bytes after the sweep, {peak} at the peak");
 }

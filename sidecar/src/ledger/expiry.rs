@@ -93,7 +93,9 @@ impl Store {
         let n = rows.len();
         self.write_audit_rows(rows).await?;
         let leases = self.expire_leases(cutoff, now).await?;
-        self.forget_marks(cutoff).await?;
+        // A mark older than the hold TTL guards nothing the expiry does not.
+        let mark_ttl_ms = i64::try_from(self.mark_ttl.min(self.hold_ttl).as_millis()).unwrap_or(i64::MAX);
+        self.forget_marks(now.timestamp_millis().saturating_sub(mark_ttl_ms)).await?;
         Ok(n + leases)
     }
 
@@ -177,7 +179,7 @@ impl Store {
 
     /// Release and charge marks only need to outlive the calls they guard
     /// (a reservation that may still arrive, a settlement retry that may still
-    /// race its first attempt): drop those older than the hold TTL.
+    /// race its first attempt): drop those older than the mark TTL.
     pub(super) async fn forget_marks(&self, cutoff_ms: i64) -> Result<(), LedgerError> {
         for (map, counter) in [("released", "released_n"), ("charged", "charged_n")] {
             let docs: Vec<Document> =

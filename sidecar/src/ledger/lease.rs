@@ -8,7 +8,7 @@ use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::ReturnDocument;
 
 use super::reserve::Why;
-use super::{int, lease_path, released_path, Decision, LedgerError, Refusal, Store};
+use super::{int, lease_path, released_path, Decision, LedgerError, Mark, Refusal, Store, MARKS_FULL};
 
 /// Tokens a lease keeps from the balance until it is finalised: all it took
 /// until it is closed, then what was drawn.
@@ -43,6 +43,7 @@ impl Store {
                 "_id": &req.key_hash,
                 "status": "active",
                 "balance_tokens": {"$gte": want},
+                "leases_n": {"$not": {"$gte": self.limits.leases as i64}},
                 &at: {"$exists": false},
                 released_path(&req.lease_id): {"$exists": false},
             };
@@ -60,7 +61,7 @@ impl Store {
             if let Some(d) = granted {
                 return Ok(Decision::Granted { tokens: want, balance_tokens: int(&d, "balance_tokens") });
             }
-            match self.why_refused(&req.key_hash, "leases", &req.lease_id).await? {
+            match self.why_refused(&req.key_hash, "leases", &req.lease_id, self.limits.leases).await? {
                 // Less than asked but enough for this request: lease what there is.
                 Why::Broke(balance) if balance >= req.min && balance < want => want = balance,
                 Why::Broke(balance) if balance < req.min => {
@@ -139,10 +140,11 @@ impl Store {
                 if c.tokens.is_some() {
                     return Ok((SettleOutcome::Unknown, Some("no such lease under this key".into())));
                 }
-                if self.mark_released(&c.key_hash, &at, &c.lease_id).await? {
-                    return Ok((SettleOutcome::Unknown, Some("released before it was granted".into())));
+                match self.mark_released(&c.key_hash, &at, &c.lease_id).await? {
+                    Mark::Set => return Ok((SettleOutcome::Unknown, Some("released before it was granted".into()))),
+                    Mark::Full => return Ok((SettleOutcome::Unknown, Some(MARKS_FULL.into()))),
+                    Mark::Again => continue,
                 }
-                continue;
             };
             if lease.get_bool("closed").unwrap_or(false) {
                 return Ok((SettleOutcome::AlreadySettled, None));

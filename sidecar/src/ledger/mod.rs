@@ -67,6 +67,8 @@ pub enum Refusal {
     Frozen {
         masked_key: String,
     },
+    /// The key has as much in flight as its document may hold: retry shortly.
+    Busy,
     /// The balance is below what the request needs.
     Insufficient {
         needed: i64,
@@ -100,6 +102,30 @@ pub struct Store {
     /// Added to this process's clock: 0 but in tests that play a sidecar
     /// whose clock is off.
     local_skew_ms: i64,
+    /// How long release and charge marks stand: they guard calls that may
+    /// still be on their way, so minutes, not the hold TTL.
+    mark_ttl: Duration,
+    limits: KeyLimits,
+}
+
+/// What one key's document may hold at most, so that no stall can push it
+/// toward MongoDB's 16 MB document limit (past which every operation on the
+/// key would fail). Holds and leases past theirs are refused
+/// `rate_limit_exceeded` (too much in flight), never `insufficient_quota`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// Requests reserved alone and in flight (~0.1-0.4 KB each).
+    pub holds: usize,
+    /// Open leases (~0.1 KB each).
+    pub leases: usize,
+    /// Release marks, and charge marks, each (~0.05 KB each).
+    pub marks: usize,
+}
+
+impl Default for KeyLimits {
+    fn default() -> Self {
+        Self { holds: 10_000, leases: 1_000, marks: 20_000 }
+    }
 }
 
 pub(super) fn hold_path(request_id: &str) -> String {
@@ -157,7 +183,19 @@ impl Store {
             admin: client.database("admin"),
             hold_ttl,
             local_skew_ms: 0,
+            mark_ttl: Duration::from_secs(120),
+            limits: KeyLimits::default(),
         })
+    }
+
+    pub fn with_mark_ttl(mut self, ttl: Duration) -> Self {
+        self.mark_ttl = ttl;
+        self
+    }
+
+    pub fn with_limits(mut self, limits: KeyLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// This store as a sidecar whose clock is `ms` off would run it (tests of
@@ -199,17 +237,22 @@ impl Store {
 
     /// Marks `id` released so that a reservation or lease of it arriving later
     /// is refused, but only while `occupied` (its hold or lease) does not
-    /// exist: one that landed meanwhile must be undone instead. Whether the
-    /// mark was set.
-    pub(super) async fn mark_released(&self, key_hash: &str, occupied: &str, id: &str) -> Result<bool, LedgerError> {
+    /// exist: one that landed meanwhile must be undone instead.
+    pub(super) async fn mark_released(&self, key_hash: &str, occupied: &str, id: &str) -> Result<Mark, LedgerError> {
+        let limit = self.limits.marks as i64;
         let mark = self
             .keys
             .update_one(
-                doc! {"_id": key_hash, occupied: {"$exists": false}, released_path(id): {"$exists": false}},
+                doc! {"_id": key_hash, occupied: {"$exists": false}, released_path(id): {"$exists": false},
+                "released_n": {"$not": {"$gte": limit}}},
                 doc! {"$currentDate": {released_path(id): true}, "$inc": {"released_n": 1_i64}},
             )
             .await?;
-        Ok(mark.matched_count == 1)
+        if mark.matched_count == 1 {
+            return Ok(Mark::Set);
+        }
+        let key = self.keys.find_one(doc! {"_id": key_hash}).projection(doc! {"released_n": 1}).await?;
+        Ok(if key.is_some_and(|k| int(&k, "released_n") >= limit) { Mark::Full } else { Mark::Again })
     }
 
     /// Whether MongoDB answers; used by the readiness endpoint.
@@ -217,6 +260,18 @@ impl Store {
         self.keys.find_one(doc! {"_id": ""}).projection(doc! {"_id": 1}).await?;
         Ok(())
     }
+}
+
+pub(super) const MARKS_FULL: &str = "not marked: the key's release marks are at their limit";
+
+/// Whether a release mark was set.
+pub(super) enum Mark {
+    Set,
+    /// The hold or lease landed meanwhile (or the id is marked): look again.
+    Again,
+    /// The key's marks are at their limit: a late reservation of this id is
+    /// not refused, and its hold is charged when it expires.
+    Full,
 }
 
 /// What became of one settlement record, and the audit row to write if it settled now.

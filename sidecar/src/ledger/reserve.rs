@@ -43,6 +43,7 @@ impl Store {
             "_id": &req.key_hash,
             "status": "active",
             "balance_tokens": {"$gte": req.estimate},
+            "holds_n": {"$not": {"$gte": self.limits.holds as i64}},
             &hold: {"$exists": false},
             // Released before it got here: the client has its 503 already.
             released_path(&req.request_id): {"$exists": false},
@@ -62,17 +63,26 @@ impl Store {
         if let Some(d) = admitted {
             return Ok(Decision::Granted { tokens: req.estimate, balance_tokens: int(&d, "balance_tokens") });
         }
-        self.why_refused(&req.key_hash, "holds", &req.request_id).await?.decision(&req.request_id, req.estimate)
+        self.why_refused(&req.key_hash, "holds", &req.request_id, self.limits.holds)
+            .await?
+            .decision(&req.request_id, req.estimate)
     }
 
     /// Reads the key only to say why a guarded update found nothing to change.
-    pub(super) async fn why_refused(&self, key_hash: &str, map: &str, id: &str) -> Result<Why, LedgerError> {
+    pub(super) async fn why_refused(
+        &self,
+        key_hash: &str,
+        map: &str,
+        id: &str,
+        limit: usize,
+    ) -> Result<Why, LedgerError> {
         let taken = format!("{map}.{id}");
+        let count = format!("{map}_n");
         let current = self
             .keys
             .find_one(doc! {"_id": key_hash})
             .projection(doc! {"status": 1, "balance_tokens": 1, "key_prefix": 1, "key_last4": 1, &taken: 1,
-            released_path(id): 1})
+            released_path(id): 1, &count: 1})
             .await?;
         let Some(d) = current else { return Ok(Why::Refused(Refusal::UnknownKey)) };
         Ok(if d.get_str("status") != Ok("active") {
@@ -81,6 +91,8 @@ impl Store {
             Why::Taken
         } else if d.get_document("released").is_ok_and(|h| h.contains_key(id)) {
             Why::Released
+        } else if int(&d, &count) >= limit as i64 {
+            Why::Refused(Refusal::Busy)
         } else {
             Why::Broke(int(&d, "balance_tokens"))
         })

@@ -7,7 +7,9 @@ use mongodb::error::ErrorKind;
 
 use super::lease::lease_of;
 use super::outbox::OutboxRow;
-use super::{charged_path, hold_path, lease_path, outbox_path, LedgerError, Settled, Store, DUPLICATE_KEY};
+use super::{
+    charged_path, hold_path, lease_path, outbox_path, LedgerError, Mark, Settled, Store, DUPLICATE_KEY, MARKS_FULL,
+};
 
 /// The audit row of one settlement, without the key owner's fields (added on flush).
 pub(super) fn audit_entry(r: &SettleRecord, total: i64, expired: bool, now: DateTime) -> Document {
@@ -184,8 +186,12 @@ impl Store {
             // A release that found no hold: the reservation failed, or it is still
             // on its way. Mark the id so that it is refused when it comes, but only
             // while there is still no hold: one landing just now is released above.
-            if self.mark_released(&r.key_hash, &hold, &r.request_id).await? {
-                return Ok((SettleOutcome::Unknown, Some("released before any hold was made".into()), None));
+            match self.mark_released(&r.key_hash, &hold, &r.request_id).await? {
+                Mark::Set => {
+                    return Ok((SettleOutcome::Unknown, Some("released before any hold was made".into()), None))
+                }
+                Mark::Full => return Ok((SettleOutcome::Unknown, Some(MARKS_FULL.into()), None)),
+                Mark::Again => {}
             }
             if attempt >= 3 {
                 return Ok((SettleOutcome::Unknown, Some("already released".into()), None));
@@ -201,20 +207,38 @@ impl Store {
                 }
                 // One guarded write: the `charged` mark goes in with the debit, so
                 // an attempt that read before another wrote its row still finds
-                // the mark. Marks are forgotten after the hold TTL, long after any
-                // retry of the batch could still be racing its first attempt.
+                // the mark. Marks stand for the mark TTL, long after any retry
+                // of the batch could still be racing its first attempt. With the
+                // key's marks at their limit the charge goes ahead guarded by the
+                // outbox entry alone: never lost, at worst doubled by such a race.
                 let charged = charged_path(&r.request_id);
-                self.keys
+                let debit = doc! {"balance_tokens": -total, "outbox_n": 1_i64};
+                let marked = self
+                    .keys
                     .find_one_and_update(
-                        doc! {"_id": &r.key_hash, &outbox: {"$exists": false}, &charged: {"$exists": false}},
+                        doc! {"_id": &r.key_hash, &outbox: {"$exists": false}, &charged: {"$exists": false},
+                        "charged_n": {"$not": {"$gte": self.limits.marks as i64}}},
                         doc! {
-                            "$inc": {"balance_tokens": -total, "outbox_n": 1_i64, "charged_n": 1_i64},
+                            "$inc": {"charged_n": 1_i64, "balance_tokens": -total, "outbox_n": 1_i64},
                             "$set": {&outbox: &entry},
                             "$currentDate": {&charged: true},
                         },
                     )
-                    .projection(projection)
-                    .await?
+                    .projection(projection.clone())
+                    .await?;
+                match marked {
+                    Some(owner) => Some(owner),
+                    None => {
+                        self.keys
+                            .find_one_and_update(
+                                doc! {"_id": &r.key_hash, &outbox: {"$exists": false}, &charged: {"$exists": false},
+                                "charged_n": {"$gte": self.limits.marks as i64}},
+                                doc! {"$inc": debit, "$set": {&outbox: &entry}},
+                            )
+                            .projection(projection)
+                            .await?
+                    }
+                }
             }
             None => None,
         };
