@@ -265,6 +265,17 @@ fn check_model(model: &str) -> Result<(), Invalid> {
     invalid("model", format!("model must be at most {MAX_MODEL_LEN} bytes"))
 }
 
+/// The id and key hash of a settlement record or a lease close.
+fn check_record_ids(param: &'static str, id: &str, key_hash: &str) -> Result<(), Invalid> {
+    if !valid_request_id(id) {
+        return invalid(param, format!("{param} has characters outside [A-Za-z0-9_-] or is too long"));
+    }
+    if !valid_key_hash(key_hash) {
+        return invalid("key_hash", "key_hash is not a SHA-256 hex digest");
+    }
+    Ok(())
+}
+
 fn check_key_hash(key_hash: &str) -> Result<(), Invalid> {
     if valid_key_hash(key_hash) {
         return Ok(());
@@ -326,12 +337,7 @@ impl RawSettleBatch {
 
 impl SettleRecord {
     pub fn validate(&self) -> Result<(), Invalid> {
-        if !valid_request_id(&self.request_id) {
-            return invalid("request_id", "request_id has characters outside [A-Za-z0-9_-] or is too long");
-        }
-        if !valid_key_hash(&self.key_hash) {
-            return invalid("key_hash", "key_hash is not a SHA-256 hex digest");
-        }
+        check_record_ids("request_id", &self.request_id, &self.key_hash)?;
         check_model(&self.model)?;
         if self.input_tokens < 0 || self.output_tokens < 0 || self.reserved < 0 || self.duration_ms < 0 {
             return invalid("input_tokens", "token counts and duration must not be negative");
@@ -348,12 +354,7 @@ impl SettleRecord {
 
 impl LeaseClose {
     pub fn validate(&self) -> Result<(), Invalid> {
-        if !valid_request_id(&self.lease_id) {
-            return invalid("lease_id", "lease_id has characters outside [A-Za-z0-9_-] or is too long");
-        }
-        if !valid_key_hash(&self.key_hash) {
-            return invalid("key_hash", "key_hash is not a SHA-256 hex digest");
-        }
+        check_record_ids("lease_id", &self.lease_id, &self.key_hash)?;
         if self.drawn_tokens < 0 || self.drawn_n < 0 || self.tokens.is_some_and(|t| t < self.drawn_tokens) {
             return invalid("drawn_tokens", "drawn_tokens and drawn_n must be between 0 and the lease's tokens");
         }

@@ -38,6 +38,25 @@ async fn raw_status(base: &str, method: &str, path: &str) -> u16 {
     line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {line:?}"))
 }
 
+/// A slow streamed answer the client leaves after its third word; its request id.
+async fn leave_mid_stream(s: &Stack, key: &str, prompt: &str) -> String {
+    let resp = s
+        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "messages": messages(prompt)}))
+        .header("x-mock-scenario", "slow")
+        .header("x-mock-words", "60")
+        .send()
+        .await
+        .unwrap();
+    let id = request_id(&resp);
+    let mut stream = resp.bytes_stream();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("word2 ") {
+        got.extend(stream.next().await.unwrap().unwrap());
+    }
+    drop(stream); // the client goes away mid-answer
+    id
+}
+
 fn not_reasoning() -> Vec<(String, String)> {
     vec![("LLM_REASONING".into(), "0".into())]
 }
@@ -201,20 +220,7 @@ async fn a_client_abort_mid_stream_is_settled_for_what_was_streamed() {
     let s = Stack::start(StackOptions { extra_env: not_reasoning(), ..StackOptions::default() }).await;
     let key = "sk-gateway-user-003";
     s.create_key(key, 100_000).await;
-    let resp = s
-        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "messages": messages("a long answer")}))
-        .header("x-mock-scenario", "slow")
-        .header("x-mock-words", "60")
-        .send()
-        .await
-        .unwrap();
-    let id = request_id(&resp);
-    let mut stream = resp.bytes_stream();
-    let mut got = Vec::new();
-    while !String::from_utf8_lossy(&got).contains("word2 ") {
-        got.extend(stream.next().await.unwrap().unwrap());
-    }
-    drop(stream); // the client goes away mid-answer
+    let id = leave_mid_stream(&s, key, "a long answer").await;
     let row = s.settled_row(&id).await;
     assert_eq!(row.get_str("usage_source"), Ok("tiktoken"));
     let output = row.get_i64("output_tokens").unwrap();
@@ -701,20 +707,7 @@ async fn a_reasoning_model_cut_short_without_usage_pays_its_hold() {
     let s = Stack::start(StackOptions::default()).await;
     let key = "sk-reasoning-user-01";
     s.create_key(key, 100_000).await;
-    let resp = s
-        .chat(key, &json!({"model": "gpt-5-nano", "stream": true, "messages": messages("think hard")}))
-        .header("x-mock-scenario", "slow")
-        .header("x-mock-words", "60")
-        .send()
-        .await
-        .unwrap();
-    let id = request_id(&resp);
-    let mut stream = resp.bytes_stream();
-    let mut got = Vec::new();
-    while !String::from_utf8_lossy(&got).contains("word2 ") {
-        got.extend(stream.next().await.unwrap().unwrap());
-    }
-    drop(stream);
+    let id = leave_mid_stream(&s, key, "think hard").await;
     let row = s.settled_row(&id).await;
     assert_eq!(row.get_str("usage_source"), Ok("estimate"));
     let reserved = row.get_i64("reserved_tokens").unwrap();
