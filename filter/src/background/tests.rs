@@ -1,0 +1,155 @@
+//! The root's work in the middle tier: background lease asks, batches and
+//! their retries, the sweep, shutdown.
+
+use bridge_protocol::{LEASE_PATH, SETTLE_PATH};
+use serde_json::{json, Value};
+
+use crate::exchange::harness::*;
+use crate::host::Flow;
+use crate::lease::Slot;
+use crate::settle::Item;
+
+#[test]
+fn half_way_through_a_lease_the_root_fetches_the_next_in_the_background() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    gw.world.advance(600);
+    let (_, _, flow) = gw.send(BODY);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(gw.world.lease_queue.borrow().len(), 1, "one background ask queued");
+    gw.root.on_tick(&*gw.world);
+    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    assert_eq!(ask.body["replaces"], Value::Null);
+    let n = gw.world.reply_with("200", &grant(50_000));
+    gw.root.on_call_response(&*gw.world, ask.token, n);
+    let Some(Slot::Live(l)) = gw.slot() else { panic!("no lease") };
+    assert_eq!((l.id.as_str(), l.tokens, l.drawn_n), (ask.body["lease_id"].as_str().unwrap(), 50_000, 0));
+    // The renewed lease replaced the first, which closes with its two draws.
+    let queued = gw.queued();
+    let [Item::Close(old)] = &queued[..] else { panic!("{queued:?}") };
+    assert_eq!((old.tokens, old.drawn_n), (Some(100_000), 2));
+}
+
+#[test]
+fn the_root_sends_batches_retries_with_backoff_and_sweeps_expired_leases() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    respond(&mut ex, &s, "200", USAGE);
+    ex.on_log(&s);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.world.gauge.get(), 2, "one record and one live lease pending");
+    let first = gw.world.calls_to(SETTLE_PATH);
+    assert_eq!(first[0].body["records"].as_array().unwrap().len(), 1);
+    // The sidecar fails: the batch is kept and sent again after the backoff.
+    let n = gw.world.reply_with("503", &json!(null));
+    gw.root.on_call_response(&*gw.world, first[0].token, n);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.world.calls_to(SETTLE_PATH).len(), 1, "backing off");
+    gw.world.advance(1_000);
+    gw.root.on_tick(&*gw.world);
+    // The lease expired meanwhile: swept and closed in the same batch.
+    assert_eq!(gw.slot(), None);
+    let again = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    assert_eq!(again.body["records"][0]["request_id"], first[0].body["records"][0]["request_id"]);
+    assert_eq!(again.body["closes"][0]["drawn_n"], 1);
+    let n = gw.world.reply_with("200", &json!({"results": [], "closes": []}));
+    gw.root.on_call_response(&*gw.world, again.token, n);
+    assert_eq!(gw.world.gauge.get(), 0, "nothing pending");
+}
+
+#[test]
+fn a_batch_the_sidecar_rejects_is_split_and_its_bad_record_dropped_alone() {
+    let mut gw = Gateway::new(json!({"lease_tokens": 0}));
+    for _ in 0..3 {
+        let (mut ex, s, _) = gw.send(BODY);
+        gw.answer(&mut ex, &s, "200", json!({"verdict": "admit", "balance_tokens": 1}));
+        respond(&mut ex, &s, "200", USAGE);
+        ex.on_log(&s);
+    }
+    let ids: Vec<Value> = gw.root.vm.settler.borrow().pending_ids().into_iter().map(Value::from).collect();
+    let bad = ids[1].clone();
+    gw.root.on_tick(&*gw.world);
+    // The sidecar refuses any batch holding the bad record (as a 413 would), takes the rest.
+    for _ in 0..10 {
+        let Some(call) = gw.world.calls_to(SETTLE_PATH).pop() else { break };
+        if gw.world.answered(call.token) {
+            break;
+        }
+        let records = call.body["records"].as_array().cloned().unwrap_or_default();
+        let n = if records.iter().any(|r| r["request_id"] == bad) {
+            gw.world.reply_with("413", &json!(null))
+        } else {
+            gw.world.reply_with("200", &json!({"results": [], "closes": []}))
+        };
+        gw.world.mark_answered(call.token);
+        gw.root.on_call_response(&*gw.world, call.token, n);
+    }
+    let taken: Vec<Value> = gw
+        .world
+        .calls_to(SETTLE_PATH)
+        .iter()
+        .filter(|c| !c.body["records"].as_array().unwrap().iter().any(|r| r["request_id"] == bad))
+        .flat_map(|c| c.body["records"].as_array().cloned().unwrap())
+        .map(|r| r["request_id"].clone())
+        .collect();
+    assert_eq!(taken, [ids[0].clone(), ids[2].clone()]);
+    assert_eq!(gw.root.vm.pending(), 0, "nothing wedged: the bad record was dropped");
+}
+
+#[test]
+fn shutdown_closes_live_leases_and_releases_asks_in_flight() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    gw.world.advance(600);
+    gw.send(BODY);
+    gw.root.on_tick(&*gw.world);
+    let before = gw.world.calls().len();
+    gw.root.on_done(&*gw.world);
+    let last = gw.world.calls();
+    let [shutdown] = &last[before..] else { panic!("one last batch") };
+    let closes = shutdown.body["closes"].as_array().unwrap();
+    assert_eq!(closes.len(), 2, "the live lease and the unanswered renewal: {closes:?}");
+    assert!(closes.iter().any(|c| c["tokens"].is_null()));
+    assert_eq!(gw.slot(), None);
+}
+
+#[test]
+fn a_background_ask_that_fails_is_released_and_a_renewal_the_slot_outgrew_given_back() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    gw.world.advance(600);
+    gw.send(BODY);
+    gw.root.on_tick(&*gw.world);
+    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    // The reply is lost (a timeout shows as 504): whatever it granted goes back.
+    let n = gw.world.reply_with("504", &json!(null));
+    gw.root.on_call_response(&*gw.world, ask.token, n);
+    let queued = gw.queued();
+    let [Item::Close(release)] = &queued[..] else { panic!("{queued:?}") };
+    assert_eq!((release.lease_id.as_str(), release.tokens), (ask.body["lease_id"].as_str().unwrap(), None));
+
+    // Another ask; meanwhile the lease expires and a request replaces it.
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    gw.world.advance(600);
+    gw.send(BODY);
+    gw.root.on_tick(&*gw.world);
+    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    gw.world.advance(500);
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    let Some(Slot::Live(current)) = gw.slot() else { panic!("no lease") };
+    gw.queued();
+    let n = gw.world.reply_with("200", &grant(70_000));
+    gw.root.on_call_response(&*gw.world, ask.token, n);
+    let Some(Slot::Live(after)) = gw.slot() else { panic!("no lease") };
+    assert_eq!(after.id, current.id, "the late renewal did not replace the new lease");
+    let queued = gw.queued();
+    let [Item::Close(orphan)] = &queued[..] else { panic!("{queued:?}") };
+    assert_eq!((orphan.tokens, orphan.drawn_tokens), (Some(70_000), 0));
+}
