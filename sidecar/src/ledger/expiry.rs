@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use bridge_protocol::{SettleRecord, UsageSource};
 use futures::TryStreamExt;
-use mongodb::bson::{doc, DateTime, Document};
+use mongodb::bson::{doc, DateTime};
 
+use super::docs::KeyDoc;
 use super::outbox::OutboxRow;
 use super::settle::audit_entry;
-use super::{hold_path, int, lease_path, outbox_path, LedgerError, Store};
+use super::{hold_path, lease_path, outbox_path, LedgerError, Store};
 
 /// How long an `expiring` mark stands before the lease's rows are summed
 /// (at most the hold TTL): far longer than a settlement takes from its check
@@ -21,7 +22,7 @@ pub(super) const EXPIRY_GRACE: Duration = Duration::from_secs(5);
 pub(super) fn expired_record(
     id: &str,
     key_hash: &str,
-    held: &Document,
+    model: &str,
     tokens: i64,
     at: DateTime,
     now: DateTime,
@@ -30,7 +31,7 @@ pub(super) fn expired_record(
     SettleRecord {
         request_id: id.to_owned(),
         key_hash: key_hash.to_owned(),
-        model: held.get_str("model").unwrap_or_default().to_owned(),
+        model: model.to_owned(),
         reserved: tokens,
         input_tokens: 0,
         output_tokens: 0,
@@ -51,30 +52,32 @@ impl Store {
         let ttl_ms = i64::try_from(self.hold_ttl.as_millis()).unwrap_or(i64::MAX);
         let now = self.server_now().await?;
         let cutoff = now.timestamp_millis().saturating_sub(ttl_ms);
-        let docs: Vec<Document> =
-            self.keys.find(doc! {"holds_n": {"$gt": 0_i64}}).projection(doc! {"holds": 1}).await?.try_collect().await?;
+        let docs: Vec<KeyDoc> = self
+            .key_docs
+            .find(doc! {"holds_n": {"$gt": 0_i64}})
+            .projection(doc! {"holds": 1})
+            .await?
+            .try_collect()
+            .await?;
         let mut expired = Vec::new();
-        for key in &docs {
-            let hash = key.get_str("_id").unwrap_or_default();
-            let Ok(holds) = key.get_document("holds") else { continue };
-            for (request_id, hold) in holds {
-                let Some(hold) = hold.as_document() else { continue };
-                let Ok(at) = hold.get_datetime("at") else { continue };
+        for key in docs {
+            for (request_id, hold) in key.holds {
+                let Some(at) = hold.at else { continue };
                 if at.timestamp_millis() <= cutoff {
-                    expired.push((hash.to_owned(), request_id.clone(), hold.clone(), *at));
+                    expired.push((key.hash.clone(), request_id, hold, at));
                 }
             }
         }
         let mut rows = Vec::new();
         for (hash, request_id, hold, at) in expired {
-            let tokens = int(&hold, "tokens");
-            let record = expired_record(&request_id, &hash, &hold, tokens, at, now, None);
+            let tokens = hold.tokens;
+            let record = expired_record(&request_id, &hash, &hold.model, tokens, at, now, None);
             let entry = audit_entry(&record, tokens, true, now);
             let hold_at = hold_path(&request_id);
             let outbox = outbox_path(&request_id);
             // Guarded by the hold's own timestamp: a settlement that won the race keeps its hold.
             let owner = self
-                .keys
+                .key_docs
                 .find_one_and_update(
                     doc! {"_id": &hash, format!("{hold_at}.at"): at, format!("{hold_at}.tokens"): tokens},
                     doc! {
@@ -108,8 +111,8 @@ impl Store {
     /// id. Closed leases not yet finalised (a failure between two steps) are
     /// finalised here too.
     pub(super) async fn expire_leases(&self, cutoff: i64, now: DateTime) -> Result<usize, LedgerError> {
-        let docs: Vec<Document> = self
-            .keys
+        let docs: Vec<KeyDoc> = self
+            .key_docs
             .find(doc! {"leases_n": {"$gt": 0_i64}})
             .projection(doc! {"leases": 1})
             .await?
@@ -118,22 +121,20 @@ impl Store {
         let grace_ms = i64::try_from(self.hold_ttl.min(EXPIRY_GRACE).as_millis()).unwrap_or(i64::MAX);
         let mut rows = Vec::new();
         for key in &docs {
-            let hash = key.get_str("_id").unwrap_or_default();
-            let Ok(leases) = key.get_document("leases") else { continue };
-            for (lease_id, lease) in leases {
-                let Some(lease) = lease.as_document() else { continue };
-                let Ok(at) = lease.get_datetime("at") else { continue };
+            let hash = key.hash.as_str();
+            for (lease_id, lease) in &key.leases {
+                let Some(at) = lease.at else { continue };
                 let path = lease_path(lease_id);
                 if at.timestamp_millis() > cutoff {
-                    if lease.get_bool("closed").unwrap_or(false) {
+                    if lease.closed {
                         self.finalize_lease(hash, lease_id).await?;
                     }
                     continue;
                 }
-                let Ok(marked) = lease.get_datetime("expiring") else {
+                let Some(marked) = lease.expiring else {
                     self.keys
                         .update_one(
-                            doc! {"_id": hash, format!("{path}.at"): *at, format!("{path}.expiring"): {"$exists": false}},
+                            doc! {"_id": hash, format!("{path}.at"): at, format!("{path}.expiring"): {"$exists": false}},
                             doc! {"$currentDate": {format!("{path}.expiring"): true}},
                         )
                         .await?;
@@ -143,13 +144,8 @@ impl Store {
                     continue;
                 }
                 let used = self.lease_usage(lease_id).await?;
-                let taken = if lease.get_bool("closed").unwrap_or(false) {
-                    int(lease, "drawn_tokens")
-                } else {
-                    int(lease, "tokens")
-                };
-                let kept = (taken - used.reserved).max(0);
-                let record = expired_record(lease_id, hash, lease, kept, *at, now, Some(lease_id));
+                let kept = (lease.outstanding() - used.reserved).max(0);
+                let record = expired_record(lease_id, hash, &lease.model, kept, at, now, Some(lease_id));
                 let entry = audit_entry(&record, kept, true, now);
                 let mut update = doc! {
                     "$inc": {"balance_tokens": used.reserved - used.total, "leases_n": -1_i64},
@@ -162,8 +158,8 @@ impl Store {
                     }
                 }
                 let owner = self
-                    .keys
-                    .find_one_and_update(doc! {"_id": hash, format!("{path}.expiring"): *marked}, update)
+                    .key_docs
+                    .find_one_and_update(doc! {"_id": hash, format!("{path}.expiring"): marked}, update)
                     .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1})
                     .await?;
                 if let (Some(owner), true) = (owner, kept > 0) {
@@ -182,13 +178,17 @@ impl Store {
     /// race its first attempt): drop those older than the mark TTL.
     pub(super) async fn forget_marks(&self, cutoff_ms: i64) -> Result<(), LedgerError> {
         for (map, counter) in [("released", "released_n"), ("charged", "charged_n")] {
-            let docs: Vec<Document> =
-                self.keys.find(doc! {counter: {"$gt": 0_i64}}).projection(doc! {map: 1}).await?.try_collect().await?;
+            let docs: Vec<KeyDoc> = self
+                .key_docs
+                .find(doc! {counter: {"$gt": 0_i64}})
+                .projection(doc! {map: 1})
+                .await?
+                .try_collect()
+                .await?;
             for key in &docs {
-                let hash = key.get_str("_id").unwrap_or_default();
-                let Ok(marks) = key.get_document(map) else { continue };
+                let hash = key.hash.as_str();
+                let marks = if map == "released" { &key.released } else { &key.charged };
                 for (id, at) in marks {
-                    let Some(at) = at.as_datetime() else { continue };
                     if at.timestamp_millis() <= cutoff_ms {
                         let path = format!("{map}.{id}");
                         self.keys

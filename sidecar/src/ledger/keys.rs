@@ -2,10 +2,11 @@
 //! is its account: the balance and everything held against it.
 
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Document};
 use mongodb::options::ReturnDocument;
 
-use super::{int, is_duplicate_key, lease::lease_outstanding, rfc3339, LedgerError, Store};
+use super::docs::{KeyDoc, LeaseDoc};
+use super::{is_duplicate_key, rfc3339, LedgerError, Store};
 use crate::keys;
 
 /// Status of a key: only `active` keys can reserve.
@@ -56,27 +57,24 @@ pub struct NewKey {
     pub status: KeyStatus,
 }
 
-pub(super) fn key_view(doc: &Document, full_key: Option<&str>) -> KeyView {
-    let hash = doc.get_str("_id").unwrap_or_default();
-    let sum = |field: &str, f: fn(&Document) -> i64| -> i64 {
-        doc.get_document(field).map(|m| m.values().filter_map(Bson::as_document).map(f).sum()).unwrap_or(0)
-    };
-    let held = sum("holds", |hold| int(hold, "tokens")) + sum("leases", lease_outstanding);
+pub(super) fn key_view(doc: &KeyDoc, full_key: Option<&str>) -> KeyView {
+    let held =
+        doc.holds.values().map(|h| h.tokens).sum::<i64>() + doc.leases.values().map(LeaseDoc::outstanding).sum::<i64>();
     KeyView {
         object: "api_key",
         api_key: full_key.map(str::to_owned).unwrap_or_else(|| masked_key(doc)),
-        key_id: hash.chars().take(16).collect(),
-        user_name: doc.get_str("user_name").unwrap_or_default().to_owned(),
-        balance_tokens: int(doc, "balance_tokens"),
+        key_id: doc.hash.chars().take(16).collect(),
+        user_name: doc.user_name.clone(),
+        balance_tokens: doc.balance_tokens,
         held_tokens: held,
-        status: doc.get_str("status").unwrap_or_default().to_owned(),
-        created_at: rfc3339(doc, "created_at"),
-        updated_at: rfc3339(doc, "updated_at"),
+        status: doc.status.clone(),
+        created_at: rfc3339(doc.created_at),
+        updated_at: rfc3339(doc.updated_at),
     }
 }
 
-pub(super) fn masked_key(doc: &Document) -> String {
-    keys::masked(doc.get_str("key_prefix").unwrap_or_default(), doc.get_str("key_last4").unwrap_or_default())
+pub(super) fn masked_key(doc: &KeyDoc) -> String {
+    keys::masked(&doc.key_prefix, &doc.key_last4)
 }
 
 impl Store {
@@ -99,7 +97,11 @@ impl Store {
             "outbox_n": 0_i64,
         };
         match self.keys.insert_one(&document).await {
-            Ok(_) => Ok(key_view(&document, generated.then_some(new.api_key.as_str()))),
+            Ok(_) => {
+                let typed: KeyDoc =
+                    mongodb::bson::from_document(document).map_err(|e| LedgerError::Internal(e.to_string()))?;
+                Ok(key_view(&typed, generated.then_some(new.api_key.as_str())))
+            }
             Err(e) if is_duplicate_key(&e) => Err(LedgerError::Conflict {
                 message: "A key with this api_key already exists.".into(),
                 code: "key_exists",
@@ -114,8 +116,8 @@ impl Store {
     pub async fn resolve(&self, key_or_id: &str) -> Result<String, LedgerError> {
         let is_key_id = key_or_id.len() == 16 && key_or_id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if is_key_id {
-            let matches: Vec<Document> = self
-                .keys
+            let matches: Vec<KeyDoc> = self
+                .key_docs
                 .find(doc! {"_id": {"$gte": key_or_id, "$lt": format!("{key_or_id}g")}})
                 .projection(doc! {"_id": 1})
                 .limit(2)
@@ -123,7 +125,7 @@ impl Store {
                 .try_collect()
                 .await?;
             match &matches[..] {
-                [one] => return Ok(one.get_str("_id").unwrap_or_default().to_owned()),
+                [one] => return Ok(one.hash.clone()),
                 [_, _] => {
                     return Err(LedgerError::Conflict {
                         message: "This key_id names more than one key; name the key itself.".into(),
@@ -139,8 +141,8 @@ impl Store {
     /// One page of keys, oldest first, and whether more follow.
     pub async fn list_keys(&self, limit: i64, offset: u64) -> Result<(Vec<KeyView>, u64), LedgerError> {
         let total = self.keys.count_documents(doc! {}).await?;
-        let docs: Vec<Document> = self
-            .keys
+        let docs: Vec<KeyDoc> = self
+            .key_docs
             .find(doc! {})
             .sort(doc! {"created_at": 1, "_id": 1})
             .skip(offset)
@@ -174,7 +176,7 @@ impl Store {
         }
         update.insert("$set", set);
         let after = self
-            .keys
+            .key_docs
             .find_one_and_update(filter, update)
             .return_document(ReturnDocument::After)
             .projection(doc! {"outbox": 0})

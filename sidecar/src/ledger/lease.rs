@@ -4,32 +4,16 @@
 
 use bridge_protocol::{LeaseClose, LeaseRequest, SettleOutcome, SettleResult};
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson, Document};
+use mongodb::bson::{doc, Bson};
 use mongodb::options::ReturnDocument;
 
+use super::docs::{KeyDoc, LeaseDoc, LeaseUsage};
 use super::reserve::Why;
-use super::{int, lease_path, released_path, Decision, LedgerError, Mark, Refusal, Store, MARKS_FULL};
+use super::{lease_path, released_path, Decision, LedgerError, Mark, Refusal, Store, MARKS_FULL};
 
-/// Tokens a lease keeps from the balance until it is finalised: all it took
-/// until it is closed, then what was drawn.
-pub(super) fn lease_outstanding(lease: &Document) -> i64 {
-    if lease.get_bool("closed").unwrap_or(false) {
-        int(lease, "drawn_tokens")
-    } else {
-        int(lease, "tokens")
-    }
-}
-
-pub(super) fn lease_of(key: &Document, lease_id: &str) -> Option<Document> {
-    key.get_document("leases").ok()?.get_document(lease_id).ok().cloned()
-}
-
-/// What the audit rows of a lease add up to.
-#[derive(Debug, Default)]
-pub(super) struct LeaseUsage {
-    pub(super) rows: i64,
-    pub(super) total: i64,
-    pub(super) reserved: i64,
+/// Lease `lease_id` in a key's document, as read.
+pub(super) fn lease_of(key: KeyDoc, lease_id: &str) -> Option<LeaseDoc> {
+    key.leases.into_iter().find_map(|(id, lease)| (id == lease_id).then_some(lease))
 }
 
 impl Store {
@@ -53,13 +37,13 @@ impl Store {
                 "$currentDate": {format!("{at}.at"): true},
             };
             let granted = self
-                .keys
+                .key_docs
                 .find_one_and_update(filter, update)
                 .return_document(ReturnDocument::After)
                 .projection(doc! {"balance_tokens": 1})
                 .await?;
             if let Some(d) = granted {
-                return Ok(Decision::Granted { tokens: want, balance_tokens: int(&d, "balance_tokens") });
+                return Ok(Decision::Granted { tokens: want, balance_tokens: d.balance_tokens });
             }
             match self.why_refused(&req.key_hash, "leases", &req.lease_id, self.limits.leases).await? {
                 // Less than asked but enough for this request: lease what there is.
@@ -82,13 +66,13 @@ impl Store {
     /// in one update. Does nothing while rows are missing.
     pub(super) async fn finalize_lease(&self, key_hash: &str, lease_id: &str) -> Result<bool, LedgerError> {
         let path = lease_path(lease_id);
-        let key = self.keys.find_one(doc! {"_id": key_hash}).projection(doc! {&path: 1}).await?;
-        let Some(lease) = key.as_ref().and_then(|k| lease_of(k, lease_id)) else { return Ok(false) };
-        if !lease.get_bool("closed").unwrap_or(false) || lease.contains_key("expiring") {
+        let key = self.key_docs.find_one(doc! {"_id": key_hash}).projection(doc! {&path: 1}).await?;
+        let Some(lease) = key.and_then(|k| lease_of(k, lease_id)) else { return Ok(false) };
+        if !lease.closed || lease.expiring.is_some() {
             return Ok(false);
         }
         let used = self.lease_usage(lease_id).await?;
-        let (drawn_n, drawn) = (int(&lease, "drawn_n"), int(&lease, "drawn_tokens"));
+        let (drawn_n, drawn) = (lease.drawn_n, lease.drawn_tokens);
         if used.rows < drawn_n {
             return Ok(false);
         }
@@ -113,7 +97,7 @@ impl Store {
             ])
             .await?;
         Ok(match cursor.try_next().await? {
-            Some(d) => LeaseUsage { rows: int(&d, "rows"), total: int(&d, "total"), reserved: int(&d, "reserved") },
+            Some(d) => mongodb::bson::from_document(d).map_err(|e| LedgerError::Internal(e.to_string()))?,
             None => LeaseUsage::default(),
         })
     }
@@ -135,8 +119,8 @@ impl Store {
         }
         let at = lease_path(&c.lease_id);
         for _ in 0..3 {
-            let current = self.keys.find_one(doc! {"_id": &c.key_hash}).projection(doc! {&at: 1}).await?;
-            let Some(lease) = current.as_ref().and_then(|d| lease_of(d, &c.lease_id)) else {
+            let current = self.key_docs.find_one(doc! {"_id": &c.key_hash}).projection(doc! {&at: 1}).await?;
+            let Some(lease) = current.and_then(|d| lease_of(d, &c.lease_id)) else {
                 if c.tokens.is_some() {
                     return Ok((SettleOutcome::Unknown, Some("no such lease under this key".into())));
                 }
@@ -146,10 +130,10 @@ impl Store {
                     Mark::Again => continue,
                 }
             };
-            if lease.get_bool("closed").unwrap_or(false) {
+            if lease.closed {
                 return Ok((SettleOutcome::AlreadySettled, None));
             }
-            let tokens = int(&lease, "tokens");
+            let tokens = lease.tokens;
             if c.tokens.is_some_and(|t| t != tokens) || c.drawn_tokens > tokens {
                 return Ok((SettleOutcome::Invalid, Some(format!("the lease holds {tokens} tokens"))));
             }

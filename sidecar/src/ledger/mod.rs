@@ -28,6 +28,7 @@
 //! at the handler edge; refusals are typed (`Refusal`) and worded for clients
 //! by `crate::refusal`.
 
+mod docs;
 mod expiry;
 mod keys;
 mod lease;
@@ -37,7 +38,7 @@ mod settle;
 
 use std::time::Duration;
 
-use mongodb::bson::{doc, Bson, DateTime, Document};
+use mongodb::bson::{doc, DateTime, Document};
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
@@ -45,6 +46,7 @@ use mongodb::{Client, Collection, IndexModel};
 pub use keys::{KeyStatus, KeyView, NewKey};
 
 use bridge_protocol::SettleOutcome;
+use docs::KeyDoc;
 use outbox::OutboxRow;
 
 /// What can go wrong in the ledger, apart from a refusal (which is an answer).
@@ -95,6 +97,8 @@ pub(super) const DUPLICATE_KEY: i32 = 11000;
 #[derive(Clone, Debug)]
 pub struct Store {
     keys: Collection<Document>,
+    /// The same collection, read as typed documents.
+    key_docs: Collection<KeyDoc>,
     audit: Collection<Document>,
     /// For `hello`, whose `localTime` is the database server's clock.
     admin: mongodb::Database,
@@ -149,17 +153,8 @@ pub(super) fn lease_path(lease_id: &str) -> String {
     format!("leases.{lease_id}")
 }
 
-pub(super) fn rfc3339(doc: &Document, field: &str) -> String {
-    doc.get_datetime(field).ok().and_then(|d| d.try_to_rfc3339_string().ok()).unwrap_or_default()
-}
-
-pub(super) fn int(doc: &Document, field: &str) -> i64 {
-    match doc.get(field) {
-        Some(Bson::Int64(n)) => *n,
-        Some(Bson::Int32(n)) => i64::from(*n),
-        Some(Bson::Double(f)) => *f as i64,
-        _ => 0,
-    }
+pub(super) fn rfc3339(at: Option<DateTime>) -> String {
+    at.and_then(|d| d.try_to_rfc3339_string().ok()).unwrap_or_default()
 }
 
 pub(super) fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
@@ -179,6 +174,7 @@ impl Store {
         let db = client.database(db_name);
         Ok(Self {
             keys: db.collection("api_keys"),
+            key_docs: db.collection("api_keys"),
             audit: db.collection("audit_logs"),
             admin: client.database("admin"),
             hold_ttl,
@@ -251,8 +247,8 @@ impl Store {
         if mark.matched_count == 1 {
             return Ok(Mark::Set);
         }
-        let key = self.keys.find_one(doc! {"_id": key_hash}).projection(doc! {"released_n": 1}).await?;
-        Ok(if key.is_some_and(|k| int(&k, "released_n") >= limit) { Mark::Full } else { Mark::Again })
+        let key = self.key_docs.find_one(doc! {"_id": key_hash}).projection(doc! {"released_n": 1}).await?;
+        Ok(if key.is_some_and(|k| k.released_n >= limit) { Mark::Full } else { Mark::Again })
     }
 
     /// Whether MongoDB answers; used by the readiness endpoint.

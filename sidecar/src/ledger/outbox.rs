@@ -5,6 +5,7 @@
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 
+use super::docs::KeyDoc;
 use super::keys::masked_key;
 use super::{is_duplicate_key, outbox_path, LedgerError, Store};
 
@@ -16,8 +17,8 @@ pub(super) struct OutboxRow {
 }
 
 impl OutboxRow {
-    pub(super) fn new(key_hash: &str, request_id: &str, owner: &Document, mut row: Document) -> Self {
-        row.insert("user_id", owner.get_str("user_name").unwrap_or_default());
+    pub(super) fn new(key_hash: &str, request_id: &str, owner: &KeyDoc, mut row: Document) -> Self {
+        row.insert("user_id", &owner.user_name);
         row.insert("api_key", masked_key(owner));
         Self { key_hash: key_hash.to_owned(), request_id: request_id.to_owned(), row }
     }
@@ -74,8 +75,8 @@ impl Store {
     /// Writes the audit rows of settlements whose writer stopped after the ledger
     /// update (a crash, a restart). Returns how many rows it wrote.
     pub async fn flush_outboxes(&self) -> Result<usize, LedgerError> {
-        let docs: Vec<Document> = self
-            .keys
+        let docs: Vec<KeyDoc> = self
+            .key_docs
             .find(doc! {"outbox_n": {"$gt": 0_i64}})
             .projection(doc! {"outbox": 1, "user_name": 1, "key_prefix": 1, "key_last4": 1})
             .await?
@@ -83,13 +84,8 @@ impl Store {
             .await?;
         let mut rows = Vec::new();
         for owner in &docs {
-            let hash = owner.get_str("_id").unwrap_or_default();
-            if let Ok(outbox) = owner.get_document("outbox") {
-                for (request_id, entry) in outbox {
-                    if let Some(entry) = entry.as_document() {
-                        rows.push(OutboxRow::new(hash, request_id, owner, entry.clone()));
-                    }
-                }
+            for (request_id, entry) in &owner.outbox {
+                rows.push(OutboxRow::new(&owner.hash, request_id, owner, entry.clone()));
             }
         }
         let n = rows.len();

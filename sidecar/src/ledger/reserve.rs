@@ -6,7 +6,7 @@ use mongodb::bson::doc;
 use mongodb::options::ReturnDocument;
 
 use super::keys::masked_key;
-use super::{hold_path, int, released_path, Decision, LedgerError, Refusal, Store};
+use super::{hold_path, released_path, Decision, LedgerError, Refusal, Store};
 
 /// Why a guarded reservation or lease found nothing to change.
 pub(super) enum Why {
@@ -55,13 +55,13 @@ impl Store {
             "$currentDate": {format!("{hold}.at"): true},
         };
         let admitted = self
-            .keys
+            .key_docs
             .find_one_and_update(filter, update)
             .return_document(ReturnDocument::After)
             .projection(doc! {"balance_tokens": 1})
             .await?;
         if let Some(d) = admitted {
-            return Ok(Decision::Granted { tokens: req.estimate, balance_tokens: int(&d, "balance_tokens") });
+            return Ok(Decision::Granted { tokens: req.estimate, balance_tokens: d.balance_tokens });
         }
         self.why_refused(&req.key_hash, "holds", &req.request_id, self.limits.holds)
             .await?
@@ -79,22 +79,26 @@ impl Store {
         let taken = format!("{map}.{id}");
         let count = format!("{map}_n");
         let current = self
-            .keys
+            .key_docs
             .find_one(doc! {"_id": key_hash})
             .projection(doc! {"status": 1, "balance_tokens": 1, "key_prefix": 1, "key_last4": 1, &taken: 1,
             released_path(id): 1, &count: 1})
             .await?;
         let Some(d) = current else { return Ok(Why::Refused(Refusal::UnknownKey)) };
-        Ok(if d.get_str("status") != Ok("active") {
+        let (taken, in_flight) = match map {
+            "holds" => (d.holds.contains_key(id), d.holds_n),
+            _ => (d.leases.contains_key(id), d.leases_n),
+        };
+        Ok(if d.status != "active" {
             Why::Refused(Refusal::Frozen { masked_key: masked_key(&d) })
-        } else if d.get_document(map).is_ok_and(|h| h.contains_key(id)) {
+        } else if taken {
             Why::Taken
-        } else if d.get_document("released").is_ok_and(|h| h.contains_key(id)) {
+        } else if d.released.contains_key(id) {
             Why::Released
-        } else if int(&d, &count) >= limit as i64 {
+        } else if in_flight >= limit as i64 {
             Why::Refused(Refusal::Busy)
         } else {
-            Why::Broke(int(&d, "balance_tokens"))
+            Why::Broke(d.balance_tokens)
         })
     }
 }

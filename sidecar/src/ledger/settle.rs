@@ -5,7 +5,6 @@ use bridge_protocol::{SettleOutcome, SettleRecord, SettleResult};
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::error::ErrorKind;
 
-use super::lease::lease_of;
 use super::outbox::OutboxRow;
 use super::{
     charged_path, hold_path, lease_path, outbox_path, LedgerError, Mark, Settled, Store, DUPLICATE_KEY, MARKS_FULL,
@@ -98,12 +97,12 @@ impl Store {
         };
         let path = lease_path(lease_id);
         let key = self
-            .keys
+            .key_docs
             .find_one(doc! {"_id": &first.key_hash})
             .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1, &path: 1})
             .await?;
-        let lease = key.as_ref().and_then(|k| lease_of(k, lease_id));
-        let (Some(owner), Some(_)) = (key.as_ref(), lease.filter(|l| !l.contains_key("expiring"))) else {
+        let open = key.as_ref().and_then(|k| k.leases.get(lease_id)).is_some_and(|l| l.expiring.is_none());
+        let (Some(owner), true) = (key.as_ref(), open) else {
             // Gone (finalised, expired) or never granted: a row now would be counted nowhere.
             let mut out = Vec::with_capacity(group.len());
             for r in group {
@@ -169,7 +168,7 @@ impl Store {
         let owner = loop {
             attempt += 1;
             let owner = self
-                .keys
+                .key_docs
                 .find_one_and_update(
                     doc! {"_id": &r.key_hash, format!("{hold}.tokens"): r.reserved},
                     doc! {
@@ -214,7 +213,7 @@ impl Store {
                 let charged = charged_path(&r.request_id);
                 let debit = doc! {"balance_tokens": -total, "outbox_n": 1_i64};
                 let marked = self
-                    .keys
+                    .key_docs
                     .find_one_and_update(
                         doc! {"_id": &r.key_hash, &outbox: {"$exists": false}, &charged: {"$exists": false},
                         "charged_n": {"$not": {"$gte": self.limits.marks as i64}}},
@@ -229,7 +228,7 @@ impl Store {
                 match marked {
                     Some(owner) => Some(owner),
                     None => {
-                        self.keys
+                        self.key_docs
                             .find_one_and_update(
                                 doc! {"_id": &r.key_hash, &outbox: {"$exists": false}, &charged: {"$exists": false},
                                 "charged_n": {"$gte": self.limits.marks as i64}},
@@ -260,10 +259,8 @@ impl Store {
     ) -> Result<(SettleOutcome, Option<String>), LedgerError> {
         let hold = hold_path(&r.request_id);
         let outbox = outbox_path(&r.request_id);
-        let key = self.keys.find_one(doc! {"_id": &r.key_hash}).projection(doc! {&hold: 1, &outbox: 1}).await?;
-        let pending = key
-            .as_ref()
-            .and_then(|k| k.get_document("outbox").ok().and_then(|o| o.get_document(&r.request_id).ok()).cloned());
+        let key = self.key_docs.find_one(doc! {"_id": &r.key_hash}).projection(doc! {&hold: 1, &outbox: 1}).await?;
+        let pending = key.as_ref().and_then(|k| k.outbox.get(&r.request_id)).cloned();
         let row = match pending {
             Some(p) => Some(p),
             None => self.audit.find_one(doc! {"request_id": &r.request_id}).await?,
@@ -275,7 +272,7 @@ impl Store {
                 (SettleOutcome::AlreadySettled, None)
             });
         }
-        if key.as_ref().is_some_and(|k| k.get_document("holds").is_ok_and(|h| h.contains_key(&r.request_id))) {
+        if key.as_ref().is_some_and(|k| k.holds.contains_key(&r.request_id)) {
             return Ok((SettleOutcome::Invalid, Some("reserved does not match the hold".into())));
         }
         Ok(match &r.lease_id {

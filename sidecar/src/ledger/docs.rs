@@ -1,0 +1,122 @@
+//! Typed views of a key's document, the ledger's account: what reads get back
+//! from MongoDB. Every field defaults, because each read projects only what
+//! it needs; integers are read leniently (a document written by hand or by an
+//! older version may hold an int32 or a double).
+
+use std::collections::BTreeMap;
+
+use mongodb::bson::{DateTime, Document};
+use serde::{Deserialize, Deserializer};
+
+/// A key's document in `api_keys`, `_id` the SHA-256 of the key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct KeyDoc {
+    #[serde(rename = "_id")]
+    pub hash: String,
+    pub status: String,
+    #[serde(deserialize_with = "lenient")]
+    pub balance_tokens: i64,
+    pub user_name: String,
+    pub key_prefix: String,
+    pub key_last4: String,
+    pub created_at: Option<DateTime>,
+    pub updated_at: Option<DateTime>,
+    /// Reservations of requests in flight, by request id.
+    pub holds: BTreeMap<String, HoldDoc>,
+    /// Open leases, by lease id.
+    pub leases: BTreeMap<String, LeaseDoc>,
+    /// Release marks: ids whose reservation must be refused if it comes.
+    pub released: BTreeMap<String, DateTime>,
+    /// Charge marks of unreserved requests already debited.
+    pub charged: BTreeMap<String, DateTime>,
+    /// Audit rows debited but not yet in `audit_logs`, by request id.
+    pub outbox: BTreeMap<String, Document>,
+    #[serde(deserialize_with = "lenient")]
+    pub holds_n: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub leases_n: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub released_n: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub charged_n: i64,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub(super) struct HoldDoc {
+    #[serde(deserialize_with = "lenient")]
+    pub tokens: i64,
+    pub model: String,
+    pub at: Option<DateTime>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub(super) struct LeaseDoc {
+    /// What the lease took from the balance.
+    #[serde(deserialize_with = "lenient")]
+    pub tokens: i64,
+    pub model: String,
+    pub at: Option<DateTime>,
+    /// Closed by the filter, with what was drawn.
+    pub closed: bool,
+    #[serde(deserialize_with = "lenient")]
+    pub drawn_tokens: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub drawn_n: i64,
+    /// Set by the first expiry sweep; the next one sums the rows.
+    pub expiring: Option<DateTime>,
+}
+
+impl LeaseDoc {
+    /// Tokens the lease keeps from the balance until it is finalised: all it
+    /// took until it is closed, then what was drawn.
+    pub fn outstanding(&self) -> i64 {
+        if self.closed {
+            self.drawn_tokens
+        } else {
+            self.tokens
+        }
+    }
+}
+
+/// What the audit rows of a lease add up to (an aggregation's one document).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct LeaseUsage {
+    #[serde(deserialize_with = "lenient")]
+    pub rows: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub total: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub reserved: i64,
+}
+
+fn lenient<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Number {
+        Int(i64),
+        Float(f64),
+    }
+    Ok(match Number::deserialize(d)? {
+        Number::Int(n) => n,
+        Number::Float(f) => f as i64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::bson::doc;
+
+    #[test]
+    fn partial_projections_and_loose_numbers_read_as_typed_documents() {
+        let d = doc! {"_id": "h", "balance_tokens": 5_i32, "leases": {"L": {"tokens": 9.0, "closed": true, "drawn_tokens": 4_i64}}};
+        let k: KeyDoc = mongodb::bson::from_document(d).unwrap_or_default();
+        assert_eq!((k.hash.as_str(), k.balance_tokens, k.holds_n), ("h", 5, 0));
+        assert_eq!(k.leases["L"].outstanding(), 4);
+        assert_eq!(k.leases["L"].tokens, 9);
+    }
+}
