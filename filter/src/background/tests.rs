@@ -98,14 +98,22 @@ fn a_batch_the_sidecar_rejects_is_split_and_its_bad_record_dropped_alone() {
     assert_eq!(gw.root.vm.pending(), 0, "nothing wedged: the bad record was dropped");
 }
 
-#[test]
-fn shutdown_closes_live_leases_and_releases_asks_in_flight() {
+/// A key's lease half way through its window, and the background ask for the
+/// next one the root sent.
+fn renewing() -> (Gateway, crate::fake::Call) {
     let mut gw = Gateway::new(json!({}));
     let (mut ex, s, _) = gw.send(BODY);
     gw.answer(&mut ex, &s, "200", grant(100_000));
     gw.world.advance(600);
     gw.send(BODY);
     gw.root.on_tick(&*gw.world);
+    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    (gw, ask)
+}
+
+#[test]
+fn shutdown_closes_live_leases_and_releases_asks_in_flight() {
+    let (mut gw, _) = renewing();
     let before = gw.world.calls().len();
     gw.root.on_done(&*gw.world);
     let last = gw.world.calls();
@@ -118,13 +126,7 @@ fn shutdown_closes_live_leases_and_releases_asks_in_flight() {
 
 #[test]
 fn a_background_ask_that_fails_is_released_and_a_renewal_the_slot_outgrew_given_back() {
-    let mut gw = Gateway::new(json!({}));
-    let (mut ex, s, _) = gw.send(BODY);
-    gw.answer(&mut ex, &s, "200", grant(100_000));
-    gw.world.advance(600);
-    gw.send(BODY);
-    gw.root.on_tick(&*gw.world);
-    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    let (mut gw, ask) = renewing();
     // The reply is lost (a timeout shows as 504): whatever it granted goes back.
     let n = gw.world.reply_with("504", &json!(null));
     gw.root.on_call_response(&*gw.world, ask.token, n);
@@ -133,13 +135,7 @@ fn a_background_ask_that_fails_is_released_and_a_renewal_the_slot_outgrew_given_
     assert_eq!((release.lease_id.as_str(), release.tokens), (ask.body["lease_id"].as_str().unwrap(), None));
 
     // Another ask; meanwhile the lease expires and a request replaces it.
-    let mut gw = Gateway::new(json!({}));
-    let (mut ex, s, _) = gw.send(BODY);
-    gw.answer(&mut ex, &s, "200", grant(100_000));
-    gw.world.advance(600);
-    gw.send(BODY);
-    gw.root.on_tick(&*gw.world);
-    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    let (mut gw, ask) = renewing();
     gw.world.advance(500);
     let (mut ex, s, _) = gw.send(BODY);
     gw.answer(&mut ex, &s, "200", grant(100_000));
