@@ -205,9 +205,18 @@ impl Store {
     /// expiry compares (a hold's or lease's `at`, an `expiring` mark, a
     /// release or charge mark) is written with `$currentDate` and compared
     /// with this, so the sidecars' own clocks, which may differ, never meet.
+    /// Servers before MongoDB 4.4.2 know `isMaster` only; one that reports
+    /// no time leaves this sidecar's own clock, with a warning.
     pub(super) async fn server_now(&self) -> Result<DateTime, LedgerError> {
-        let hello = self.admin.run_command(doc! {"hello": 1}).await?;
-        Ok(hello.get_datetime("localTime").copied().unwrap_or_else(|_| self.local_now()))
+        for command in ["hello", "isMaster"] {
+            if let Ok(reply) = self.admin.run_command(doc! {command: 1}).await {
+                if let Ok(at) = reply.get_datetime("localTime") {
+                    return Ok(*at);
+                }
+            }
+        }
+        tracing::warn!("the database reports no localTime; expiry uses this sidecar's clock");
+        Ok(self.local_now())
     }
 
     /// This process's clock, for what only records when something happened.
