@@ -269,6 +269,16 @@ impl Exchange {
         });
     }
 
+    /// A lease fetch that ended without its grant: our marker leaves the slot
+    /// and the close of the lease it replaced goes with the settlements (the
+    /// call may not have carried it; closes are idempotent).
+    fn end_fetch(&self, host: &impl HttpHost, req: &Admitted, lease_id: &str, replacing: Option<LeaseClose>) {
+        self.clear_marker(host, req, lease_id);
+        if let Some(close) = replacing {
+            self.keep(Item::Close(close));
+        }
+    }
+
     /// The one release path: an admission abandoned while the sidecar
     /// decided (a failure, a client gone) undoes whatever it may have been
     /// granted unseen. A lease fetch clears its marker, hands the close of
@@ -278,10 +288,7 @@ impl Exchange {
     pub(super) fn give_back(&self, host: &impl HttpHost, req: &Admitted, wait: Wait, status: u32) {
         match wait {
             Wait::Lease { lease_id, replacing } => {
-                self.clear_marker(host, req, &lease_id);
-                if let Some(close) = replacing {
-                    self.keep(Item::Close(close));
-                }
+                self.end_fetch(host, req, &lease_id, replacing);
                 self.keep(Item::Close(LeaseClose::release(req.caller.key_hash.clone(), lease_id)));
             }
             Wait::Reserve => {
@@ -306,10 +313,7 @@ impl Exchange {
         let wait = match (maybe_granted, wait) {
             (true, wait) => Some(wait),
             (false, Wait::Lease { lease_id, replacing }) => {
-                self.clear_marker(host, &req, &lease_id);
-                if let Some(close) = replacing {
-                    self.keep(Item::Close(close));
-                }
+                self.end_fetch(host, &req, &lease_id, replacing);
                 None
             }
             (false, Wait::Reserve) => None,
