@@ -172,9 +172,11 @@ impl PluginConfig {
     /// Parses and validates; the error says which field is wrong.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
-        let cfg: PluginConfig = serde_path_to_error::deserialize(de)
+        let mut cfg: PluginConfig = serde_path_to_error::deserialize(de)
             .map_err(|e| format!("plugin configuration: {}: {}", e.path(), e.inner()))?;
         cfg.validate()?;
+        // Decided once here, not on every request's settlement.
+        cfg.reasoning = Some(cfg.reasons());
         Ok(cfg)
     }
 
