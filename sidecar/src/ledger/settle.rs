@@ -212,13 +212,15 @@ impl Store {
                 // outbox entry alone: never lost, at worst doubled by such a race.
                 let charged = charged_path(&r.request_id);
                 let debit = doc! {"balance_tokens": -total, "outbox_n": 1_i64};
+                let mut debit_and_mark = debit.clone();
+                debit_and_mark.insert("charged_n", 1_i64);
                 let marked = self
                     .key_docs
                     .find_one_and_update(
                         doc! {"_id": &r.key_hash, &outbox: {"$exists": false}, &charged: {"$exists": false},
                         "charged_n": {"$not": {"$gte": self.limits.marks as i64}}},
                         doc! {
-                            "$inc": {"charged_n": 1_i64, "balance_tokens": -total, "outbox_n": 1_i64},
+                            "$inc": debit_and_mark,
                             "$set": {&outbox: &entry},
                             "$currentDate": {&charged: true},
                         },
