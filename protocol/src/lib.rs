@@ -93,8 +93,16 @@ pub struct ReserveRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "verdict", rename_all = "snake_case")]
 pub enum ReserveReply {
-    Admit { balance_tokens: i64 },
-    Refuse { status: u16, error: ErrorBody },
+    Admit {
+        balance_tokens: i64,
+    },
+    Refuse {
+        status: u16,
+        error: ErrorBody,
+    },
+    /// Not now: the balance the request needs is in other gateways' leases,
+    /// which the sidecar recalled. The request waits a moment and asks again.
+    Retry,
 }
 
 /// Take up to `want` tokens (at least `min`) of the key's balance into lease
@@ -126,8 +134,10 @@ pub enum LeaseReply {
         status: u16,
         error: ErrorBody,
     },
-    /// No lease now (the balance moved under every attempt): the request
-    /// reserves on its own. Never a reason to refuse a client.
+    /// No lease now (the balance the request needs is in other gateways'
+    /// leases, which the sidecar recalled, or it moved under every attempt):
+    /// the request waits a moment and asks again. Never a reason to refuse a
+    /// client.
     Retry,
 }
 
@@ -205,6 +215,34 @@ pub struct SettleBatch {
     pub records: Vec<SettleRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub closes: Vec<LeaseClose>,
+    /// The draws so far of the leases the gateway still draws from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub progress: Vec<LeaseProgress>,
+}
+
+/// Most progress reports in one batch.
+pub const MAX_PROGRESS: usize = 1_000;
+
+/// What a gateway has drawn so far from a lease it still draws from, sent
+/// with every settlement tick whose draws moved: if the gateway dies, the
+/// sidecar charges these draws (at their estimates) and returns the rest,
+/// instead of charging the whole lease. Counts only grow (`$max`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseProgress {
+    pub key_hash: String,
+    pub lease_id: String,
+    pub drawn_tokens: i64,
+    pub drawn_n: i64,
+}
+
+impl LeaseProgress {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check_record_ids("lease_id", &self.lease_id, &self.key_hash)?;
+        if self.drawn_tokens < 0 || self.drawn_n < 0 {
+            return invalid("drawn_tokens", "drawn_tokens and drawn_n must not be negative");
+        }
+        Ok(())
+    }
 }
 
 /// Fate of one settlement record.
@@ -237,6 +275,11 @@ pub struct SettleReply {
     /// One per lease close, `request_id` being the lease id.
     #[serde(default)]
     pub closes: Vec<SettleResult>,
+    /// Leases of the progress reports to stop drawing from and close now:
+    /// recalled (another gateway needs the balance they hold) or gone
+    /// (expired as lost).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recalled: Vec<String>,
 }
 
 /// Why a message of the internal API is not acceptable: the field at fault
@@ -323,6 +366,8 @@ pub struct RawSettleBatch {
     pub records: Vec<serde_json::Value>,
     #[serde(default)]
     pub closes: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub progress: Vec<serde_json::Value>,
 }
 
 impl RawSettleBatch {
@@ -330,6 +375,9 @@ impl RawSettleBatch {
     pub fn validate(&self) -> Result<(), Invalid> {
         if self.records.len() + self.closes.len() > MAX_SETTLE_BATCH {
             return invalid("records", format!("at most {MAX_SETTLE_BATCH} records per batch"));
+        }
+        if self.progress.len() > MAX_PROGRESS {
+            return invalid("progress", format!("at most {MAX_PROGRESS} progress reports per batch"));
         }
         Ok(())
     }

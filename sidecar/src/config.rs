@@ -50,6 +50,9 @@ pub struct Settings {
     /// may still be on their way, and bound the key's document.
     pub mark_ttl: Duration,
     pub sweep_interval: Duration,
+    /// How much of a balance one lease takes at most, and when an open lease
+    /// nobody reports is taken for lost.
+    pub leases: crate::ledger::LeasePolicy,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -118,6 +121,21 @@ impl Settings {
             hold_ttl: secs("HOLD_TTL_SECS", 1800)?,
             mark_ttl: secs("MARK_TTL_SECS", 120)?,
             sweep_interval: secs("SWEEP_INTERVAL_SECS", 10)?,
+            leases: crate::ledger::LeasePolicy {
+                share_percent: match get("LEASE_SHARE_PERCENT") {
+                    None => crate::ledger::LeasePolicy::default().share_percent,
+                    Some(v) => match v.trim().parse::<u8>() {
+                        Ok(n @ 1..=100) => n,
+                        _ => {
+                            return Err(ConfigError::Invalid {
+                                var: "LEASE_SHARE_PERCENT",
+                                reason: format!("{v:?} is not a percent from 1 to 100"),
+                            })
+                        }
+                    },
+                },
+                lost_after: secs("LEASE_LOST_SECS", 30)?,
+            },
         })
     }
 }

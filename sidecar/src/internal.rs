@@ -3,8 +3,8 @@
 
 use axum::extract::State;
 use bridge_protocol::{
-    LeaseClose, LeaseReply, LeaseRequest, RawSettleBatch, ReserveReply, ReserveRequest, SettleOutcome, SettleRecord,
-    SettleReply, SettleResult,
+    LeaseClose, LeaseProgress, LeaseReply, LeaseRequest, RawSettleBatch, ReserveReply, ReserveRequest, SettleOutcome,
+    SettleRecord, SettleReply, SettleResult,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -35,7 +35,7 @@ pub async fn reserve(
             let (status, error) = crate::refusal::reply(&why);
             ReserveReply::Refuse { status, error }
         }
-        Decision::Retry => return Err(AppError::Internal("a reservation has no retry".into())),
+        Decision::Retry => ReserveReply::Retry,
     };
     match &reply {
         ReserveReply::Admit { balance_tokens } => {
@@ -49,6 +49,7 @@ pub async fn reserve(
         ReserveReply::Refuse { status, error } => {
             tracing::info!(status, code = ?error.code, estimate = req.estimate, "reservation refused")
         }
+        ReserveReply::Retry => tracing::debug!(estimate = req.estimate, "reservation waits for recalled leases"),
     }
     Ok(Json(reply))
 }
@@ -85,7 +86,7 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
         LeaseReply::Refuse { status, error } => {
             tracing::info!(status, code = ?error.code, min = req.min, "lease refused")
         }
-        LeaseReply::Retry => tracing::debug!("lease contended; the request reserves alone"),
+        LeaseReply::Retry => tracing::debug!(min = req.min, "lease not now; the request asks again"),
     }
     Ok(Json(reply))
 }
@@ -98,25 +99,28 @@ pub async fn settle(
     batch.validate()?;
     let (records, unreadable_records) = decode_each::<SettleRecord>(batch.records, "request_id");
     let (closes, unreadable_closes) = decode_each::<LeaseClose>(batch.closes, "lease_id");
+    // Unreadable progress reports are skipped: the next tick sends them again.
+    let (progress, _) = decode_each::<LeaseProgress>(batch.progress, "lease_id");
     let store = state.store.clone();
     let span = tracing::Span::current();
     let started = std::time::Instant::now();
     // A tracked task: if Envoy hangs up mid-batch the batch still completes
     // (and is logged), and shutdown waits for it.
-    let (results, closes) = state
+    let (results, closes, recalled) = state
         .tasks
         .spawn(tracing::Instrument::instrument(
             async move {
                 let results = merge(store.settle(&records).await?, unreadable_records);
                 let closes = merge(store.close_leases(&closes).await?, unreadable_closes);
+                let recalled = store.report_progress(&progress).await?;
                 log_batch(&records, &results, &closes, started.elapsed());
-                Ok::<_, AppError>((results, closes))
+                Ok::<_, AppError>((results, closes, recalled))
             },
             span,
         ))
         .await
         .map_err(|e| AppError::Internal(format!("settlement task: {e}")))??;
-    Ok(Json(SettleReply { results, closes }))
+    Ok(Json(SettleReply { results, closes, recalled }))
 }
 
 /// Decodes each item of a batch on its own. One it cannot read (a malformed

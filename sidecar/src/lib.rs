@@ -53,7 +53,8 @@ impl AppState {
     pub async fn from_settings(settings: &Settings) -> Result<Self, AppError> {
         let store = Store::connect(settings.mongodb_uri.expose(), &settings.mongodb_db, settings.hold_ttl)
             .await?
-            .with_mark_ttl(settings.mark_ttl);
+            .with_mark_ttl(settings.mark_ttl)
+            .with_lease_policy(settings.leases);
         store.ensure_indexes().await?;
         Ok(Self::new(store, &settings.admin_token, settings.internal_token.clone()))
     }

@@ -12,7 +12,7 @@ use bridge_protocol::{
 use bridge_tests::{mongo_uri, start_sidecar, unique_db};
 use mongodb::bson::{doc, Document};
 use openclaw_sidecar::config::Secret;
-use openclaw_sidecar::ledger::{Decision, KeyStatus, NewKey, Store};
+use openclaw_sidecar::ledger::{Decision, KeyStatus, LeasePolicy, NewKey, Store};
 use openclaw_sidecar::{app, sweeper, AppState};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
@@ -45,6 +45,11 @@ async fn start_with_store(ttl: Duration, internal: Option<&str>, tune: impl FnOn
 
 async fn start() -> Sidecar {
     start_with(Duration::from_secs(1800), None).await
+}
+
+/// Leases that may take the whole balance (the tests of lease mechanics).
+fn whole_share(store: Store) -> Store {
+    store.with_lease_policy(LeasePolicy { share_percent: 100, ..LeasePolicy::default() })
 }
 
 impl Sidecar {
@@ -115,6 +120,23 @@ impl Sidecar {
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         resp.json().await.unwrap()
+    }
+
+    /// A gateway's progress report of its open leases: the leases it is told to close.
+    async fn report(&self, key: &str, leases: &[(&str, i64, i64)]) -> Vec<String> {
+        let progress: Vec<Value> = leases
+            .iter()
+            .map(|(id, t, n)| json!({"key_hash": key_hash(key), "lease_id": id, "drawn_tokens": t, "drawn_n": n}))
+            .collect();
+        let resp = self
+            .http
+            .post(format!("{}/internal/settle", self.url))
+            .json(&json!({"records": [], "progress": progress}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json::<SettleReply>().await.unwrap().recalled
     }
 
     async fn key_doc(&self, key: &str) -> Document {
@@ -689,19 +711,15 @@ fn close_of(key: &str, lease: &str, tokens: Option<i64>, drawn_tokens: i64, draw
 
 #[tokio::test]
 async fn a_lease_takes_at_most_the_balance_and_closes_and_settlements_commute() {
-    let s = start().await;
+    let s = start_with_store(Duration::from_secs(1800), None, whole_share).await;
     let key = "sk-leased-key-01";
     s.create(key, 1_000).await;
     assert_eq!(s.granted(key, "L1", 600, 100).await, 600);
     // Less left than asked but at least the request's estimate: all of it.
     assert_eq!(s.granted(key, "L2", 600, 100).await, 400);
     assert_eq!(s.balance(key).await, 0);
-    match s.lease(key, "L3", 50, 10).await {
-        (StatusCode::OK, Some(LeaseReply::Refuse { status: 429, error })) => {
-            assert_eq!(error.code.as_deref(), Some("insufficient_quota"))
-        }
-        other => panic!("lease beyond the balance: {other:?}"),
-    }
+    // Nothing left, but the open leases hold it undrawn: not refused, recalled.
+    assert!(matches!(s.lease(key, "L3", 50, 10).await, (StatusCode::OK, Some(LeaseReply::Retry))));
     // Two of L1's three requests settle in one batch, before L1 closes: their
     // rows are written, the balance moves when the lease is finalised.
     let batch = [drawn(key, "L1", "a", 100, 20, 10), drawn(key, "L1", "b", 100, 40, 10)];
@@ -773,13 +791,15 @@ async fn a_released_lease_returns_everything_and_a_late_grant_is_refused() {
 
 #[tokio::test]
 async fn an_expired_lease_charges_what_never_settled_with_one_row() {
-    let s = start_with(Duration::from_secs(1), None).await;
+    let s = start_with_store(Duration::from_secs(1), None, whole_share).await;
     let key = "sk-leased-key-03";
     s.create(key, 1_000).await;
     s.granted(key, "L1", 500, 100).await;
     s.granted(key, "L2", 200, 100).await;
-    // L1: two drawn (100 each), closed, one settled; L2 never closed (Envoy died).
+    // L1: two drawn (100 each), closed, one settled; L2 never closed (Envoy
+    // died), its last report 150 drawn.
     s.close(&[close_of(key, "L1", Some(500), 200, 2)]).await;
+    assert!(s.report(key, &[("L2", 150, 2)]).await.is_empty());
     s.settle(&[drawn(key, "L1", "kept", 100, 10, 10)]).await;
     assert_eq!(s.balance(key).await, 1_000 - 200 - 200);
     assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 0);
@@ -790,11 +810,13 @@ async fn an_expired_lease_charges_what_never_settled_with_one_row() {
     assert_eq!(late.results[0].outcome, SettleOutcome::Unknown, "a row written now would be counted nowhere");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 2);
-    assert_eq!(s.balance(key).await, 1_000 - 200 - 200 + 80);
+    // L1's unsettled request pays its estimate and 80 of the settled one's
+    // hold return; L2 pays its reported draws and its undrawn 50 return.
+    assert_eq!(s.balance(key).await, 1_000 - 200 - 200 + 80 + 50);
     let rows = s.audit_rows().await;
     let lease_row = |id: &str| rows.iter().find(|r| r.get_str("request_id") == Ok(id)).cloned().unwrap();
     assert_eq!(lease_row("L1").get_i64("total_tokens"), Ok(100));
-    assert_eq!(lease_row("L2").get_i64("total_tokens"), Ok(200));
+    assert_eq!(lease_row("L2").get_i64("total_tokens"), Ok(150));
     assert_eq!(lease_row("L2").get_bool("expired_hold"), Ok(true));
     // The balance is the start less every row's total.
     let charged: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
@@ -808,7 +830,7 @@ async fn an_expired_lease_charges_what_never_settled_with_one_row() {
 
 #[tokio::test]
 async fn a_lease_that_replaces_another_closes_it_first_and_takes_what_it_gave_back() {
-    let s = start().await;
+    let s = start_with_store(Duration::from_secs(1800), None, whole_share).await;
     let key = "sk-leased-key-04";
     s.create(key, 1_000).await;
     // The first lease took the whole balance; it expired with 100 drawn.
@@ -1035,4 +1057,68 @@ async fn a_stall_cannot_grow_a_key_document_past_its_bounds() {
     assert!(key_doc.get_document("charged").map_or(true, |m| m.is_empty()));
     let after = doc_bytes().await;
     assert!(after < peak / 2, "{after} bytes after the sweep, {peak} at the peak");
+}
+
+#[tokio::test]
+async fn a_lease_takes_at_most_its_share_of_the_balance_but_always_one_request() {
+    let s = start().await;
+    let key = "sk-leased-share-01";
+    s.create(key, 1_000).await;
+    // A quarter of the balance at most, by default.
+    assert_eq!(s.granted(key, "L1", 600, 100).await, 250);
+    assert_eq!(s.granted(key, "L2", 600, 100).await, 187);
+    // A request larger than the share still gets its estimate.
+    assert_eq!(s.granted(key, "L3", 600, 400).await, 400);
+    assert_eq!(s.balance(key).await, 1_000 - 250 - 187 - 400);
+    // Asked for less than the share: what was asked.
+    assert_eq!(s.granted(key, "L4", 20, 10).await, 20);
+}
+
+#[tokio::test]
+async fn balance_in_other_gateways_leases_is_recalled_instead_of_refused() {
+    let s = start_with_store(Duration::from_secs(1800), None, whole_share).await;
+    let key = "sk-leased-recall-1";
+    s.create(key, 1_000).await;
+    // Gateway A holds 900 in a lease and has drawn 300 of it.
+    s.granted(key, "A1", 900, 100).await;
+    assert!(s.report(key, &[("A1", 300, 3)]).await.is_empty());
+    // Gateway B needs 500: 100 left, but A's lease holds 600 undrawn. Not a 429.
+    assert!(matches!(s.reserve(key, "b-1", 500).await, ReserveReply::Retry));
+    assert!(matches!(s.lease(key, "B1", 2_000, 500).await, (StatusCode::OK, Some(LeaseReply::Retry))));
+    // A learns it with its next tick and closes the lease: the 600 return.
+    assert_eq!(s.report(key, &[("A1", 300, 3)]).await, ["A1"]);
+    s.close(&[close_of(key, "A1", Some(900), 300, 3)]).await;
+    assert!(matches!(s.reserve(key, "b-1", 500).await, ReserveReply::Admit { .. }));
+    // Only what nobody holds undrawn anywhere is a real shortfall.
+    match s.reserve(key, "b-2", 201).await {
+        ReserveReply::Refuse { status: 429, error } => assert_eq!(error.code.as_deref(), Some("insufficient_quota")),
+        other => panic!("beyond the balance: {other:?}"),
+    }
+    assert!(matches!(s.reserve(key, "b-3", 200).await, ReserveReply::Admit { .. }));
+    // A closed lease is reported no more: a report of it is told to stop.
+    assert_eq!(s.report(key, &[("A1", 300, 3)]).await, ["A1"]);
+}
+
+#[tokio::test]
+async fn a_lease_its_gateway_stopped_reporting_costs_only_its_reported_draws() {
+    let lost = LeasePolicy { share_percent: 100, lost_after: Duration::from_secs(1) };
+    let s = start_with_store(Duration::from_secs(1800), None, |store| store.with_lease_policy(lost)).await;
+    let key = "sk-leased-lost-01";
+    s.create(key, 1_000).await;
+    s.granted(key, "L1", 500, 60).await;
+    // Two requests drawn (60 each), one settled (30 used); then the gateway is killed.
+    assert!(s.report(key, &[("L1", 120, 2)]).await.is_empty());
+    s.settle(&[drawn(key, "L1", "done", 60, 20, 10)]).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // Marked; a grace later (5 s) summed: charged the unsettled draw's
+    // estimate, the rest of the lease back, long before the hold TTL.
+    sweeper::sweep_once(&s.state).await.unwrap();
+    assert_eq!(s.report(key, &[("L1", 180, 3)]).await, ["L1"], "an expiring lease is not drawn from");
+    tokio::time::sleep(Duration::from_millis(5_100)).await;
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 1);
+    assert_eq!(s.balance(key).await, 1_000 - 30 - 60);
+    let rows = s.audit_rows().await;
+    let charged: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
+    assert_eq!(charged, 90);
+    assert_eq!(s.key_doc(key).await.get_i64("leases_n"), Ok(0));
 }

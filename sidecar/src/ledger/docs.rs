@@ -67,6 +67,14 @@ pub(super) struct LeaseDoc {
     pub drawn_n: i64,
     /// Set by the first expiry sweep; the next one sums the rows.
     pub expiring: Option<DateTime>,
+    /// What its gateway last reported drawn while it was open, and when.
+    #[serde(deserialize_with = "lenient")]
+    pub reported_tokens: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub reported_n: i64,
+    pub seen: Option<DateTime>,
+    /// Another gateway needs the balance it holds: its gateway closes it on its next tick.
+    pub recall: Option<DateTime>,
 }
 
 impl LeaseDoc {
@@ -77,6 +85,32 @@ impl LeaseDoc {
             self.drawn_tokens
         } else {
             self.tokens
+        }
+    }
+
+    /// What is known to have been drawn: the close's count, or while open the
+    /// last report (the draws after it died with a gateway that never closed it).
+    pub fn drawn_known(&self) -> i64 {
+        if self.closed {
+            self.drawn_tokens
+        } else {
+            self.reported_tokens.clamp(0, self.tokens)
+        }
+    }
+
+    /// The last sign of life of its gateway: the grant or the last report.
+    pub fn last_seen_ms(&self) -> Option<i64> {
+        let at = self.at.map(|d| d.timestamp_millis());
+        let seen = self.seen.map(|d| d.timestamp_millis());
+        at.max(seen)
+    }
+
+    /// Tokens it holds that its gateway has not drawn (by its last report).
+    pub fn undrawn(&self) -> i64 {
+        if self.closed || self.expiring.is_some() {
+            0
+        } else {
+            (self.tokens - self.reported_tokens).max(0)
         }
     }
 }

@@ -95,22 +95,29 @@ impl Store {
         }
         let n = rows.len();
         self.write_audit_rows(rows).await?;
-        let leases = self.expire_leases(cutoff, now).await?;
+        let lost_ms = i64::try_from(self.leases.lost_after.as_millis()).unwrap_or(i64::MAX);
+        let leases = self.expire_leases(cutoff, now.timestamp_millis().saturating_sub(lost_ms), now).await?;
         // A mark older than the hold TTL guards nothing the expiry does not.
         let mark_ttl_ms = i64::try_from(self.mark_ttl.min(self.hold_ttl).as_millis()).unwrap_or(i64::MAX);
         self.forget_marks(now.timestamp_millis().saturating_sub(mark_ttl_ms)).await?;
         Ok(n + leases)
     }
 
-    /// Leases past the TTL, in two sweeps: the first marks the lease
+    /// Leases past the TTL (closed ones) or lost (open ones their gateway
+    /// stopped reporting for `lost_after`), in two sweeps: the first marks the lease
     /// `expiring`, which settlements check before they write a row; the next,
     /// once no settlement that passed that check can still be writing, sums the
     /// rows that came. Their requests pay what they used; the drawn requests
-    /// that never settled (or the whole lease, if it never closed) are charged
-    /// at their estimates, with one audit row whose `request_id` is the lease
-    /// id. Closed leases not yet finalised (a failure between two steps) are
+    /// that never settled are charged at their estimates, with one audit row whose `request_id` is the lease
+    /// id; a lease never closed pays its last reported draws, the rest goes
+    /// back. Closed leases not yet finalised (a failure between two steps) are
     /// finalised here too.
-    pub(super) async fn expire_leases(&self, cutoff: i64, now: DateTime) -> Result<usize, LedgerError> {
+    pub(super) async fn expire_leases(
+        &self,
+        cutoff: i64,
+        lost_cutoff: i64,
+        now: DateTime,
+    ) -> Result<usize, LedgerError> {
         let docs: Vec<KeyDoc> = self
             .key_docs
             .find(doc! {"leases_n": {"$gt": 0_i64}})
@@ -125,7 +132,14 @@ impl Store {
             for (lease_id, lease) in &key.leases {
                 let Some(at) = lease.at else { continue };
                 let path = lease_path(lease_id);
-                if at.timestamp_millis() > cutoff {
+                // Closed: its drawn requests have the hold TTL to settle. Open:
+                // its gateway reports it every tick and closes it within its
+                // window, so one silent for `lost_after` is its gateway gone.
+                let due = match lease.closed {
+                    true => at.timestamp_millis() <= cutoff,
+                    false => lease.last_seen_ms().unwrap_or(0) <= lost_cutoff || at.timestamp_millis() <= cutoff,
+                };
+                if !due {
                     if lease.closed {
                         self.finalize_lease(hash, lease_id).await?;
                     }
@@ -144,11 +158,17 @@ impl Store {
                     continue;
                 }
                 let used = self.lease_usage(lease_id).await?;
-                let kept = (lease.outstanding() - used.reserved).max(0);
+                // Drawn: what the close said, or for a lease never closed what
+                // was last reported (and at least what settled). The drawn
+                // requests without a row pay their estimates; the undrawn rest
+                // of a lease never closed goes back.
+                let drawn = lease.drawn_known().max(used.reserved);
+                let kept = drawn - used.reserved;
+                let back = (lease.outstanding() - drawn).max(0) + used.reserved - used.total;
                 let record = expired_record(lease_id, hash, &lease.model, kept, at, now, Some(lease_id));
                 let entry = audit_entry(&record, kept, true, now);
                 let mut update = doc! {
-                    "$inc": {"balance_tokens": used.reserved - used.total, "leases_n": -1_i64},
+                    "$inc": {"balance_tokens": back, "leases_n": -1_i64},
                     "$unset": {&path: ""},
                 };
                 if kept > 0 {

@@ -2,7 +2,7 @@
 //! closed with what was drawn, and finalised once every drawn request has its
 //! audit row.
 
-use bridge_protocol::{LeaseClose, LeaseRequest, SettleOutcome, SettleResult};
+use bridge_protocol::{LeaseClose, LeaseProgress, LeaseRequest, SettleOutcome, SettleResult};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson};
 use mongodb::options::ReturnDocument;
@@ -18,15 +18,26 @@ pub(super) fn lease_of(key: KeyDoc, lease_id: &str) -> Option<LeaseDoc> {
 
 impl Store {
     /// Takes up to `want` (at least `min`) tokens from the balance into a lease,
-    /// in one guarded update; a balance below `want` is leased whole.
+    /// in one guarded update, and at most the lease share of the balance
+    /// unless that is below `min`: a balance below `want` is leased as far
+    /// as the share allows, one below `min` not at all.
     pub async fn lease(&self, req: &LeaseRequest) -> Result<Decision, LedgerError> {
         let at = lease_path(&req.lease_id);
+        let share = i64::from(self.leases.share_percent.clamp(1, 100));
+        // The balance a lease of `want` needs so that it is within the share.
+        let needs = |want: i64| {
+            if want <= req.min {
+                want
+            } else {
+                (want.saturating_mul(100).saturating_add(share - 1) / share).max(want)
+            }
+        };
         let mut want = req.want.max(req.min);
         for _ in 0..4 {
             let filter = doc! {
                 "_id": &req.key_hash,
                 "status": "active",
-                "balance_tokens": {"$gte": want},
+                "balance_tokens": {"$gte": needs(want)},
                 "leases_n": {"$not": {"$gte": self.limits.leases as i64}},
                 &at: {"$exists": false},
                 released_path(&req.lease_id): {"$exists": false},
@@ -46,19 +57,81 @@ impl Store {
                 return Ok(Decision::Granted { tokens: want, balance_tokens: d.balance_tokens });
             }
             match self.why_refused(&req.key_hash, "leases", &req.lease_id, self.limits.leases).await? {
-                // Less than asked but enough for this request: lease what there is.
-                Why::Broke(balance) if balance >= req.min && balance < want => want = balance,
                 Why::Broke(balance) if balance < req.min => {
-                    return Ok(Decision::Refused(Refusal::Insufficient { needed: req.min, balance }));
+                    return self.recall_or_refuse(&req.key_hash, req.min, balance, Some(&req.lease_id)).await;
                 }
-                // The balance moved between the two reads: try again.
-                Why::Broke(_) => {}
+                // Less than asked fits the share of what there is: lease that.
+                Why::Broke(balance) => want = req.want.min(balance.saturating_mul(share) / 100).max(req.min),
                 other => return other.decision(&req.lease_id, req.min),
             }
         }
-        // Other requests of the key kept moving the balance (they reserve on
-        // their own while this lease is fetched): this one does too.
+        // Other requests of the key kept moving the balance: ask again shortly.
         Ok(Decision::Retry)
+    }
+
+    /// The balance is below what a request needs. If other leases of the key
+    /// hold enough undrawn (by their gateways' last reports), they are
+    /// recalled (each gateway closes its lease on its next settlement tick,
+    /// which returns the undrawn part) and the request is asked to retry;
+    /// only a key that cannot afford the request even then is refused
+    /// `insufficient_quota`.
+    pub(super) async fn recall_or_refuse(
+        &self,
+        key_hash: &str,
+        needed: i64,
+        balance: i64,
+        asking: Option<&str>,
+    ) -> Result<Decision, LedgerError> {
+        let key = self.key_docs.find_one(doc! {"_id": key_hash}).projection(doc! {"leases": 1}).await?;
+        let leases = key.map(|k| k.leases).unwrap_or_default();
+        let others: Vec<(&String, &LeaseDoc)> =
+            leases.iter().filter(|(id, l)| Some(id.as_str()) != asking && l.undrawn() > 0).collect();
+        let undrawn: i64 = others.iter().map(|(_, l)| l.undrawn()).sum();
+        if balance.saturating_add(undrawn) < needed {
+            return Ok(Decision::Refused(Refusal::Insufficient { needed, balance }));
+        }
+        let mut recall = doc! {};
+        for (id, lease) in &others {
+            if lease.recall.is_none() {
+                recall.insert(format!("{}.recall", lease_path(id)), true);
+            }
+        }
+        if !recall.is_empty() {
+            self.keys.update_one(doc! {"_id": key_hash}, doc! {"$currentDate": recall}).await?;
+            tracing::info!(needed, balance, undrawn, leases = others.len(), "balance in other leases: recalled");
+        }
+        Ok(Decision::Retry)
+    }
+
+    /// Progress reports of open leases: their draws so far (`$max`) and the
+    /// time of the report. Returns the leases to stop drawing from: recalled,
+    /// or no longer open (expired as lost, or never granted).
+    pub async fn report_progress(&self, reports: &[LeaseProgress]) -> Result<Vec<String>, LedgerError> {
+        let outcomes = futures::future::try_join_all(reports.iter().map(|p| async move {
+            if p.validate().is_err() {
+                return Ok::<_, LedgerError>(None);
+            }
+            let at = lease_path(&p.lease_id);
+            let open = self
+                .key_docs
+                .find_one_and_update(
+                    doc! {"_id": &p.key_hash, format!("{at}.tokens"): {"$gte": p.drawn_tokens},
+                        format!("{at}.closed"): {"$exists": false}, format!("{at}.expiring"): {"$exists": false}},
+                    doc! {
+                        "$max": {format!("{at}.reported_tokens"): p.drawn_tokens, format!("{at}.reported_n"): p.drawn_n},
+                        "$currentDate": {format!("{at}.seen"): true},
+                    },
+                )
+                .projection(doc! {format!("{at}.recall"): 1})
+                .await?;
+            let recalled = match open {
+                Some(key) => lease_of(key, &p.lease_id).is_some_and(|l| l.recall.is_some()),
+                None => true,
+            };
+            Ok(recalled.then(|| p.lease_id.clone()))
+        }))
+        .await?;
+        Ok(outcomes.into_iter().flatten().collect())
     }
 
     /// A closed lease whose drawn requests have all settled: the balance gets

@@ -86,8 +86,8 @@ pub enum Decision {
         balance_tokens: i64,
     },
     Refused(Refusal),
-    /// A lease could not be taken now (the balance moved under every try):
-    /// the request reserves alone.
+    /// Not now: the balance the request needs is in other gateways' leases
+    /// (recalled), or it moved under every try. The request asks again shortly.
     Retry,
 }
 
@@ -110,6 +110,27 @@ pub struct Store {
     /// still be on their way, so minutes, not the hold TTL.
     mark_ttl: Duration,
     limits: KeyLimits,
+    leases: LeasePolicy,
+}
+
+/// How much of a balance one lease may take, and when an unclosed lease is
+/// taken for lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeasePolicy {
+    /// One lease takes at most this percent of the balance (but always one
+    /// request's estimate when the balance holds it), so that several
+    /// gateways each hold one and none moves a whole balance into its memory.
+    pub share_percent: u8,
+    /// An open lease neither closed nor reported for this long is its
+    /// gateway gone: its reported draws are charged at their estimates, the
+    /// rest returns to the balance.
+    pub lost_after: Duration,
+}
+
+impl Default for LeasePolicy {
+    fn default() -> Self {
+        Self { share_percent: 25, lost_after: Duration::from_secs(30) }
+    }
 }
 
 /// What one key's document may hold at most, so that no stall can push it
@@ -181,7 +202,13 @@ impl Store {
             local_skew_ms: 0,
             mark_ttl: Duration::from_secs(120),
             limits: KeyLimits::default(),
+            leases: LeasePolicy::default(),
         })
+    }
+
+    pub fn with_lease_policy(mut self, leases: LeasePolicy) -> Self {
+        self.leases = leases;
+        self
     }
 
     pub fn with_mark_ttl(mut self, ttl: Duration) -> Self {

@@ -63,9 +63,10 @@ impl Store {
         if let Some(d) = admitted {
             return Ok(Decision::Granted { tokens: req.estimate, balance_tokens: d.balance_tokens });
         }
-        self.why_refused(&req.key_hash, "holds", &req.request_id, self.limits.holds)
-            .await?
-            .decision(&req.request_id, req.estimate)
+        match self.why_refused(&req.key_hash, "holds", &req.request_id, self.limits.holds).await? {
+            Why::Broke(balance) => self.recall_or_refuse(&req.key_hash, req.estimate, balance, None).await,
+            other => other.decision(&req.request_id, req.estimate),
+        }
     }
 
     /// Reads the key only to say why a guarded update found nothing to change.
