@@ -65,6 +65,9 @@ PLUGIN_INTS = [
     ("LEASE_TOKENS", "lease_tokens", 0),
     ("LEASE_MS", "lease_ms", 10),
     ("LEASE_SLOTS", "lease_slots", 1),
+    ("LEASE_WAIT_MS", "lease_wait_ms", 1),
+    ("LEASE_WAITERS_MAX", "lease_waiters_max", 1),
+    ("ADMISSION_CALLS_MAX", "admission_calls_max", 1),
 ]
 # The filter's default of max_body_bytes, which Envoy's buffer must also fit.
 FILTER_MAX_BODY_BYTES = 8 * 1024 * 1024

@@ -76,7 +76,16 @@ fn default_settle_batch() -> usize {
     200
 }
 fn default_lease_tokens() -> i64 {
-    100_000
+    10_000_000
+}
+fn default_lease_wait_ms() -> u64 {
+    2_000
+}
+fn default_lease_waiters_max() -> usize {
+    1_024
+}
+fn default_admission_calls_max() -> usize {
+    128
 }
 fn default_lease_ms() -> u64 {
     1_000
@@ -149,10 +158,26 @@ pub struct PluginConfig {
     /// cut short by it is sent again (idempotent, but work done twice).
     #[serde(default = "default_settle_timeout_ms")]
     pub settle_timeout_ms: u64,
-    /// Tokens a lease asks for (more when one request's estimate is larger).
+    /// The most tokens one lease asks for: a lease is sized from its key's
+    /// draw rate (twice a window's draws, at least 16 requests' estimates)
+    /// up to this (one request larger than it leases its own estimate). The
+    /// sidecar grants at most its share of the balance (`LEASE_SHARE`).
     /// 0 turns leases off: every request then reserves with a call of its own.
     #[serde(default = "default_lease_tokens")]
     pub lease_tokens: i64,
+    /// How long a request waits for its key's lease being fetched (or
+    /// renewed) by another request before it is answered 503 with Retry-After.
+    #[serde(default = "default_lease_wait_ms")]
+    pub lease_wait_ms: u64,
+    /// Requests one VM lets wait for leases; past it, 503 with Retry-After.
+    #[serde(default = "default_lease_waiters_max")]
+    pub lease_waiters_max: usize,
+    /// Admission calls (lease fetches, reservations) one VM has in flight at
+    /// most; a request that would need one more is answered 503 with
+    /// Retry-After at once: load is shed early instead of queueing on a slow
+    /// database until every call times out.
+    #[serde(default = "default_admission_calls_max")]
+    pub admission_calls_max: usize,
     /// How long a lease can be drawn from; also how long a freeze or a
     /// top-up takes at most to reach requests.
     #[serde(default = "default_lease_ms")]
@@ -169,6 +194,15 @@ pub struct PluginConfig {
 }
 
 impl PluginConfig {
+    /// How this VM sizes leases and gives up on fetches.
+    pub fn lease_policy(&self) -> crate::lease::Policy {
+        crate::lease::Policy {
+            stale_ms: self.sidecar_timeout_ms + 1_000,
+            window_ms: self.lease_ms,
+            ceiling: self.lease_tokens,
+        }
+    }
+
     /// Parses and validates; the error says which field is wrong.
     pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
@@ -223,6 +257,12 @@ impl PluginConfig {
         }
         if self.lease_tokens > 0 && !(10..=60_000).contains(&self.lease_ms) {
             return fail("lease_ms", "must be 10 to 60000");
+        }
+        if self.lease_waiters_max == 0 {
+            return fail("lease_waiters_max", "must be >= 1");
+        }
+        if self.admission_calls_max == 0 {
+            return fail("admission_calls_max", "must be >= 1");
         }
         if self.lease_slots == 0 {
             return fail("lease_slots", "must be >= 1");

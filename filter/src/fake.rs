@@ -149,6 +149,8 @@ pub struct Stream {
     pub response_body: RefCell<Vec<u8>>,
     /// Local replies sent: status and body.
     pub replies: RefCell<Vec<(u32, Vec<u8>)>>,
+    /// Headers of the last local reply.
+    last_reply_headers: RefCell<Vec<(String, String)>>,
     pub resumed: Cell<usize>,
 }
 
@@ -161,6 +163,7 @@ impl Stream {
             response_headers: RefCell::default(),
             response_body: RefCell::default(),
             replies: RefCell::default(),
+            last_reply_headers: RefCell::default(),
             resumed: Cell::new(0),
         }
     }
@@ -172,6 +175,10 @@ impl Stream {
     /// The status of the one local reply, if there was one.
     pub fn replied(&self) -> Option<u32> {
         self.replies.borrow().last().map(|(s, _)| *s)
+    }
+
+    pub fn reply_headers(&self) -> Vec<(String, String)> {
+        self.last_reply_headers.borrow().clone()
     }
 }
 
@@ -231,8 +238,10 @@ impl HttpHost for Stream {
     fn set_request_body(&self, _size: usize, body: &[u8]) {
         *self.request_body.borrow_mut() = body.to_vec();
     }
-    fn send_reply(&self, status: u32, _headers: &[(&str, &str)], body: &[u8]) {
+    fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         self.replies.borrow_mut().push((status, body.to_vec()));
+        *self.last_reply_headers.borrow_mut() =
+            headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     }
     fn resume_request(&self) {
         self.resumed.set(self.resumed.get() + 1);

@@ -1,6 +1,8 @@
 //! The proxy-wasm shell: `Host` over Envoy's host calls, and each callback
 //! forwarded to the logic (`exchange` per request, `background` per VM).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -9,7 +11,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
-use crate::background::Background;
+use crate::background::{Background, Vm};
 use crate::config::PluginConfig;
 use crate::exchange::Exchange;
 use crate::host::{Flow, Host, HttpHost};
@@ -23,7 +25,7 @@ proxy_wasm::main! {{
     // at critical before the VM traps.
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root { context_id, envoy: Envoy::default(), background: None })
+        Box::new(Root { context_id, envoy: Envoy::default(), background: None, waiting: Waiting::default() })
     });
 }}
 
@@ -111,17 +113,52 @@ impl HttpHost for Envoy {
     }
 }
 
+/// The requests of this VM that wait for a lease, by context id: reachable
+/// from whichever context's callback wakes them.
+type Waiting = Rc<RefCell<HashMap<u32, Rc<RefCell<Exchange>>>>>;
+
+/// Runs the woken waiters of this VM, each as the effective context (so its
+/// host calls act on its own stream), then makes `own` effective again.
+fn run_woken(vm: &Vm, waiting: &Waiting, envoy: &Envoy, own: u32) {
+    let mut switched = false;
+    loop {
+        let woken = vm.waits.borrow_mut().take_woken();
+        if woken.is_empty() {
+            break;
+        }
+        for id in woken {
+            let Some(exchange) = waiting.borrow().get(&id).cloned() else { continue };
+            if hostcalls::set_effective_context(id).is_err() {
+                // Gone meanwhile.
+                waiting.borrow_mut().remove(&id);
+                continue;
+            }
+            switched = true;
+            let Ok(mut ex) = exchange.try_borrow_mut() else { continue };
+            ex.on_woken(envoy);
+            if !ex.is_waiting() {
+                waiting.borrow_mut().remove(&id);
+            }
+        }
+    }
+    if switched {
+        let _ = hostcalls::set_effective_context(own);
+    }
+}
+
 struct Root {
     context_id: u32,
     envoy: Envoy,
     /// Set once configured.
     background: Option<Background>,
+    waiting: Waiting,
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         if let Some(bg) = &mut self.background {
             bg.on_call_response(&self.envoy, token, body_size);
+            run_woken(&bg.vm, &self.waiting, &self.envoy, self.context_id);
         }
     }
 
@@ -174,6 +211,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         if let Some(bg) = &mut self.background {
             bg.on_tick(&self.envoy);
+            run_woken(&bg.vm, &self.waiting, &self.envoy, self.context_id);
         }
     }
 
@@ -187,8 +225,14 @@ impl RootContext for Root {
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let bg = self.background.as_ref()?;
-        let exchange = Exchange::new(context_id, bg.config.clone(), bg.vm.clone());
-        Some(Box::new(Gateway { envoy: self.envoy, exchange }))
+        let exchange = Rc::new(RefCell::new(Exchange::new(context_id, bg.config.clone(), bg.vm.clone())));
+        Some(Box::new(Gateway {
+            context_id,
+            envoy: self.envoy,
+            exchange,
+            vm: bg.vm.clone(),
+            waiting: self.waiting.clone(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -197,33 +241,60 @@ impl RootContext for Root {
 }
 
 struct Gateway {
+    context_id: u32,
     envoy: Envoy,
-    exchange: Exchange,
+    exchange: Rc<RefCell<Exchange>>,
+    vm: Vm,
+    waiting: Waiting,
+}
+
+impl Gateway {
+    /// Runs one callback of this request, then keeps it reachable while it
+    /// waits and runs the waiters the callback woke.
+    fn with<T>(&mut self, f: impl FnOnce(&mut Exchange, &Envoy) -> T) -> T {
+        let (out, waits) = {
+            let mut ex = self.exchange.borrow_mut();
+            let out = f(&mut ex, &self.envoy);
+            (out, ex.is_waiting())
+        };
+        if waits {
+            self.waiting.borrow_mut().insert(self.context_id, self.exchange.clone());
+        } else if !self.waiting.borrow().is_empty() {
+            self.waiting.borrow_mut().remove(&self.context_id);
+        }
+        run_woken(&self.vm, &self.waiting, &self.envoy, self.context_id);
+        out
+    }
 }
 
 impl Context for Gateway {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        self.exchange.on_call_response(&self.envoy, token, body_size);
+        self.with(|ex, envoy| ex.on_call_response(envoy, token, body_size));
+    }
+
+    fn on_done(&mut self) -> bool {
+        self.waiting.borrow_mut().remove(&self.context_id);
+        true
     }
 }
 
 impl HttpContext for Gateway {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        flow(self.exchange.on_request_headers(&self.envoy, end_of_stream))
+        flow(self.exchange.borrow_mut().on_request_headers(&self.envoy, end_of_stream))
     }
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        flow(self.exchange.on_request_body(&self.envoy, body_size, end_of_stream))
+        flow(self.with(|ex, envoy| ex.on_request_body(envoy, body_size, end_of_stream)))
     }
     fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
-        flow(self.exchange.on_request_trailers(&self.envoy))
+        flow(self.exchange.borrow_mut().on_request_trailers(&self.envoy))
     }
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        flow(self.exchange.on_response_headers(&self.envoy))
+        flow(self.exchange.borrow_mut().on_response_headers(&self.envoy))
     }
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        flow(self.exchange.on_response_body(&self.envoy, body_size, end_of_stream))
+        flow(self.exchange.borrow_mut().on_response_body(&self.envoy, body_size, end_of_stream))
     }
     fn on_log(&mut self) {
-        self.exchange.on_log(&self.envoy);
+        self.with(|ex, envoy| ex.on_log(envoy));
     }
 }

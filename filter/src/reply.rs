@@ -92,6 +92,22 @@ impl LocalReply {
         r
     }
 
+    /// This gateway sheds load (too many requests waiting for leases or in
+    /// admission calls): a temporary fault of ours, as above.
+    pub fn overloaded(retry_after_secs: u32) -> Self {
+        let mut r = Self::json(
+            503,
+            &ErrorEnvelope::new(
+                "The gateway is overloaded; retry shortly.",
+                "server_error",
+                None,
+                Some("gateway_overloaded"),
+            ),
+        );
+        r.headers.push(("retry-after", retry_after_secs.to_string()));
+        r
+    }
+
     /// The sidecar's refusal (unknown key, frozen, no balance, too much in
     /// flight), relayed as it wrote it; a rate limit says when to come back.
     pub fn refusal(status: u16, error: bridge_protocol::ErrorBody) -> Self {

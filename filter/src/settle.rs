@@ -27,7 +27,7 @@ impl Item {
 
 /// Splits queued items into the batch the sidecar takes.
 pub fn batch_of(items: &[Item]) -> SettleBatch {
-    let mut batch = SettleBatch { records: Vec::new(), closes: Vec::new() };
+    let mut batch = SettleBatch { records: Vec::new(), closes: Vec::new(), progress: Vec::new() };
     for item in items {
         match item {
             Item::Settle(r) => batch.records.push(r.clone()),
@@ -86,6 +86,11 @@ impl Settler {
         let n = self.pending.len().min(self.batch_max).min(self.probe.unwrap_or(usize::MAX));
         self.in_flight = Some(self.pending.drain(..n).collect());
         self.in_flight.as_deref()
+    }
+
+    /// Whether a failed send's backoff still runs.
+    pub fn backing_off(&self, now_ms: u64) -> bool {
+        now_ms < self.next_attempt_ms
     }
 
     /// Everything not yet settled, in flight or waiting: the last send when the

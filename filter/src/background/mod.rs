@@ -7,11 +7,14 @@
 //! none after the stream is gone), so finished requests only queue records;
 //! the root sends them on its tick.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 
-use bridge_protocol::{LeaseClose, LeaseReply, LeaseRequest, SettleOutcome, SettleReply, LEASE_PATH, SETTLE_PATH};
+use bridge_protocol::{
+    LeaseClose, LeaseProgress, LeaseReply, LeaseRequest, SettleOutcome, SettleReply, LEASE_PATH, MAX_PROGRESS,
+    SETTLE_PATH,
+};
 use log::{debug, error, info, warn};
 
 use crate::config::PluginConfig;
@@ -29,11 +32,92 @@ pub struct Vm {
     pub settler: Rc<RefCell<Settler>>,
     /// Slots of the leases this VM installed, for the root's sweep.
     pub leases: Rc<RefCell<BTreeSet<String>>>,
+    /// Requests waiting for their key's lease, and who is to look again.
+    pub waits: Rc<RefCell<Waits>>,
+    /// Admission calls in flight (see [`CallPermit`]).
+    calls: Rc<Cell<usize>>,
+}
+
+/// The requests of one VM waiting for a lease that another request (or the
+/// root) is fetching: context id and the slot it waits on. A slot that
+/// changes wakes its waiters; the root's tick wakes all of them, for a lease
+/// another VM installed and for those that waited too long.
+#[derive(Debug, Default)]
+pub struct Waits {
+    waiting: Vec<(u32, String)>,
+    woken: Vec<u32>,
+}
+
+impl Waits {
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    pub fn add(&mut self, context_id: u32, slot: String) {
+        self.waiting.push((context_id, slot));
+    }
+
+    /// The request left while it waited.
+    pub fn forget(&mut self, context_id: u32) {
+        self.waiting.retain(|(id, _)| *id != context_id);
+        self.woken.retain(|id| *id != context_id);
+    }
+
+    /// Wakes the requests waiting on `slot`.
+    pub fn wake(&mut self, slot: &str) {
+        let (woken, still): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.waiting).into_iter().partition(|(_, s)| s == slot);
+        self.waiting = still;
+        self.woken.extend(woken.into_iter().map(|(id, _)| id));
+    }
+
+    pub fn wake_all(&mut self) {
+        let all = std::mem::take(&mut self.waiting);
+        self.woken.extend(all.into_iter().map(|(id, _)| id));
+    }
+
+    /// The requests to look at their slot again, taken out.
+    pub fn take_woken(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.woken)
+    }
+}
+
+/// One admission call in flight, counted while it lives.
+#[derive(Debug)]
+pub struct CallPermit(Rc<Cell<usize>>);
+
+impl Drop for CallPermit {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
 }
 
 impl Vm {
     pub fn new(batch_max: usize) -> Self {
-        Self { settler: Rc::new(RefCell::new(Settler::new(batch_max))), leases: Rc::default() }
+        Self {
+            settler: Rc::new(RefCell::new(Settler::new(batch_max))),
+            leases: Rc::default(),
+            waits: Rc::default(),
+            calls: Rc::default(),
+        }
+    }
+
+    /// A permit for one more admission call, if fewer than `max` are in flight.
+    pub fn call_permit(&self, max: usize) -> Option<CallPermit> {
+        let n = self.calls.get();
+        (n < max).then(|| {
+            self.calls.set(n + 1);
+            CallPermit(self.calls.clone())
+        })
+    }
+
+    /// Wakes this VM's requests waiting on `slot`.
+    pub fn wake(&self, slot: &str) {
+        self.waits.borrow_mut().wake(slot);
     }
 
     /// Queues an item; logs the oldest if it had to make room for it.
@@ -61,7 +145,22 @@ pub struct Background {
     /// What this VM last added to the pending gauge (a sum over all VMs, which
     /// operators wait to reach 0 before stopping Envoy).
     reported: i64,
+    /// The live leases of this VM as last reported: lease id -> (slot, drawn, when).
+    progress: HashMap<String, Reported>,
 }
+
+/// A lease's last progress report.
+#[derive(Debug, Clone)]
+struct Reported {
+    slot: String,
+    drawn_tokens: i64,
+    at_ms: u64,
+}
+
+/// A live lease with no new draws is reported this often anyway, so that the
+/// sidecar never takes it for lost (`LEASE_LOST_SECS`, 30 s by default, must
+/// be several times this).
+pub const PROGRESS_HEARTBEAT_MS: u64 = 5_000;
 
 /// How a sweep left one slot.
 enum Swept {
@@ -73,7 +172,15 @@ enum Swept {
 impl Background {
     pub fn new(context_id: u32, config: Rc<PluginConfig>) -> Self {
         let vm = Vm::new(config.settle_batch_max);
-        Self { context_id, config, vm, in_flight: None, lease_calls: HashMap::new(), reported: 0 }
+        Self {
+            context_id,
+            config,
+            vm,
+            in_flight: None,
+            lease_calls: HashMap::new(),
+            reported: 0,
+            progress: HashMap::new(),
+        }
     }
 
     fn keep(&self, item: Item) {
@@ -81,6 +188,8 @@ impl Background {
     }
 
     pub fn on_tick(&mut self, host: &impl Host) {
+        // A lease another VM installed wakes nobody here; waits run out.
+        self.vm.waits.borrow_mut().wake_all();
         self.ask_for_leases(host);
         self.sweep_leases(host, false);
         self.send_due_batch(host);
@@ -107,6 +216,7 @@ impl Background {
             });
             match swept {
                 Some(Swept::Closed(close)) => {
+                    self.vm.wake(&key);
                     debug!(
                         "[root {}] lease {} closed: {} of {:?} drawn",
                         self.context_id, close.lease_id, close.drawn_tokens, close.tokens
@@ -149,6 +259,9 @@ impl Background {
         match sidecar_reply::<SettleReply>(host, body_size) {
             Ok(reply) => {
                 self.vm.settler.borrow_mut().sent();
+                for lease_id in &reply.recalled {
+                    self.recall(host, lease_id);
+                }
                 let results = reply.results.iter().chain(&reply.closes);
                 for r in
                     results.filter(|r| !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled))
@@ -206,6 +319,7 @@ impl Background {
                         Renew::Orphan(close) => Step::Keep(Err(close)),
                     }
                 });
+                self.vm.wake(&key);
                 match renewed {
                     Some(Ok(replaced)) => {
                         debug!("[root {}] lease {} of {tokens} live", self.context_id, ask.lease_id);
@@ -225,19 +339,31 @@ impl Background {
                     })),
                 }
             }
-            // Refused (frozen, no balance): the current lease runs out, and the
-            // request that then fetches gets the refusal. The marker stays
-            // until stale, so a refused key is not asked for on every draw.
-            Ok(LeaseReply::Refuse { status, .. }) => {
-                debug!("[root {}] lease {} refused ({status})", self.context_id, ask.lease_id)
+            // Refused (frozen, no balance) or not now: the current lease runs
+            // out, and the request that then fetches gets the answer itself.
+            // The marker stays until stale, so a refused key is not asked for
+            // on every draw, but nobody waits for it any more.
+            Ok(LeaseReply::Refuse { .. } | LeaseReply::Retry) => {
+                debug!("[root {}] lease {} not granted", self.context_id, ask.lease_id);
+                self.unanswered(host, &ask);
             }
-            Ok(LeaseReply::Retry) => debug!("[root {}] lease {} not granted now", self.context_id, ask.lease_id),
             // It may have been granted unseen: give it back.
             Err(why) => {
                 warn!("[root {}] lease {} {why}; releasing it", self.context_id, ask.lease_id);
+                self.unanswered(host, &ask);
                 self.keep(Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
             }
         }
+    }
+
+    /// Marks the renewal `ask` answered without a grant, and wakes its waiters.
+    fn unanswered(&self, host: &impl Host, ask: &LeaseRequest) {
+        let key = lease::slot_key(&ask.key_hash, self.config.lease_slots);
+        slot::update(host, &key, |slot, _| match lease::unanswered(slot, &ask.lease_id) {
+            Some(next) => Step::Write(Some(next), ()),
+            None => Step::Keep(()),
+        });
+        self.vm.wake(&key);
     }
 
     pub fn send_due_batch(&mut self, host: &impl Host) {
@@ -245,10 +371,18 @@ impl Background {
             return;
         }
         let now = host.now_ms();
+        let progress = self.progress_due(host, now);
         let encoded = {
             let mut settler = self.vm.settler.borrow_mut();
-            let Some(batch) = settler.next_batch(now) else { return };
-            (serde_json::to_vec(&batch_of(batch)), batch.len())
+            let backing_off = settler.backing_off(now);
+            let items = settler.next_batch(now);
+            if items.is_none() && (progress.is_empty() || backing_off) {
+                return;
+            }
+            let items = items.unwrap_or_default();
+            let mut batch = batch_of(items);
+            batch.progress = progress;
+            (serde_json::to_vec(&batch), items.len())
         };
         let (body, n) = match encoded {
             (Ok(b), n) => (b, n),
@@ -267,6 +401,53 @@ impl Background {
                 warn!("[root {}] cannot reach the sidecar to settle {n} records: {e}; will retry", self.context_id);
                 self.vm.settler.borrow_mut().failed(now);
             }
+        }
+    }
+
+    /// Progress reports of this VM's live leases whose draws moved since
+    /// their last report, or whose last report is a heartbeat old.
+    fn progress_due(&mut self, host: &impl Host, now: u64) -> Vec<LeaseProgress> {
+        let mut due = Vec::new();
+        let mut live = HashMap::new();
+        for key in self.vm.leases.borrow().iter() {
+            let (bytes, _) = host.shared_get(key);
+            let Some(Slot::Live(lease)) = bytes.as_deref().and_then(Slot::decode) else { continue };
+            let last = self.progress.remove(&lease.id);
+            let moved = last.as_ref().is_none_or(|r| {
+                r.drawn_tokens != lease.drawn_tokens || now.saturating_sub(r.at_ms) >= PROGRESS_HEARTBEAT_MS
+            });
+            let reported = match last {
+                Some(r) if !moved || due.len() >= MAX_PROGRESS => r,
+                _ => {
+                    due.push(LeaseProgress {
+                        key_hash: lease.key_hash.clone(),
+                        lease_id: lease.id.clone(),
+                        drawn_tokens: lease.drawn_tokens,
+                        drawn_n: lease.drawn_n,
+                    });
+                    Reported { slot: key.clone(), drawn_tokens: lease.drawn_tokens, at_ms: now }
+                }
+            };
+            live.insert(lease.id, reported);
+        }
+        self.progress = live;
+        due
+    }
+
+    /// The sidecar recalled lease `lease_id` (another gateway needs the
+    /// balance it holds) or no longer has it: it leaves its slot and is
+    /// closed now with what was drawn.
+    fn recall(&mut self, host: &impl Host, lease_id: &str) {
+        let Some(key) = self.progress.get(lease_id).map(|r| r.slot.clone()) else { return };
+        let closed = slot::update(host, &key, |slot, _| match slot {
+            Some(Slot::Live(lease)) if lease.id == lease_id => Step::Write(None, Some(lease.close())),
+            _ => Step::Keep(None),
+        });
+        if let Some(Some(close)) = closed {
+            info!("[root {}] lease {lease_id} recalled: {} drawn", self.context_id, close.drawn_tokens);
+            self.keep(Item::Close(close));
+            self.vm.leases.borrow_mut().remove(&key);
+            self.vm.wake(&key);
         }
     }
 

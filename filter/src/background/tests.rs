@@ -134,9 +134,10 @@ fn a_background_ask_that_fails_is_released_and_a_renewal_the_slot_outgrew_given_
     let [Item::Close(release)] = &queued[..] else { panic!("{queued:?}") };
     assert_eq!((release.lease_id.as_str(), release.tokens), (ask.body["lease_id"].as_str().unwrap(), None));
 
-    // Another ask; meanwhile the lease expires and a request replaces it.
+    // Another ask, which takes so long that it goes stale; meanwhile the lease
+    // expires and a request replaces it.
     let (mut gw, ask) = renewing();
-    gw.world.advance(500);
+    gw.world.advance(gw.root.config.lease_policy().stale_ms);
     let (mut ex, s, _) = gw.send(BODY);
     gw.answer(&mut ex, &s, "200", grant(100_000));
     let Some(Slot::Live(current)) = gw.slot() else { panic!("no lease") };
@@ -148,4 +149,42 @@ fn a_background_ask_that_fails_is_released_and_a_renewal_the_slot_outgrew_given_
     let queued = gw.queued();
     let [Item::Close(orphan)] = &queued[..] else { panic!("{queued:?}") };
     assert_eq!((orphan.tokens, orphan.drawn_tokens), (Some(70_000), 0));
+}
+
+#[test]
+fn each_tick_reports_the_draws_of_live_leases_and_a_recall_closes_one_at_once() {
+    let mut gw = Gateway::new(json!({"lease_ms": 60_000}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    let estimate = gw.world.calls_to(LEASE_PATH)[0].body["min"].as_i64().unwrap();
+    gw.send(BODY);
+    let settled = |gw: &mut Gateway, token: u32, body: Value| {
+        let n = gw.world.reply_with("200", &body);
+        gw.root.on_call_response(&*gw.world, token, n);
+    };
+    // Two draws so far: reported, with no record to settle.
+    gw.root.on_tick(&*gw.world);
+    let report = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    let lease_id = report.body["progress"][0]["lease_id"].as_str().unwrap().to_owned();
+    assert_eq!(report.body["progress"][0]["drawn_tokens"], 2 * estimate);
+    assert_eq!(report.body["progress"][0]["drawn_n"], 2);
+    settled(&mut gw, report.token, json!({"results": [], "closes": []}));
+    // Nothing moved: nothing sent, until the heartbeat is due.
+    gw.world.advance(200);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.world.calls_to(SETTLE_PATH).len(), 1);
+    gw.world.advance(super::PROGRESS_HEARTBEAT_MS);
+    gw.root.on_tick(&*gw.world);
+    let beat = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    assert_eq!(beat.body["progress"][0]["drawn_n"], 2);
+
+    // The sidecar recalls it: the lease leaves its slot and its close goes out now.
+    settled(&mut gw, beat.token, json!({"results": [], "closes": [], "recalled": [lease_id]}));
+    assert_eq!(gw.slot(), None);
+    let close = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    assert_eq!(close.body["closes"][0]["lease_id"], lease_id.as_str());
+    assert_eq!(close.body["closes"][0]["drawn_tokens"], 2 * estimate);
+    // The key's next request fetches a new lease.
+    gw.send(BODY);
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 2);
 }

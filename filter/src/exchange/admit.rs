@@ -20,15 +20,18 @@ use crate::slot::{self, Step};
 /// Where a request's estimate comes from.
 enum Precheck {
     Drawn(String),
-    /// Fetch lease `0`, closing the lease `1` it replaces in the same call.
-    Fetch(String, Option<LeaseClose>),
+    /// Fetch lease `0` of `2` tokens, closing the lease `1` it replaces in the same call.
+    Fetch(String, Option<LeaseClose>, i64),
+    /// The key's next lease is on its way: wait for it.
+    Wait,
     Reserve,
     /// Refused a moment ago: the same answer, without a call.
     Refused(u16, bridge_protocol::ErrorBody),
 }
 
 impl Exchange {
-    /// The body is in: draw, fetch or reserve.
+    /// The body is in (or the request was woken from its wait): draw, fetch,
+    /// wait or reserve.
     pub(super) fn admit(&mut self, host: &impl HttpHost, req: Admitted) -> Flow {
         if self.cfg.lease_tokens == 0 {
             return self.reserve(host, req);
@@ -39,12 +42,20 @@ impl Exchange {
                 self.state = State::Forwarded { req, hold: Hold::Drawn(lease_id), status: 0, meter: None };
                 Flow::Continue
             }
-            Precheck::Fetch(lease_id, replaces) => {
+            Precheck::Fetch(lease_id, replaces, want) => {
+                // Another key's expired lease, left in a slot they share, closes on its own.
+                let (replaces, other) = match replaces {
+                    Some(c) if c.key_hash != req.caller.key_hash => (None, Some(c)),
+                    same => (same, None),
+                };
+                if let Some(close) = other {
+                    self.keep(Item::Close(close));
+                }
                 let ask = LeaseRequest {
                     key_hash: req.caller.key_hash.clone(),
                     lease_id: lease_id.clone(),
                     model: req.admission.model.clone(),
-                    want: self.cfg.lease_tokens.max(req.admission.estimate),
+                    want,
                     min: req.admission.estimate,
                     replaces: replaces.clone(),
                 };
@@ -53,6 +64,7 @@ impl Exchange {
                 let wait = Wait::Lease { lease_id, replacing: replaces };
                 self.call(host, req, wait, LEASE_PATH, serde_json::to_vec(&ask))
             }
+            Precheck::Wait => self.wait(host, req),
             Precheck::Reserve => self.reserve(host, req),
             Precheck::Refused(status, error) => {
                 self.refuse(host, &req, status, error);
@@ -61,24 +73,64 @@ impl Exchange {
         }
     }
 
+    /// Waits for the key's lease (woken when its slot changes or on the
+    /// root's tick), at most `lease_wait_ms` from its first wait, and as one
+    /// of at most `lease_waiters_max`: past either, 503 with Retry-After.
+    fn wait(&mut self, host: &impl HttpHost, mut req: Admitted) -> Flow {
+        let now = host.now_ms();
+        let first = req.waiting_since.is_none();
+        let since = *req.waiting_since.get_or_insert(now);
+        if now.saturating_sub(since) >= self.cfg.lease_wait_ms {
+            return self.shed(host, &req, "waited too long for its key's lease");
+        }
+        let full = first && self.vm.waits.borrow().len() >= self.cfg.lease_waiters_max;
+        if full {
+            return self.shed(host, &req, "too many requests wait for leases");
+        }
+        self.vm.waits.borrow_mut().add(self.id, self.slot_of(&req));
+        self.state = State::Waiting { req };
+        Flow::Pause
+    }
+
+    /// Woken from a wait: looks at the key's slot again, and goes upstream if
+    /// the lease is there.
+    pub fn on_woken(&mut self, host: &impl HttpHost) {
+        if !self.is_waiting() {
+            return;
+        }
+        let State::Waiting { req } = std::mem::replace(&mut self.state, State::Settled) else { return };
+        if self.admit(host, req) == Flow::Continue {
+            host.resume_request();
+        }
+    }
+
+    /// Load shed: answered 503 with Retry-After (in either failure mode: it is
+    /// this gateway that is full, not the sidecar that failed).
+    fn shed(&mut self, host: &impl HttpHost, req: &Admitted, why: &str) -> Flow {
+        warn!("[{}] {}: {why}; answering 503", self.id, req.caller.request_id);
+        self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs))
+    }
+
     /// Draws this request's estimate from the key's lease, or takes the job of
-    /// fetching the next one; reserves alone while another worker fetches.
+    /// fetching the next one; waits while another request fetches it.
     fn precheck(&self, host: &impl HttpHost, req: &Admitted) -> Precheck {
         let Some(new_id) = crate::new_request_id() else { return Precheck::Reserve };
         let estimate = req.admission.estimate;
-        let stale_ms = self.cfg.sidecar_timeout_ms + 1_000;
+        let policy = self.cfg.lease_policy();
         let key = self.slot_of(req);
         let key_hash = req.caller.key_hash.as_str();
-        let decided = slot::update(host, &key, |slot, now| {
-            match lease::draw(slot, key_hash, now, estimate, &new_id, stale_ms, self.cfg.lease_ms) {
+        let decided =
+            slot::update(host, &key, |slot, now| match lease::draw(slot, key_hash, now, estimate, &new_id, &policy) {
                 Draw::Drawn { slot, lease_id, refresh } => {
                     Step::Write(Some(slot), (Precheck::Drawn(lease_id), refresh))
                 }
-                Draw::Fetch { slot, close } => Step::Write(Some(slot), (Precheck::Fetch(new_id.clone(), close), None)),
+                Draw::Fetch { slot, close, want } => {
+                    Step::Write(Some(slot), (Precheck::Fetch(new_id.clone(), close, want), None))
+                }
+                Draw::Wait => Step::Keep((Precheck::Wait, None)),
                 Draw::Reserve => Step::Keep((Precheck::Reserve, None)),
                 Draw::Refused { status, error } => Step::Keep((Precheck::Refused(status, error), None)),
-            }
-        });
+            });
         let Some((precheck, refresh)) = decided else { return Precheck::Reserve };
         if let Some((id, want)) = refresh {
             self.ask_in_background(host, req, id, want);
@@ -93,7 +145,7 @@ impl Exchange {
             key_hash: req.caller.key_hash.clone(),
             lease_id,
             model: req.admission.model.clone(),
-            want: self.cfg.lease_tokens.max(estimate).max(want),
+            want,
             min: estimate,
             replaces: None,
         };
@@ -125,13 +177,19 @@ impl Exchange {
         path: &str,
         payload: serde_json::Result<Vec<u8>>,
     ) -> Flow {
+        let Some(permit) = self.vm.call_permit(self.cfg.admission_calls_max) else {
+            if let Wait::Lease { lease_id, replacing } = wait {
+                self.end_fetch(host, &req, &lease_id, replacing);
+            }
+            return self.shed(host, &req, "too many admission calls in flight");
+        };
         let sent = payload.map_err(|e| format!("cannot encode the call: {e}")).and_then(|p| {
             call_sidecar(host, &self.cfg, path, &p, self.cfg.sidecar_timeout_ms)
                 .map_err(|e| format!("dispatch failed: {e}"))
         });
         match sent {
             Ok(callout) => {
-                self.state = State::Admitting { req, callout, wait };
+                self.state = State::Admitting { req, callout, wait, _permit: permit };
                 Flow::Pause
             }
             Err(why) => self.sidecar_failed(host, req, wait, &why, false),
@@ -155,6 +213,11 @@ impl Exchange {
                     None => self.refuse(host, &req, 429, error),
                 },
                 Ok(ReserveReply::Refuse { status, error }) => self.refuse(host, &req, status, error),
+                // The balance is in other gateways' leases, which the sidecar
+                // recalled: look again on the root's next tick.
+                Ok(ReserveReply::Retry) => {
+                    self.wait(host, req);
+                }
                 Err(why) => {
                     self.sidecar_failed(host, req, Wait::Reserve, &why.to_string(), true);
                 }
@@ -170,9 +233,12 @@ impl Exchange {
                     self.cache_refusal(host, &req, &lease_id, status, &error);
                     self.refuse(host, &req, status, error);
                 }
+                // Not now (the balance is in other gateways' leases, recalled, or
+                // moved under every try): the marker goes, and this request
+                // looks again on the root's next tick, as one waiting.
                 Ok(LeaseReply::Retry) => {
                     self.clear_marker(host, &req, &lease_id);
-                    self.reserve(host, req);
+                    self.wait(host, req);
                 }
                 Err(why) => {
                     self.sidecar_failed(host, req, Wait::Lease { lease_id, replacing }, &why.to_string(), true);
@@ -221,6 +287,7 @@ impl Exchange {
                 Install::Orphan(close) => Step::Keep(Some(close)),
             }
         });
+        self.vm.wake(&key);
         match installed {
             Some(None) => {
                 self.vm.leases.borrow_mut().insert(key);
@@ -257,6 +324,7 @@ impl Exchange {
                 None => Step::Keep(()),
             }
         });
+        self.vm.wake(&key);
     }
 
     /// The fetch ended without a lease: take our marker out of the slot so
@@ -267,6 +335,7 @@ impl Exchange {
             true => Step::Write(None, ()),
             false => Step::Keep(()),
         });
+        self.vm.wake(&key);
     }
 
     /// A lease fetch that ended without its grant: our marker leaves the slot

@@ -72,6 +72,20 @@ impl Gateway {
         ex.on_call_response(s, call.token, n);
     }
 
+    /// Runs the woken waiters among `waiting` (as the shell does after each
+    /// callback); returns how many were woken.
+    pub fn run_woken(&self, waiting: &mut [(&mut Exchange, &Stream)]) -> usize {
+        let woken = self.root.vm.waits.borrow_mut().take_woken();
+        for id in &woken {
+            for (ex, s) in waiting.iter_mut() {
+                if ex.context_id() == *id {
+                    ex.on_woken(*s);
+                }
+            }
+        }
+        woken.len()
+    }
+
     /// Everything the VM queued for the sidecar, taken out.
     pub fn queued(&self) -> Vec<Item> {
         self.root.vm.settler.borrow_mut().take_all()

@@ -2,10 +2,14 @@
 //! their own data:
 //!
 //! ```text
-//! Headers -> Body -> Admitting {callout, wait: reserve | lease} -> Forwarded {hold, meter} -> Settled
-//!    |         |          |
-//!    +---------+----------+--> Answered (a local reply) / Passthrough (not ours)
+//! Headers -> Body -> [Waiting] -> Admitting {callout, wait: reserve | lease} -> Forwarded {hold, meter} -> Settled
+//!    |         |          |            |
+//!    +---------+----------+------------+--> Answered (a local reply) / Passthrough (not ours)
 //! ```
+//!
+//! `Waiting`: the key's lease is being fetched by another request (or renewed
+//! by the root); this one is woken when the slot changes, or by the root's
+//! tick, and draws then.
 //!
 //! A request reaches the upstream only from `Forwarded`, which only
 //! admission enters (a draw from the key's lease, a granted lease or
@@ -49,6 +53,8 @@ struct Admitted {
     /// The client's body, kept for the tiktoken fallback of the prompt.
     body: Vec<u8>,
     admission: Admission,
+    /// When it first waited for its key's lease, if it did.
+    waiting_since: Option<u64>,
 }
 
 /// What the sidecar is deciding while the request waits.
@@ -81,11 +87,16 @@ enum State {
     Answered,
     /// Buffering the body.
     Body(Caller),
+    /// Waiting for the key's lease, fetched by someone else.
+    Waiting {
+        req: Admitted,
+    },
     /// Waiting for the sidecar's reply to `callout`.
     Admitting {
         req: Admitted,
         callout: u32,
         wait: Wait,
+        _permit: crate::background::CallPermit,
     },
     /// Admitted and forwarded: settles exactly once.
     Forwarded {
@@ -196,7 +207,7 @@ impl Exchange {
         if let Some(new_body) = &admission.rewritten {
             host.set_request_body(body_size, new_body);
         }
-        self.admit(host, Admitted { caller, body, admission })
+        self.admit(host, Admitted { caller, body, admission, waiting_since: None })
     }
 
     /// Trailers end a body that never said it ended: until admission has
@@ -208,7 +219,7 @@ impl Exchange {
                 host,
                 LocalReply::bad_request("Request trailers are not accepted; send the body without trailers.", None),
             ),
-            State::Admitting { .. } => Flow::Pause,
+            State::Admitting { .. } | State::Waiting { .. } => Flow::Pause,
             _ => Flow::Continue,
         }
     }
@@ -256,6 +267,8 @@ impl Exchange {
         match std::mem::replace(&mut self.state, State::Settled) {
             // The client left while the sidecar decided: whatever it decided is undone.
             State::Admitting { req, wait, .. } => self.give_back(host, &req, wait, 499),
+            // Nothing was granted to it: it only leaves the wait list.
+            State::Waiting { .. } => self.vm.waits.borrow_mut().forget(self.id),
             State::Forwarded { req, hold, status, mut meter } => {
                 if let Some(m) = &mut meter {
                     // A client that left mid-answer never reached the end: finish the count here.
@@ -277,6 +290,16 @@ impl Exchange {
             }
             other => self.state = other,
         }
+    }
+
+    /// Whether this request waits for its key's lease (the shell keeps it
+    /// reachable for [`Exchange::on_woken`] while it does).
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.state, State::Waiting { .. })
+    }
+
+    pub fn context_id(&self) -> u32 {
+        self.id
     }
 
     /// Whether a settlement may still be owed (for tests and logs).

@@ -17,7 +17,7 @@ fn the_first_request_fetches_a_lease_and_the_next_draws_without_a_call() {
     assert_eq!(flow, Flow::Pause, "waits for the lease");
     let call = &gw.world.calls_to(LEASE_PATH)[0];
     let estimate = call.body["min"].as_i64().unwrap();
-    assert_eq!(call.body["want"], 100_000);
+    assert_eq!(call.body["want"], estimate * crate::lease::FIRST_LEASE_REQUESTS, "no rate yet: sixteen requests");
     assert_eq!(s.resumed.get(), 0, "nothing forwarded before the grant");
     gw.answer(&mut ex, &s, "200", grant(100_000));
     assert_eq!(s.resumed.get(), 1);
@@ -252,37 +252,165 @@ fn made_up_keys_cannot_grow_envoys_shared_data_past_its_slots() {
 }
 
 #[test]
-fn a_lease_not_granted_now_reserves_alone() {
+fn a_lease_not_granted_now_waits_and_asks_again_on_the_tick() {
     let mut gw = Gateway::new(json!({}));
     let (mut ex, s, _) = gw.send(BODY);
     gw.answer(&mut ex, &s, "200", json!({"verdict": "retry"}));
     assert_eq!(gw.slot(), None);
-    assert_eq!(gw.world.calls_to(RESERVE_PATH).len(), 1);
-    gw.answer(&mut ex, &s, "200", json!({"verdict": "admit", "balance_tokens": 1}));
+    assert!(gw.world.calls_to(RESERVE_PATH).is_empty(), "no reservation alone");
+    assert!(ex.is_waiting());
+    gw.world.advance(200);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.run_woken(&mut [(&mut ex, &s)]), 1);
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 2, "asked again");
+    gw.answer(&mut ex, &s, "200", grant(10_000));
     assert_eq!(s.resumed.get(), 1);
     respond(&mut ex, &s, "200", USAGE);
     ex.on_log(&s);
     let [r] = &gw.records()[..] else { panic!("one record") };
-    assert!(r.lease_id.is_none() && !r.unreserved);
+    assert!(r.lease_id.is_some() && !r.unreserved);
+
+    // A reservation the sidecar answers "retry" waits the same way.
+    let mut gw = Gateway::new(json!({"lease_tokens": 0}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", json!({"verdict": "retry"}));
+    assert!(ex.is_waiting() && s.replied().is_none());
+    gw.world.advance(200);
+    gw.root.on_tick(&*gw.world);
+    gw.run_woken(&mut [(&mut ex, &s)]);
+    assert_eq!(gw.world.calls_to(RESERVE_PATH).len(), 2);
 }
 
 #[test]
-fn while_a_lease_is_fetched_others_reserve_and_a_429_draws_from_it_once_it_arrived() {
+fn while_a_lease_is_fetched_the_keys_other_requests_wait_and_draw_from_it_without_a_call() {
     let mut gw = Gateway::new(json!({}));
     let (mut fetcher, fs, _) = gw.send(BODY);
-    let (mut other, os, flow) = gw.send(BODY);
-    assert_eq!(flow, Flow::Pause);
-    let reserve = gw.world.calls_to(RESERVE_PATH);
-    assert_eq!(reserve.len(), 1, "the second request reserved alone");
-    let lease_call = gw.world.calls_to(LEASE_PATH)[0].token;
-    let n = gw.world.reply_with("200", &grant(100_000));
-    fetcher.on_call_response(&fs, lease_call, n);
-    // The balance went into the lease: the reservation is refused, and draws.
-    let n = gw.world.reply_with("200", &refuse(429, "insufficient_quota"));
-    other.on_call_response(&os, reserve[0].token, n);
-    assert_eq!((os.replied(), os.resumed.get()), (None, 1));
+    let mut others: Vec<_> = (0..20).map(|_| gw.send(BODY)).collect();
+    for (ex, s, flow) in &others {
+        assert_eq!((*flow, s.resumed.get()), (Flow::Pause, 0));
+        assert!(ex.is_waiting());
+    }
+    assert_eq!(gw.world.calls().len(), 1, "one fetch, no reservation: {:?}", gw.world.calls());
+    gw.answer(&mut fetcher, &fs, "200", grant(100_000));
+    let mut waiting: Vec<_> = others.iter_mut().map(|(ex, s, _)| (ex, &*s)).collect();
+    assert_eq!(gw.run_woken(&mut waiting), 20, "the install woke them");
+    for (ex, s, _) in &others {
+        assert_eq!((s.resumed.get(), s.replied()), (1, None));
+        assert!(!ex.is_waiting());
+    }
+    assert_eq!(gw.world.calls().len(), 1);
     let Some(Slot::Live(l)) = gw.slot() else { panic!("no lease") };
-    assert_eq!(l.drawn_n, 2);
+    assert_eq!(l.drawn_n, 21);
+}
+
+#[test]
+fn a_lease_too_small_for_its_waiters_leaves_the_rest_waiting_for_its_renewal() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut fetcher, fs, _) = gw.send(BODY);
+    let estimate = gw.world.calls_to(LEASE_PATH)[0].body["min"].as_i64().unwrap();
+    let (mut a, sa, _) = gw.send(BODY);
+    let (mut b, sb, _) = gw.send(BODY);
+    // Enough for the fetcher and one more.
+    gw.answer(&mut fetcher, &fs, "200", grant(2 * estimate));
+    gw.run_woken(&mut [(&mut a, &sa), (&mut b, &sb)]);
+    assert_eq!((sa.resumed.get(), sb.resumed.get()), (1, 0), "one drew");
+    assert!(b.is_waiting());
+    // The draw that spent it asked for the next; the root sends the ask and its grant wakes the other.
+    gw.root.on_tick(&*gw.world);
+    gw.run_woken(&mut [(&mut b, &sb)]);
+    assert!(b.is_waiting(), "still nothing to draw from");
+    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    assert!(ask.body["want"].as_i64().unwrap() >= 16 * estimate);
+    let n = gw.world.reply_with("200", &grant(16 * estimate));
+    gw.root.on_call_response(&*gw.world, ask.token, n);
+    gw.run_woken(&mut [(&mut b, &sb)]);
+    assert_eq!(sb.resumed.get(), 1);
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 2, "two lease calls");
+    assert!(gw.world.calls_to(RESERVE_PATH).is_empty());
+}
+
+#[test]
+fn waits_are_bounded_in_time_and_number_and_admission_calls_in_flight() {
+    // In time: past lease_wait_ms, 503 with Retry-After (never 429 or 401).
+    let mut gw = Gateway::new(json!({"lease_wait_ms": 500}));
+    let (_fetcher, _fs, _) = gw.send(BODY);
+    let (mut w, ws, _) = gw.send(BODY);
+    gw.world.advance(499);
+    gw.root.on_tick(&*gw.world);
+    gw.run_woken(&mut [(&mut w, &ws)]);
+    assert!(w.is_waiting());
+    gw.world.advance(1);
+    gw.root.on_tick(&*gw.world);
+    gw.run_woken(&mut [(&mut w, &ws)]);
+    assert_eq!(ws.replied(), Some(503));
+    assert!(ws.reply_headers().iter().any(|(k, v)| k == "retry-after" && v == "5"));
+    assert!(w.is_settled() && gw.root.vm.waits.borrow().is_empty());
+
+    // In number: past lease_waiters_max, 503 at once.
+    let mut gw = Gateway::new(json!({"lease_waiters_max": 2}));
+    let _fetch = gw.send(BODY);
+    let waiting: Vec<_> = (0..3).map(|_| gw.send(BODY)).collect();
+    let replied: Vec<_> = waiting.iter().map(|(_, s, _)| s.replied()).collect();
+    assert_eq!(replied, [None, None, Some(503)]);
+
+    // A waiter whose client left leaves the list and owes nothing.
+    let (mut w, ws, _) = waiting.into_iter().next().unwrap();
+    w.on_log(&ws);
+    assert_eq!(gw.root.vm.waits.borrow().len(), 1);
+    assert!(gw.records().is_empty());
+
+    // Calls in flight: past admission_calls_max, 503 at once, and the
+    // fetch marker it wrote is cleared for the next request.
+    let mut gw = Gateway::new(json!({"lease_tokens": 0, "admission_calls_max": 2}));
+    let calls: Vec<_> = (0..3).map(|_| gw.send(BODY)).collect();
+    assert_eq!(calls.iter().map(|(_, s, _)| s.replied()).collect::<Vec<_>>(), [None, None, Some(503)]);
+    assert_eq!(gw.world.calls().len(), 2);
+    // An answer frees its place.
+    let (mut first, fs, _) = calls.into_iter().next().unwrap();
+    let token = gw.world.calls()[0].token;
+    let n = gw.world.reply_with("200", &json!({"verdict": "admit", "balance_tokens": 1}));
+    first.on_call_response(&fs, token, n);
+    let (_, s, _) = gw.send(BODY);
+    assert_eq!(s.replied(), None);
+    assert_eq!(gw.world.calls().len(), 3);
+}
+
+#[test]
+fn a_renewal_on_its_way_is_waited_for_when_the_lease_runs_short() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    let estimate = gw.world.calls_to(LEASE_PATH)[0].body["min"].as_i64().unwrap();
+    gw.answer(&mut ex, &s, "200", grant(2 * estimate));
+    // Half drawn: the background ask goes out, and the next request finds the lease spent.
+    let (_, s2, flow) = gw.send(BODY);
+    assert_eq!((flow, s2.resumed.get()), (Flow::Continue, 0));
+    gw.root.on_tick(&*gw.world);
+    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    let (mut w, ws, flow) = gw.send(BODY);
+    assert_eq!(flow, Flow::Pause);
+    assert!(w.is_waiting(), "waits for the renewal instead of fetching or reserving");
+    let n = gw.world.reply_with("200", &grant(50 * estimate));
+    gw.root.on_call_response(&*gw.world, ask.token, n);
+    gw.run_woken(&mut [(&mut w, &ws)]);
+    assert_eq!(ws.resumed.get(), 1);
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 2);
+    assert!(gw.world.calls_to(RESERVE_PATH).is_empty());
+
+    // A renewal refused: the waiters stop waiting for it and one fetches in the foreground.
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(2 * estimate));
+    gw.send(BODY);
+    gw.root.on_tick(&*gw.world);
+    let ask = gw.world.calls_to(LEASE_PATH).pop().unwrap();
+    let (mut w, ws, _) = gw.send(BODY);
+    let n = gw.world.reply_with("200", &refuse(429, "insufficient_quota"));
+    gw.root.on_call_response(&*gw.world, ask.token, n);
+    gw.run_woken(&mut [(&mut w, &ws)]);
+    let fetches = gw.world.calls_to(LEASE_PATH);
+    assert_eq!(fetches.len(), 3, "the woken request fetched");
+    gw.answer(&mut w, &ws, "200", refuse(429, "insufficient_quota"));
+    assert_eq!(ws.replied(), Some(429));
 }
 
 #[test]

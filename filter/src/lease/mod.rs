@@ -52,9 +52,17 @@ pub struct Lease {
 pub struct Refresh {
     pub id: String,
     pub since_ms: u64,
+    /// Answered without a grant (refused, or not now): no more asks until it
+    /// goes stale, and nobody waits for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub answered: bool,
 }
 
 impl Lease {
+    fn refresh_answered(&self) -> bool {
+        self.refresh.as_ref().is_some_and(|r| r.answered)
+    }
+
     pub fn close(&self) -> LeaseClose {
         LeaseClose {
             key_hash: self.key_hash.clone(),
@@ -98,6 +106,33 @@ impl Slot {
     }
 }
 
+/// How leases are sized and when a fetch is given up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// A fetch marker older than this is its fetcher gone: replaced.
+    pub stale_ms: u64,
+    /// How long a lease is drawn from.
+    pub window_ms: u64,
+    /// The most tokens one lease asks for (`LEASE_TOKENS`).
+    pub ceiling: i64,
+}
+
+/// A key's first lease, with no draw rate to go by, asks for this many
+/// requests' estimates (within the ceiling).
+pub const FIRST_LEASE_REQUESTS: i64 = 16;
+
+impl Policy {
+    /// Tokens a lease fetched after `prev` (the key's last lease, if it is
+    /// still in the slot) asks for, by a request of `estimate`: twice the key's
+    /// draw over a window, at least [`FIRST_LEASE_REQUESTS`] estimates, at most
+    /// the ceiling, and never less than this request's estimate.
+    pub fn want(&self, prev: Option<&Lease>, now_ms: u64, estimate: i64) -> i64 {
+        let by_rate = prev.map_or(0, |l| next_want(l, now_ms, self.window_ms));
+        let wanted = by_rate.max(estimate.saturating_mul(FIRST_LEASE_REQUESTS));
+        wanted.min(self.ceiling).max(estimate)
+    }
+}
+
 /// What a request does about its estimate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Draw {
@@ -105,41 +140,39 @@ pub enum Draw {
     /// forward; if `refresh` is set, ask for that lease (id, tokens wanted) in
     /// the background.
     Drawn { slot: Slot, lease_id: String, refresh: Option<(String, i64)> },
-    /// Write `slot` (our fetch marker), then ask the sidecar for a lease; the
-    /// lease it replaces, if any, is closed with what was drawn from it.
-    Fetch { slot: Slot, close: Option<LeaseClose> },
-    /// Another worker is fetching, or the slot holds another key's live
-    /// lease: reserve this request on its own.
+    /// Write `slot` (our fetch marker), then ask the sidecar for a lease of
+    /// `want` tokens; the lease it replaces, if any, is closed with what was
+    /// drawn from it (in the fetch if it is this key's, else on its own).
+    Fetch { slot: Slot, close: Option<LeaseClose>, want: i64 },
+    /// The key's next lease is on its way (a fetch or a renewal): wait for it
+    /// rather than reserve alone.
+    Wait,
+    /// The slot holds another key's live lease: reserve this request on its own.
     Reserve,
     /// The key was refused a moment ago: answer this, without a call.
     Refused { status: u16, error: bridge_protocol::ErrorBody },
 }
 
 /// Decides a request's draw from the slot as read. `new_id` names a lease to
-/// fetch; a fetch marker older than `stale_ms` (its fetcher gone) is replaced;
-/// `window_ms` is a lease's draw window.
-pub fn draw(
-    current: Option<&Slot>,
-    key_hash: &str,
-    now_ms: u64,
-    estimate: i64,
-    new_id: &str,
-    stale_ms: u64,
-    window_ms: u64,
-) -> Draw {
-    let refreshing =
-        |lease: &Lease| lease.refresh.as_ref().is_some_and(|r| now_ms.saturating_sub(r.since_ms) < stale_ms);
-    let fetch = |close: Option<LeaseClose>| Draw::Fetch {
+/// fetch.
+pub fn draw(current: Option<&Slot>, key_hash: &str, now_ms: u64, estimate: i64, new_id: &str, policy: &Policy) -> Draw {
+    let in_flight =
+        |lease: &Lease| lease.refresh.as_ref().is_some_and(|r| now_ms.saturating_sub(r.since_ms) < policy.stale_ms);
+    // The lease replaced, if any, is closed (another key's, expired, by its
+    // own close; ours in the fetch); only ours tells this key's draw rate.
+    let fetch = |prev: Option<&Lease>| Draw::Fetch {
         slot: Slot::Fetching { id: new_id.to_owned(), since_ms: now_ms },
-        close,
+        close: prev.map(Lease::close),
+        want: policy.want(prev.filter(|l| l.key_hash == key_hash), now_ms, estimate),
     };
     if let Some(mut lease) = take(current, key_hash, now_ms, estimate) {
         let lease_id = lease.id.clone();
-        let half_time = now_ms.saturating_add(window_ms / 2) >= lease.expires_ms;
+        let half_time = now_ms.saturating_add(policy.window_ms / 2) >= lease.expires_ms;
         let half_drawn = lease.drawn_tokens * 2 >= lease.tokens;
-        let refresh = if (half_time || half_drawn) && !refreshing(&lease) {
-            lease.refresh = Some(Refresh { id: new_id.to_owned(), since_ms: now_ms });
-            Some((new_id.to_owned(), next_want(&lease, now_ms, window_ms)))
+        let refresh = if (half_time || half_drawn) && !in_flight(&lease) {
+            let want = policy.want(Some(&lease), now_ms, estimate);
+            lease.refresh = Some(Refresh { id: new_id.to_owned(), since_ms: now_ms, answered: false });
+            Some((new_id.to_owned(), want))
         } else {
             None
         };
@@ -147,14 +180,19 @@ pub fn draw(
     }
     match current {
         None => fetch(None),
-        Some(Slot::Fetching { since_ms, .. }) if now_ms.saturating_sub(*since_ms) < stale_ms => Draw::Reserve,
+        Some(Slot::Fetching { since_ms, .. }) if now_ms.saturating_sub(*since_ms) < policy.stale_ms => Draw::Wait,
         Some(Slot::Fetching { .. }) => fetch(None),
         // Another key's live lease shares this slot: leave it be.
         Some(Slot::Live(lease)) if lease.key_hash != key_hash && now_ms < lease.expires_ms => Draw::Reserve,
+        // Expired, or too little left, with its successor asked for: that one
+        // is on its way, and the requests wait for it.
+        Some(Slot::Live(lease)) if lease.key_hash == key_hash && in_flight(lease) && !lease.refresh_answered() => {
+            Draw::Wait
+        }
         // Expired, or too little left for this request: a new lease replaces it
         // (a renewal still on its way finds the slot moved on and gives its
         // lease back). Not reserving alone: the balance may be all in this lease.
-        Some(Slot::Live(lease)) => fetch(Some(lease.close())),
+        Some(Slot::Live(lease)) => fetch(Some(lease)),
         Some(Slot::Refused { key_hash: refused, until_ms, status, error })
             if refused == key_hash && now_ms < *until_ms =>
         {
@@ -188,7 +226,8 @@ pub fn take(current: Option<&Slot>, key_hash: &str, now_ms: u64, estimate: i64) 
 /// least its configured size.
 pub fn next_want(lease: &Lease, now_ms: u64, window_ms: u64) -> i64 {
     let granted_ms = lease.expires_ms.saturating_sub(window_ms);
-    let elapsed = now_ms.saturating_sub(granted_ms).max(1);
+    // A burst just after the grant says little of a window: at least a tenth of one.
+    let elapsed = now_ms.saturating_sub(granted_ms).max(window_ms / 10).max(1);
     let per_window = i128::from(lease.drawn_tokens) * i128::from(window_ms) / i128::from(elapsed);
     i64::try_from(per_window.saturating_mul(2)).unwrap_or(i64::MAX)
 }
@@ -256,6 +295,22 @@ pub fn renew(current: Option<&Slot>, id: &str, key_hash: &str, granted: i64, now
         // The old one expired and was closed meanwhile: the new one takes its place.
         None => Renew::Live { slot: Slot::Live(lease), close: None },
         _ => Renew::Orphan(lease.close()),
+    }
+}
+
+/// A background ask answered without a grant: the live lease it was to
+/// replace, marked so that requests stop waiting for it (the next that finds
+/// the lease short fetches in the foreground and gets the answer itself).
+pub fn unanswered(current: Option<&Slot>, id: &str) -> Option<Slot> {
+    match current {
+        Some(Slot::Live(lease)) if lease.refresh.as_ref().is_some_and(|r| r.id == id) => {
+            let mut lease = lease.clone();
+            if let Some(r) = &mut lease.refresh {
+                r.answered = true;
+            }
+            Some(Slot::Live(lease))
+        }
+        _ => None,
     }
 }
 

@@ -1,6 +1,7 @@
 use super::*;
 
 const KEY: &str = "k";
+const P: Policy = Policy { stale_ms: 5_000, window_ms: 1_000, ceiling: 1_000_000 };
 
 fn live(tokens: i64, drawn: i64, expires_ms: u64) -> Slot {
     Slot::Live(Lease {
@@ -15,12 +16,13 @@ fn live(tokens: i64, drawn: i64, expires_ms: u64) -> Slot {
 }
 
 #[test]
-fn an_empty_slot_fetches_and_others_reserve_meanwhile() {
-    let Draw::Fetch { slot, close: None } = draw(None, KEY, 1_000, 10, "L2", 5_000, 1_000) else { panic!("no fetch") };
+fn an_empty_slot_fetches_and_others_wait_meanwhile() {
+    let Draw::Fetch { slot, close: None, want } = draw(None, KEY, 1_000, 10, "L2", &P) else { panic!("no fetch") };
     assert_eq!(slot, Slot::Fetching { id: "L2".into(), since_ms: 1_000 });
-    assert_eq!(draw(Some(&slot), KEY, 1_100, 10, "L3", 5_000, 1_000), Draw::Reserve);
+    assert_eq!(want, 10 * FIRST_LEASE_REQUESTS, "no draw rate yet: sixteen requests' estimates");
+    assert_eq!(draw(Some(&slot), KEY, 1_100, 10, "L3", &P), Draw::Wait);
     // A fetcher that never came back is replaced.
-    assert!(matches!(draw(Some(&slot), KEY, 6_000, 10, "L3", 5_000, 1_000), Draw::Fetch { close: None, .. }));
+    assert!(matches!(draw(Some(&slot), KEY, 6_000, 10, "L3", &P), Draw::Fetch { close: None, .. }));
 }
 
 #[test]
@@ -29,32 +31,55 @@ fn draws_never_exceed_the_grant() {
     let mut drawn = 0;
     loop {
         // A new id each time: a refresh marker once set stays the same one.
-        match draw(Some(&slot), KEY, 1_000, 30, &format!("R{drawn}"), 5_000, 1_000) {
+        match draw(Some(&slot), KEY, 1_000, 30, &format!("R{drawn}"), &P) {
             Draw::Drawn { slot: next, lease_id, refresh } => {
                 assert_eq!(lease_id, "L1");
-                // 60 drawn in the first 0 ms (of a 1000 ms window ending at 2000 => granted at 1000).
+                // 60 drawn in the first 0 ms (of a 1000 ms window ending at 2000 => granted
+                // at 1000), taken as drawn in a tenth of the window.
                 if let Some((_, want)) = &refresh {
-                    assert_eq!(*want, 2 * 60 * 1_000);
+                    assert_eq!(*want, 2 * 60 * 10);
                 }
                 drawn += 30;
                 // Half the tokens gone (60 of 100): the next lease is asked for, once.
                 assert_eq!(refresh.is_some(), drawn == 60, "drawn {drawn}: {refresh:?}");
                 slot = next;
             }
-            Draw::Fetch { close: Some(close), .. } => {
-                assert_eq!((close.tokens, close.drawn_tokens, close.drawn_n), (Some(100), 90, 3));
-                break;
-            }
+            // Too little left, its successor asked for: wait for that one.
+            Draw::Wait => break,
             other => panic!("unexpected {other:?}"),
         }
     }
     assert_eq!(drawn, 90);
+    // Once the ask went unanswered (or stale), the next request replaces the lease itself.
+    let Some(Slot::Live(mut lease)) = unanswered(Some(&slot), "R30") else { panic!("not our ask") };
+    assert_eq!(unanswered(Some(&slot), "R0"), None, "another ask");
+    let Draw::Fetch { close: Some(close), .. } = draw(Some(&Slot::Live(lease.clone())), KEY, 1_000, 30, "F", &P) else {
+        panic!("waited for an answered ask")
+    };
+    assert_eq!((close.tokens, close.drawn_tokens, close.drawn_n), (Some(100), 90, 3));
+    lease.refresh = Some(Refresh { id: "R30".into(), since_ms: 1_000, answered: false });
+    assert!(matches!(draw(Some(&Slot::Live(lease)), KEY, 6_000, 30, "F", &P), Draw::Fetch { close: Some(_), .. }));
+}
+
+#[test]
+fn leases_are_sized_by_the_draw_rate_within_the_ceiling() {
+    let p = Policy { ceiling: 50_000, ..P };
+    // Granted at 1000 for a window to 2000; 3000 drawn by 1100: 30,000 a window, asked for twice.
+    let mut lease = match live(10_000, 3_000, 2_000) {
+        Slot::Live(l) => l,
+        _ => unreachable!(),
+    };
+    assert_eq!(p.want(Some(&lease), 1_100, 10), 50_000, "60,000 by rate, held to the ceiling");
+    lease.drawn_tokens = 1_000;
+    assert_eq!(p.want(Some(&lease), 1_100, 10), 20_000, "by rate");
+    assert_eq!(p.want(Some(&lease), 1_100, 2_000), 32_000, "at least sixteen of this request");
+    assert_eq!(p.want(None, 0, 100_000), 100_000, "one request over the ceiling leases its own estimate");
 }
 
 #[test]
 fn an_expired_lease_is_replaced_and_closed() {
     let slot = live(100, 40, 2_000);
-    let Draw::Fetch { slot: marker, close: Some(close) } = draw(Some(&slot), KEY, 2_000, 1, "L2", 5_000, 1_000) else {
+    let Draw::Fetch { slot: marker, close: Some(close), .. } = draw(Some(&slot), KEY, 2_000, 1, "L2", &P) else {
         panic!("expired lease drawn from")
     };
     assert_eq!(close.lease_id, "L1");
@@ -81,13 +106,14 @@ fn a_grant_goes_live_only_over_its_own_marker() {
 #[test]
 fn half_way_through_its_window_a_lease_asks_for_the_next_and_the_grant_replaces_it() {
     let slot = live(1_000, 0, 2_000);
-    let Draw::Drawn { refresh: None, .. } = draw(Some(&slot), KEY, 1_000, 1, "R1", 5_000, 1_000) else {
+    let Draw::Drawn { refresh: None, .. } = draw(Some(&slot), KEY, 1_000, 1, "R1", &P) else {
         panic!("refreshed too early")
     };
-    let Draw::Drawn { slot, refresh: Some(id), .. } = draw(Some(&slot), KEY, 1_500, 1, "R1", 5_000, 1_000) else {
+    let Draw::Drawn { slot, refresh: Some(id), .. } = draw(Some(&slot), KEY, 1_500, 1, "R1", &P) else {
         panic!("no refresh at half time")
     };
-    assert_eq!(id, ("R1".to_owned(), 2 * 1_000 / 500));
+    // By rate 2 * 1_000 / 500 = 4; sixteen requests' estimates at least.
+    assert_eq!(id, ("R1".to_owned(), FIRST_LEASE_REQUESTS));
     // Granted: the new lease replaces the old, which closes with its draws.
     let Renew::Live { slot: Slot::Live(new), close: Some(old) } = renew(Some(&slot), "R1", KEY, 700, 1_500, 1_000)
     else {
@@ -126,13 +152,13 @@ fn slots_are_bounded_and_keys_sharing_one_never_draw_from_each_other() {
         (0..10_000).map(|i| slot_key(&bridge_protocol::key_hash(&format!("sk-made-up-{i}")), 64)).collect();
     assert_eq!(keys.len(), 64, "10,000 keys, 64 slots");
     let theirs = live(100, 0, 2_000);
-    // Their live lease: we reserve alone; once it expired, it is replaced and closed.
-    assert_eq!(draw(Some(&theirs), "another-key", 1_000, 10, "L2", 5_000, 1_000), Draw::Reserve);
-    let Draw::Fetch { close: Some(close), .. } = draw(Some(&theirs), "another-key", 2_000, 10, "L2", 5_000, 1_000)
-    else {
+    // Their live lease: we reserve alone; once it expired, it is replaced and
+    // closed, and its draws say nothing of our rate.
+    assert_eq!(draw(Some(&theirs), "another-key", 1_000, 10, "L2", &P), Draw::Reserve);
+    let Draw::Fetch { close: Some(close), want, .. } = draw(Some(&theirs), "another-key", 2_000, 10, "L2", &P) else {
         panic!("an expired lease of another key not replaced")
     };
-    assert_eq!(close.key_hash, KEY);
+    assert_eq!((close.key_hash.as_str(), want), (KEY, 10 * FIRST_LEASE_REQUESTS));
 }
 
 #[test]
@@ -141,9 +167,9 @@ fn a_refusal_is_cached_for_its_key_until_it_runs_out() {
     let marker = Slot::Fetching { id: "L2".into(), since_ms: 0 };
     assert_eq!(refuse(Some(&marker), "L9", KEY, 401, &error, 2_000), None, "not our marker");
     let cached = refuse(Some(&marker), "L2", KEY, 401, &error, 2_000).unwrap();
-    assert_eq!(draw(Some(&cached), KEY, 1_999, 1, "L3", 5_000, 1_000), Draw::Refused { status: 401, error });
-    assert!(matches!(draw(Some(&cached), KEY, 2_000, 1, "L3", 5_000, 1_000), Draw::Fetch { close: None, .. }));
-    assert!(matches!(draw(Some(&cached), "another-key", 0, 1, "L3", 5_000, 1_000), Draw::Fetch { close: None, .. }));
+    assert_eq!(draw(Some(&cached), KEY, 1_999, 1, "L3", &P), Draw::Refused { status: 401, error });
+    assert!(matches!(draw(Some(&cached), KEY, 2_000, 1, "L3", &P), Draw::Fetch { close: None, .. }));
+    assert!(matches!(draw(Some(&cached), "another-key", 0, 1, "L3", &P), Draw::Fetch { close: None, .. }));
     assert_eq!(Slot::decode(&cached.encode()), Some(cached));
 }
 
