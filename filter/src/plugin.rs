@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use log::{error, info};
+use log::{error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
@@ -17,6 +17,10 @@ use crate::exchange::Exchange;
 use crate::host::{Flow, Host, HttpHost};
 use crate::LEASE_QUEUE;
 
+/// This VM's queue for waking its root when a request's callback woke
+/// requests waiting for a lease.
+const WAKE_QUEUE_PREFIX: &str = "openclaw_bridge_wake_";
+
 /// Shown by Envoy as `wasmcustom.openclaw_bridge_pending_settlements`.
 const PENDING_GAUGE: &str = "openclaw_bridge_pending_settlements";
 
@@ -25,7 +29,7 @@ proxy_wasm::main! {{
     // at critical before the VM traps.
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(Root { context_id, envoy: Envoy::default(), background: None, waiting: Waiting::default() })
+        Box::new(Root { context_id, envoy: Envoy::default(), background: None, pending: Pending::default() })
     });
 }}
 
@@ -33,6 +37,7 @@ proxy_wasm::main! {{
 #[derive(Debug, Clone, Copy, Default)]
 struct Envoy {
     lease_queue: Option<u32>,
+    wake_queue: Option<u32>,
     pending_gauge: Option<u32>,
 }
 
@@ -113,37 +118,53 @@ impl HttpHost for Envoy {
     }
 }
 
-/// The requests of this VM that wait for a lease, by context id: reachable
-/// from whichever context's callback wakes them.
-type Waiting = Rc<RefCell<HashMap<u32, Rc<RefCell<Exchange>>>>>;
+/// The requests of this VM that wait for a lease or for a reply, by context
+/// id: reachable from the root, which wakes them and passes replies on.
+type Pending = Rc<RefCell<HashMap<u32, Rc<RefCell<Exchange>>>>>;
 
 /// Runs the woken waiters of this VM, each as the effective context (so its
-/// host calls act on its own stream), then makes `own` effective again.
-fn run_woken(vm: &Vm, waiting: &Waiting, envoy: &Envoy, own: u32) {
-    let mut switched = false;
+/// host calls act on its own stream). Only the root does this: a call a
+/// woken request makes is then the root's to the SDK, which hands its reply
+/// to the root, which passes it on ([`forward_reply`]). Run from a request's
+/// callback instead, the reply would be lost with that request's context.
+fn run_woken(vm: &Vm, pending: &Pending, envoy: &Envoy) {
     loop {
         let woken = vm.waits.borrow_mut().take_woken();
         if woken.is_empty() {
             break;
         }
         for id in woken {
-            let Some(exchange) = waiting.borrow().get(&id).cloned() else { continue };
+            let Some(exchange) = pending.borrow().get(&id).cloned() else { continue };
             if hostcalls::set_effective_context(id).is_err() {
-                // Gone meanwhile.
-                waiting.borrow_mut().remove(&id);
+                pending.borrow_mut().remove(&id);
                 continue;
             }
-            switched = true;
             let Ok(mut ex) = exchange.try_borrow_mut() else { continue };
             ex.on_woken(envoy);
-            if !ex.is_waiting() {
-                waiting.borrow_mut().remove(&id);
+            if !ex.is_pending() {
+                pending.borrow_mut().remove(&id);
             }
         }
     }
-    if switched {
-        let _ = hostcalls::set_effective_context(own);
+}
+
+/// A reply to a call a request made while the root ran it: handed to that
+/// request (as the effective context). `false` when the call was not such.
+fn forward_reply(vm: &Vm, pending: &Pending, envoy: &Envoy, own: u32, token: u32, body_size: usize) -> bool {
+    let Some(caller) = vm.caller_of(token) else { return false };
+    if caller == own {
+        return false;
     }
+    let Some(exchange) = pending.borrow().get(&caller).cloned() else { return true };
+    if hostcalls::set_effective_context(caller).is_ok() {
+        if let Ok(mut ex) = exchange.try_borrow_mut() {
+            ex.on_call_response(envoy, token, body_size);
+            if !ex.is_pending() {
+                pending.borrow_mut().remove(&caller);
+            }
+        }
+    }
+    true
 }
 
 struct Root {
@@ -151,14 +172,16 @@ struct Root {
     envoy: Envoy,
     /// Set once configured.
     background: Option<Background>,
-    waiting: Waiting,
+    pending: Pending,
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         if let Some(bg) = &mut self.background {
-            bg.on_call_response(&self.envoy, token, body_size);
-            run_woken(&bg.vm, &self.waiting, &self.envoy, self.context_id);
+            if !forward_reply(&bg.vm, &self.pending, &self.envoy, self.context_id, token, body_size) {
+                bg.on_call_response(&self.envoy, token, body_size);
+            }
+            run_woken(&bg.vm, &self.pending, &self.envoy);
         }
     }
 
@@ -191,6 +214,14 @@ impl RootContext for Root {
             }
         }
         self.envoy.pending_gauge = hostcalls::define_metric(MetricType::Gauge, PENDING_GAUGE).ok();
+        // This VM's own: a queue is Envoy-wide by name, and its notices go to one root.
+        let wake = format!("{WAKE_QUEUE_PREFIX}{}", crate::new_request_id().unwrap_or_default());
+        match hostcalls::register_shared_queue(&wake) {
+            Ok(q) => self.envoy.wake_queue = Some(q),
+            Err(e) => {
+                warn!("[root {}] no wake queue ({e:?}): waiting requests look again on the tick", self.context_id)
+            }
+        }
         // Now, not on a request's turn: building it stalls this thread for ~0.5 s.
         if !crate::tokens::warm(cfg.tiktoken_encoding) {
             error!("[root {}] the tokenizer's tables did not load; the fallback will estimate", self.context_id);
@@ -211,7 +242,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         if let Some(bg) = &mut self.background {
             bg.on_tick(&self.envoy);
-            run_woken(&bg.vm, &self.waiting, &self.envoy, self.context_id);
+            run_woken(&bg.vm, &self.pending, &self.envoy);
         }
     }
 
@@ -219,6 +250,10 @@ impl RootContext for Root {
         if let Some(bg) = &mut self.background {
             if Some(queue_id) == self.envoy.lease_queue {
                 bg.ask_for_leases(&self.envoy);
+            }
+            if Some(queue_id) == self.envoy.wake_queue {
+                while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+                run_woken(&bg.vm, &self.pending, &self.envoy);
             }
         }
     }
@@ -231,7 +266,7 @@ impl RootContext for Root {
             envoy: self.envoy,
             exchange,
             vm: bg.vm.clone(),
-            waiting: self.waiting.clone(),
+            pending: self.pending.clone(),
         }))
     }
 
@@ -245,35 +280,42 @@ struct Gateway {
     envoy: Envoy,
     exchange: Rc<RefCell<Exchange>>,
     vm: Vm,
-    waiting: Waiting,
+    pending: Pending,
 }
 
 impl Gateway {
-    /// Runs one callback of this request, then keeps it reachable while it
-    /// waits and runs the waiters the callback woke.
+    /// Runs one callback of this request, keeps it reachable while it is
+    /// pending, and has the root run the requests the callback woke.
     fn with<T>(&mut self, f: impl FnOnce(&mut Exchange, &Envoy) -> T) -> T {
-        let (out, waits) = {
+        let (out, pending) = {
             let mut ex = self.exchange.borrow_mut();
             let out = f(&mut ex, &self.envoy);
-            (out, ex.is_waiting())
+            (out, ex.is_pending())
         };
-        if waits {
-            self.waiting.borrow_mut().insert(self.context_id, self.exchange.clone());
-        } else if !self.waiting.borrow().is_empty() {
-            self.waiting.borrow_mut().remove(&self.context_id);
+        if pending {
+            self.pending.borrow_mut().insert(self.context_id, self.exchange.clone());
+        } else if !self.pending.borrow().is_empty() {
+            self.pending.borrow_mut().remove(&self.context_id);
         }
-        run_woken(&self.vm, &self.waiting, &self.envoy, self.context_id);
+        if self.vm.waits.borrow().has_woken() {
+            let poked = self.envoy.wake_queue.is_some_and(|q| hostcalls::enqueue_shared_queue(q, Some(b"")).is_ok());
+            if !poked {
+                // The root's next tick wakes them all.
+                self.vm.waits.borrow_mut().wake_all();
+            }
+        }
         out
     }
 }
 
 impl Context for Gateway {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        self.vm.caller_of(token);
         self.with(|ex, envoy| ex.on_call_response(envoy, token, body_size));
     }
 
     fn on_done(&mut self) -> bool {
-        self.waiting.borrow_mut().remove(&self.context_id);
+        self.pending.borrow_mut().remove(&self.context_id);
         true
     }
 }

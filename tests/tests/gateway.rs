@@ -488,7 +488,7 @@ async fn a_reservation_whose_reply_comes_too_late_is_released_not_charged() {
 async fn requests_draw_from_a_lease_without_a_call_each_and_a_freeze_ends_it() {
     let lease_ms = 1_000;
     let s = Stack::start(StackOptions {
-        extra_env: vec![("LEASE_MS".into(), lease_ms.to_string()), ("LEASE_TOKENS".into(), "50000".into())],
+        extra_env: vec![("LEASE_MS".into(), lease_ms.to_string())],
         ..StackOptions::default()
     })
     .await;
@@ -515,8 +515,10 @@ async fn requests_draw_from_a_lease_without_a_call_each_and_a_freeze_ends_it() {
         leases.insert(lease.to_owned());
         billed += total(&row);
     }
+    // One renewal each half window, plus the first few: the key's first lease
+    // is sized for sixteen requests, and its successors grow to its draw rate.
     assert!(
-        leases.len() as u64 <= elapsed_ms / (lease_ms / 2) + 2,
+        leases.len() as u64 <= elapsed_ms / (lease_ms / 2) + 4,
         "{} leases for {} requests in {elapsed_ms} ms",
         leases.len(),
         ids.len()

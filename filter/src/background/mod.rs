@@ -36,6 +36,11 @@ pub struct Vm {
     pub waits: Rc<RefCell<Waits>>,
     /// Admission calls in flight (see [`CallPermit`]).
     calls: Rc<Cell<usize>>,
+    /// Which request made each admission call in flight, by callout token.
+    /// The SDK hands a reply to the context whose callback made the call,
+    /// which for a request woken from its wait is the root: the root passes
+    /// the reply on to the request by this.
+    callers: Rc<RefCell<HashMap<u32, u32>>>,
 }
 
 /// The requests of one VM waiting for a lease that another request (or the
@@ -80,6 +85,10 @@ impl Waits {
         self.woken.extend(all.into_iter().map(|(id, _)| id));
     }
 
+    pub fn has_woken(&self) -> bool {
+        !self.woken.is_empty()
+    }
+
     /// The requests to look at their slot again, taken out.
     pub fn take_woken(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.woken)
@@ -103,7 +112,19 @@ impl Vm {
             leases: Rc::default(),
             waits: Rc::default(),
             calls: Rc::default(),
+            callers: Rc::default(),
         }
+    }
+
+    /// Request `context_id` made the call `token`.
+    pub fn called(&self, token: u32, context_id: u32) {
+        self.callers.borrow_mut().insert(token, context_id);
+    }
+
+    /// The request that made call `token`, if a request did; forgotten now
+    /// (a reply comes once).
+    pub fn caller_of(&self, token: u32) -> Option<u32> {
+        self.callers.borrow_mut().remove(&token)
     }
 
     /// A permit for one more admission call, if fewer than `max` are in flight.

@@ -189,6 +189,7 @@ impl Exchange {
         });
         match sent {
             Ok(callout) => {
+                self.vm.called(callout, self.id);
                 self.state = State::Admitting { req, callout, wait, _permit: permit };
                 Flow::Pause
             }

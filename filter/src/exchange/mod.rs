@@ -292,10 +292,16 @@ impl Exchange {
         }
     }
 
-    /// Whether this request waits for its key's lease (the shell keeps it
-    /// reachable for [`Exchange::on_woken`] while it does).
+    /// Whether this request waits for its key's lease.
     pub fn is_waiting(&self) -> bool {
         matches!(self.state, State::Waiting { .. })
+    }
+
+    /// Whether it waits for its lease or for a reply: the shell keeps it
+    /// reachable from other contexts meanwhile ([`Exchange::on_woken`], and
+    /// replies to calls it made while woken, which reach the root).
+    pub fn is_pending(&self) -> bool {
+        matches!(self.state, State::Waiting { .. } | State::Admitting { .. })
     }
 
     pub fn context_id(&self) -> u32 {
