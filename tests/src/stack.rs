@@ -23,7 +23,13 @@ pub struct StackOptions {
     pub hold_ttl_secs: Option<u64>,
     /// A MongoDB of the test's own (fault tests restart it); else `MONGODB_URI`.
     pub mongo_uri: Option<String>,
+    /// Settings of the plugin (rendered into Envoy's configuration).
     pub extra_env: Vec<(String, String)>,
+    /// Settings of the sidecar.
+    pub sidecar_env: Vec<(String, String)>,
+    /// A database shared with other stacks (several gateways on one
+    /// MongoDB); else one of its own.
+    pub db_name: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -35,6 +41,8 @@ impl Default for StackOptions {
             hold_ttl_secs: None,
             mongo_uri: None,
             extra_env: vec![],
+            sidecar_env: vec![],
+            db_name: None,
         }
     }
 }
@@ -73,7 +81,7 @@ fn repo_root() -> PathBuf {
 
 impl Stack {
     pub async fn start(opts: StackOptions) -> Stack {
-        let db_name = unique_db("stack");
+        let db_name = opts.db_name.clone().unwrap_or_else(|| unique_db("stack"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mock = format!("http://{}", listener.local_addr().unwrap());
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -82,10 +90,10 @@ impl Stack {
         tokio::spawn(async move { axum::serve(listener, crate::mock::app(UPSTREAM_KEY)).await });
 
         let sidecar_addr = format!("127.0.0.1:{}", free_port());
-        let sidecar_log = log_dir().join(format!("{db_name}-app.log"));
+        let sidecar_log = log_dir().join(format!("{db_name}-{}-app.log", free_port()));
         let gateway_port = free_port();
         let admin_port = free_port();
-        let config = log_dir().join(format!("{db_name}-envoy.json"));
+        let config = log_dir().join(format!("{db_name}-{gateway_port}-envoy.json"));
         let mut render = Command::new("python3");
         render
             .arg(repo_root().join("envoy/render.py"))
@@ -184,8 +192,19 @@ impl Stack {
         if let Some(ttl) = &ttl {
             env.push(("HOLD_TTL_SECS", ttl.as_str()));
         }
+        env.extend(self.opts.sidecar_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let (proc, _) = crate::start_sidecar(&workspace_bin("openclaw-sidecar"), &self.db_name, ADMIN_TOKEN, &env);
         self.sidecar = Some(proc);
+    }
+
+    /// Kills this gateway hard (SIGKILL to Envoy and its sidecar), for good:
+    /// what its VMs held (queued records, open leases) is lost, as in a
+    /// machine that died.
+    pub fn kill(&mut self) {
+        self.envoy.kill();
+        if let Some(mut p) = self.sidecar.take() {
+            p.kill();
+        }
     }
 
     pub fn stop_sidecar(&mut self) {

@@ -41,6 +41,8 @@ pub struct Vm {
     /// which for a request woken from its wait is the root: the root passes
     /// the reply on to the request by this.
     callers: Rc<RefCell<HashMap<u32, u32>>>,
+    /// Requests drawn from each lease still in flight: lease id -> (key hash, count).
+    in_flight: Rc<RefCell<HashMap<String, (String, i64)>>>,
 }
 
 /// The requests of one VM waiting for a lease that another request (or the
@@ -113,6 +115,20 @@ impl Vm {
             waits: Rc::default(),
             calls: Rc::default(),
             callers: Rc::default(),
+            in_flight: Rc::default(),
+        }
+    }
+
+    /// One more (`delta` 1) or one fewer (-1) request drawn from `lease_id` in flight.
+    pub fn drawn_in_flight(&self, lease_id: &str, key_hash: &str, delta: i64) {
+        let mut all = self.in_flight.borrow_mut();
+        let n = {
+            let entry = all.entry(lease_id.to_owned()).or_insert_with(|| (key_hash.to_owned(), 0));
+            entry.1 += delta;
+            entry.1
+        };
+        if n <= 0 {
+            all.remove(lease_id);
         }
     }
 
@@ -426,32 +442,48 @@ impl Background {
     }
 
     /// Progress reports of this VM's live leases whose draws moved since
-    /// their last report, or whose last report is a heartbeat old.
+    /// their last report, or whose last report is a heartbeat old; and a
+    /// heartbeat for each lease no longer live that requests drawn from it
+    /// still wait on (closed, its rows to come), so that the sidecar takes
+    /// neither for lost while this gateway lives.
     fn progress_due(&mut self, host: &impl Host, now: u64) -> Vec<LeaseProgress> {
         let mut due = Vec::new();
-        let mut live = HashMap::new();
-        for key in self.vm.leases.borrow().iter() {
-            let (bytes, _) = host.shared_get(key);
-            let Some(Slot::Live(lease)) = bytes.as_deref().and_then(Slot::decode) else { continue };
-            let last = self.progress.remove(&lease.id);
-            let moved = last.as_ref().is_none_or(|r| {
-                r.drawn_tokens != lease.drawn_tokens || now.saturating_sub(r.at_ms) >= PROGRESS_HEARTBEAT_MS
-            });
+        let mut seen = HashMap::new();
+        let mut report = |id: &str, key_hash: &str, slot: &str, drawn: (i64, i64), due: &mut Vec<LeaseProgress>| {
+            let last = self.progress.remove(id);
+            let moved = last
+                .as_ref()
+                .is_none_or(|r| r.drawn_tokens != drawn.0 || now.saturating_sub(r.at_ms) >= PROGRESS_HEARTBEAT_MS);
             let reported = match last {
                 Some(r) if !moved || due.len() >= MAX_PROGRESS => r,
                 _ => {
                     due.push(LeaseProgress {
-                        key_hash: lease.key_hash.clone(),
-                        lease_id: lease.id.clone(),
-                        drawn_tokens: lease.drawn_tokens,
-                        drawn_n: lease.drawn_n,
+                        key_hash: key_hash.to_owned(),
+                        lease_id: id.to_owned(),
+                        drawn_tokens: drawn.0,
+                        drawn_n: drawn.1,
                     });
-                    Reported { slot: key.clone(), drawn_tokens: lease.drawn_tokens, at_ms: now }
+                    Reported { slot: slot.to_owned(), drawn_tokens: drawn.0, at_ms: now }
                 }
             };
-            live.insert(lease.id, reported);
+            seen.insert(id.to_owned(), reported);
+        };
+        let mut live = std::collections::HashSet::new();
+        for key in self.vm.leases.borrow().iter() {
+            let (bytes, _) = host.shared_get(key);
+            let Some(Slot::Live(lease)) = bytes.as_deref().and_then(Slot::decode) else { continue };
+            live.insert(lease.id.clone());
+            report(&lease.id, &lease.key_hash, key, (lease.drawn_tokens, lease.drawn_n), &mut due);
         }
-        self.progress = live;
+        let waited_on: Vec<(String, String)> =
+            self.vm.in_flight.borrow().iter().map(|(id, (hash, _))| (id.clone(), hash.clone())).collect();
+        for (id, key_hash) in waited_on {
+            if !live.contains(&id) {
+                // Closed (its counts went with the close): a heartbeat only.
+                report(&id, &key_hash, "", (0, 0), &mut due);
+            }
+        }
+        self.progress = seen;
         due
     }
 
@@ -459,7 +491,7 @@ impl Background {
     /// balance it holds) or no longer has it: it leaves its slot and is
     /// closed now with what was drawn.
     fn recall(&mut self, host: &impl Host, lease_id: &str) {
-        let Some(key) = self.progress.get(lease_id).map(|r| r.slot.clone()) else { return };
+        let Some(key) = self.progress.get(lease_id).map(|r| r.slot.clone()).filter(|k| !k.is_empty()) else { return };
         let closed = slot::update(host, &key, |slot, _| match slot {
             Some(Slot::Live(lease)) if lease.id == lease_id => Step::Write(None, Some(lease.close())),
             _ => Step::Keep(None),

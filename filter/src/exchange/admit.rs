@@ -39,7 +39,7 @@ impl Exchange {
         match self.precheck(host, &req) {
             // Headers were held for this body: continuing the body releases both.
             Precheck::Drawn(lease_id) => {
-                self.state = State::Forwarded { req, hold: Hold::Drawn(lease_id), status: 0, meter: None };
+                self.forwarded(req, Hold::Drawn(lease_id));
                 Flow::Continue
             }
             Precheck::Fetch(lease_id, replaces, want) => {
@@ -249,8 +249,18 @@ impl Exchange {
     }
 
     fn forward(&mut self, host: &impl HttpHost, req: Admitted, hold: Hold) {
-        self.state = State::Forwarded { req, hold, status: 0, meter: None };
+        self.forwarded(req, hold);
         host.resume_request();
+    }
+
+    /// Admitted: from here it settles exactly once. A request drawn from a
+    /// lease is counted on it until then (the root keeps reporting the lease
+    /// while any is in flight, so the sidecar never takes it for lost).
+    fn forwarded(&mut self, req: Admitted, hold: Hold) {
+        if let Hold::Drawn(lease_id) = &hold {
+            self.vm.drawn_in_flight(lease_id, &req.caller.key_hash, 1);
+        }
+        self.state = State::Forwarded { req, hold, status: 0, meter: None };
     }
 
     fn refuse(&mut self, host: &impl HttpHost, req: &Admitted, status: u16, error: bridge_protocol::ErrorBody) {

@@ -270,6 +270,9 @@ impl Exchange {
             // Nothing was granted to it: it only leaves the wait list.
             State::Waiting { .. } => self.vm.waits.borrow_mut().forget(self.id),
             State::Forwarded { req, hold, status, mut meter } => {
+                if let Hold::Drawn(lease_id) = &hold {
+                    self.vm.drawn_in_flight(lease_id, &req.caller.key_hash, -1);
+                }
                 if let Some(m) = &mut meter {
                     // A client that left mid-answer never reached the end: finish the count here.
                     m.on_end();

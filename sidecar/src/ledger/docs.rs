@@ -75,6 +75,8 @@ pub(super) struct LeaseDoc {
     pub seen: Option<DateTime>,
     /// Another gateway needs the balance it holds: its gateway closes it on its next tick.
     pub recall: Option<DateTime>,
+    /// When it was closed (the database's clock).
+    pub closed_at: Option<DateTime>,
 }
 
 impl LeaseDoc {
@@ -98,11 +100,20 @@ impl LeaseDoc {
         }
     }
 
-    /// The last sign of life of its gateway: the grant or the last report.
+    /// The last sign of life of its gateway: the grant, the close or the last report.
     pub fn last_seen_ms(&self) -> Option<i64> {
-        let at = self.at.map(|d| d.timestamp_millis());
-        let seen = self.seen.map(|d| d.timestamp_millis());
-        at.max(seen)
+        let ms = |d: Option<DateTime>| d.map(|d| d.timestamp_millis());
+        ms(self.at).max(ms(self.seen)).max(ms(self.closed_at))
+    }
+
+    /// Whether its gateway gave no sign of life since `cutoff_ms`: an open
+    /// lease is reported every few seconds while it lives; a closed one is
+    /// only while its drawn requests are in flight, which its gateway says by
+    /// having reported it after the close (a gateway that never reports
+    /// leaves its closed leases to the hold TTL).
+    pub fn lost_since(&self, cutoff_ms: i64) -> bool {
+        let heartbeats = !self.closed || self.seen.zip(self.closed_at).is_some_and(|(s, c)| s >= c);
+        heartbeats && self.last_seen_ms().unwrap_or(0) <= cutoff_ms
     }
 
     /// Tokens it holds that its gateway has not drawn (by its last report).

@@ -95,8 +95,13 @@ impl Store {
         }
         let n = rows.len();
         self.write_audit_rows(rows).await?;
-        let lost_ms = i64::try_from(self.leases.lost_after.as_millis()).unwrap_or(i64::MAX);
-        let leases = self.expire_leases(cutoff, now.timestamp_millis().saturating_sub(lost_ms), now).await?;
+        // A sidecar that just started cannot tell a gateway gone from one that
+        // could not reach it while it was down: it waits `lost_after` first.
+        let lost_cutoff = match self.started.elapsed() >= self.leases.lost_after {
+            true => now.timestamp_millis().saturating_sub(self.leases.lost_after.as_millis() as i64),
+            false => i64::MIN,
+        };
+        let leases = self.expire_leases(cutoff, lost_cutoff, now).await?;
         // A mark older than the hold TTL guards nothing the expiry does not.
         let mark_ttl_ms = i64::try_from(self.mark_ttl.min(self.hold_ttl).as_millis()).unwrap_or(i64::MAX);
         self.forget_marks(now.timestamp_millis().saturating_sub(mark_ttl_ms)).await?;
@@ -132,13 +137,9 @@ impl Store {
             for (lease_id, lease) in &key.leases {
                 let Some(at) = lease.at else { continue };
                 let path = lease_path(lease_id);
-                // Closed: its drawn requests have the hold TTL to settle. Open:
-                // its gateway reports it every tick and closes it within its
-                // window, so one silent for `lost_after` is its gateway gone.
-                let due = match lease.closed {
-                    true => at.timestamp_millis() <= cutoff,
-                    false => lease.last_seen_ms().unwrap_or(0) <= lost_cutoff || at.timestamp_millis() <= cutoff,
-                };
+                // Its drawn requests have the hold TTL to settle; but a lease
+                // whose gateway went silent for `lost_after` is its gateway gone.
+                let due = at.timestamp_millis() <= cutoff || lease.lost_since(lost_cutoff);
                 if !due {
                     if lease.closed {
                         self.finalize_lease(hash, lease_id).await?;

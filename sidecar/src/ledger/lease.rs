@@ -11,6 +11,11 @@ use super::docs::{KeyDoc, LeaseDoc, LeaseUsage};
 use super::reserve::Why;
 use super::{lease_path, released_path, Decision, LedgerError, Mark, Refusal, Store, MARKS_FULL};
 
+/// How long after a lease closed its finished requests' refunds are taken
+/// as on their way (their rows come with their gateway's next settlement
+/// tick): a request short of balance meanwhile is asked to retry, not refused.
+pub const REFUNDS_DUE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Lease `lease_id` in a key's document, as read.
 pub(super) fn lease_of(key: KeyDoc, lease_id: &str) -> Option<LeaseDoc> {
     key.leases.into_iter().find_map(|(id, lease)| (id == lease_id).then_some(lease))
@@ -72,9 +77,12 @@ impl Store {
     /// The balance is below what a request needs. If other leases of the key
     /// hold enough undrawn (by their gateways' last reports), they are
     /// recalled (each gateway closes its lease on its next settlement tick,
-    /// which returns the undrawn part) and the request is asked to retry;
-    /// only a key that cannot afford the request even then is refused
-    /// `insufficient_quota`.
+    /// which returns the undrawn part) and the request is asked to retry. So
+    /// it is too while open leases and those closed in the last
+    /// [`REFUNDS_DUE`] may still give back what their finished requests did
+    /// not use (their rows come with the gateway's next tick). Only a key that
+    /// cannot afford the request even then is refused `insufficient_quota`:
+    /// within about a lease window and `REFUNDS_DUE` of the shortfall.
     pub(super) async fn recall_or_refuse(
         &self,
         key_hash: &str,
@@ -84,10 +92,24 @@ impl Store {
     ) -> Result<Decision, LedgerError> {
         let key = self.key_docs.find_one(doc! {"_id": key_hash}).projection(doc! {"leases": 1}).await?;
         let leases = key.map(|k| k.leases).unwrap_or_default();
+        // Open leases of other gateways (or windows): recalled if it comes to that.
         let others: Vec<(&String, &LeaseDoc)> =
-            leases.iter().filter(|(id, l)| Some(id.as_str()) != asking && l.undrawn() > 0).collect();
+            leases.iter().filter(|(id, l)| Some(id.as_str()) != asking && !l.closed && l.expiring.is_none()).collect();
         let undrawn: i64 = others.iter().map(|(_, l)| l.undrawn()).sum();
-        if balance.saturating_add(undrawn) < needed {
+        // Refunds on their way: what open leases' requests drew (they are
+        // recalled now and close within a tick), and what leases closed in the
+        // last REFUNDS_DUE drew; part of it comes back once their rows arrive.
+        let mut due: i64 = others.iter().filter(|(_, l)| !l.closed).map(|(_, l)| l.reported_tokens.max(0)).sum();
+        if leases.values().any(|l| l.closed) {
+            let since = self.server_now().await?.timestamp_millis() - REFUNDS_DUE.as_millis() as i64;
+            due += leases
+                .values()
+                .filter(|l| l.closed && l.closed_at.is_some_and(|at| at.timestamp_millis() >= since))
+                .map(|l| l.drawn_tokens)
+                .sum::<i64>();
+        }
+        if balance.saturating_add(undrawn).saturating_add(due) < needed {
+            tracing::debug!(needed, balance, undrawn, due, leases = ?leases, "short of balance");
             return Ok(Decision::Refused(Refusal::Insufficient { needed, balance }));
         }
         let mut recall = doc! {};
@@ -103,9 +125,11 @@ impl Store {
         Ok(Decision::Retry)
     }
 
-    /// Progress reports of open leases: their draws so far (`$max`) and the
-    /// time of the report. Returns the leases to stop drawing from: recalled,
-    /// or no longer open (expired as lost, or never granted).
+    /// Progress reports of leases: their draws so far (`$max`; counted only
+    /// while the lease is open) and the time of the report, which for a closed
+    /// lease is its gateway's heartbeat while requests drawn from it are in
+    /// flight. Returns the leases to stop drawing from: recalled, or gone
+    /// (expired as lost, or never granted).
     pub async fn report_progress(&self, reports: &[LeaseProgress]) -> Result<Vec<String>, LedgerError> {
         let outcomes = futures::future::try_join_all(reports.iter().map(|p| async move {
             if p.validate().is_err() {
@@ -116,7 +140,7 @@ impl Store {
                 .key_docs
                 .find_one_and_update(
                     doc! {"_id": &p.key_hash, format!("{at}.tokens"): {"$gte": p.drawn_tokens},
-                        format!("{at}.closed"): {"$exists": false}, format!("{at}.expiring"): {"$exists": false}},
+                        format!("{at}.expiring"): {"$exists": false}},
                     doc! {
                         "$max": {format!("{at}.reported_tokens"): p.drawn_tokens, format!("{at}.reported_n"): p.drawn_n},
                         "$currentDate": {format!("{at}.seen"): true},
@@ -219,6 +243,7 @@ impl Store {
                         "$inc": {"balance_tokens": tokens - c.drawn_tokens},
                         "$set": {format!("{at}.closed"): true, format!("{at}.drawn_n"): c.drawn_n,
                             format!("{at}.drawn_tokens"): c.drawn_tokens},
+                        "$currentDate": {format!("{at}.closed_at"): true},
                     },
                 )
                 .await?;

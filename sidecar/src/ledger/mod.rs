@@ -44,6 +44,7 @@ use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
 
 pub use keys::{KeyStatus, KeyView, NewKey};
+pub use lease::REFUNDS_DUE;
 
 use bridge_protocol::SettleOutcome;
 use docs::KeyDoc;
@@ -111,6 +112,8 @@ pub struct Store {
     mark_ttl: Duration,
     limits: KeyLimits,
     leases: LeasePolicy,
+    /// When this store was made: lost leases are judged only after `lost_after` of it.
+    started: std::time::Instant,
 }
 
 /// How much of a balance one lease may take, and when an unclosed lease is
@@ -203,6 +206,7 @@ impl Store {
             mark_ttl: Duration::from_secs(120),
             limits: KeyLimits::default(),
             leases: LeasePolicy::default(),
+            started: std::time::Instant::now(),
         })
     }
 
