@@ -34,6 +34,8 @@ pub struct World {
     reply: RefCell<(Option<String>, Vec<u8>)>,
     pub lease_queue: RefCell<VecDeque<Vec<u8>>>,
     pub gauge: Cell<i64>,
+    /// Counter sums and histogram records, by metric.
+    pub metrics: RefCell<HashMap<crate::metrics::Metric, Vec<u64>>>,
     /// Calls a test already delivered a reply to.
     answered: RefCell<Vec<u32>>,
 }
@@ -73,6 +75,11 @@ impl World {
 
     pub fn answered(&self, token: u32) -> bool {
         self.answered.borrow().contains(&token)
+    }
+
+    /// A counter's sum (or a histogram's count of records and their sum).
+    pub fn counted(&self, metric: crate::metrics::Metric) -> u64 {
+        self.metrics.borrow().get(&metric).map_or(0, |v| v.iter().sum())
     }
 
     /// Entries in shared data.
@@ -133,6 +140,9 @@ impl Host for World {
     }
     fn dequeue_lease_ask(&self) -> Option<Vec<u8>> {
         self.lease_queue.borrow_mut().pop_front()
+    }
+    fn metric(&self, metric: crate::metrics::Metric, value: u64) {
+        self.metrics.borrow_mut().entry(metric).or_default().push(value);
     }
     fn add_to_gauge(&self, delta: i64) -> bool {
         self.gauge.set(self.gauge.get() + delta);
@@ -218,6 +228,9 @@ impl Host for Stream {
     }
     fn dequeue_lease_ask(&self) -> Option<Vec<u8>> {
         self.world.dequeue_lease_ask()
+    }
+    fn metric(&self, metric: crate::metrics::Metric, value: u64) {
+        self.world.metric(metric, value)
     }
     fn add_to_gauge(&self, delta: i64) -> bool {
         self.world.add_to_gauge(delta)

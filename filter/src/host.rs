@@ -33,6 +33,8 @@ pub trait Host {
     fn dequeue_lease_ask(&self) -> Option<Vec<u8>>;
     /// Adds `delta` to the pending-settlements gauge.
     fn add_to_gauge(&self, delta: i64) -> bool;
+    /// Adds `value` to a counter, or records it in a histogram.
+    fn metric(&self, metric: crate::metrics::Metric, value: u64);
 }
 
 /// Host calls of one request.

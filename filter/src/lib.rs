@@ -7,6 +7,7 @@ pub mod config;
 pub mod exchange;
 pub mod host;
 pub mod lease;
+pub mod metrics;
 pub mod reply;
 pub mod request;
 pub mod response;

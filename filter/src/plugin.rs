@@ -15,6 +15,7 @@ use crate::background::{Background, Vm};
 use crate::config::PluginConfig;
 use crate::exchange::Exchange;
 use crate::host::{Flow, Host, HttpHost};
+use crate::metrics::Metric;
 use crate::LEASE_QUEUE;
 
 /// This VM's queue for waking its root when a request's callback woke
@@ -39,6 +40,7 @@ struct Envoy {
     lease_queue: Option<u32>,
     wake_queue: Option<u32>,
     pending_gauge: Option<u32>,
+    metrics: [Option<u32>; Metric::ALL.len()],
 }
 
 fn flow(f: Flow) -> Action {
@@ -76,6 +78,13 @@ impl Host for Envoy {
     }
     fn dequeue_lease_ask(&self) -> Option<Vec<u8>> {
         hostcalls::dequeue_shared_queue(self.lease_queue?).ok().flatten()
+    }
+    fn metric(&self, metric: Metric, value: u64) {
+        let Some(id) = self.metrics[metric.index()] else { return };
+        let _ = match metric.is_histogram() {
+            true => hostcalls::record_metric(id, value),
+            false => hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX)),
+        };
     }
     fn add_to_gauge(&self, delta: i64) -> bool {
         self.pending_gauge.is_some_and(|g| hostcalls::increment_metric(g, delta).is_ok())
@@ -214,6 +223,10 @@ impl RootContext for Root {
             }
         }
         self.envoy.pending_gauge = hostcalls::define_metric(MetricType::Gauge, PENDING_GAUGE).ok();
+        for m in Metric::ALL {
+            let kind = if m.is_histogram() { MetricType::Histogram } else { MetricType::Counter };
+            self.envoy.metrics[m.index()] = hostcalls::define_metric(kind, m.name()).ok();
+        }
         // This VM's own: a queue is Envoy-wide by name, and its notices go to one root.
         let wake = format!("{WAKE_QUEUE_PREFIX}{}", crate::new_request_id().unwrap_or_default());
         match hostcalls::register_shared_queue(&wake) {

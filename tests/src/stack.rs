@@ -149,6 +149,12 @@ impl Stack {
         text.lines().find_map(|l| l.rsplit(": ").next()?.trim().parse().ok())
     }
 
+    /// Envoy's `/stats/prometheus` text.
+    pub async fn prometheus(&self) -> String {
+        let url = format!("{}/stats/prometheus", self.envoy_admin);
+        self.http.get(url).send().await.unwrap().text().await.unwrap()
+    }
+
     /// Restarts Envoy as the README says to: drain the listeners, wait until
     /// every queued settlement is taken (at most `wait`), stop, start again.
     pub async fn restart_envoy_gracefully(&mut self, wait: Duration) {

@@ -525,6 +525,19 @@ async fn requests_draw_from_a_lease_without_a_call_each_and_a_freeze_ends_it() {
     );
     // Closed after their window, they give back what was not used.
     assert_eq!(s.settled_balance(key).await, 1_000_000 - billed);
+    // The leases in Envoy's own metrics: fetched, renewed, their sizes; nothing shed.
+    let stats = s.prometheus().await;
+    let value = |name: &str| -> f64 {
+        stats
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {stats}"))
+    };
+    assert!(value("openclaw_bridge_lease_fetches") >= 1.0);
+    assert_eq!(value("openclaw_bridge_lease_fetches") + value("openclaw_bridge_lease_renewals"), leases.len() as f64);
+    assert_eq!(value("openclaw_bridge_shed"), 0.0);
+    assert!(stats.contains("openclaw_bridge_lease_fetch_ms_bucket"), "{stats}");
     assert_eq!(s.open_leases(key).await, 0);
 
     // A freeze reaches requests within one lease window.

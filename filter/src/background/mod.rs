@@ -20,6 +20,7 @@ use log::{debug, error, info, warn};
 use crate::config::PluginConfig;
 use crate::host::{call_sidecar, sidecar_reply, BadReply, Host};
 use crate::lease::{self, Renew, Slot};
+use crate::metrics::Metric;
 use crate::settle::{batch_of, Item, Settler};
 use crate::slot::{self, Step};
 
@@ -177,8 +178,8 @@ pub struct Background {
     pub vm: Vm,
     /// Token of the settlement call in flight.
     in_flight: Option<u32>,
-    /// Lease calls in flight, by callout token.
-    lease_calls: HashMap<u32, LeaseRequest>,
+    /// Lease calls in flight, by callout token, with when they were sent.
+    lease_calls: HashMap<u32, (LeaseRequest, u64)>,
     /// What this VM last added to the pending gauge (a sum over all VMs, which
     /// operators wait to reach 0 before stopping Envoy).
     reported: i64,
@@ -274,7 +275,8 @@ impl Background {
             let Ok(ask) = serde_json::from_slice::<LeaseRequest>(&bytes) else { continue };
             match call_sidecar(host, &self.config, LEASE_PATH, &bytes, self.config.sidecar_timeout_ms) {
                 Ok(token) => {
-                    self.lease_calls.insert(token, ask);
+                    host.metric(Metric::LeaseRenewals, 1);
+                    self.lease_calls.insert(token, (ask, host.now_ms()));
                 }
                 // Nothing reached the sidecar; the marker goes stale and a later draw asks again.
                 Err(e) => warn!("[root {}] cannot ask for lease {}: {e}", self.context_id, ask.lease_id),
@@ -284,8 +286,12 @@ impl Background {
 
     /// A reply to one of the root's calls.
     pub fn on_call_response(&mut self, host: &impl Host, token: u32, body_size: usize) {
-        if let Some(ask) = self.lease_calls.remove(&token) {
-            self.lease_answered(host, ask, sidecar_reply(host, body_size));
+        if let Some((ask, sent_ms)) = self.lease_calls.remove(&token) {
+            let reply = sidecar_reply(host, body_size);
+            if let Ok(LeaseReply::Grant { tokens, .. }) = &reply {
+                crate::metrics::granted(host, *tokens, host.now_ms().saturating_sub(sent_ms));
+            }
+            self.lease_answered(host, ask, reply);
             self.report_pending(host);
             return;
         }
@@ -498,6 +504,7 @@ impl Background {
         });
         if let Some(Some(close)) = closed {
             info!("[root {}] lease {lease_id} recalled: {} drawn", self.context_id, close.drawn_tokens);
+            host.metric(Metric::LeaseRecalls, 1);
             self.keep(Item::Close(close));
             self.vm.leases.borrow_mut().remove(&key);
             self.vm.wake(&key);
@@ -511,7 +518,7 @@ impl Background {
     pub fn on_done(&mut self, host: &impl Host) {
         self.sweep_leases(host, true);
         // Lease calls whose replies will not come now: release what they may have got.
-        for (_, ask) in std::mem::take(&mut self.lease_calls) {
+        for (_, (ask, _)) in std::mem::take(&mut self.lease_calls) {
             self.keep(Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
         }
         let records = self.vm.settler.borrow_mut().take_all();

@@ -188,3 +188,44 @@ fn each_tick_reports_the_draws_of_live_leases_and_a_recall_closes_one_at_once() 
     gw.send(BODY);
     assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 2);
 }
+
+#[test]
+fn a_closed_lease_is_heartbeaten_while_requests_drawn_from_it_are_in_flight() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    let lease_id = match gw.slot() {
+        Some(Slot::Live(l)) => l.id,
+        other => panic!("{other:?}"),
+    };
+    let reply = |gw: &mut Gateway, token: u32| {
+        let n = gw.world.reply_with("200", &json!({"results": [], "closes": []}));
+        gw.root.on_call_response(&*gw.world, token, n);
+    };
+    // The window ends and the sweep closes the lease; the request is still streaming.
+    gw.world.advance(1_000);
+    gw.root.on_tick(&*gw.world);
+    let sent = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    assert_eq!(sent.body["closes"][0]["lease_id"], lease_id.as_str());
+    assert_eq!(sent.body["progress"][0]["lease_id"], lease_id.as_str(), "a heartbeat with the close");
+    assert_eq!(sent.body["progress"][0]["drawn_tokens"], 0);
+    reply(&mut gw, sent.token);
+    // A heartbeat later, still in flight: reported again.
+    gw.world.advance(super::PROGRESS_HEARTBEAT_MS);
+    gw.root.on_tick(&*gw.world);
+    let beat = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    assert_ne!(beat.token, sent.token);
+    assert_eq!(beat.body["progress"][0]["lease_id"], lease_id.as_str());
+    reply(&mut gw, beat.token);
+    // It ends: its record goes, and no heartbeat after it.
+    respond(&mut ex, &s, "200", USAGE);
+    ex.on_log(&s);
+    gw.root.on_tick(&*gw.world);
+    let last = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    assert_eq!(last.body["records"][0]["lease_id"], lease_id.as_str());
+    assert!(last.body.get("progress").is_none(), "{}", last.body);
+    reply(&mut gw, last.token);
+    gw.world.advance(super::PROGRESS_HEARTBEAT_MS);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.world.calls_to(SETTLE_PATH).last().unwrap().token, last.token, "nothing more to say");
+}

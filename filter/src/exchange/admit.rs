@@ -13,6 +13,7 @@ use super::{record, Admitted, Exchange, Hold, State, Wait};
 use crate::config::FailureMode;
 use crate::host::{call_sidecar, sidecar_reply, Flow, HttpHost};
 use crate::lease::{self, Draw, Install, Slot};
+use crate::metrics::Metric;
 use crate::reply::LocalReply;
 use crate::settle::Item;
 use crate::slot::{self, Step};
@@ -51,6 +52,7 @@ impl Exchange {
                 if let Some(close) = other {
                     self.keep(Item::Close(close));
                 }
+                host.metric(Metric::LeaseFetches, 1);
                 let ask = LeaseRequest {
                     key_hash: req.caller.key_hash.clone(),
                     lease_id: lease_id.clone(),
@@ -87,6 +89,9 @@ impl Exchange {
         if full {
             return self.shed(host, &req, "too many requests wait for leases");
         }
+        if first {
+            host.metric(Metric::LeaseWaits, 1);
+        }
         self.vm.waits.borrow_mut().add(self.id, self.slot_of(&req));
         self.state = State::Waiting { req };
         Flow::Pause
@@ -108,6 +113,7 @@ impl Exchange {
     /// this gateway that is full, not the sidecar that failed).
     fn shed(&mut self, host: &impl HttpHost, req: &Admitted, why: &str) -> Flow {
         warn!("[{}] {}: {why}; answering 503", self.id, req.caller.request_id);
+        host.metric(Metric::Shed, 1);
         self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs))
     }
 
@@ -158,6 +164,7 @@ impl Exchange {
 
     /// Asks the sidecar to hold this request's estimate on its own.
     fn reserve(&mut self, host: &impl HttpHost, req: Admitted) -> Flow {
+        host.metric(Metric::Reservations, 1);
         let reserve = ReserveRequest {
             key_hash: req.caller.key_hash.clone(),
             request_id: req.caller.request_id.clone(),
@@ -190,7 +197,7 @@ impl Exchange {
         match sent {
             Ok(callout) => {
                 self.vm.called(callout, self.id);
-                self.state = State::Admitting { req, callout, wait, _permit: permit };
+                self.state = State::Admitting { req, callout, wait, sent_ms: host.now_ms(), _permit: permit };
                 Flow::Pause
             }
             Err(why) => self.sidecar_failed(host, req, wait, &why, false),
@@ -203,7 +210,9 @@ impl Exchange {
         if !matches!(&self.state, State::Admitting { callout, .. } if *callout == token) {
             return;
         }
-        let State::Admitting { req, wait, .. } = std::mem::replace(&mut self.state, State::Settled) else { return };
+        let State::Admitting { req, wait, sent_ms, .. } = std::mem::replace(&mut self.state, State::Settled) else {
+            return;
+        };
         match wait {
             Wait::Reserve => match sidecar_reply::<ReserveReply>(host, body_size) {
                 Ok(ReserveReply::Admit { .. }) => self.forward(host, req, Hold::Reserved),
@@ -227,6 +236,7 @@ impl Exchange {
                 // Answered: the sidecar closed the replaced lease before deciding.
                 Ok(LeaseReply::Grant { tokens, .. }) => {
                     debug!("[{}] {}: lease {lease_id} of {tokens} granted", self.id, req.caller.request_id);
+                    crate::metrics::granted(host, tokens, host.now_ms().saturating_sub(sent_ms));
                     self.install_lease(host, &req, &lease_id, tokens);
                     self.forward(host, req, Hold::Drawn(lease_id));
                 }

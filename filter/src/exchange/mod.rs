@@ -96,6 +96,7 @@ enum State {
         req: Admitted,
         callout: u32,
         wait: Wait,
+        sent_ms: u64,
         _permit: crate::background::CallPermit,
     },
     /// Admitted and forwarded: settles exactly once.

@@ -301,6 +301,11 @@ fn while_a_lease_is_fetched_the_keys_other_requests_wait_and_draw_from_it_withou
     assert_eq!(gw.world.calls().len(), 1);
     let Some(Slot::Live(l)) = gw.slot() else { panic!("no lease") };
     assert_eq!(l.drawn_n, 21);
+    // What the operator sees: one fetch of 100,000, twenty waits, nothing reserved alone.
+    use crate::metrics::Metric;
+    let counted = |m| gw.world.counted(m);
+    assert_eq!((counted(Metric::LeaseFetches), counted(Metric::LeaseWaits)), (1, 20));
+    assert_eq!((counted(Metric::LeaseSize), counted(Metric::Reservations), counted(Metric::Shed)), (100_000, 0, 0));
 }
 
 #[test]
@@ -352,6 +357,7 @@ fn waits_are_bounded_in_time_and_number_and_admission_calls_in_flight() {
     let waiting: Vec<_> = (0..3).map(|_| gw.send(BODY)).collect();
     let replied: Vec<_> = waiting.iter().map(|(_, s, _)| s.replied()).collect();
     assert_eq!(replied, [None, None, Some(503)]);
+    assert_eq!(gw.world.counted(crate::metrics::Metric::Shed), 1);
 
     // A waiter whose client left leaves the list and owes nothing.
     let (mut w, ws, _) = waiting.into_iter().next().unwrap();
