@@ -8,10 +8,13 @@ In one run, with interleaved rounds, it measures with wrk (Debian's package):
           per-key token leases (the default)
   per-request  the bridge with LEASE_TOKENS=0: one reservation call a request
                (Envoy concurrency 1 only)
-for plain JSON and streamed answers, at Envoy --concurrency 1 and 2: requests/s,
+for the request shapes users send (a tiny one with a 64-token maximum, plain and
+streamed; the same naming no maximum; a captured OpenClaw request, 36 KB with 11
+tools and max_completion_tokens 8192), at Envoy --concurrency 1 and 2: requests/s,
 p50/p99 latency and CPU per request of each process. It also measures streamed
 time to first byte (curl), the .wasm size, memory at rest and under load,
-listener ready time and MongoDB operations per request. It prints a table, writes
+listener ready time and MongoDB operations per request; then three gateways
+(Envoy + sidecar pairs) on one MongoDB loaded at once. It prints a table, writes
 BENCHMARKS.md and ends with `bridge/bare-envoy ratio: R` (plain JSON, concurrency 1).
 
 Loopback only; every load is bounded in time. Settings: BENCH_SECONDS (5),
@@ -44,6 +47,24 @@ USER_KEY = "sk-bench-user-0001"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PLAIN = {"model": "gpt-5-nano", "messages": [{"role": "user", "content": "Say hello."}], "max_completion_tokens": 64}
 STREAM = dict(PLAIN, stream=True)
+# The same tiny request naming no maximum: its hold is the default output reservation.
+CAPLESS = {"model": "gpt-5-nano", "messages": [{"role": "user", "content": "Say hello."}]}
+
+
+def openclaw_body():
+    """A captured OpenClaw request (36 KB: system prompt, 11 tools, max_completion_tokens
+    8192) from the workplace's notes, or BENCH_OPENCLAW_BODY; None if neither is there."""
+    path = os.environ.get("BENCH_OPENCLAW_BODY") or os.path.join(ROOT, "..", "shared", "notes",
+                                                                 "openclaw-request.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# Request shapes, each measured on every path: (name, body).
+SHAPES = [("plain", PLAIN), ("stream", STREAM), ("capless", CAPLESS)]
 
 procs = []
 ANALYSIS_MARKER = "<!-- analysis: kept by make bench -->"
@@ -101,7 +122,7 @@ def rss_mib(pid):
 
 LUA = """
 wrk.method = "POST"
-wrk.body = [[%s]]
+wrk.body = [==[%s]==]
 wrk.headers["Content-Type"] = "application/json"
 %s
 done = function(summary, latency, requests)
@@ -211,6 +232,11 @@ def main():
         if not shutil.which(tool):
             raise SystemExit(f"bench: {tool} is not installed (make bench installs wrk with apt-get)")
     STATE = tempfile.mkdtemp(prefix="bridge-bench.")
+    claw = openclaw_body()
+    if claw is None:
+        print("bench: no OpenClaw request (set BENCH_OPENCLAW_BODY); that shape is left out", file=sys.stderr)
+    elif not any(name == "openclaw" for name, _ in SHAPES):
+        SHAPES.append(("openclaw", claw))
     rel = os.path.join(ROOT, "target", "release")
     wasm = os.path.join(ROOT, "target/wasm32-wasip1/release/openclaw_filter.wasm")
     started_mongo = False
@@ -262,8 +288,10 @@ def main():
                 subprocess.run(["wrk", "-t1", "-c4", "-d1s", url], capture_output=True, timeout=30)
             samples = {}
             for rnd in range(ROUNDS):
-                for kind, body in (("plain", PLAIN), ("stream", STREAM)):
+                for kind, body in SHAPES:
                     for name, (url, headers, watch) in targets.items():
+                        if name == "per-request" and kind not in ("plain", "stream"):
+                            continue
                         billed = name in ("bridge", "per-request")
                         ops0 = mongo_ops(uri) if billed else None
                         r = wrk(url, body, headers, watch)
@@ -299,7 +327,8 @@ def main():
                 p.terminate()
                 p.wait(timeout=30)
 
-        report = render_report(results, extras, wasm)
+        many = three_gateways(uri, db, env, rel, sidecar, mock)
+        report = render_report(results, extras, wasm, many)
         print(report)
         path = os.path.join(ROOT, "BENCHMARKS.md")
         # Keep the hand-written analysis below the marker across runs.
@@ -326,6 +355,63 @@ def main():
             subprocess.run([os.path.join(ROOT, "scripts/mongo.sh"), "stop", os.path.join(STATE, "mongo")])
 
 
+def three_gateways(uri, db, env, rel, sidecar, mock):
+    """Three Envoy + sidecar pairs on one MongoDB, loaded at once (a wrk each, a third
+    of the connections each), for the tiny and the OpenClaw-shaped request: the answers
+    a second of all three, errors (a 429 or 503 counts), MongoDB operations a request."""
+    pairs = [(sidecar, env)]
+    for i in range(2):
+        port = free_port()
+        p = spawn([os.path.join(rel, "openclaw-sidecar")], env=dict(
+            os.environ, MONGODB_URI=uri, MONGODB_DB=db, ADMIN_TOKEN=ADMIN, SIDECAR_ADDR=f"127.0.0.1:{port}",
+            LOG_FILE=os.path.join(STATE, f"app-{i + 2}.log"), LOG_LEVEL=os.environ.get("BENCH_SIDECAR_LOG", "warn")))
+        wait_ok(f"http://127.0.0.1:{port}/healthz")
+        pairs.append((p, dict(env, SIDECAR_ADDR=f"127.0.0.1:{port}")))
+    envoys = [start_envoy(f"gateway{i}", False, 1, e) for i, (_, e) in enumerate(pairs)]
+    global CONNECTIONS
+    connections, CONNECTIONS = CONNECTIONS, max(CONNECTIONS // 3, 1)
+    rows = []
+    try:
+        for kind, body in [s for s in SHAPES if s[0] in ("plain", "openclaw")]:
+            runs = []
+            for _ in range(ROUNDS):
+                ops0 = mongo_ops(uri)
+                out = [None] * 3
+
+                def one(i):
+                    watch = {"envoy": envoys[i][0].pid, "sidecar": pairs[i][0].pid, "mock": mock.pid}
+                    out[i] = wrk(envoys[i][1] + "/v1/chat/completions", body,
+                                 {"Authorization": f"Bearer {USER_KEY}"}, watch)
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                drain, polls = wait_settled(uri, db)
+                ops1 = mongo_ops(uri)
+                n = sum(r["requests"] for r in out)
+                runs.append({"rps": sum(r["rps"] for r in out), "errors": sum(r["errors"] + r["non2xx"] for r in out),
+                             "p50": statistics.median(r["p50"] for r in out) / 1000,
+                             "p99": max(r["p99"] for r in out) / 1000,
+                             "mongo_ops": None if None in (ops0, ops1) else (ops1 - ops0 - polls - 1) / max(n, 1),
+                             "drain_s": drain})
+                print(f"  3 gateways {kind:8} {runs[-1]['rps']:8.0f} req/s errors {runs[-1]['errors']}", file=sys.stderr)
+            med = lambda f: statistics.median(f(r) for r in runs)
+            rows.append({"kind": kind, "rps": med(lambda r: r["rps"]), "errors": sum(r["errors"] for r in runs),
+                         "p50": med(lambda r: r["p50"]), "p99": med(lambda r: r["p99"]),
+                         "mongo_ops": None if any(r["mongo_ops"] is None for r in runs) else med(lambda r: r["mongo_ops"]),
+                         "drain_s": med(lambda r: r["drain_s"])})
+    finally:
+        CONNECTIONS = connections
+        for p, _, _ in envoys:
+            p.terminate()
+            p.wait(timeout=30)
+        for p, _ in pairs[1:]:
+            p.terminate()
+            p.wait(timeout=30)
+    return rows
+
+
 def mongo_name():
     if os.environ.get("MONGODB_URI"):
         return "the server at MONGODB_URI"
@@ -335,7 +421,7 @@ def mongo_name():
     return "SecantusDB 0.7.0b3 (PyPI build, `secantusd-py`)"
 
 
-def render_report(results, extras, wasm):
+def render_report(results, extras, wasm, many):
     cpu = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -373,6 +459,16 @@ def render_report(results, extras, wasm):
             rest = ex["rest"].get(name)
             lines.append(f"| {conc} | {name} | {first:.2f} | {total:.2f} | "
                          f"{'-' if ready is None else f'{ready:.1f}'} | {'-' if rest is None else f'{rest:.0f}'} |")
+    lines += ["", "Three gateways (an Envoy, concurrency 1, and a sidecar each) on one MongoDB, one key, loaded at once "
+              f"({max(CONNECTIONS // 3, 1)} connections each):", "",
+              "| body | req/s (all three) | single bridge req/s | errors | p50 ms | p99 ms | MongoDB ops/req "
+              "| settled s after load |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in many:
+        single = next((x["rps"] for x in results if (x["conc"], x["kind"], x["target"]) == (1, m["kind"], "bridge")),
+                      float("nan"))
+        ops = m["mongo_ops"]
+        lines.append(f"| {m['kind']} | {m['rps']:.0f} | {single:.0f} | {m['errors']} | {m['p50']:.2f} | {m['p99']:.2f} "
+                     f"| {'-' if ops is None else f'{ops:.3f}'} | {m['drain_s']:.1f} |")
     lines += ["", f"`.wasm` size: {os.path.getsize(wasm) / 1e6:.1f} MB. Sidecar RSS at rest: "
               f"{extras[1]['rest']['sidecar']:.0f} MiB.", ""]
     r1 = {x["target"]: x["rps"] for x in results if (x["conc"], x["kind"]) == (1, "plain")}
