@@ -69,6 +69,8 @@ PLUGIN_INTS = [
     ("LEASE_WAITERS_MAX", "lease_waiters_max", 1),
     ("ADMISSION_CALLS_MAX", "admission_calls_max", 1),
 ]
+# The filter's default api_version, which the bare (no filter) benchmark route writes itself.
+FILTER_API_VERSION = "2024-12-01-preview"
 # The filter's default of max_body_bytes, which Envoy's buffer must also fit.
 FILTER_MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -195,12 +197,15 @@ def render():
                                       "param": None, "code": "unknown_url"}})
     if bare:
         plugin = plugin_configuration()
-        auth = ("api-key", plugin["upstream_key"]) if plugin["upstream"] == "azure" else (
+        # What is unset takes the filter's defaults (filter/src/config.rs).
+        upstream = plugin.get("upstream", "azure")
+        auth = ("api-key", plugin["upstream_key"]) if upstream == "azure" else (
             "authorization", "Bearer " + plugin["upstream_key"])
         bare_route = dict(upstream_route)
-        if plugin["upstream"] == "azure":
+        if upstream == "azure":
+            version = plugin.get("api_version", FILTER_API_VERSION)
             bare_route["prefix_rewrite"] = (f'/openai/deployments/{plugin["deployment"]}/chat/completions'
-                                            f'?api-version={plugin["api_version"]}')
+                                            f'?api-version={version}')
         upstream_routes = [{
             "match": {"path": "/v1/chat/completions"}, "route": bare_route,
             "request_headers_to_add": [{"header": {"key": auth[0], "value": auth[1]},

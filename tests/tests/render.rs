@@ -108,3 +108,15 @@ fn each_variable_that_is_set_reaches_its_field() {
         .unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("LEASE_MS"));
 }
+
+#[test]
+fn the_bare_benchmark_route_rewrites_to_the_filters_own_default_path() {
+    // `make bench`'s bare Envoy (no filter) writes the upstream path the filter would.
+    let bare = render(&[("BRIDGE_FILTER", "0")]).to_string();
+    let cfg = PluginConfig::from_json(
+        br#"{"sidecar_cluster":"sidecar","upstream_key":"upstream-secret","deployment":"gpt-5-nano"}"#,
+    )
+    .unwrap();
+    assert!(bare.contains(&cfg.upstream_path()), "{} not in the bare route", cfg.upstream_path());
+    assert!(!bare.contains("openclaw_filter"), "the bare bootstrap loads no filter");
+}
