@@ -225,6 +225,9 @@ def render():
          "typed_per_filter_config": disabled},
         {"match": {"prefix": "/admin/"}, "route": {"cluster": "sidecar", "timeout": "30s"},
          "typed_per_filter_config": disabled},
+        # A key's own view: the sidecar checks the user's key itself.
+        {"match": {"path": "/v1/key", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+         "route": {"cluster": "sidecar", "timeout": "10s"}, "typed_per_filter_config": disabled},
         *upstream_routes,
         {"match": {"prefix": "/"},
          "direct_response": {"status": 404, "body": {"inline_string": not_found}},

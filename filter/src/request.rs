@@ -6,22 +6,7 @@ use serde_json::{Map, Value};
 use crate::config::{PluginConfig, UpstreamStyle};
 use crate::reply::LocalReply;
 
-/// The key from `Authorization: Bearer <key>` (or Azure-style `api-key`).
-/// `None` when missing or malformed; such requests get a 401 without a callout.
-pub fn client_key<'a>(authorization: Option<&'a str>, api_key: Option<&'a str>) -> Option<&'a str> {
-    let key = match authorization {
-        Some(value) => {
-            let (scheme, rest) = value.trim().split_once(' ')?;
-            if !scheme.eq_ignore_ascii_case("bearer") {
-                return None;
-            }
-            rest.trim()
-        }
-        None => api_key?.trim(),
-    };
-    let well_formed = (8..=256).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
-    well_formed.then_some(key)
-}
+pub use bridge_protocol::client_key;
 
 /// What the filter learned from a valid body.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -282,6 +282,23 @@ pub struct SettleReply {
     pub recalled: Vec<String>,
 }
 
+/// The key from `Authorization: Bearer <key>` (or Azure-style `api-key`).
+/// `None` when missing or malformed; such requests get a 401 without a callout.
+pub fn client_key<'a>(authorization: Option<&'a str>, api_key: Option<&'a str>) -> Option<&'a str> {
+    let key = match authorization {
+        Some(value) => {
+            let (scheme, rest) = value.trim().split_once(' ')?;
+            if !scheme.eq_ignore_ascii_case("bearer") {
+                return None;
+            }
+            rest.trim()
+        }
+        None => api_key?.trim(),
+    };
+    let well_formed = (8..=256).contains(&key.len()) && key.bytes().all(|b| b.is_ascii_graphic());
+    well_formed.then_some(key)
+}
+
 /// Why a message of the internal API is not acceptable: the field at fault
 /// and what is wrong with it. Both the sidecar's handlers and its ledger
 /// check a message with its one `validate`.

@@ -12,6 +12,7 @@ pub mod internal;
 pub mod keys;
 pub mod ledger;
 pub mod logging;
+pub mod own;
 pub mod refusal;
 pub mod sweeper;
 
@@ -97,6 +98,7 @@ pub fn app(state: AppState) -> Router {
         .merge(admin)
         .merge(internal)
         .route("/healthz", get(healthz))
+        .route("/v1/key", get(own::key_info))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

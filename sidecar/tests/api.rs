@@ -738,7 +738,10 @@ async fn a_lease_takes_at_most_the_balance_and_closes_and_settlements_commute() 
         SettleOutcome::AlreadySettled
     );
     let (_, admin) = s.admin(reqwest::Method::GET, "/admin/keys", None).await;
-    assert_eq!(admin["data"][0]["held_tokens"], json!(400 + 300), "{admin}");
+    // The admin's view is the true one: L2's 400 undrawn and what a and b did
+    // not use (200 - 80) are the key's; only c's draw (100) is held.
+    assert_eq!(admin["data"][0]["held_tokens"], json!(100), "{admin}");
+    assert_eq!(admin["data"][0]["balance_tokens"], json!(300 + 400 + 120), "{admin}");
     // The third settles after the close: the lease is finalised, its drawn 300
     // less the 180 its rows used return, and it goes away.
     assert_eq!(s.settle(&[drawn(key, "L1", "c", 100, 100, 0)]).await.results[0].outcome, SettleOutcome::Settled);
@@ -1124,4 +1127,54 @@ async fn a_lease_its_gateway_stopped_reporting_costs_only_its_reported_draws() {
     let charged: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
     assert_eq!(charged, 90);
     assert_eq!(s.key_doc(key).await.get_i64("leases_n"), Ok(0));
+}
+
+#[tokio::test]
+async fn balances_are_true_while_leases_are_open_and_a_key_reads_its_own() {
+    let s = start().await;
+    let key = "sk-true-balance-01";
+    s.create(key, 10_000).await;
+    let balance_and_held = |v: &Value| (v["balance_tokens"].as_i64().unwrap(), v["held_tokens"].as_i64().unwrap());
+    let admin_view = || async {
+        let (_, list) = s.admin(reqwest::Method::GET, "/admin/keys", None).await;
+        list["data"][0].clone()
+    };
+    // A lease took a quarter of the balance; nothing drawn: the key still has all of it.
+    assert_eq!(s.granted(key, "L1", 5_000, 100).await, 2_500);
+    assert_eq!(s.balance(key).await, 7_500, "stored");
+    assert_eq!(balance_and_held(&admin_view().await), (10_000, 0));
+    // Three requests drawn (300), one settled: 100 held, 30 used, the rest still the key's.
+    s.report(key, &[("L1", 300, 3)]).await;
+    assert_eq!(balance_and_held(&admin_view().await), (9_700, 300));
+    s.settle(&[drawn(key, "L1", "r1", 100, 20, 10)]).await;
+    assert_eq!(balance_and_held(&admin_view().await), (9_770, 200));
+
+    // The key's own view, with the user's key and no admin token.
+    let own = |auth: Option<&str>| {
+        let mut req = s.http.get(format!("{}/v1/key", s.url));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, me) = own(Some(&format!("Bearer {key}"))).await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(balance_and_held(&me), (9_770, 200));
+    assert_eq!((me["user_name"].as_str(), me["status"].as_str()), (Some("张三"), Some("active")));
+    assert!(!me.to_string().contains(key), "the key itself is never shown: {me}");
+    for period in ["today", "month"] {
+        assert_eq!(
+            me["usage"][period],
+            json!({"requests": 1, "input_tokens": 20, "output_tokens": 10, "total_tokens": 30})
+        );
+    }
+    // An unknown or missing key is a 401 in the OpenAI shape, as on the chat path.
+    for auth in [Some("Bearer sk-no-such-key-000"), None, Some("Basic abc")] {
+        let (status, body) = own(auth).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["error"]["code"], "invalid_api_key");
+    }
 }

@@ -730,3 +730,33 @@ async fn a_reasoning_model_cut_short_without_usage_pays_its_hold() {
     assert!(reserved > 4_096, "the output reservation and the prompt: {reserved}");
     assert_eq!(s.settled_balance(key).await, 100_000 - reserved);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reads_its_own_true_balance_right_after_a_request() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-own-view-user-01";
+    s.create_key(key, 10_000).await;
+    let body = json!({"model": "gpt-5-nano", "max_completion_tokens": 20, "messages": messages("hi")});
+    let resp = s.chat(key, &body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    resp.bytes().await.unwrap();
+    let used = total(&s.settled_row(&id).await);
+    // The lease is still open, and took a share of the balance; the key's own
+    // view (through Envoy, with its own key) is already what it has left.
+    let own = || async {
+        let resp = s.http.get(format!("{}/v1/key", s.base)).bearer_auth(key).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json::<Value>().await.unwrap()
+    };
+    bridge_tests::eventually("the balance net of the request", Duration::from_secs(5), || async {
+        let me = own().await;
+        me["balance_tokens"] == json!(10_000 - used) && me["held_tokens"] == json!(0)
+    })
+    .await;
+    let me = own().await;
+    assert_eq!(me["usage"]["today"]["requests"], 1);
+    assert_eq!(me["usage"]["today"]["total_tokens"], used);
+    let resp = s.http.get(format!("{}/v1/key", s.base)).bearer_auth("sk-made-up-key-9").send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+}

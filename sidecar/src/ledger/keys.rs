@@ -41,12 +41,61 @@ pub struct KeyView {
     /// First 16 hex digits of the key's hash: a stable handle that reveals nothing.
     pub key_id: String,
     pub user_name: String,
+    /// What the key has left: settled usage is out of it, the undrawn part of
+    /// its leases is not (right within a settlement tick of a request's end).
     pub balance_tokens: i64,
-    /// Tokens held by requests in flight, already taken out of `balance_tokens`.
+    /// What requests in flight hold at their estimates, apart from `balance_tokens`.
     pub held_tokens: i64,
     pub status: String,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// What a key's audit rows over a period add up to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Usage {
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// What left the balance.
+    pub total_tokens: i64,
+}
+
+/// The first millisecond of the UTC month of `ms`.
+fn month_start(ms: i64) -> i64 {
+    use chrono_free::civil;
+    let days = ms.div_euclid(86_400_000);
+    let (y, m, _) = civil::from_days(days);
+    civil::to_days(y, m, 1) * 86_400_000
+}
+
+/// Calendar arithmetic on days since 1970-01-01 (Howard Hinnant's civil algorithms).
+mod chrono_free {
+    pub mod civil {
+        pub fn from_days(z: i64) -> (i64, u32, u32) {
+            let z = z + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+            let y = yoe + era * 400;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+            let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+            (if m <= 2 { y + 1 } else { y }, m, d)
+        }
+
+        pub fn to_days(y: i64, m: u32, d: u32) -> i64 {
+            let y = if m <= 2 { y - 1 } else { y };
+            let era = y.div_euclid(400);
+            let yoe = y - era * 400;
+            let m = i64::from(m);
+            let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+            let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+            era * 146_097 + doe - 719_468
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -57,15 +106,32 @@ pub struct NewKey {
     pub status: KeyStatus,
 }
 
-pub(super) fn key_view(doc: &KeyDoc, full_key: Option<&str>) -> KeyView {
-    let held =
-        doc.holds.values().map(|h| h.tokens).sum::<i64>() + doc.leases.values().map(LeaseDoc::outstanding).sum::<i64>();
+/// What a key's leases hold apart from its stored balance, by their rows
+/// settled so far: `(back, held)`, where `back` is what belongs to the
+/// balance already (the undrawn part, and what settled requests did not use)
+/// and `held` is what requests still in flight hold at their estimates.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct LeaseShares {
+    back: i64,
+    held: i64,
+}
+
+/// A lease's part of the key's view. `settled` is (rows' reserved, rows' total).
+fn lease_share(lease: &LeaseDoc, settled: (i64, i64)) -> LeaseShares {
+    let (reserved, used) = settled;
+    let drawn = lease.drawn_known().max(reserved);
+    let undrawn = lease.outstanding() - drawn;
+    LeaseShares { back: undrawn + reserved - used, held: drawn - reserved }
+}
+
+pub(super) fn key_view(doc: &KeyDoc, full_key: Option<&str>, leases: LeaseShares) -> KeyView {
+    let held = doc.holds.values().map(|h| h.tokens).sum::<i64>() + leases.held;
     KeyView {
         object: "api_key",
         api_key: full_key.map(str::to_owned).unwrap_or_else(|| masked_key(doc)),
         key_id: doc.hash.chars().take(16).collect(),
         user_name: doc.user_name.clone(),
-        balance_tokens: doc.balance_tokens,
+        balance_tokens: doc.balance_tokens + leases.back,
         held_tokens: held,
         status: doc.status.clone(),
         created_at: rfc3339(doc.created_at),
@@ -100,7 +166,7 @@ impl Store {
             Ok(_) => {
                 let typed: KeyDoc =
                     mongodb::bson::from_document(document).map_err(|e| LedgerError::Internal(e.to_string()))?;
-                Ok(key_view(&typed, generated.then_some(new.api_key.as_str())))
+                Ok(key_view(&typed, generated.then_some(new.api_key.as_str()), LeaseShares::default()))
             }
             Err(e) if is_duplicate_key(&e) => Err(LedgerError::Conflict {
                 message: "A key with this api_key already exists.".into(),
@@ -151,7 +217,54 @@ impl Store {
             .await?
             .try_collect()
             .await?;
-        Ok((docs.iter().map(|d| key_view(d, None)).collect(), total))
+        let views = futures::future::try_join_all(docs.iter().map(|d| self.view(d))).await?;
+        Ok((views, total))
+    }
+
+    /// A key as it stands: its stored balance with what its leases hold apart
+    /// from it put right (one aggregation of audit rows per open lease).
+    pub(super) async fn view(&self, doc: &KeyDoc) -> Result<KeyView, LedgerError> {
+        let mut shares = LeaseShares::default();
+        for (id, lease) in &doc.leases {
+            let used = self.lease_usage(id).await?;
+            let share = lease_share(lease, (used.reserved, used.total));
+            shares.back += share.back;
+            shares.held += share.held;
+        }
+        Ok(key_view(doc, None, shares))
+    }
+
+    /// A key's own view, for `GET /v1/key`: `None` for a key that does not exist.
+    pub async fn own_view(&self, hash: &str) -> Result<Option<(KeyView, Usage, Usage)>, LedgerError> {
+        let Some(doc) = self.key_docs.find_one(doc! {"_id": hash}).projection(doc! {"outbox": 0}).await? else {
+            return Ok(None);
+        };
+        let view = self.view(&doc).await?;
+        let now = self.local_now().timestamp_millis();
+        let day_ms = 86_400_000;
+        let today = now - now.rem_euclid(day_ms);
+        let month = month_start(now);
+        let (day, month) =
+            futures::future::try_join(self.usage_since(hash, today), self.usage_since(hash, month)).await?;
+        Ok(Some((view, day, month)))
+    }
+
+    /// What a key's audit rows since `from_ms` add up to (the `key_id` +
+    /// `timestamp` index serves it).
+    async fn usage_since(&self, hash: &str, from_ms: i64) -> Result<Usage, LedgerError> {
+        let mut cursor = self
+            .audit
+            .aggregate([
+                doc! {"$match": {"key_id": hash, "timestamp": {"$gte": mongodb::bson::DateTime::from_millis(from_ms)}}},
+                doc! {"$group": {"_id": mongodb::bson::Bson::Null, "requests": {"$sum": 1_i64},
+                "input_tokens": {"$sum": "$input_tokens"}, "output_tokens": {"$sum": "$output_tokens"},
+                "total_tokens": {"$sum": "$total_tokens"}}},
+            ])
+            .await?;
+        Ok(match cursor.try_next().await? {
+            Some(d) => mongodb::bson::from_document(d).map_err(|e| LedgerError::Internal(e.to_string()))?,
+            None => Usage::default(),
+        })
     }
 
     /// Top-up (or deduction) and status change in one atomic update. A deduction
@@ -182,7 +295,7 @@ impl Store {
             .projection(doc! {"outbox": 0})
             .await?;
         match after {
-            Some(d) => Ok(key_view(&d, None)),
+            Some(d) => self.view(&d).await,
             None if self.keys.find_one(doc! {"_id": hash}).projection(doc! {"_id": 1}).await?.is_some() => {
                 Err(LedgerError::Conflict {
                     message: "The deduction would take the balance below zero.".into(),
@@ -191,5 +304,29 @@ impl Store {
             }
             None => Err(LedgerError::NotFound("No such api_key.".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_start_on_their_first_day_in_utc() {
+        // 2026-12-01T00:00:00Z and a moment in 2024-02-29.
+        assert_eq!(month_start(1_796_083_200_000 + 3_600_000), 1_796_083_200_000);
+        assert_eq!(month_start(1_709_208_000_000), 1_706_745_600_000);
+        assert_eq!(chrono_free::civil::from_days(0), (1970, 1, 1));
+    }
+
+    #[test]
+    fn a_leases_share_of_the_view_counts_settled_rows_and_what_was_not_drawn() {
+        let open = LeaseDoc { tokens: 1_000, reported_tokens: 300, ..LeaseDoc::default() };
+        // 300 drawn, of which rows reserving 200 settled using 50.
+        let s = lease_share(&open, (200, 50));
+        assert_eq!((s.back, s.held), (700 + 150, 100));
+        let closed = LeaseDoc { tokens: 1_000, closed: true, drawn_tokens: 400, ..LeaseDoc::default() };
+        let s = lease_share(&closed, (400, 120));
+        assert_eq!((s.back, s.held), (280, 0));
     }
 }

@@ -43,7 +43,7 @@ use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
 
-pub use keys::{KeyStatus, KeyView, NewKey};
+pub use keys::{KeyStatus, KeyView, NewKey, Usage};
 pub use lease::REFUNDS_DUE;
 
 use bridge_protocol::SettleOutcome;
