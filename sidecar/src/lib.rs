@@ -5,6 +5,7 @@
 //! only reads settings, connects and serves.
 
 pub mod admin;
+pub mod audit_api;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -88,6 +89,7 @@ pub fn app(state: AppState) -> Router {
     let admin = Router::new()
         .route("/admin/keys", post(admin::create_key).get(admin::list_keys))
         .route("/admin/keys/{key}", patch(admin::patch_key))
+        .route("/admin/audit_logs", get(audit_api::list))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let internal = Router::new()
         .route(bridge_protocol::RESERVE_PATH, post(internal::reserve))

@@ -1178,3 +1178,110 @@ async fn balances_are_true_while_leases_are_open_and_a_key_reads_its_own() {
         assert_eq!(body["error"]["code"], "invalid_api_key");
     }
 }
+
+#[tokio::test]
+async fn the_audit_log_pages_newest_first_exactly_once_while_rows_arrive_and_exports_csv() {
+    let s = start().await;
+    let (alice, bob) = ("sk-audit-alice-001", "sk-audit-bob-0001");
+    s.create(alice, 100_000).await;
+    let (_, made) = s
+        .admin(
+            reqwest::Method::POST,
+            "/admin/keys",
+            Some(json!({"api_key": bob, "user_name": "bob, \"the builder\"", "balance_tokens": 100_000})),
+        )
+        .await;
+    let bob_id = made["key_id"].as_str().unwrap().to_owned();
+    // Seven settled requests: alternating keys, two models, one upstream error.
+    let settle_one = |key: &'static str, id: String, model: &'static str, status: u16| {
+        let s = &s;
+        async move {
+            assert!(matches!(s.reserve(key, &id, 50).await, ReserveReply::Admit { .. }));
+            let r = SettleRecord { model: model.into(), status_code: status, ..record(key, &id, 50, 10, 5) };
+            assert_eq!(s.settle(&[r]).await.results[0].outcome, SettleOutcome::Settled);
+        }
+    };
+    for i in 0..7 {
+        let key = if i % 2 == 0 { alice } else { bob };
+        let model = if i < 4 { "gpt-5-nano" } else { "gpt-4.1" };
+        settle_one(key, format!("row-{i}"), model, if i == 3 { 500 } else { 200 }).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let get = |query: String| {
+        let s = &s;
+        async move { s.admin(reqwest::Method::GET, &format!("/admin/audit_logs{query}"), None).await }
+    };
+    // Pages of three, newest first; two more rows arrive mid-walk.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page in 0.. {
+        let q = match &cursor {
+            Some(c) => format!("?limit=3&cursor={c}"),
+            None => "?limit=3".into(),
+        };
+        let (status, body) = get(q).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        seen.extend(body["data"].as_array().unwrap().iter().map(|r| r["request_id"].as_str().unwrap().to_owned()));
+        if page == 0 {
+            settle_one(alice, "late-1".into(), "gpt-5-nano", 200).await;
+            settle_one(bob, "late-2".into(), "gpt-5-nano", 200).await;
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => {
+                assert_eq!(body["has_more"], false);
+                break;
+            }
+        }
+    }
+    let expected: Vec<String> = (0..7).rev().map(|i| format!("row-{i}")).collect();
+    assert_eq!(seen, expected, "each row once, newest first, unmoved by rows arriving meanwhile");
+    // A new walk starts with them.
+    let (_, first) = get("?limit=2".into()).await;
+    let ids: Vec<&str> = first["data"].as_array().unwrap().iter().map(|r| r["request_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["late-2", "late-1"]);
+    let row = &first["data"][0];
+    assert_eq!(row["key_id"], bob_id.as_str());
+    assert_eq!((row["total_tokens"].as_i64(), row["user_id"].as_str()), (Some(15), Some("bob, \"the builder\"")));
+    assert!(row["timestamp"].as_str().unwrap().ends_with('Z'), "{row}");
+    assert!(!first.to_string().contains(bob), "no key in the rows");
+
+    // Filters, each on an indexed field.
+    let count = |body: &Value| body["data"].as_array().unwrap().len();
+    assert_eq!(count(&get(format!("?key_id={bob_id}")).await.1), 4);
+    assert_eq!(count(&get("?user_name=%E5%BC%A0%E4%B8%89".into()).await.1), 5, "alice is 张三");
+    assert_eq!(count(&get("?model=gpt-4.1".into()).await.1), 3);
+    assert_eq!(get("?status_code=500".into()).await.1["data"][0]["request_id"], "row-3");
+    assert_eq!(count(&get("?from=2000-01-01T00:00:00Z&to=2001-01-01T00:00:00Z".into()).await.1), 0);
+
+    // The CSV export: a header, one line a row, cells quoted where they must be.
+    let resp = s
+        .http
+        .get(format!("{}/admin/audit_logs?format=csv&key_id={bob_id}&limit=2", s.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    assert!(resp.headers().contains_key("x-next-cursor"));
+    let text = resp.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].starts_with("timestamp,request_id,key_id,api_key,user_id,model,"));
+    assert!(lines[1].contains(",\"bob, \"\"the builder\"\"\","), "{}", lines[1]);
+
+    // Bad parameters are 400s naming the parameter; no admin token, 401.
+    for (q, param) in [
+        ("?limit=0", "limit"),
+        ("?cursor=nope", "cursor"),
+        ("?from=yesterday", "from"),
+        ("?key_id=sk-audit-bob-0001", "key_id"),
+        ("?format=xml", "format"),
+    ] {
+        let (status, body) = get(q.into()).await;
+        assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{q}: {body}");
+    }
+    let resp = s.http.get(format!("{}/admin/audit_logs", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}

@@ -28,6 +28,7 @@
 //! at the handler edge; refusals are typed (`Refusal`) and worded for clients
 //! by `crate::refusal`.
 
+mod audit;
 mod docs;
 mod expiry;
 mod keys;
@@ -43,6 +44,7 @@ use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
 
+pub use audit::{AuditPage, AuditQuery, Cursor};
 pub use keys::{KeyStatus, KeyView, NewKey, Usage};
 pub use lease::REFUNDS_DUE;
 
@@ -262,6 +264,10 @@ impl Store {
         self.audit.create_index(IndexModel::builder().keys(doc! {"request_id": 1}).options(unique).build()).await?;
         self.audit.create_index(IndexModel::builder().keys(doc! {"key_id": 1, "timestamp": -1}).build()).await?;
         self.audit.create_index(IndexModel::builder().keys(doc! {"timestamp": -1}).build()).await?;
+        // The audit log API: newest first, by owner or model.
+        self.audit.create_index(IndexModel::builder().keys(doc! {"timestamp": -1, "_id": -1}).build()).await?;
+        self.audit.create_index(IndexModel::builder().keys(doc! {"user_id": 1, "timestamp": -1}).build()).await?;
+        self.audit.create_index(IndexModel::builder().keys(doc! {"model": 1, "timestamp": -1}).build()).await?;
         // A lease's rows are summed when it is finalised.
         self.audit.create_index(IndexModel::builder().keys(doc! {"lease_id": 1}).build()).await?;
         for field in ["holds_n", "outbox_n", "leases_n", "released_n", "charged_n"] {
