@@ -59,6 +59,18 @@ fn status(map: &Map<String, Value>) -> Result<Option<KeyStatus>, AppError> {
         .transpose()
 }
 
+/// A `limit` query parameter: `default` when absent, else 1 to `max`.
+pub(crate) fn page_limit(value: Option<&str>, default: i64, max: i64) -> Result<i64, AppError> {
+    match value {
+        None => Ok(default),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| AppError::bad_request(format!("limit must be 1 to {max}."), Some("limit"))),
+    }
+}
+
 /// `POST /admin/keys`: `{api_key?, user_name, balance_tokens, status?}`.
 #[tracing::instrument(skip_all)]
 pub async fn create_key(
@@ -118,14 +130,7 @@ pub async fn list_keys(
     query: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<KeyList>, AppError> {
     let Query(page) = query.map_err(|e| AppError::bad_request(e.body_text(), None))?;
-    let limit = match page.limit.as_deref() {
-        None => DEFAULT_PAGE,
-        Some(s) => s
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| AppError::bad_request(format!("limit must be 1 to {MAX_PAGE}."), Some("limit")))?,
-    };
+    let limit = page_limit(page.limit.as_deref(), DEFAULT_PAGE, MAX_PAGE)?;
     let offset = match page.offset.as_deref() {
         None => 0,
         Some(s) => s

@@ -78,14 +78,7 @@ pub async fn list(
         }
     };
     let max = if csv { MAX_CSV_LIMIT } else { MAX_LIMIT };
-    let limit = match p.limit.as_deref() {
-        None => DEFAULT_LIMIT,
-        Some(s) => s
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=max).contains(n))
-            .ok_or_else(|| AppError::bad_request(format!("limit must be 1 to {max}."), Some("limit")))?,
-    };
+    let limit = crate::admin::page_limit(p.limit.as_deref(), DEFAULT_LIMIT, max)?;
     let key_id = p.key_id.map(|k| k.to_ascii_lowercase());
     if let Some(k) = &key_id {
         let hex = k.bytes().all(|b| b.is_ascii_hexdigit());

@@ -110,16 +110,15 @@ impl Sidecar {
         }
     }
 
-    async fn close(&self, closes: &[LeaseClose]) -> SettleReply {
-        let resp = self
-            .http
-            .post(format!("{}/internal/settle", self.url))
-            .json(&json!({"records": [], "closes": closes}))
-            .send()
-            .await
-            .unwrap();
+    /// A settlement batch as the filter sends it.
+    async fn batch(&self, batch: Value) -> SettleReply {
+        let resp = self.http.post(format!("{}/internal/settle", self.url)).json(&batch).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         resp.json().await.unwrap()
+    }
+
+    async fn close(&self, closes: &[LeaseClose]) -> SettleReply {
+        self.batch(json!({"records": [], "closes": closes})).await
     }
 
     /// A gateway's progress report of its open leases: the leases it is told to close.
@@ -128,15 +127,7 @@ impl Sidecar {
             .iter()
             .map(|(id, t, n)| json!({"key_hash": key_hash(key), "lease_id": id, "drawn_tokens": t, "drawn_n": n}))
             .collect();
-        let resp = self
-            .http
-            .post(format!("{}/internal/settle", self.url))
-            .json(&json!({"records": [], "progress": progress}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        resp.json::<SettleReply>().await.unwrap().recalled
+        self.batch(json!({"records": [], "progress": progress})).await.recalled
     }
 
     async fn key_doc(&self, key: &str) -> Document {
