@@ -1,5 +1,6 @@
 //! `GET /admin/audit_logs`: the audit log, newest first, with filters, cursor
-//! pagination and a CSV export (`format=csv`).
+//! pagination and a CSV export (`format=csv`); `GET /admin/usage`: usage
+//! reports summed by MongoDB.
 
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
@@ -8,7 +9,7 @@ use mongodb::bson::{Bson, DateTime, Document};
 use serde_json::json;
 
 use crate::error::{AppError, Json};
-use crate::ledger::{AuditQuery, Cursor};
+use crate::ledger::{AuditQuery, Cursor, GroupBy};
 use crate::AppState;
 
 const DEFAULT_LIMIT: i64 = 100;
@@ -130,6 +131,41 @@ pub async fn list(
     }
     let data: Vec<serde_json::Value> = page.rows.into_iter().map(to_json).collect();
     Ok(Json(json!({"object": "list", "data": data, "has_more": next.is_some(), "next_cursor": next})).into_response())
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageParams {
+    from: Option<String>,
+    to: Option<String>,
+    group_by: Option<String>,
+}
+
+/// `GET /admin/usage?from=&to=&group_by=key,model,day`: one row per group.
+#[tracing::instrument(skip_all)]
+pub async fn usage(
+    State(state): State<AppState>,
+    query: Result<Query<UsageParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, AppError> {
+    let Query(p) = query.map_err(|e| AppError::bad_request(e.body_text(), None))?;
+    let mut groups = Vec::new();
+    for name in p.group_by.as_deref().unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let g = GroupBy::parse(name).ok_or_else(|| {
+            AppError::bad_request(
+                format!("group_by takes key, user, model, day and hour, comma-separated; not {name:?}."),
+                Some("group_by"),
+            )
+        })?;
+        if !groups.contains(&g) {
+            groups.push(g);
+        }
+    }
+    let (from, to) = (time(p.from.as_deref(), "from")?, time(p.to.as_deref(), "to")?);
+    let started = std::time::Instant::now();
+    let rows = state.store.usage_report(from, to, &groups).await?;
+    tracing::info!(rows = rows.len(), ms = started.elapsed().as_millis() as u64, "admin read a usage report");
+    let data: Vec<serde_json::Value> = rows.into_iter().map(to_json).collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
 fn to_json(row: Document) -> serde_json::Value {

@@ -90,6 +90,7 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/keys", post(admin::create_key).get(admin::list_keys))
         .route("/admin/keys/{key}", patch(admin::patch_key))
         .route("/admin/audit_logs", get(audit_api::list))
+        .route("/admin/usage", get(audit_api::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let internal = Router::new()
         .route(bridge_protocol::RESERVE_PATH, post(internal::reserve))

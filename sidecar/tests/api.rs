@@ -1276,3 +1276,70 @@ async fn the_audit_log_pages_newest_first_exactly_once_while_rows_arrive_and_exp
     let resp = s.http.get(format!("{}/admin/audit_logs", s.url)).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn usage_reports_are_summed_by_the_database_in_any_grouping() {
+    let s = start().await;
+    let (alice, bob) = ("sk-usage-alice-01", "sk-usage-bob-001");
+    s.create(alice, 100_000).await;
+    s.admin(
+        reqwest::Method::POST,
+        "/admin/keys",
+        Some(json!({"api_key": bob, "user_name": "bob", "balance_tokens": 100_000})),
+    )
+    .await;
+    // alice: 3 on nano (10+5 each), 1 on 4.1 (20+10); bob: 2 on nano.
+    for (i, (key, model, input, output)) in [
+        (alice, "gpt-5-nano", 10, 5),
+        (alice, "gpt-5-nano", 10, 5),
+        (alice, "gpt-5-nano", 10, 5),
+        (alice, "gpt-4.1", 20, 10),
+        (bob, "gpt-5-nano", 10, 5),
+        (bob, "gpt-5-nano", 10, 5),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("use-{i}");
+        assert!(matches!(s.reserve(key, &id, 50).await, ReserveReply::Admit { .. }));
+        let r = SettleRecord { model: model.into(), ..record(key, &id, 50, input, output) };
+        assert_eq!(s.settle(&[r]).await.results[0].outcome, SettleOutcome::Settled);
+    }
+    let report = |q: &str| {
+        let s = &s;
+        let q = q.to_owned();
+        async move {
+            let (status, body) = s.admin(reqwest::Method::GET, &format!("/admin/usage{q}"), None).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            body["data"].as_array().unwrap().clone()
+        }
+    };
+    let all = report("").await;
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        (&all[0]["requests"], &all[0]["input_tokens"], &all[0]["output_tokens"], &all[0]["total_tokens"]),
+        (&json!(6), &json!(70), &json!(35), &json!(105))
+    );
+    assert_eq!(all[0]["cached_tokens"], 0);
+    let by = report("?group_by=user,model").await;
+    let find = |user: &str, model: &str| {
+        by.iter().find(|r| r["user_name"] == user && r["model"] == model).cloned().unwrap_or(Value::Null)
+    };
+    assert_eq!(by.len(), 3, "{by:?}");
+    assert_eq!(
+        (find("张三", "gpt-5-nano")["requests"].as_i64(), find("张三", "gpt-5-nano")["total_tokens"].as_i64()),
+        (Some(3), Some(45))
+    );
+    assert_eq!(find("张三", "gpt-4.1")["total_tokens"], 30);
+    assert_eq!(find("bob", "gpt-5-nano")["total_tokens"], 30);
+    let keys = report("?group_by=key").await;
+    assert_eq!(keys.len(), 2);
+    assert!(keys.iter().all(|r| r["key_id"].as_str().is_some_and(|k| k.len() == 16)));
+    let days = report("?group_by=day,hour").await;
+    assert_eq!(days.iter().map(|r| r["requests"].as_i64().unwrap()).sum::<i64>(), 6);
+    let today = days[0]["day"].as_str().unwrap().to_owned();
+    assert!(days[0]["hour"].as_str().unwrap().starts_with(&today));
+    assert!(report("?from=2000-01-01T00:00:00Z&to=2000-01-02T00:00:00Z").await.is_empty());
+    let (status, body) = s.admin(reqwest::Method::GET, "/admin/usage?group_by=week", None).await;
+    assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("group_by")));
+}

@@ -36,6 +36,7 @@ mod lease;
 mod outbox;
 mod reserve;
 mod settle;
+mod usage;
 
 use std::time::Duration;
 
@@ -47,6 +48,7 @@ use mongodb::{Client, Collection, IndexModel};
 pub use audit::{AuditPage, AuditQuery, Cursor};
 pub use keys::{KeyStatus, KeyView, NewKey, Usage};
 pub use lease::REFUNDS_DUE;
+pub use usage::GroupBy;
 
 use bridge_protocol::SettleOutcome;
 use docs::KeyDoc;
