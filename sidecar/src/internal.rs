@@ -29,6 +29,8 @@ pub async fn reserve(
         .spawn(async move { store.reserve(&task_req).await })
         .await
         .map_err(|e| AppError::Internal(format!("reservation task: {e}")))??;
+    state.metrics.ledger("reserve", started.elapsed());
+    count_refusal(&state, &decision);
     let reply = match decision {
         Decision::Granted { balance_tokens, .. } => ReserveReply::Admit { balance_tokens },
         Decision::Refused(why) => {
@@ -71,6 +73,8 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
         })
         .await
         .map_err(|e| AppError::Internal(format!("lease task: {e}")))??;
+    state.metrics.ledger("lease", started.elapsed());
+    count_refusal(&state, &decision);
     let reply = match decision {
         Decision::Granted { tokens, balance_tokens } => LeaseReply::Grant { tokens, balance_tokens },
         Decision::Refused(why) => {
@@ -102,6 +106,7 @@ pub async fn settle(
     // Unreadable progress reports are skipped: the next tick sends them again.
     let (progress, _) = decode_each::<LeaseProgress>(batch.progress, "lease_id");
     let store = state.store.clone();
+    let metrics = state.metrics.clone();
     let span = tracing::Span::current();
     let started = std::time::Instant::now();
     // A tracked task: if Envoy hangs up mid-batch the batch still completes
@@ -114,13 +119,30 @@ pub async fn settle(
                 let closes = merge(store.close_leases(&closes).await?, unreadable_closes);
                 let recalled = store.report_progress(&progress).await?;
                 log_batch(&records, &results, &closes, started.elapsed());
+                count_batch(&metrics, &records, &results);
                 Ok::<_, AppError>((results, closes, recalled))
             },
             span,
         ))
         .await
         .map_err(|e| AppError::Internal(format!("settlement task: {e}")))??;
+    state.metrics.ledger("settle", started.elapsed());
+    state.metrics.batch();
     Ok(Json(SettleReply { results, closes, recalled }))
+}
+
+/// A refusal (or a retry) in the metrics, by reason.
+fn count_refusal(state: &AppState, decision: &Decision) {
+    use crate::ledger::Refusal;
+    let reason = match decision {
+        Decision::Granted { .. } => return,
+        Decision::Retry => "retry",
+        Decision::Refused(Refusal::UnknownKey) => "unknown_key",
+        Decision::Refused(Refusal::Frozen { .. }) => "key_frozen",
+        Decision::Refused(Refusal::Busy) => "rate_limit_exceeded",
+        Decision::Refused(Refusal::Insufficient { .. }) => "insufficient_quota",
+    };
+    state.metrics.refused(reason);
 }
 
 /// Decodes each item of a batch on its own. One it cannot read (a malformed
@@ -153,6 +175,24 @@ fn merge(results: Vec<SettleResult>, unreadable: Vec<(usize, SettleResult)>) -> 
         all.insert(i.min(all.len()), r);
     }
     all
+}
+
+/// A batch's outcomes and, for what settled now, its requests and tokens.
+fn count_batch(metrics: &crate::metrics::Metrics, records: &[SettleRecord], results: &[SettleResult]) {
+    for r in results {
+        metrics.outcome(match r.outcome {
+            SettleOutcome::Settled => "settled",
+            SettleOutcome::AlreadySettled => "already_settled",
+            SettleOutcome::Expired => "expired",
+            SettleOutcome::Unknown => "unknown",
+            SettleOutcome::Invalid => "invalid",
+        });
+    }
+    for (record, result) in records.iter().zip(results) {
+        if result.request_id == record.request_id && result.outcome == SettleOutcome::Settled {
+            metrics.settled(&record.model, record.status_code, record.input_tokens, record.output_tokens);
+        }
+    }
 }
 
 fn log_batch(

@@ -13,6 +13,7 @@ pub mod internal;
 pub mod keys;
 pub mod ledger;
 pub mod logging;
+pub mod metrics;
 pub mod own;
 pub mod refusal;
 pub mod sweeper;
@@ -39,6 +40,8 @@ pub struct AppState {
     /// time leaks neither the token's content nor its length.
     pub(crate) admin_digest: [u8; 32],
     pub(crate) internal_token: Option<Secret>,
+    /// What `/admin/metrics` shows.
+    pub metrics: std::sync::Arc<metrics::Metrics>,
 }
 
 impl AppState {
@@ -48,6 +51,7 @@ impl AppState {
             tasks: tokio_util::task::TaskTracker::new(),
             admin_digest: Sha256::digest(admin_token.expose().as_bytes()).into(),
             internal_token,
+            metrics: std::sync::Arc::default(),
         }
     }
 
@@ -65,6 +69,12 @@ impl AppState {
 async fn healthz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, AppError> {
     state.store.ping().await?;
     Ok(Json(serde_json::json!({"status": "ok"})))
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Result<Response, AppError> {
+    let (leases, holds) = state.store.open_counts().await?;
+    let text = state.metrics.render(leases, holds);
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
 async fn not_found() -> AppError {
@@ -91,6 +101,7 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/keys/{key}", patch(admin::patch_key))
         .route("/admin/audit_logs", get(audit_api::list))
         .route("/admin/usage", get(audit_api::usage))
+        .route("/admin/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_admin));
     let internal = Router::new()
         .route(bridge_protocol::RESERVE_PATH, post(internal::reserve))

@@ -8,6 +8,7 @@ use crate::AppState;
 /// One pass; returns (holds expired, outbox rows flushed).
 pub async fn sweep_once(state: &AppState) -> Result<(usize, usize), crate::error::AppError> {
     let expired = state.store.expire_holds().await?;
+    state.metrics.expired(expired);
     let flushed = state.store.flush_outboxes().await?;
     Ok((expired, flushed))
 }

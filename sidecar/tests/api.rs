@@ -1343,3 +1343,41 @@ async fn usage_reports_are_summed_by_the_database_in_any_grouping() {
     let (status, body) = s.admin(reqwest::Method::GET, "/admin/usage?group_by=week", None).await;
     assert_eq!((status, body["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("group_by")));
 }
+
+#[tokio::test]
+async fn metrics_count_tokens_requests_refusals_and_batches_without_naming_a_key() {
+    let s = start().await;
+    let key = "sk-metrics-user-01";
+    s.create(key, 100_000).await;
+    for i in 0..3 {
+        let id = format!("m-{i}");
+        assert!(matches!(s.reserve(key, &id, 50).await, ReserveReply::Admit { .. }));
+        s.settle(&[record(key, &id, 50, 10, 5)]).await;
+    }
+    assert!(matches!(s.reserve(key, "held", 50).await, ReserveReply::Admit { .. }));
+    assert!(matches!(s.reserve("sk-nobody-at-all-1", "x", 5).await, ReserveReply::Refuse { status: 401, .. }));
+    let resp = s.http.get(format!("{}/admin/metrics", s.url)).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = resp.text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    let model = "gen_ai_request_model=\"gpt-5-nano\"";
+    assert_eq!(value(&format!("gen_ai_client_token_usage_total{{{model},gen_ai_token_type=\"input\"}}")), 30.0);
+    assert_eq!(value(&format!("gen_ai_client_token_usage_total{{{model},gen_ai_token_type=\"output\"}}")), 15.0);
+    assert_eq!(value(&format!("openclaw_bridge_requests_total{{{model},status_code=\"200\"}}")), 3.0);
+    assert_eq!(value("openclaw_bridge_refusals_total{reason=\"unknown_key\"}"), 1.0);
+    assert_eq!(value("openclaw_bridge_settlement_batches_total"), 3.0);
+    assert_eq!(value("openclaw_bridge_settlement_records_total{outcome=\"settled\"}"), 3.0);
+    assert_eq!(value("openclaw_bridge_ledger_seconds_count{op=\"reserve\"}"), 5.0);
+    assert_eq!(value("openclaw_bridge_open_holds"), 1.0);
+    assert_eq!(value("openclaw_bridge_open_leases"), 0.0);
+    assert!(text.contains("# TYPE openclaw_bridge_ledger_seconds histogram"));
+    assert!(!text.contains(&key_hash(key)[..16]) && !text.contains(key), "no key in the metrics");
+    let resp = s.http.get(format!("{}/admin/metrics", s.url)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}

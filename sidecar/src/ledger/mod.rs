@@ -299,6 +299,24 @@ impl Store {
         Ok(if key.is_some_and(|k| k.released_n >= limit) { Mark::Full } else { Mark::Again })
     }
 
+    /// Leases and holds open over all keys (the keys' own counters, summed).
+    pub async fn open_counts(&self) -> Result<(i64, i64), LedgerError> {
+        use futures::TryStreamExt;
+        let mut cursor = self
+            .keys
+            .aggregate([doc! {"$group": {"_id": mongodb::bson::Bson::Null,
+            "leases": {"$sum": "$leases_n"}, "holds": {"$sum": "$holds_n"}}}])
+            .await?;
+        let d = cursor.try_next().await?.unwrap_or_default();
+        let n = |f: &str| match d.get(f) {
+            Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
+            Some(mongodb::bson::Bson::Int64(n)) => *n,
+            Some(mongodb::bson::Bson::Double(n)) => *n as i64,
+            _ => 0,
+        };
+        Ok((n("leases"), n("holds")))
+    }
+
     /// Whether MongoDB answers; used by the readiness endpoint.
     pub async fn ping(&self) -> Result<(), LedgerError> {
         self.keys.find_one(doc! {"_id": ""}).projection(doc! {"_id": 1}).await?;
