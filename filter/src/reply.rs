@@ -12,6 +12,28 @@ pub struct LocalReply {
     pub headers: Vec<(&'static str, String)>,
 }
 
+/// The key's live lease says its model is not allowed: as the sidecar words it.
+pub fn model_not_allowed_error(model: &str, allowed: &[String]) -> bridge_protocol::ErrorBody {
+    ErrorEnvelope::new(
+        format!("This API key may not use the model '{model}'; it may use: {}.", allowed.join(", ")),
+        "permission_error",
+        Some("model"),
+        Some("model_not_allowed"),
+    )
+    .error
+}
+
+/// The key's live lease says it has expired.
+pub fn key_expired_error() -> bridge_protocol::ErrorBody {
+    ErrorEnvelope::new(
+        "This API key has expired; ask an administrator for a new one.",
+        "invalid_request_error",
+        None,
+        Some("invalid_api_key"),
+    )
+    .error
+}
+
 impl LocalReply {
     pub fn json(status: u32, envelope: &ErrorEnvelope) -> Self {
         Self { status, body: envelope.to_json(), headers: Vec::new() }

@@ -129,6 +129,9 @@ pub enum LeaseReply {
     Grant {
         tokens: i64,
         balance_tokens: i64,
+        /// What the key may do, for the filter to check on every draw.
+        #[serde(default)]
+        policy: KeyPolicy,
     },
     Refuse {
         status: u16,
@@ -139,6 +142,26 @@ pub enum LeaseReply {
     /// the request waits a moment and asks again. Never a reason to refuse a
     /// client.
     Retry,
+}
+
+/// A key's controls that a lease's draws must obey: the models it may use
+/// (`None`: any) and when it expires (ms since the epoch; `None`: never).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<i64>,
+}
+
+impl KeyPolicy {
+    pub fn allows(&self, model: &str) -> bool {
+        self.allowed_models.as_ref().is_none_or(|m| m.iter().any(|a| a == model))
+    }
+
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_some_and(|at| i64::try_from(now_ms).unwrap_or(i64::MAX) >= at)
+    }
 }
 
 /// The end of a lease's draw window: `drawn_tokens` of its `tokens` went to

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{AppError, Json};
 use crate::keys;
-use crate::ledger::{KeyStatus, KeyView, NewKey};
+use crate::ledger::{Controls, KeyStatus, KeyView, NewKey};
 use crate::AppState;
 
 const DEFAULT_PAGE: i64 = 100;
@@ -59,6 +59,58 @@ fn status(map: &Map<String, Value>) -> Result<Option<KeyStatus>, AppError> {
         .transpose()
 }
 
+/// Most models a key's list may name, and the longest name.
+const MAX_MODELS: usize = 100;
+const MAX_MODEL_LEN: usize = 256;
+
+/// `allowed_models` and `expires_at` as a body gives them: absent leaves
+/// each as it is, `null` clears it.
+fn controls(map: &Map<String, Value>) -> Result<Controls, AppError> {
+    let allowed_models = match map.get("allowed_models") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(Value::Array(items)) => {
+            let bad = || {
+                AppError::bad_request(
+                    format!("allowed_models must be a list of up to {MAX_MODELS} model names (1 to {MAX_MODEL_LEN} characters) or null."),
+                    Some("allowed_models"),
+                )
+            };
+            if items.is_empty() || items.len() > MAX_MODELS {
+                return Err(bad());
+            }
+            let mut models = Vec::with_capacity(items.len());
+            for item in items {
+                match item.as_str() {
+                    Some(m) if !m.is_empty() && m.len() <= MAX_MODEL_LEN => models.push(m.to_owned()),
+                    _ => return Err(bad()),
+                }
+            }
+            Some(Some(models))
+        }
+        Some(_) => {
+            return Err(AppError::bad_request(
+                "allowed_models must be a list of model names or null.",
+                Some("allowed_models"),
+            ))
+        }
+    };
+    let expires_at = match map.get("expires_at") {
+        None => None,
+        Some(Value::Null) => Some(None),
+        Some(Value::String(s)) => Some(Some(mongodb::bson::DateTime::parse_rfc3339_str(s).map_err(|_| {
+            AppError::bad_request(
+                "expires_at must be an RFC 3339 time, e.g. 2027-01-01T00:00:00Z, or null.",
+                Some("expires_at"),
+            )
+        })?)),
+        Some(_) => {
+            return Err(AppError::bad_request("expires_at must be an RFC 3339 time or null.", Some("expires_at")))
+        }
+    };
+    Ok(Controls { allowed_models, expires_at })
+}
+
 /// A `limit` query parameter: `default` when absent, else 1 to `max`.
 pub(crate) fn page_limit(value: Option<&str>, default: i64, max: i64) -> Result<i64, AppError> {
     match value {
@@ -78,7 +130,8 @@ pub async fn create_key(
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, Json<KeyView>), AppError> {
     let map = object(body)?;
-    reject_unknown(&map, &["api_key", "user_name", "balance_tokens", "status"])?;
+    reject_unknown(&map, &["api_key", "user_name", "balance_tokens", "status", "allowed_models", "expires_at"])?;
+    let controls = controls(&map)?;
     let user_name = string(&map, "user_name")?
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -100,7 +153,7 @@ pub async fn create_key(
     };
     let view = state
         .store
-        .create_key(NewKey { api_key, user_name: user_name.to_owned(), balance_tokens, status }, generated)
+        .create_key(NewKey { api_key, user_name: user_name.to_owned(), balance_tokens, status, controls }, generated)
         .await?;
     tracing::info!(key = %view.key_id, user = %view.user_name, balance_tokens, generated, "admin created key");
     Ok((StatusCode::CREATED, Json(view)))
@@ -153,14 +206,18 @@ pub async fn patch_key(
     Json(body): Json<Value>,
 ) -> Result<Json<KeyView>, AppError> {
     let map = object(body)?;
-    reject_unknown(&map, &["balance_tokens", "status"])?;
+    reject_unknown(&map, &["balance_tokens", "status", "allowed_models", "expires_at"])?;
     let delta = integer(&map, "balance_tokens")?;
     let status = status(&map)?;
-    if delta.is_none() && status.is_none() {
-        return Err(AppError::bad_request("Give balance_tokens (added to the balance) and/or status.", None));
+    let controls = controls(&map)?;
+    if delta.is_none() && status.is_none() && controls.is_empty() {
+        return Err(AppError::bad_request(
+            "Give balance_tokens (added to the balance), status, allowed_models and/or expires_at.",
+            None,
+        ));
     }
     let hash = state.store.resolve(&key_or_id).await?;
-    let view = state.store.patch_key(&hash, delta, status).await?;
+    let view = state.store.patch_key(&hash, delta, status, &controls).await?;
     tracing::info!(key = %view.key_id, delta = ?delta, status = ?status, balance = view.balance_tokens, "admin updated key");
     Ok(Json(view))
 }

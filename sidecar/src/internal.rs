@@ -76,7 +76,7 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
     state.metrics.ledger("lease", started.elapsed());
     count_refusal(&state, &decision);
     let reply = match decision {
-        Decision::Granted { tokens, balance_tokens } => LeaseReply::Grant { tokens, balance_tokens },
+        Decision::Granted { tokens, balance_tokens, policy } => LeaseReply::Grant { tokens, balance_tokens, policy },
         Decision::Refused(why) => {
             let (status, error) = crate::refusal::reply(&why);
             LeaseReply::Refuse { status, error }
@@ -84,7 +84,7 @@ pub async fn lease(State(state): State<AppState>, Json(req): Json<LeaseRequest>)
         Decision::Retry => LeaseReply::Retry,
     };
     match &reply {
-        LeaseReply::Grant { tokens, balance_tokens } => {
+        LeaseReply::Grant { tokens, balance_tokens, .. } => {
             tracing::debug!(tokens, balance_tokens, ms = started.elapsed().as_millis() as u64, "lease granted")
         }
         LeaseReply::Refuse { status, error } => {
@@ -139,6 +139,8 @@ fn count_refusal(state: &AppState, decision: &Decision) {
         Decision::Retry => "retry",
         Decision::Refused(Refusal::UnknownKey) => "unknown_key",
         Decision::Refused(Refusal::Frozen { .. }) => "key_frozen",
+        Decision::Refused(Refusal::Expired { .. }) => "key_expired",
+        Decision::Refused(Refusal::ModelNotAllowed { .. }) => "model_not_allowed",
         Decision::Refused(Refusal::Busy) => "rate_limit_exceeded",
         Decision::Refused(Refusal::Insufficient { .. }) => "insufficient_quota",
     };

@@ -29,6 +29,8 @@ pub async fn key_info(State(state): State<AppState>, headers: HeaderMap) -> Resu
         "balance_tokens": view.balance_tokens,
         "held_tokens": view.held_tokens,
         "status": view.status,
+        "allowed_models": view.allowed_models,
+        "expires_at": view.expires_at,
         "created_at": view.created_at,
         "usage": {"today": today, "month": month},
     });

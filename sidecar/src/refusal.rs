@@ -22,6 +22,24 @@ pub fn reply(refusal: &Refusal) -> (u16, ErrorBody) {
                 Some("key_frozen"),
             ),
         ),
+        Refusal::Expired { masked_key, at } => (
+            401,
+            ErrorEnvelope::new(
+                format!("The API key {masked_key} expired at {at}; ask an administrator for a new one."),
+                "invalid_request_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+        ),
+        Refusal::ModelNotAllowed { model, allowed } => (
+            403,
+            ErrorEnvelope::new(
+                format!("This API key may not use the model '{model}'; it may use: {}.", allowed.join(", ")),
+                "permission_error",
+                Some("model"),
+                Some("model_not_allowed"),
+            ),
+        ),
         Refusal::Busy => (
             429,
             ErrorEnvelope::new(
@@ -55,6 +73,16 @@ mod tests {
             (Refusal::Frozen { masked_key: "sk-ab...cd".into() }, 403, "key_frozen"),
             (Refusal::Insufficient { needed: 10, balance: 3 }, 429, "insufficient_quota"),
             (Refusal::Busy, 429, "rate_limit_exceeded"),
+            (
+                Refusal::Expired { masked_key: "sk-ab...cd".into(), at: "2026-01-01T00:00:00Z".into() },
+                401,
+                "invalid_api_key",
+            ),
+            (
+                Refusal::ModelNotAllowed { model: "gpt-4.1".into(), allowed: vec!["gpt-5-nano".into()] },
+                403,
+                "model_not_allowed",
+            ),
         ];
         for (refusal, status, code) in cases {
             let (s, body) = reply(&refusal);

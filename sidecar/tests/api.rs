@@ -940,6 +940,7 @@ async fn skewed_pair(ttl: Duration, behind_ms: i64, ahead_ms: i64) -> (Store, St
         user_name: "u".into(),
         balance_tokens: 10_000,
         status: KeyStatus::Active,
+        controls: Default::default(),
     };
     behind.create_key(new, false).await.unwrap();
     let db = mongodb::Client::with_uri_str(mongo_uri()).await.unwrap().database(&db_name);
@@ -1380,4 +1381,89 @@ async fn metrics_count_tokens_requests_refusals_and_batches_without_naming_a_key
     assert!(!text.contains(&key_hash(key)[..16]) && !text.contains(key), "no key in the metrics");
     let resp = s.http.get(format!("{}/admin/metrics", s.url)).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn allowed_models_and_expiry_are_set_cleared_and_enforced_on_reservations_and_leases() {
+    let s = start().await;
+    let key = "sk-controls-user-1";
+    let (status, made) = s
+        .admin(
+            reqwest::Method::POST,
+            "/admin/keys",
+            Some(
+                json!({"api_key": key, "user_name": "c", "balance_tokens": 100_000, "allowed_models": ["gpt-5-nano"]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    assert_eq!((made["allowed_models"].clone(), made["expires_at"].clone()), (json!(["gpt-5-nano"]), Value::Null));
+    let id = made["key_id"].as_str().unwrap().to_owned();
+    let reserve_model = |model: &'static str, rid: &'static str| {
+        let s = &s;
+        async move {
+            let resp = s
+                .http
+                .post(format!("{}/internal/reserve", s.url))
+                .json(&json!({"key_hash": key_hash(key), "request_id": rid, "model": model, "estimate": 10}))
+                .send()
+                .await
+                .unwrap();
+            resp.json::<ReserveReply>().await.unwrap()
+        }
+    };
+    assert!(matches!(reserve_model("gpt-5-nano", "ok-1").await, ReserveReply::Admit { .. }));
+    match reserve_model("gpt-4.1", "no-1").await {
+        ReserveReply::Refuse { status: 403, error } => {
+            assert_eq!(error.code.as_deref(), Some("model_not_allowed"));
+            assert!(error.message.contains("gpt-5-nano"), "{}", error.message);
+        }
+        other => panic!("another model reserved: {other:?}"),
+    }
+    // A lease's grant carries the controls its draws must obey.
+    match s.lease(key, "L1", 100, 10).await {
+        (StatusCode::OK, Some(LeaseReply::Grant { policy, .. })) => {
+            assert_eq!(policy.allowed_models, Some(vec!["gpt-5-nano".to_owned()]));
+            assert!(policy.expires_at_ms.is_none());
+        }
+        other => panic!("not granted: {other:?}"),
+    }
+    // Expired: refused 401 with a message saying so.
+    let (status, patched) = s
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/keys/{id}"),
+            Some(json!({"expires_at": "2020-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{patched}");
+    assert_eq!(patched["expires_at"], "2020-01-01T00:00:00Z");
+    match reserve_model("gpt-5-nano", "late-1").await {
+        ReserveReply::Refuse { status: 401, error } => {
+            assert_eq!(error.code.as_deref(), Some("invalid_api_key"));
+            assert!(error.message.contains("expired"), "{}", error.message);
+        }
+        other => panic!("an expired key reserved: {other:?}"),
+    }
+    // null clears both; the key serves any model again.
+    let (_, cleared) = s
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/keys/{id}"),
+            Some(json!({"expires_at": null, "allowed_models": null})),
+        )
+        .await;
+    assert_eq!((cleared["allowed_models"].clone(), cleared["expires_at"].clone()), (Value::Null, Value::Null));
+    assert!(matches!(reserve_model("gpt-4.1", "any-1").await, ReserveReply::Admit { .. }));
+    // Bad values name their field.
+    for (body, param) in [
+        (json!({"allowed_models": []}), "allowed_models"),
+        (json!({"allowed_models": "gpt-5-nano"}), "allowed_models"),
+        (json!({"allowed_models": [""]}), "allowed_models"),
+        (json!({"expires_at": "next week"}), "expires_at"),
+        (json!({"expires_at": 5}), "expires_at"),
+    ] {
+        let (status, err) = s.admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"), Some(body.clone())).await;
+        assert_eq!((status, err["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {err}");
+    }
 }

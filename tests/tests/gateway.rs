@@ -760,3 +760,40 @@ async fn a_key_reads_its_own_true_balance_right_after_a_request() {
     let resp = s.http.get(format!("{}/v1/key", s.base)).bearer_auth("sk-made-up-key-9").send().await.unwrap();
     assert_eq!(resp.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_allowed_models_and_expiry_hold_through_envoy_and_its_leases() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-controlled-user-01";
+    let resp = s
+        .http
+        .post(format!("{}/admin/keys", s.base))
+        .bearer_auth(bridge_tests::stack::ADMIN_TOKEN)
+        .json(&json!({"api_key": key, "user_name": "c", "balance_tokens": 1_000_000, "allowed_models": ["gpt-5-nano"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let made: Value = resp.json().await.unwrap();
+    let ask = |model: &str| json!({"model": model, "max_completion_tokens": 20, "messages": messages("hi")});
+    // Before any lease (the sidecar refuses) and with one live (the filter does).
+    for _ in 0..2 {
+        let resp = s.chat(key, &ask("gpt-4.1")).send().await.unwrap();
+        assert_eq!(resp.status(), 403);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "model_not_allowed", "{body}");
+        let resp = s.chat(key, &ask("gpt-5-nano")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+    }
+    assert!(s.served().await.iter().all(|r| r.body["model"] != "gpt-4.1"), "a refused model reached the upstream");
+    // Expired: every request of the key is a 401 that says so, within a lease window.
+    s.patch_key(made["key_id"].as_str().unwrap(), json!({"expires_at": "2020-01-01T00:00:00Z"})).await;
+    bridge_tests::eventually("the key refused as expired", Duration::from_secs(5), || async {
+        let resp = s.chat(key, &ask("gpt-5-nano")).send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        status == 401 && text.contains("expired") && text.contains("invalid_api_key")
+    })
+    .await;
+}

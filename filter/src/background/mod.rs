@@ -353,11 +353,11 @@ impl Background {
         reply: Result<LeaseReply, crate::host::BadReply>,
     ) {
         match reply {
-            Ok(LeaseReply::Grant { tokens, .. }) => {
+            Ok(LeaseReply::Grant { tokens, policy, .. }) => {
                 let key = lease::slot_key(&ask.key_hash, self.config.lease_slots);
                 let lease_ms = self.config.lease_ms;
                 let renewed = slot::update(host, &key, |slot, now| {
-                    match lease::renew(slot, &ask.lease_id, &ask.key_hash, tokens, now, lease_ms) {
+                    match lease::renew(slot, &ask.lease_id, &ask.key_hash, (tokens, &policy), now, lease_ms) {
                         Renew::Live { slot, close } => Step::Write(Some(slot), Ok(close)),
                         Renew::Orphan(close) => Step::Keep(Err(close)),
                     }

@@ -4,7 +4,7 @@
 //! an abandoned admission may have been granted.
 
 use bridge_protocol::{
-    ErrorBody, LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, UsageSource, LEASE_PATH,
+    ErrorBody, KeyPolicy, LeaseClose, LeaseReply, LeaseRequest, ReserveReply, ReserveRequest, UsageSource, LEASE_PATH,
     RESERVE_PATH,
 };
 use log::{debug, info, warn};
@@ -125,8 +125,13 @@ impl Exchange {
         let policy = self.cfg.lease_policy();
         let key = self.slot_of(req);
         let key_hash = req.caller.key_hash.as_str();
-        let decided =
-            slot::update(host, &key, |slot, now| match lease::draw(slot, key_hash, now, estimate, &new_id, &policy) {
+        let model = req.admission.model.as_str();
+        let decided = slot::update(host, &key, |slot, now| {
+            // The key's controls, as its live lease carries them: no call.
+            if let Some((status, error)) = lease::controls_refuse(slot, key_hash, model, now) {
+                return Step::Keep((Precheck::Refused(status, error), None));
+            }
+            match lease::draw(slot, key_hash, now, estimate, &new_id, &policy) {
                 Draw::Drawn { slot, lease_id, refresh } => {
                     Step::Write(Some(slot), (Precheck::Drawn(lease_id), refresh))
                 }
@@ -136,7 +141,8 @@ impl Exchange {
                 Draw::Wait => Step::Keep((Precheck::Wait, None)),
                 Draw::Reserve => Step::Keep((Precheck::Reserve, None)),
                 Draw::Refused { status, error } => Step::Keep((Precheck::Refused(status, error), None)),
-            });
+            }
+        });
         let Some((precheck, refresh)) = decided else { return Precheck::Reserve };
         if let Some((id, want)) = refresh {
             self.ask_in_background(host, req, id, want);
@@ -234,11 +240,17 @@ impl Exchange {
             },
             Wait::Lease { lease_id, replacing } => match sidecar_reply::<LeaseReply>(host, body_size) {
                 // Answered: the sidecar closed the replaced lease before deciding.
-                Ok(LeaseReply::Grant { tokens, .. }) => {
+                Ok(LeaseReply::Grant { tokens, policy, .. }) => {
                     debug!("[{}] {}: lease {lease_id} of {tokens} granted", self.id, req.caller.request_id);
                     crate::metrics::granted(host, tokens, host.now_ms().saturating_sub(sent_ms));
-                    self.install_lease(host, &req, &lease_id, tokens);
+                    self.install_lease(host, &req, &lease_id, (tokens, &policy));
                     self.forward(host, req, Hold::Drawn(lease_id));
+                }
+                // A model the key may not use says nothing of its other
+                // requests: not cached for the key, the marker just goes.
+                Ok(LeaseReply::Refuse { status, error }) if error.code.as_deref() == Some("model_not_allowed") => {
+                    self.clear_marker(host, &req, &lease_id);
+                    self.refuse(host, &req, status, error);
                 }
                 Ok(LeaseReply::Refuse { status, error }) => {
                     self.cache_refusal(host, &req, &lease_id, status, &error);
@@ -299,7 +311,7 @@ impl Exchange {
     /// The granted lease goes live in the key's slot with this request drawn
     /// from it, or, if our marker was replaced meanwhile (or every try lost),
     /// serves this request alone and is closed at once.
-    fn install_lease(&self, host: &impl HttpHost, req: &Admitted, id: &str, granted: i64) {
+    fn install_lease(&self, host: &impl HttpHost, req: &Admitted, id: &str, granted: (i64, &KeyPolicy)) {
         let (key_hash, estimate) = (&req.caller.key_hash, req.admission.estimate);
         let key = self.slot_of(req);
         let installed = slot::update(host, &key, |slot, now| {
@@ -318,11 +330,12 @@ impl Exchange {
                 let lease = lease::Lease {
                     id: id.to_owned(),
                     key_hash: key_hash.clone(),
-                    tokens: granted,
+                    tokens: granted.0,
                     drawn_tokens: estimate,
                     drawn_n: 1,
                     expires_ms: 0,
                     refresh: None,
+                    policy: KeyPolicy::default(),
                 };
                 self.keep(Item::Close(lease.close()));
             }

@@ -520,3 +520,50 @@ fn a_reasoning_model_cut_short_without_usage_pays_its_hold() {
     let [r] = &gw.records()[..] else { panic!("one record") };
     assert_eq!((r.usage_source, r.input_tokens, r.output_tokens), (UsageSource::Upstream, 7, 3));
 }
+
+#[test]
+fn a_keys_controls_ride_with_its_lease_and_refuse_without_a_call() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    let policy = json!({"allowed_models": ["gpt-5-nano"], "expires_at_ms": gw.world.now.get() + 5_000});
+    gw.answer(
+        &mut ex,
+        &s,
+        "200",
+        json!({"verdict": "grant", "tokens": 100_000, "balance_tokens": 0, "policy": policy}),
+    );
+    assert_eq!(s.resumed.get(), 1);
+    let calls = gw.world.calls().len();
+    // Another model: 403 model_not_allowed from the lease, no call, nothing drawn.
+    let other = br#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":64}"#;
+    let (_, s2, _) = gw.send(other);
+    assert_eq!(s2.replied(), Some(403));
+    assert!(String::from_utf8_lossy(&s2.replies.borrow()[0].1).contains("model_not_allowed"));
+    assert_eq!(gw.world.calls().len(), calls);
+    let Some(Slot::Live(l)) = gw.slot() else { panic!("no lease") };
+    assert_eq!(l.drawn_n, 1);
+    // The allowed model draws as before.
+    let (_, s3, flow) = gw.send(BODY);
+    assert_eq!((flow, s3.replied()), (Flow::Continue, None));
+    // Past the key's expiry (within the lease's window): 401 from the lease.
+    let mut gw = Gateway::new(json!({"lease_ms": 60_000}));
+    let (mut ex, s, _) = gw.send(BODY);
+    let policy = json!({"expires_at_ms": gw.world.now.get() + 1_000});
+    gw.answer(
+        &mut ex,
+        &s,
+        "200",
+        json!({"verdict": "grant", "tokens": 100_000, "balance_tokens": 0, "policy": policy}),
+    );
+    gw.world.advance(1_000);
+    let (_, s2, _) = gw.send(BODY);
+    assert_eq!(s2.replied(), Some(401));
+    assert!(String::from_utf8_lossy(&s2.replies.borrow()[0].1).contains("expired"));
+
+    // A lease fetch refused for its model is not cached for the key's other requests.
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(other);
+    gw.answer(&mut ex, &s, "200", refuse(403, "model_not_allowed"));
+    assert_eq!(s.replied(), Some(403));
+    assert_eq!(gw.slot(), None, "not cached: the key's allowed models still serve");
+}

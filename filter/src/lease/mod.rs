@@ -15,7 +15,7 @@
 //!
 //! Pure logic: the plugin reads and writes the slot and makes the calls.
 
-use bridge_protocol::LeaseClose;
+use bridge_protocol::{KeyPolicy, LeaseClose};
 use serde::{Deserialize, Serialize};
 
 /// Prefix of the shared-data key of a slot; the slot's number follows.
@@ -45,6 +45,13 @@ pub struct Lease {
     /// The next lease, asked for in the background.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh: Option<Refresh>,
+    /// The key's controls, as the grant carried them: every draw obeys them.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub policy: KeyPolicy,
+}
+
+fn is_default(p: &KeyPolicy) -> bool {
+    *p == KeyPolicy::default()
 }
 
 /// A background request for the lease that will replace this one.
@@ -153,6 +160,31 @@ pub enum Draw {
     Refused { status: u16, error: bridge_protocol::ErrorBody },
 }
 
+/// A request of `model` for `key_hash`: what the key's live lease says of it,
+/// if the key's controls refuse it (its model is not allowed, the key has
+/// expired): the status and error, answered without a call.
+pub fn controls_refuse(
+    current: Option<&Slot>,
+    key_hash: &str,
+    model: &str,
+    now_ms: u64,
+) -> Option<(u16, bridge_protocol::ErrorBody)> {
+    let Some(Slot::Live(lease)) = current else { return None };
+    if lease.key_hash != key_hash || now_ms >= lease.expires_ms {
+        return None;
+    }
+    if lease.policy.expired(now_ms) {
+        return Some((401, crate::reply::key_expired_error()));
+    }
+    if !lease.policy.allows(model) {
+        return Some((
+            403,
+            crate::reply::model_not_allowed_error(model, lease.policy.allowed_models.as_deref().unwrap_or(&[])),
+        ));
+    }
+    None
+}
+
 /// Decides a request's draw from the slot as read. `new_id` names a lease to
 /// fetch.
 pub fn draw(current: Option<&Slot>, key_hash: &str, now_ms: u64, estimate: i64, new_id: &str, policy: &Policy) -> Draw {
@@ -248,7 +280,7 @@ pub fn install(
     current: Option<&Slot>,
     id: &str,
     key_hash: &str,
-    granted: i64,
+    granted: (i64, &KeyPolicy),
     estimate: i64,
     now_ms: u64,
     lease_ms: u64,
@@ -256,11 +288,12 @@ pub fn install(
     let lease = Lease {
         id: id.to_owned(),
         key_hash: key_hash.to_owned(),
-        tokens: granted,
+        tokens: granted.0,
         drawn_tokens: estimate,
         drawn_n: 1,
         expires_ms: now_ms + lease_ms,
         refresh: None,
+        policy: granted.1.clone(),
     };
     match current {
         Some(Slot::Fetching { id: marker, .. }) if marker == id => Install::Live(Slot::Live(lease)),
@@ -278,15 +311,23 @@ pub enum Renew {
 }
 
 /// `granted` tokens arrived for refresh `id`; `current` is the slot as read now.
-pub fn renew(current: Option<&Slot>, id: &str, key_hash: &str, granted: i64, now_ms: u64, lease_ms: u64) -> Renew {
+pub fn renew(
+    current: Option<&Slot>,
+    id: &str,
+    key_hash: &str,
+    granted: (i64, &KeyPolicy),
+    now_ms: u64,
+    lease_ms: u64,
+) -> Renew {
     let lease = Lease {
         id: id.to_owned(),
         key_hash: key_hash.to_owned(),
-        tokens: granted,
+        tokens: granted.0,
         drawn_tokens: 0,
         drawn_n: 0,
         expires_ms: now_ms + lease_ms,
         refresh: None,
+        policy: granted.1.clone(),
     };
     match current {
         Some(Slot::Live(old)) if old.refresh.as_ref().is_some_and(|r| r.id == id) => {

@@ -1,4 +1,5 @@
 use super::*;
+use bridge_protocol::KeyPolicy;
 
 const KEY: &str = "k";
 const P: Policy = Policy { stale_ms: 5_000, window_ms: 1_000, ceiling: 1_000_000 };
@@ -12,6 +13,7 @@ fn live(tokens: i64, drawn: i64, expires_ms: u64) -> Slot {
         drawn_n: if drawn > 0 { 1 } else { 0 },
         expires_ms,
         refresh: None,
+        policy: KeyPolicy::default(),
     })
 }
 
@@ -91,16 +93,19 @@ fn an_expired_lease_is_replaced_and_closed() {
 #[test]
 fn a_grant_goes_live_only_over_its_own_marker() {
     let marker = Slot::Fetching { id: "L2".into(), since_ms: 0 };
-    let Install::Live(Slot::Live(lease)) = install(Some(&marker), "L2", KEY, 500, 20, 1_000, 1_000) else {
+    let Install::Live(Slot::Live(lease)) =
+        install(Some(&marker), "L2", KEY, (500, &KeyPolicy::default()), 20, 1_000, 1_000)
+    else {
         panic!("not installed")
     };
     assert_eq!((lease.tokens, lease.drawn_tokens, lease.drawn_n, lease.expires_ms), (500, 20, 1, 2_000));
     let other = Slot::Fetching { id: "L9".into(), since_ms: 0 };
-    let Install::Orphan(close) = install(Some(&other), "L2", KEY, 500, 20, 1_000, 1_000) else {
+    let Install::Orphan(close) = install(Some(&other), "L2", KEY, (500, &KeyPolicy::default()), 20, 1_000, 1_000)
+    else {
         panic!("installed over another's marker")
     };
     assert_eq!((close.tokens, close.drawn_tokens, close.drawn_n), (Some(500), 20, 1));
-    assert!(matches!(install(None, "L2", KEY, 500, 20, 0, 1), Install::Orphan(_)));
+    assert!(matches!(install(None, "L2", KEY, (500, &KeyPolicy::default()), 20, 0, 1), Install::Orphan(_)));
 }
 
 #[test]
@@ -115,15 +120,18 @@ fn half_way_through_its_window_a_lease_asks_for_the_next_and_the_grant_replaces_
     // By rate 2 * 1_000 / 500 = 4; sixteen requests' estimates at least.
     assert_eq!(id, ("R1".to_owned(), FIRST_LEASE_REQUESTS));
     // Granted: the new lease replaces the old, which closes with its draws.
-    let Renew::Live { slot: Slot::Live(new), close: Some(old) } = renew(Some(&slot), "R1", KEY, 700, 1_500, 1_000)
+    let Renew::Live { slot: Slot::Live(new), close: Some(old) } =
+        renew(Some(&slot), "R1", KEY, (700, &KeyPolicy::default()), 1_500, 1_000)
     else {
         panic!("not renewed")
     };
     assert_eq!((new.id.as_str(), new.tokens, new.drawn_tokens, new.expires_ms), ("R1", 700, 0, 2_500));
     assert_eq!((old.lease_id.as_str(), old.drawn_tokens, old.drawn_n), ("L1", 1, 1));
     // An empty slot takes it; a slot that moved on to another lease does not.
-    assert!(matches!(renew(None, "R1", KEY, 700, 0, 1), Renew::Live { close: None, .. }));
-    let Renew::Orphan(close) = renew(Some(&live(5, 0, 9)), "R1", KEY, 700, 0, 1) else { panic!("replaced") };
+    assert!(matches!(renew(None, "R1", KEY, (700, &KeyPolicy::default()), 0, 1), Renew::Live { close: None, .. }));
+    let Renew::Orphan(close) = renew(Some(&live(5, 0, 9)), "R1", KEY, (700, &KeyPolicy::default()), 0, 1) else {
+        panic!("replaced")
+    };
     assert_eq!((close.tokens, close.drawn_tokens), (Some(700), 0));
 }
 

@@ -40,6 +40,20 @@ pub(super) struct KeyDoc {
     pub released_n: i64,
     #[serde(deserialize_with = "lenient")]
     pub charged_n: i64,
+    /// The models the key may use; absent or null: any.
+    pub allowed_models: Option<Vec<String>>,
+    /// After this the key is refused as expired; absent or null: never.
+    pub expires_at: Option<DateTime>,
+}
+
+impl KeyDoc {
+    /// The controls a lease's draws must obey.
+    pub fn policy(&self) -> bridge_protocol::KeyPolicy {
+        bridge_protocol::KeyPolicy {
+            allowed_models: self.allowed_models.clone(),
+            expires_at_ms: self.expires_at.map(|d| d.timestamp_millis()),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

@@ -47,8 +47,25 @@ pub struct KeyView {
     /// What requests in flight hold at their estimates, apart from `balance_tokens`.
     pub held_tokens: i64,
     pub status: String,
+    /// The models it may use; `null`: any.
+    pub allowed_models: Option<Vec<String>>,
+    /// When it expires (RFC 3339); `null`: never.
+    pub expires_at: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// Changes of a key's controls: `None` leaves one as it is, `Some(None)` clears it.
+#[derive(Debug, Clone, Default)]
+pub struct Controls {
+    pub allowed_models: Option<Option<Vec<String>>>,
+    pub expires_at: Option<Option<mongodb::bson::DateTime>>,
+}
+
+impl Controls {
+    pub fn is_empty(&self) -> bool {
+        self.allowed_models.is_none() && self.expires_at.is_none()
+    }
 }
 
 /// What a key's audit rows over a period add up to.
@@ -104,6 +121,7 @@ pub struct NewKey {
     pub user_name: String,
     pub balance_tokens: i64,
     pub status: KeyStatus,
+    pub controls: Controls,
 }
 
 /// What a key's leases hold apart from its stored balance, by their rows
@@ -134,6 +152,8 @@ pub(super) fn key_view(doc: &KeyDoc, full_key: Option<&str>, leases: LeaseShares
         balance_tokens: doc.balance_tokens + leases.back,
         held_tokens: held,
         status: doc.status.clone(),
+        allowed_models: doc.allowed_models.clone(),
+        expires_at: doc.expires_at.map(|d| rfc3339(Some(d))),
         created_at: rfc3339(doc.created_at),
         updated_at: rfc3339(doc.updated_at),
     }
@@ -148,7 +168,7 @@ impl Store {
         let hash = bridge_protocol::key_hash(&new.api_key);
         let (prefix, last4) = keys::mask_parts(&new.api_key);
         let now = self.local_now();
-        let document = doc! {
+        let mut document = doc! {
             "_id": &hash,
             "key_prefix": prefix,
             "key_last4": last4,
@@ -162,6 +182,12 @@ impl Store {
             "outbox": {},
             "outbox_n": 0_i64,
         };
+        if let Some(Some(models)) = &new.controls.allowed_models {
+            document.insert("allowed_models", models.clone());
+        }
+        if let Some(Some(at)) = new.controls.expires_at {
+            document.insert("expires_at", at);
+        }
         match self.keys.insert_one(&document).await {
             Ok(_) => {
                 let typed: KeyDoc =
@@ -274,6 +300,7 @@ impl Store {
         hash: &str,
         delta: Option<i64>,
         status: Option<KeyStatus>,
+        controls: &Controls,
     ) -> Result<KeyView, LedgerError> {
         let mut filter = doc! {"_id": hash};
         let mut set = doc! {"updated_at": self.local_now()};
@@ -287,7 +314,29 @@ impl Store {
         if let Some(status) = status {
             set.insert("status", status.as_str());
         }
+        let mut unset = Document::new();
+        match &controls.allowed_models {
+            Some(Some(models)) => {
+                set.insert("allowed_models", models.clone());
+            }
+            Some(None) => {
+                unset.insert("allowed_models", "");
+            }
+            None => {}
+        }
+        match controls.expires_at {
+            Some(Some(at)) => {
+                set.insert("expires_at", at);
+            }
+            Some(None) => {
+                unset.insert("expires_at", "");
+            }
+            None => {}
+        }
         update.insert("$set", set);
+        if !unset.is_empty() {
+            update.insert("$unset", unset);
+        }
         let after = self
             .key_docs
             .find_one_and_update(filter, update)

@@ -9,7 +9,10 @@ use mongodb::options::ReturnDocument;
 
 use super::docs::{KeyDoc, LeaseDoc, LeaseUsage};
 use super::reserve::Why;
-use super::{lease_path, released_path, Decision, LedgerError, Mark, Refusal, Store, MARKS_FULL};
+use super::{
+    grant_projection, lease_path, policy_clauses, released_path, Decision, LedgerError, Mark, Refusal, Store,
+    MARKS_FULL,
+};
 
 /// How long after a lease closed its finished requests' refunds are taken
 /// as on their way (their rows come with their gateway's next settlement
@@ -46,6 +49,7 @@ impl Store {
                 "leases_n": {"$not": {"$gte": self.limits.leases as i64}},
                 &at: {"$exists": false},
                 released_path(&req.lease_id): {"$exists": false},
+                "$and": policy_clauses(&req.model, self.local_now()),
             };
             let update = doc! {
                 "$inc": {"balance_tokens": -want, "leases_n": 1_i64},
@@ -56,12 +60,12 @@ impl Store {
                 .key_docs
                 .find_one_and_update(filter, update)
                 .return_document(ReturnDocument::After)
-                .projection(doc! {"balance_tokens": 1})
+                .projection(grant_projection())
                 .await?;
             if let Some(d) = granted {
-                return Ok(Decision::Granted { tokens: want, balance_tokens: d.balance_tokens });
+                return Ok(Decision::Granted { tokens: want, balance_tokens: d.balance_tokens, policy: d.policy() });
             }
-            match self.why_refused(&req.key_hash, "leases", &req.lease_id, self.limits.leases).await? {
+            match self.why_refused(&req.key_hash, "leases", &req.lease_id, self.limits.leases, &req.model).await? {
                 Why::Broke(balance) if balance < req.min => {
                     return self.recall_or_refuse(&req.key_hash, req.min, balance, Some(&req.lease_id)).await;
                 }

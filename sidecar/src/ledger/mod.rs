@@ -46,7 +46,7 @@ use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
 
 pub use audit::{AuditPage, AuditQuery, Cursor};
-pub use keys::{KeyStatus, KeyView, NewKey, Usage};
+pub use keys::{Controls, KeyStatus, KeyView, NewKey, Usage};
 pub use lease::REFUNDS_DUE;
 pub use usage::GroupBy;
 
@@ -74,6 +74,16 @@ pub enum Refusal {
     Frozen {
         masked_key: String,
     },
+    /// Past its `expires_at` (RFC 3339).
+    Expired {
+        masked_key: String,
+        at: String,
+    },
+    /// The request names a model the key may not use.
+    ModelNotAllowed {
+        model: String,
+        allowed: Vec<String>,
+    },
     /// The key has as much in flight as its document may hold: retry shortly.
     Busy,
     /// The balance is below what the request needs.
@@ -89,6 +99,7 @@ pub enum Decision {
     Granted {
         tokens: i64,
         balance_tokens: i64,
+        policy: bridge_protocol::KeyPolicy,
     },
     Refused(Refusal),
     /// Not now: the balance the request needs is in other gateways' leases
@@ -175,6 +186,20 @@ pub(super) fn charged_path(request_id: &str) -> String {
 
 pub(super) fn released_path(request_id: &str) -> String {
     format!("released.{request_id}")
+}
+
+/// The clauses of a guarded reservation or lease that a key's controls add:
+/// `model` among its allowed models (if it has a list) and not past its expiry.
+pub(super) fn policy_clauses(model: &str, now: DateTime) -> Vec<Document> {
+    vec![
+        doc! {"$or": [{"allowed_models": {"$exists": false}}, {"allowed_models": null}, {"allowed_models": model}]},
+        doc! {"$or": [{"expires_at": {"$exists": false}}, {"expires_at": null}, {"expires_at": {"$gt": now}}]},
+    ]
+}
+
+/// What a grant reads back: the balance and the key's controls.
+pub(super) fn grant_projection() -> Document {
+    doc! {"balance_tokens": 1, "allowed_models": 1, "expires_at": 1}
 }
 
 pub(super) fn lease_path(lease_id: &str) -> String {

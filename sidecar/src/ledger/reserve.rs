@@ -6,7 +6,9 @@ use mongodb::bson::doc;
 use mongodb::options::ReturnDocument;
 
 use super::keys::masked_key;
-use super::{hold_path, released_path, Decision, LedgerError, Refusal, Store};
+use super::{
+    grant_projection, hold_path, policy_clauses, released_path, rfc3339, Decision, LedgerError, Refusal, Store,
+};
 
 /// Why a guarded reservation or lease found nothing to change.
 pub(super) enum Why {
@@ -47,6 +49,7 @@ impl Store {
             &hold: {"$exists": false},
             // Released before it got here: the client has its 503 already.
             released_path(&req.request_id): {"$exists": false},
+            "$and": policy_clauses(&req.model, self.local_now()),
         };
         let update = doc! {
             "$inc": {"balance_tokens": -req.estimate, "holds_n": 1_i64},
@@ -58,12 +61,16 @@ impl Store {
             .key_docs
             .find_one_and_update(filter, update)
             .return_document(ReturnDocument::After)
-            .projection(doc! {"balance_tokens": 1})
+            .projection(grant_projection())
             .await?;
         if let Some(d) = admitted {
-            return Ok(Decision::Granted { tokens: req.estimate, balance_tokens: d.balance_tokens });
+            return Ok(Decision::Granted {
+                tokens: req.estimate,
+                balance_tokens: d.balance_tokens,
+                policy: d.policy(),
+            });
         }
-        match self.why_refused(&req.key_hash, "holds", &req.request_id, self.limits.holds).await? {
+        match self.why_refused(&req.key_hash, "holds", &req.request_id, self.limits.holds, &req.model).await? {
             Why::Broke(balance) => self.recall_or_refuse(&req.key_hash, req.estimate, balance, None).await,
             other => other.decision(&req.request_id, req.estimate),
         }
@@ -76,6 +83,7 @@ impl Store {
         map: &str,
         id: &str,
         limit: usize,
+        model: &str,
     ) -> Result<Why, LedgerError> {
         let taken = format!("{map}.{id}");
         let count = format!("{map}_n");
@@ -83,15 +91,23 @@ impl Store {
             .key_docs
             .find_one(doc! {"_id": key_hash})
             .projection(doc! {"status": 1, "balance_tokens": 1, "key_prefix": 1, "key_last4": 1, &taken: 1,
-            released_path(id): 1, &count: 1})
+            released_path(id): 1, &count: 1, "allowed_models": 1, "expires_at": 1})
             .await?;
         let Some(d) = current else { return Ok(Why::Refused(Refusal::UnknownKey)) };
         let (taken, in_flight) = match map {
             "holds" => (d.holds.contains_key(id), d.holds_n),
             _ => (d.leases.contains_key(id), d.leases_n),
         };
+        let now = self.local_now();
         Ok(if d.status != "active" {
             Why::Refused(Refusal::Frozen { masked_key: masked_key(&d) })
+        } else if d.expires_at.is_some_and(|at| at <= now) {
+            Why::Refused(Refusal::Expired { masked_key: masked_key(&d), at: rfc3339(d.expires_at) })
+        } else if d.allowed_models.as_ref().is_some_and(|m| !m.iter().any(|a| a == model)) {
+            Why::Refused(Refusal::ModelNotAllowed {
+                model: model.to_owned(),
+                allowed: d.allowed_models.clone().unwrap_or_default(),
+            })
         } else if taken {
             Why::Taken
         } else if d.released.contains_key(id) {
