@@ -8,6 +8,7 @@ pub mod exchange;
 pub mod host;
 pub mod lease;
 pub mod metrics;
+pub mod rate;
 pub mod reply;
 pub mod request;
 pub mod response;

@@ -114,6 +114,22 @@ impl LocalReply {
         r
     }
 
+    /// Over the key's own rate limit (`rpm_limit`, `tpm_limit`): never
+    /// `insufficient_quota`, which clients take as a billing failure.
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        let mut r = Self::json(
+            429,
+            &ErrorEnvelope::new(
+                "Rate limit reached for this API key; retry after the time in Retry-After.",
+                "requests",
+                None,
+                Some("rate_limit_exceeded"),
+            ),
+        );
+        r.headers.push(("retry-after", retry_after_secs.to_string()));
+        r
+    }
+
     /// This gateway sheds load (too many requests waiting for leases or in
     /// admission calls): a temporary fault of ours, as above.
     pub fn overloaded(retry_after_secs: u32) -> Self {

@@ -145,13 +145,20 @@ pub enum LeaseReply {
 }
 
 /// A key's controls that a lease's draws must obey: the models it may use
-/// (`None`: any) and when it expires (ms since the epoch; `None`: never).
+/// (`None`: any), when it expires (ms since the epoch; `None`: never) and its
+/// rate limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_models: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<i64>,
+    /// Requests a minute this gateway admits for the key at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm_limit: Option<i64>,
+    /// Tokens a minute (at the requests' estimates) this gateway admits for the key at most.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm_limit: Option<i64>,
 }
 
 impl KeyPolicy {

@@ -108,7 +108,20 @@ fn controls(map: &Map<String, Value>) -> Result<Controls, AppError> {
             return Err(AppError::bad_request("expires_at must be an RFC 3339 time or null.", Some("expires_at")))
         }
     };
-    Ok(Controls { allowed_models, expires_at })
+    let limit = |field: &str| -> Result<Option<Option<i64>>, AppError> {
+        match map.get(field) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(Value::Number(n)) => match n.as_i64() {
+                Some(n) if n >= 1 => Ok(Some(Some(n))),
+                _ => Err(AppError::bad_request(format!("{field} must be a whole number >= 1, or null."), Some(field))),
+            },
+            Some(_) => {
+                Err(AppError::bad_request(format!("{field} must be a whole number >= 1, or null."), Some(field)))
+            }
+        }
+    };
+    Ok(Controls { allowed_models, expires_at, rpm_limit: limit("rpm_limit")?, tpm_limit: limit("tpm_limit")? })
 }
 
 /// A `limit` query parameter: `default` when absent, else 1 to `max`.
@@ -130,7 +143,10 @@ pub async fn create_key(
     Json(body): Json<Value>,
 ) -> Result<(StatusCode, Json<KeyView>), AppError> {
     let map = object(body)?;
-    reject_unknown(&map, &["api_key", "user_name", "balance_tokens", "status", "allowed_models", "expires_at"])?;
+    reject_unknown(
+        &map,
+        &["api_key", "user_name", "balance_tokens", "status", "allowed_models", "expires_at", "rpm_limit", "tpm_limit"],
+    )?;
     let controls = controls(&map)?;
     let user_name = string(&map, "user_name")?
         .map(str::trim)
@@ -206,13 +222,13 @@ pub async fn patch_key(
     Json(body): Json<Value>,
 ) -> Result<Json<KeyView>, AppError> {
     let map = object(body)?;
-    reject_unknown(&map, &["balance_tokens", "status", "allowed_models", "expires_at"])?;
+    reject_unknown(&map, &["balance_tokens", "status", "allowed_models", "expires_at", "rpm_limit", "tpm_limit"])?;
     let delta = integer(&map, "balance_tokens")?;
     let status = status(&map)?;
     let controls = controls(&map)?;
     if delta.is_none() && status.is_none() && controls.is_empty() {
         return Err(AppError::bad_request(
-            "Give balance_tokens (added to the balance), status, allowed_models and/or expires_at.",
+            "Give balance_tokens (added to the balance), status, allowed_models, expires_at, rpm_limit and/or tpm_limit.",
             None,
         ));
     }

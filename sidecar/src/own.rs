@@ -31,6 +31,8 @@ pub async fn key_info(State(state): State<AppState>, headers: HeaderMap) -> Resu
         "status": view.status,
         "allowed_models": view.allowed_models,
         "expires_at": view.expires_at,
+        "rpm_limit": view.rpm_limit,
+        "tpm_limit": view.tpm_limit,
         "created_at": view.created_at,
         "usage": {"today": today, "month": month},
     });

@@ -1455,8 +1455,28 @@ async fn allowed_models_and_expiry_are_set_cleared_and_enforced_on_reservations_
         .await;
     assert_eq!((cleared["allowed_models"].clone(), cleared["expires_at"].clone()), (Value::Null, Value::Null));
     assert!(matches!(reserve_model("gpt-4.1", "any-1").await, ReserveReply::Admit { .. }));
+    // Rate limits: set, shown, carried by a grant, cleared.
+    let (_, limited) = s
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/admin/keys/{id}"),
+            Some(json!({"rpm_limit": 60, "tpm_limit": 10_000})),
+        )
+        .await;
+    assert_eq!((limited["rpm_limit"].as_i64(), limited["tpm_limit"].as_i64()), (Some(60), Some(10_000)));
+    match s.lease(key, "L2", 100, 10).await {
+        (StatusCode::OK, Some(LeaseReply::Grant { policy, .. })) => {
+            assert_eq!((policy.rpm_limit, policy.tpm_limit), (Some(60), Some(10_000)))
+        }
+        other => panic!("not granted: {other:?}"),
+    }
+    let (_, unlimited) =
+        s.admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"), Some(json!({"rpm_limit": null}))).await;
+    assert_eq!((unlimited["rpm_limit"].clone(), unlimited["tpm_limit"].as_i64()), (Value::Null, Some(10_000)));
     // Bad values name their field.
     for (body, param) in [
+        (json!({"rpm_limit": 0}), "rpm_limit"),
+        (json!({"tpm_limit": "lots"}), "tpm_limit"),
         (json!({"allowed_models": []}), "allowed_models"),
         (json!({"allowed_models": "gpt-5-nano"}), "allowed_models"),
         (json!({"allowed_models": [""]}), "allowed_models"),

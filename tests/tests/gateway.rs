@@ -797,3 +797,42 @@ async fn a_keys_allowed_models_and_expiry_hold_through_envoy_and_its_leases() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_rate_limit_answers_429_rate_limit_exceeded_with_retry_after() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-rate-limited-user-1";
+    let resp = s
+        .http
+        .post(format!("{}/admin/keys", s.base))
+        .bearer_auth(bridge_tests::stack::ADMIN_TOKEN)
+        .json(&json!({"api_key": key, "user_name": "r", "balance_tokens": 1_000_000, "rpm_limit": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let body = json!({"model": "gpt-5-nano", "max_completion_tokens": 20, "messages": messages("hi")});
+    let mut admitted = 0;
+    let mut limited = 0;
+    for _ in 0..12 {
+        let resp = s.chat(key, &body).send().await.unwrap();
+        match resp.status().as_u16() {
+            200 => admitted += 1,
+            429 => {
+                let retry: u64 = resp.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!((1..=60).contains(&retry), "{retry}");
+                let text = resp.text().await.unwrap();
+                assert!(text.contains("rate_limit_exceeded") && !text.contains("insufficient_quota"), "{text}");
+                limited += 1;
+                continue;
+            }
+            other => panic!("{other}: {}", resp.text().await.unwrap()),
+        }
+        resp.bytes().await.unwrap();
+    }
+    // Per gateway: the limit, plus the request that fetched the key's lease
+    // (admitted before the limit was known).
+    assert!((5..=6).contains(&admitted), "{admitted} admitted of 12 at rpm_limit 5");
+    assert_eq!(admitted + limited, 12);
+    assert_eq!(s.served().await.len(), admitted);
+}

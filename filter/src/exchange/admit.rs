@@ -14,6 +14,7 @@ use crate::config::FailureMode;
 use crate::host::{call_sidecar, sidecar_reply, Flow, HttpHost};
 use crate::lease::{self, Draw, Install, Slot};
 use crate::metrics::Metric;
+use crate::rate;
 use crate::reply::LocalReply;
 use crate::settle::Item;
 use crate::slot::{self, Step};
@@ -28,6 +29,8 @@ enum Precheck {
     Reserve,
     /// Refused a moment ago: the same answer, without a call.
     Refused(u16, bridge_protocol::ErrorBody),
+    /// Over the key's rate limit: retry after this many seconds.
+    Limited(u64),
 }
 
 impl Exchange {
@@ -72,7 +75,34 @@ impl Exchange {
                 self.refuse(host, &req, status, error);
                 Flow::Pause
             }
+            Precheck::Limited(secs) => {
+                info!("[{}] {}: over the key's rate limit", self.id, req.caller.request_id);
+                self.answer(host, LocalReply::rate_limited(secs))
+            }
         }
+    }
+
+    /// The key's rate limits, as its live lease carries them: this request
+    /// counted in the key's minute, or refused. Keys without limits skip it.
+    fn over_limit(&self, host: &impl HttpHost, req: &Admitted, key: &str) -> Option<u64> {
+        let (bytes, _) = host.shared_get(key);
+        let Some(Slot::Live(lease)) = bytes.as_deref().and_then(Slot::decode) else { return None };
+        let (rpm, tpm) = (lease.policy.rpm_limit, lease.policy.tpm_limit);
+        // A request the key's other controls refuse is not counted: it is refused anyway.
+        let refused = !lease.policy.allows(&req.admission.model) || lease.policy.expired(host.now_ms());
+        if lease.key_hash != req.caller.key_hash || (rpm.is_none() && tpm.is_none()) || refused {
+            return None;
+        }
+        let rate_key = key.replacen(lease::SLOT_PREFIX, rate::RATE_PREFIX, 1);
+        let (key_hash, estimate) = (req.caller.key_hash.as_str(), req.admission.estimate);
+        slot::update(host, &rate_key, |current: Option<&rate::Rate>, now| {
+            match rate::count(current, key_hash, now, estimate, rpm, tpm) {
+                Some(rate::Count::Counted(r)) => Step::Write(Some(r), None),
+                Some(rate::Count::Over(secs)) => Step::Keep(Some(secs)),
+                None => Step::Keep(None),
+            }
+        })
+        .flatten()
     }
 
     /// Waits for the key's lease (woken when its slot changes or on the
@@ -126,6 +156,9 @@ impl Exchange {
         let key = self.slot_of(req);
         let key_hash = req.caller.key_hash.as_str();
         let model = req.admission.model.as_str();
+        if let Some(secs) = self.over_limit(host, req, &key) {
+            return Precheck::Limited(secs);
+        }
         let decided = slot::update(host, &key, |slot, now| {
             // The key's controls, as its live lease carries them: no call.
             if let Some((status, error)) = lease::controls_refuse(slot, key_hash, model, now) {

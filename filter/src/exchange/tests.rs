@@ -567,3 +567,37 @@ fn a_keys_controls_ride_with_its_lease_and_refuse_without_a_call() {
     assert_eq!(s.replied(), Some(403));
     assert_eq!(gw.slot(), None, "not cached: the key's allowed models still serve");
 }
+
+#[test]
+fn a_keys_rate_limits_refuse_429_rate_limit_exceeded_once_its_minute_is_full() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    let policy = json!({"rpm_limit": 3});
+    gw.answer(
+        &mut ex,
+        &s,
+        "200",
+        json!({"verdict": "grant", "tokens": 100_000, "balance_tokens": 0, "policy": policy}),
+    );
+    // The fetcher was admitted before the limit was known (one a lease fetch,
+    // beyond the limit); three more fill the minute.
+    let flows: Vec<Option<u32>> = (0..4).map(|_| gw.send(BODY).1.replied()).collect();
+    assert_eq!(flows, [None, None, None, Some(429)]);
+    let (_, s5, _) = gw.send(BODY);
+    assert_eq!(s5.replied(), Some(429));
+    let body = String::from_utf8_lossy(&s5.replies.borrow()[0].1).to_string();
+    assert!(body.contains("rate_limit_exceeded") && !body.contains("insufficient_quota"), "{body}");
+    assert!(s5.reply_headers().iter().any(|(k, v)| k == "retry-after" && v == "60"), "{:?}", s5.reply_headers());
+    let Some(Slot::Live(l)) = gw.slot() else { panic!("no lease") };
+    assert_eq!(l.drawn_n, 4, "refused requests draw nothing");
+    // A minute later the key is served again (its lease renewed meanwhile).
+    gw.world.advance(60_000);
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(
+        &mut ex,
+        &s,
+        "200",
+        json!({"verdict": "grant", "tokens": 100_000, "balance_tokens": 0, "policy": policy}),
+    );
+    assert_eq!(gw.send(BODY).1.replied(), None);
+}

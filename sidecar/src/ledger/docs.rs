@@ -44,6 +44,9 @@ pub(super) struct KeyDoc {
     pub allowed_models: Option<Vec<String>>,
     /// After this the key is refused as expired; absent or null: never.
     pub expires_at: Option<DateTime>,
+    /// Requests and tokens a minute, per gateway; absent or null: no limit.
+    pub rpm_limit: Option<i64>,
+    pub tpm_limit: Option<i64>,
 }
 
 impl KeyDoc {
@@ -52,6 +55,8 @@ impl KeyDoc {
         bridge_protocol::KeyPolicy {
             allowed_models: self.allowed_models.clone(),
             expires_at_ms: self.expires_at.map(|d| d.timestamp_millis()),
+            rpm_limit: self.rpm_limit,
+            tpm_limit: self.tpm_limit,
         }
     }
 }

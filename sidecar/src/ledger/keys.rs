@@ -51,6 +51,9 @@ pub struct KeyView {
     pub allowed_models: Option<Vec<String>>,
     /// When it expires (RFC 3339); `null`: never.
     pub expires_at: Option<String>,
+    /// Requests and tokens a minute each gateway admits; `null`: no limit.
+    pub rpm_limit: Option<i64>,
+    pub tpm_limit: Option<i64>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -60,11 +63,16 @@ pub struct KeyView {
 pub struct Controls {
     pub allowed_models: Option<Option<Vec<String>>>,
     pub expires_at: Option<Option<mongodb::bson::DateTime>>,
+    pub rpm_limit: Option<Option<i64>>,
+    pub tpm_limit: Option<Option<i64>>,
 }
 
 impl Controls {
     pub fn is_empty(&self) -> bool {
-        self.allowed_models.is_none() && self.expires_at.is_none()
+        self.allowed_models.is_none()
+            && self.expires_at.is_none()
+            && self.rpm_limit.is_none()
+            && self.tpm_limit.is_none()
     }
 }
 
@@ -154,6 +162,8 @@ pub(super) fn key_view(doc: &KeyDoc, full_key: Option<&str>, leases: LeaseShares
         status: doc.status.clone(),
         allowed_models: doc.allowed_models.clone(),
         expires_at: doc.expires_at.map(|d| rfc3339(Some(d))),
+        rpm_limit: doc.rpm_limit,
+        tpm_limit: doc.tpm_limit,
         created_at: rfc3339(doc.created_at),
         updated_at: rfc3339(doc.updated_at),
     }
@@ -187,6 +197,11 @@ impl Store {
         }
         if let Some(Some(at)) = new.controls.expires_at {
             document.insert("expires_at", at);
+        }
+        for (field, limit) in [("rpm_limit", new.controls.rpm_limit), ("tpm_limit", new.controls.tpm_limit)] {
+            if let Some(Some(n)) = limit {
+                document.insert(field, n);
+            }
         }
         match self.keys.insert_one(&document).await {
             Ok(_) => {
@@ -332,6 +347,17 @@ impl Store {
                 unset.insert("expires_at", "");
             }
             None => {}
+        }
+        for (field, limit) in [("rpm_limit", controls.rpm_limit), ("tpm_limit", controls.tpm_limit)] {
+            match limit {
+                Some(Some(n)) => {
+                    set.insert(field, n);
+                }
+                Some(None) => {
+                    unset.insert(field, "");
+                }
+                None => {}
+            }
         }
         update.insert("$set", set);
         if !unset.is_empty() {

@@ -199,7 +199,7 @@ pub(super) fn policy_clauses(model: &str, now: DateTime) -> Vec<Document> {
 
 /// What a grant reads back: the balance and the key's controls.
 pub(super) fn grant_projection() -> Document {
-    doc! {"balance_tokens": 1, "allowed_models": 1, "expires_at": 1}
+    doc! {"balance_tokens": 1, "allowed_models": 1, "expires_at": 1, "rpm_limit": 1, "tpm_limit": 1}
 }
 
 pub(super) fn lease_path(lease_id: &str) -> String {
