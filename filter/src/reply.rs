@@ -35,6 +35,13 @@ pub fn key_expired_error() -> bridge_protocol::ErrorBody {
 }
 
 impl LocalReply {
+    /// An error a client is to retry, with `Retry-After`.
+    fn retry_after(status: u32, message: &str, kind: &str, code: &str, secs: u64) -> Self {
+        let mut r = Self::json(status, &ErrorEnvelope::new(message, kind, None, Some(code)));
+        r.headers.push(("retry-after", secs.to_string()));
+        r
+    }
+
     pub fn json(status: u32, envelope: &ErrorEnvelope) -> Self {
         Self { status, body: envelope.to_json(), headers: Vec::new() }
     }
@@ -101,49 +108,37 @@ impl LocalReply {
     /// The billing service is unreachable or failing: a temporary fault of ours,
     /// never a 401 or 429, which clients treat as final for the key.
     pub fn unavailable(retry_after_secs: u32) -> Self {
-        let mut r = Self::json(
+        Self::retry_after(
             503,
-            &ErrorEnvelope::new(
-                "The gateway's billing service is temporarily unavailable; retry shortly.",
-                "server_error",
-                None,
-                Some("billing_unavailable"),
-            ),
-        );
-        r.headers.push(("retry-after", retry_after_secs.to_string()));
-        r
+            "The gateway's billing service is temporarily unavailable; retry shortly.",
+            "server_error",
+            "billing_unavailable",
+            u64::from(retry_after_secs),
+        )
     }
 
     /// Over the key's own rate limit (`rpm_limit`, `tpm_limit`): never
     /// `insufficient_quota`, which clients take as a billing failure.
     pub fn rate_limited(retry_after_secs: u64) -> Self {
-        let mut r = Self::json(
+        Self::retry_after(
             429,
-            &ErrorEnvelope::new(
-                "Rate limit reached for this API key; retry after the time in Retry-After.",
-                "requests",
-                None,
-                Some("rate_limit_exceeded"),
-            ),
-        );
-        r.headers.push(("retry-after", retry_after_secs.to_string()));
-        r
+            "Rate limit reached for this API key; retry after the time in Retry-After.",
+            "requests",
+            "rate_limit_exceeded",
+            retry_after_secs,
+        )
     }
 
     /// This gateway sheds load (too many requests waiting for leases or in
     /// admission calls): a temporary fault of ours, as above.
     pub fn overloaded(retry_after_secs: u32) -> Self {
-        let mut r = Self::json(
+        Self::retry_after(
             503,
-            &ErrorEnvelope::new(
-                "The gateway is overloaded; retry shortly.",
-                "server_error",
-                None,
-                Some("gateway_overloaded"),
-            ),
-        );
-        r.headers.push(("retry-after", retry_after_secs.to_string()));
-        r
+            "The gateway is overloaded; retry shortly.",
+            "server_error",
+            "gateway_overloaded",
+            u64::from(retry_after_secs),
+        )
     }
 
     /// The sidecar's refusal (unknown key, frozen, no balance, too much in

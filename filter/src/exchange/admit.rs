@@ -360,16 +360,7 @@ impl Exchange {
             }
             Some(Some(orphan)) => self.keep(Item::Close(orphan)),
             None => {
-                let lease = lease::Lease {
-                    id: id.to_owned(),
-                    key_hash: key_hash.clone(),
-                    tokens: granted.0,
-                    drawn_tokens: estimate,
-                    drawn_n: 1,
-                    expires_ms: 0,
-                    refresh: None,
-                    policy: KeyPolicy::default(),
-                };
+                let lease = lease::Lease::granted(id, key_hash, granted, (estimate, 1), 0);
                 self.keep(Item::Close(lease.close()));
             }
         }

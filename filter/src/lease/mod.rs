@@ -66,6 +66,21 @@ pub struct Refresh {
 }
 
 impl Lease {
+    /// A lease as granted: `granted` tokens under the key's controls, with
+    /// `drawn` (tokens, requests) already taken from it.
+    pub fn granted(id: &str, key_hash: &str, granted: (i64, &KeyPolicy), drawn: (i64, i64), expires_ms: u64) -> Lease {
+        Lease {
+            id: id.to_owned(),
+            key_hash: key_hash.to_owned(),
+            tokens: granted.0,
+            drawn_tokens: drawn.0,
+            drawn_n: drawn.1,
+            expires_ms,
+            refresh: None,
+            policy: granted.1.clone(),
+        }
+    }
+
     fn refresh_answered(&self) -> bool {
         self.refresh.as_ref().is_some_and(|r| r.answered)
     }
@@ -285,16 +300,7 @@ pub fn install(
     now_ms: u64,
     lease_ms: u64,
 ) -> Install {
-    let lease = Lease {
-        id: id.to_owned(),
-        key_hash: key_hash.to_owned(),
-        tokens: granted.0,
-        drawn_tokens: estimate,
-        drawn_n: 1,
-        expires_ms: now_ms + lease_ms,
-        refresh: None,
-        policy: granted.1.clone(),
-    };
+    let lease = Lease::granted(id, key_hash, granted, (estimate, 1), now_ms + lease_ms);
     match current {
         Some(Slot::Fetching { id: marker, .. }) if marker == id => Install::Live(Slot::Live(lease)),
         _ => Install::Orphan(lease.close()),
@@ -319,16 +325,7 @@ pub fn renew(
     now_ms: u64,
     lease_ms: u64,
 ) -> Renew {
-    let lease = Lease {
-        id: id.to_owned(),
-        key_hash: key_hash.to_owned(),
-        tokens: granted.0,
-        drawn_tokens: 0,
-        drawn_n: 0,
-        expires_ms: now_ms + lease_ms,
-        refresh: None,
-        policy: granted.1.clone(),
-    };
+    let lease = Lease::granted(id, key_hash, granted, (0, 0), now_ms + lease_ms);
     match current {
         Some(Slot::Live(old)) if old.refresh.as_ref().is_some_and(|r| r.id == id) => {
             Renew::Live { slot: Slot::Live(lease), close: Some(old.close()) }
