@@ -33,6 +33,11 @@ enum Precheck {
     Limited(u64),
 }
 
+/// A decision on the key's slot: where the estimate comes from (and a lease
+/// to ask for in the background), or, first, the rate limits (rpm, tpm) the
+/// key's live lease carries, to count the request against.
+type Decided = Result<(Precheck, Option<(String, i64)>), (Option<i64>, Option<i64>)>;
+
 impl Exchange {
     /// The body is in (or the request was woken from its wait): draw, fetch,
     /// wait or reserve.
@@ -82,17 +87,16 @@ impl Exchange {
         }
     }
 
-    /// The key's rate limits, as its live lease carries them: this request
-    /// counted in the key's minute, or refused. Keys without limits skip it.
-    fn over_limit(&self, host: &impl HttpHost, req: &Admitted, key: &str) -> Option<u64> {
-        let (bytes, _) = host.shared_get(key);
-        let Some(Slot::Live(lease)) = bytes.as_deref().and_then(Slot::decode) else { return None };
-        let (rpm, tpm) = (lease.policy.rpm_limit, lease.policy.tpm_limit);
-        // A request the key's other controls refuse is not counted: it is refused anyway.
-        let refused = !lease.policy.allows(&req.admission.model) || lease.policy.expired(host.now_ms());
-        if lease.key_hash != req.caller.key_hash || (rpm.is_none() && tpm.is_none()) || refused {
-            return None;
-        }
+    /// This request counted in the key's minute under its rate limits, or
+    /// refused: the seconds to retry after.
+    fn over_limit(
+        &self,
+        host: &impl HttpHost,
+        req: &Admitted,
+        key: &str,
+        rpm: Option<i64>,
+        tpm: Option<i64>,
+    ) -> Option<u64> {
         let rate_key = key.replacen(lease::SLOT_PREFIX, rate::RATE_PREFIX, 1);
         let (key_hash, estimate) = (req.caller.key_hash.as_str(), req.admission.estimate);
         slot::update(host, &rate_key, |current: Option<&rate::Rate>, now| {
@@ -156,33 +160,51 @@ impl Exchange {
         let key = self.slot_of(req);
         let key_hash = req.caller.key_hash.as_str();
         let model = req.admission.model.as_str();
-        if let Some(secs) = self.over_limit(host, req, &key) {
-            return Precheck::Limited(secs);
-        }
-        let decided = slot::update(host, &key, |slot, now| {
-            // The key's controls, as its live lease carries them: no call.
-            if let Some((status, error)) = lease::controls_refuse(slot, key_hash, model, now) {
-                return Step::Keep((Precheck::Refused(status, error), None));
-            }
-            match lease::draw(slot, key_hash, now, estimate, &new_id, &policy) {
-                Draw::Drawn { slot, lease_id, refresh } => {
-                    Step::Write(Some(slot), (Precheck::Drawn(lease_id), refresh))
+        // Twice at most: a key with rate limits is counted between the two.
+        let mut counted = false;
+        let decided = loop {
+            let decided = slot::update(host, &key, |slot, now| -> Step<Decided> {
+                // The key's controls, as its live lease carries them: no call.
+                if let Some((status, error)) = lease::controls_refuse(slot, key_hash, model, now) {
+                    return Step::Keep(Ok((Precheck::Refused(status, error), None)));
                 }
-                Draw::Fetch { slot, close, want } => {
-                    Step::Write(Some(slot), (Precheck::Fetch(new_id.clone(), close, want), None))
+                if let Some(limits) = lease::rate_limits(slot, key_hash, now).filter(|_| !counted) {
+                    return Step::Keep(Err(limits));
                 }
-                Draw::Wait => Step::Keep((Precheck::Wait, None)),
-                Draw::Reserve => Step::Keep((Precheck::Reserve, None)),
-                Draw::Refused { status, error } => Step::Keep((Precheck::Refused(status, error), None)),
+                decide_draw(lease::draw(slot, key_hash, now, estimate, &new_id, &policy), &new_id)
+            });
+            match decided {
+                Some(Err((rpm, tpm))) => match self.over_limit(host, req, &key, rpm, tpm) {
+                    Some(secs) => return Precheck::Limited(secs),
+                    None => counted = true,
+                },
+                Some(Ok(decided)) => break decided,
+                None => return Precheck::Reserve,
             }
-        });
-        let Some((precheck, refresh)) = decided else { return Precheck::Reserve };
+        };
+        let (precheck, refresh) = decided;
         if let Some((id, want)) = refresh {
             self.ask_in_background(host, req, id, want);
         }
         precheck
     }
+}
 
+/// What a draw decision writes to the key's slot and leads to.
+fn decide_draw(draw: Draw, new_id: &str) -> Step<Decided> {
+    let keep = |p: Precheck| Step::Keep(Ok((p, None)));
+    match draw {
+        Draw::Drawn { slot, lease_id, refresh } => Step::Write(Some(slot), Ok((Precheck::Drawn(lease_id), refresh))),
+        Draw::Fetch { slot, close, want } => {
+            Step::Write(Some(slot), Ok((Precheck::Fetch(new_id.to_owned(), close, want), None)))
+        }
+        Draw::Wait => keep(Precheck::Wait),
+        Draw::Reserve => keep(Precheck::Reserve),
+        Draw::Refused { status, error } => keep(Precheck::Refused(status, error)),
+    }
+}
+
+impl Exchange {
     /// The next lease, asked for by a root context: this request does not wait.
     fn ask_in_background(&self, host: &impl HttpHost, req: &Admitted, lease_id: String, want: i64) {
         let estimate = req.admission.estimate;

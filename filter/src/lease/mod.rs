@@ -200,6 +200,17 @@ pub fn controls_refuse(
     None
 }
 
+/// The rate limits (rpm, tpm) of `key_hash`'s live lease, if it carries any.
+pub fn rate_limits(current: Option<&Slot>, key_hash: &str, now_ms: u64) -> Option<(Option<i64>, Option<i64>)> {
+    match current {
+        Some(Slot::Live(l)) if l.key_hash == key_hash && now_ms < l.expires_ms => {
+            let limits = (l.policy.rpm_limit, l.policy.tpm_limit);
+            (limits != (None, None)).then_some(limits)
+        }
+        _ => None,
+    }
+}
+
 /// Decides a request's draw from the slot as read. `new_id` names a lease to
 /// fetch.
 pub fn draw(current: Option<&Slot>, key_hash: &str, now_ms: u64, estimate: i64, new_id: &str, policy: &Policy) -> Draw {
