@@ -293,13 +293,13 @@ impl Store {
     /// What a key's audit rows since `from_ms` add up to (the `key_id` +
     /// `timestamp` index serves it).
     async fn usage_since(&self, hash: &str, from_ms: i64) -> Result<Usage, LedgerError> {
+        let mut group = super::usage::sums();
+        group.insert("_id", mongodb::bson::Bson::Null);
         let mut cursor = self
             .audit
             .aggregate([
                 doc! {"$match": {"key_id": hash, "timestamp": {"$gte": mongodb::bson::DateTime::from_millis(from_ms)}}},
-                doc! {"$group": {"_id": mongodb::bson::Bson::Null, "requests": {"$sum": 1_i64},
-                "input_tokens": {"$sum": "$input_tokens"}, "output_tokens": {"$sum": "$output_tokens"},
-                "total_tokens": {"$sum": "$total_tokens"}}},
+                doc! {"$group": group},
             ])
             .await?;
         Ok(match cursor.try_next().await? {

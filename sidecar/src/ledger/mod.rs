@@ -333,13 +333,7 @@ impl Store {
             "leases": {"$sum": "$leases_n"}, "holds": {"$sum": "$holds_n"}}}])
             .await?;
         let d = cursor.try_next().await?.unwrap_or_default();
-        let n = |f: &str| match d.get(f) {
-            Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
-            Some(mongodb::bson::Bson::Int64(n)) => *n,
-            Some(mongodb::bson::Bson::Double(n)) => *n as i64,
-            _ => 0,
-        };
-        Ok((n("leases"), n("holds")))
+        Ok((usage::int(d.get("leases")), usage::int(d.get("holds"))))
     }
 
     /// Whether MongoDB answers; used by the readiness endpoint.

@@ -48,6 +48,28 @@ impl GroupBy {
     }
 }
 
+/// What every usage figure sums over audit rows.
+const SUMS: [&str; 5] = ["requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens"];
+
+/// The `$group` accumulators of [`SUMS`] (add `_id`).
+pub(super) fn sums() -> Document {
+    let mut group = doc! {"requests": {"$sum": 1_i64}};
+    for f in &SUMS[1..] {
+        group.insert(*f, doc! {"$sum": format!("${f}")});
+    }
+    group
+}
+
+/// A number an aggregation returned, whatever its BSON type (0 if none).
+pub(super) fn int(value: Option<&mongodb::bson::Bson>) -> i64 {
+    match value {
+        Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
+        Some(mongodb::bson::Bson::Int64(n)) => *n,
+        Some(mongodb::bson::Bson::Double(n)) => *n as i64,
+        _ => 0,
+    }
+}
+
 impl Store {
     /// One row per group of the rows in `[from, to)`: the group's fields and
     /// `requests`, `input_tokens`, `cached_tokens`, `output_tokens`,
@@ -74,14 +96,9 @@ impl Store {
         if !time.is_empty() {
             pipeline.push(doc! {"$match": {"timestamp": time}});
         }
-        pipeline.push(doc! {"$group": {
-            "_id": id,
-            "requests": {"$sum": 1_i64},
-            "input_tokens": {"$sum": "$input_tokens"},
-            "cached_tokens": {"$sum": "$cached_tokens"},
-            "output_tokens": {"$sum": "$output_tokens"},
-            "total_tokens": {"$sum": "$total_tokens"},
-        }});
+        let mut group = sums();
+        group.insert("_id", id);
+        pipeline.push(doc! {"$group": group});
         let sort: Document = groups.iter().map(|g| (format!("_id.{}", g.field().0), 1_i32.into())).collect();
         if !sort.is_empty() {
             pipeline.push(doc! {"$sort": sort});
@@ -98,14 +115,8 @@ impl Store {
                     let short: String = hash.chars().take(16).collect();
                     out.insert("key_id", short);
                 }
-                for f in ["requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens"] {
-                    let n = match r.get(f) {
-                        Some(mongodb::bson::Bson::Int32(n)) => i64::from(*n),
-                        Some(mongodb::bson::Bson::Int64(n)) => *n,
-                        Some(mongodb::bson::Bson::Double(n)) => *n as i64,
-                        _ => 0,
-                    };
-                    out.insert(f, n);
+                for f in SUMS {
+                    out.insert(f, int(r.get(f)));
                 }
                 out
             })
