@@ -7,8 +7,7 @@
 //! none after the stream is gone), so finished requests only queue records;
 //! the root sends them on its tick.
 
-use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use bridge_protocol::{
@@ -21,155 +20,11 @@ use crate::config::PluginConfig;
 use crate::host::{call_sidecar, sidecar_reply, BadReply, Host};
 use crate::lease::{self, Renew, Slot};
 use crate::metrics::Metric;
-use crate::settle::{batch_of, Item, Settler};
+use crate::settle::{batch_of, Item};
 use crate::slot::{self, Step};
 
-/// What the root and the requests of one VM share. They run on one thread,
-/// so plain shared values serve: an Envoy shared queue would cost a copy, a
-/// serialization and a cross-thread wake-up per request.
-#[derive(Debug, Clone)]
-pub struct Vm {
-    /// Records and lease closes waiting to be sent.
-    pub settler: Rc<RefCell<Settler>>,
-    /// Slots of the leases this VM installed, for the root's sweep.
-    pub leases: Rc<RefCell<BTreeSet<String>>>,
-    /// Requests waiting for their key's lease, and who is to look again.
-    pub waits: Rc<RefCell<Waits>>,
-    /// Admission calls in flight (see [`CallPermit`]).
-    calls: Rc<Cell<usize>>,
-    /// Which request made each admission call in flight, by callout token.
-    /// The SDK hands a reply to the context whose callback made the call,
-    /// which for a request woken from its wait is the root: the root passes
-    /// the reply on to the request by this.
-    callers: Rc<RefCell<HashMap<u32, u32>>>,
-    /// Requests drawn from each lease still in flight: lease id -> (key hash, count).
-    in_flight: Rc<RefCell<HashMap<String, (String, i64)>>>,
-}
-
-/// The requests of one VM waiting for a lease that another request (or the
-/// root) is fetching: context id and the slot it waits on. A slot that
-/// changes wakes its waiters; the root's tick wakes all of them, for a lease
-/// another VM installed and for those that waited too long.
-#[derive(Debug, Default)]
-pub struct Waits {
-    waiting: Vec<(u32, String)>,
-    woken: Vec<u32>,
-}
-
-impl Waits {
-    pub fn len(&self) -> usize {
-        self.waiting.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
-    }
-
-    pub fn add(&mut self, context_id: u32, slot: String) {
-        self.waiting.push((context_id, slot));
-    }
-
-    /// The request left while it waited.
-    pub fn forget(&mut self, context_id: u32) {
-        self.waiting.retain(|(id, _)| *id != context_id);
-        self.woken.retain(|id| *id != context_id);
-    }
-
-    /// Wakes the requests waiting on `slot`.
-    pub fn wake(&mut self, slot: &str) {
-        let (woken, still): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.waiting).into_iter().partition(|(_, s)| s == slot);
-        self.waiting = still;
-        self.woken.extend(woken.into_iter().map(|(id, _)| id));
-    }
-
-    pub fn wake_all(&mut self) {
-        let all = std::mem::take(&mut self.waiting);
-        self.woken.extend(all.into_iter().map(|(id, _)| id));
-    }
-
-    pub fn has_woken(&self) -> bool {
-        !self.woken.is_empty()
-    }
-
-    /// The requests to look at their slot again, taken out.
-    pub fn take_woken(&mut self) -> Vec<u32> {
-        std::mem::take(&mut self.woken)
-    }
-}
-
-/// One admission call in flight, counted while it lives.
-#[derive(Debug)]
-pub struct CallPermit(Rc<Cell<usize>>);
-
-impl Drop for CallPermit {
-    fn drop(&mut self) {
-        self.0.set(self.0.get().saturating_sub(1));
-    }
-}
-
-impl Vm {
-    pub fn new(batch_max: usize) -> Self {
-        Self {
-            settler: Rc::new(RefCell::new(Settler::new(batch_max))),
-            leases: Rc::default(),
-            waits: Rc::default(),
-            calls: Rc::default(),
-            callers: Rc::default(),
-            in_flight: Rc::default(),
-        }
-    }
-
-    /// One more (`delta` 1) or one fewer (-1) request drawn from `lease_id` in flight.
-    pub fn drawn_in_flight(&self, lease_id: &str, key_hash: &str, delta: i64) {
-        let mut all = self.in_flight.borrow_mut();
-        let n = {
-            let entry = all.entry(lease_id.to_owned()).or_insert_with(|| (key_hash.to_owned(), 0));
-            entry.1 += delta;
-            entry.1
-        };
-        if n <= 0 {
-            all.remove(lease_id);
-        }
-    }
-
-    /// Request `context_id` made the call `token`.
-    pub fn called(&self, token: u32, context_id: u32) {
-        self.callers.borrow_mut().insert(token, context_id);
-    }
-
-    /// The request that made call `token`, if a request did; forgotten now
-    /// (a reply comes once).
-    pub fn caller_of(&self, token: u32) -> Option<u32> {
-        self.callers.borrow_mut().remove(&token)
-    }
-
-    /// A permit for one more admission call, if fewer than `max` are in flight.
-    pub fn call_permit(&self, max: usize) -> Option<CallPermit> {
-        let n = self.calls.get();
-        (n < max).then(|| {
-            self.calls.set(n + 1);
-            CallPermit(self.calls.clone())
-        })
-    }
-
-    /// Wakes this VM's requests waiting on `slot`.
-    pub fn wake(&self, slot: &str) {
-        self.waits.borrow_mut().wake(slot);
-    }
-
-    /// Queues an item; logs the oldest if it had to make room for it.
-    pub fn keep(&self, item: Item, context_id: u32) {
-        if let Some(old) = self.settler.borrow_mut().push(item) {
-            error!("[{context_id}] settlement queue full: {} dropped; its hold will be charged at expiry", old.id());
-        }
-    }
-
-    /// Records not yet settled plus live leases (each a close still to send).
-    pub fn pending(&self) -> usize {
-        self.settler.borrow().pending() + self.leases.borrow().len()
-    }
-}
+mod vm;
+pub use vm::{CallPermit, Vm, Waits};
 
 /// The root context's state.
 pub struct Background {
@@ -481,9 +336,7 @@ impl Background {
             live.insert(lease.id.clone());
             report(&lease.id, &lease.key_hash, key, (lease.drawn_tokens, lease.drawn_n), &mut due);
         }
-        let waited_on: Vec<(String, String)> =
-            self.vm.in_flight.borrow().iter().map(|(id, (hash, _))| (id.clone(), hash.clone())).collect();
-        for (id, key_hash) in waited_on {
+        for (id, key_hash) in self.vm.drawn_leases() {
             if !live.contains(&id) {
                 // Closed (its counts went with the close): a heartbeat only.
                 report(&id, &key_hash, "", (0, 0), &mut due);
