@@ -47,6 +47,13 @@ pub fn log_dir() -> PathBuf {
     dir
 }
 
+/// How a wait for a line ended without the line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    Exited,
+    TimedOut,
+}
+
 /// A child process that is stopped (SIGTERM, then SIGKILL) when dropped. Its
 /// stdout and stderr go to a log file; lines are also offered to `wait_for`.
 pub struct Proc {
@@ -84,20 +91,41 @@ impl Proc {
 
     /// Waits until a line containing `needle` is printed; returns that line.
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        self.try_wait_for(needle, timeout).unwrap_or_else(|ended| panic!("{}", self.report(needle, ended)))
+    }
+
+    /// As `wait_for`, but says how the wait ended instead of failing the test:
+    /// the process exited first, or `timeout` passed.
+    pub fn try_wait_for(&self, needle: &str, timeout: Duration) -> Result<String, Ended> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
+                Ok(line) if line.contains(needle) => return Ok(line),
                 Ok(_) => {}
-                Err(_) => panic!(
-                    "{} did not print {needle:?} within {timeout:?}; log: {}\n{}",
-                    self.name,
-                    self.log_path.display(),
-                    std::fs::read_to_string(&self.log_path).unwrap_or_default()
-                ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Ended::Exited),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Err(Ended::TimedOut),
             }
         }
+    }
+
+    /// Whether the log so far holds `text` (e.g. why the process exited).
+    pub fn logged(&self, text: &str) -> bool {
+        std::fs::read_to_string(&self.log_path).is_ok_and(|log| log.contains(text))
+    }
+
+    /// Why a wait failed, with the end of the log (where the reason is) and
+    /// without Envoy's list of its extensions.
+    pub fn report(&self, needle: &str, ended: Ended) -> String {
+        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> =
+            log.lines().filter(|l| !l.contains("statically linked") && !l.contains("]   envoy.")).collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        let how = match ended {
+            Ended::Exited => "exited before it printed".to_owned(),
+            Ended::TimedOut => "did not print in time".to_owned(),
+        };
+        format!("{} {how} {needle:?}; log: {}; its last lines:\n{tail}", self.name, self.log_path.display())
     }
 
     pub fn pid(&self) -> u32 {
@@ -175,10 +203,21 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     path
 }
 
+/// What the sidecar prints once it listens (with `addr=`).
+pub const SIDECAR_LISTENING: &str = "sidecar listening";
+
 /// Starts the sidecar binary on a port it picks itself and waits until it listens.
 /// Returns the process and its base URL. `extra_env` comes last, so it may
 /// override any default here (address, database URI, log file).
 pub fn start_sidecar(bin: &Path, db: &str, admin_token: &str, extra_env: &[(&str, &str)]) -> (Proc, String) {
+    let proc = spawn_sidecar(bin, db, admin_token, extra_env);
+    let line = proc.wait_for(SIDECAR_LISTENING, Duration::from_secs(30));
+    let url = format!("http://{}", addr_in(&line));
+    (proc, url)
+}
+
+/// Starts the sidecar binary without waiting for it (see `start_sidecar`).
+pub fn spawn_sidecar(bin: &Path, db: &str, admin_token: &str, extra_env: &[(&str, &str)]) -> Proc {
     let mut cmd = Command::new(bin);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -191,8 +230,5 @@ pub fn start_sidecar(bin: &Path, db: &str, admin_token: &str, extra_env: &[(&str
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let proc = Proc::spawn("sidecar", cmd);
-    let line = proc.wait_for("sidecar listening", Duration::from_secs(30));
-    let url = format!("http://{}", addr_in(&line));
-    (proc, url)
+    Proc::spawn("sidecar", cmd)
 }

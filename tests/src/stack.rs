@@ -63,6 +63,51 @@ pub struct Stack {
     opts: StackOptions,
 }
 
+/// What Envoy prints once its listeners take connections.
+const ENVOY_READY: &str = "starting main dispatch loop";
+/// Envoy with the .wasm is ready in 2-7 s here; a loaded CI machine is given more.
+const ENVOY_START: Duration = Duration::from_secs(120);
+/// What a process that could not bind its port prints (the OS's error).
+const ADDR_IN_USE: &str = "in use";
+/// How often a stack is started on fresh ports before the test fails.
+const START_TRIES: usize = 5;
+
+/// Envoy's configuration for this stack, rendered by `envoy/render.py` as
+/// `make run` renders it.
+fn render_config(
+    opts: &StackOptions,
+    config: &std::path::Path,
+    mock: &str,
+    sidecar_addr: &str,
+    gateway_port: u16,
+    admin_port: u16,
+) {
+    let mut render = Command::new("python3");
+    render
+        .arg(repo_root().join("envoy/render.py"))
+        .arg(config)
+        .env("LLM_ENDPOINT", mock)
+        .env("LLM_API_KEY", UPSTREAM_KEY)
+        .env("LLM_PROVIDER", opts.provider)
+        .env("LLM_MODEL", "gpt-5-nano")
+        .env("GATEWAY_HOST", "127.0.0.1")
+        .env("GATEWAY_PORT", gateway_port.to_string())
+        .env("ENVOY_ADMIN_PORT", admin_port.to_string())
+        .env("SIDECAR_ADDR", sidecar_addr)
+        .env("WASM_PATH", wasm_path())
+        .env("FAILURE_MODE", opts.failure_mode)
+        .env("SETTLE_INTERVAL_MS", "100")
+        .env("RETRY_AFTER_SECS", "3");
+    if let Some(n) = opts.max_body_bytes {
+        render.env("MAX_BODY_BYTES", n.to_string());
+    }
+    for (k, v) in &opts.extra_env {
+        render.env(k, v);
+    }
+    let out = render.output().unwrap();
+    assert!(out.status.success(), "render failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn spawn_envoy(config: &std::path::Path) -> Proc {
     let mut cmd = Command::new("envoy");
     cmd.arg("-c").arg(config).args(["--concurrency", "1", "--disable-hot-restart", "--log-level", "info"]);
@@ -89,56 +134,56 @@ impl Stack {
         });
         tokio::spawn(async move { axum::serve(listener, crate::mock::app(UPSTREAM_KEY)).await });
 
-        let sidecar_addr = format!("127.0.0.1:{}", free_port());
-        let sidecar_log = log_dir().join(format!("{db_name}-{}-app.log", free_port()));
-        let gateway_port = free_port();
-        let admin_port = free_port();
-        let config = log_dir().join(format!("{db_name}-{gateway_port}-envoy.json"));
-        let mut render = Command::new("python3");
-        render
-            .arg(repo_root().join("envoy/render.py"))
-            .arg(&config)
-            .env("LLM_ENDPOINT", &mock)
-            .env("LLM_API_KEY", UPSTREAM_KEY)
-            .env("LLM_PROVIDER", opts.provider)
-            .env("LLM_MODEL", "gpt-5-nano")
-            .env("GATEWAY_HOST", "127.0.0.1")
-            .env("GATEWAY_PORT", gateway_port.to_string())
-            .env("ENVOY_ADMIN_PORT", admin_port.to_string())
-            .env("SIDECAR_ADDR", &sidecar_addr)
-            .env("WASM_PATH", wasm_path())
-            .env("FAILURE_MODE", opts.failure_mode)
-            .env("SETTLE_INTERVAL_MS", "100")
-            .env("RETRY_AFTER_SECS", "3");
-        if let Some(n) = opts.max_body_bytes {
-            render.env("MAX_BODY_BYTES", n.to_string());
-        }
-        for (k, v) in &opts.extra_env {
-            render.env(k, v);
-        }
-        let out = render.output().unwrap();
-        assert!(out.status.success(), "render failed: {}", String::from_utf8_lossy(&out.stderr));
-
         let mongo = opts.mongo_uri.clone().unwrap_or_else(mongo_uri);
-        let mut stack = Stack {
-            base: format!("http://127.0.0.1:{gateway_port}"),
-            mock,
-            sidecar_addr,
-            db: mongodb::Client::with_uri_str(&mongo).await.unwrap().database(&db_name),
-            db_name,
-            http: reqwest::Client::new(),
-            envoy: spawn_envoy(&config),
-            sidecar: None,
-            sidecar_log,
-            envoy_config: config,
-            envoy_admin: format!("http://127.0.0.1:{admin_port}"),
-            mongo,
-            opts,
-        };
-        stack.start_sidecar();
-        stack.envoy.wait_for("starting main dispatch loop", Duration::from_secs(60));
-        crate::wait_http_ok(&format!("{}/healthz", stack.base), Duration::from_secs(30)).await;
-        stack
+        let db = mongodb::Client::with_uri_str(&mongo).await.unwrap().database(&db_name);
+        // The ports are picked free, then bound by other processes: another
+        // socket may take one in between. A process that could not bind is
+        // started again on other ports.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let sidecar_addr = format!("127.0.0.1:{}", free_port());
+            let sidecar_log = log_dir().join(format!("{db_name}-{}-app.log", free_port()));
+            let gateway_port = free_port();
+            let admin_port = free_port();
+            let config = log_dir().join(format!("{db_name}-{gateway_port}-envoy.json"));
+            render_config(&opts, &config, &mock, &sidecar_addr, gateway_port, admin_port);
+            let mut stack = Stack {
+                base: format!("http://127.0.0.1:{gateway_port}"),
+                mock: mock.clone(),
+                sidecar_addr,
+                db: db.clone(),
+                db_name: db_name.clone(),
+                http: reqwest::Client::new(),
+                envoy: spawn_envoy(&config),
+                sidecar: None,
+                sidecar_log,
+                envoy_config: config,
+                envoy_admin: format!("http://127.0.0.1:{admin_port}"),
+                mongo: mongo.clone(),
+                opts: opts.clone(),
+            };
+            let sidecar = stack.spawn_sidecar();
+            if let Err(ended) = sidecar.try_wait_for(crate::SIDECAR_LISTENING, Duration::from_secs(30)) {
+                assert!(
+                    tries < START_TRIES && sidecar.logged(ADDR_IN_USE),
+                    "{}",
+                    sidecar.report("sidecar listening", ended)
+                );
+                continue;
+            }
+            stack.sidecar = Some(sidecar);
+            if let Err(ended) = stack.envoy.try_wait_for(ENVOY_READY, ENVOY_START) {
+                assert!(
+                    tries < START_TRIES && stack.envoy.logged(ADDR_IN_USE),
+                    "{}",
+                    stack.envoy.report(ENVOY_READY, ended)
+                );
+                continue;
+            }
+            crate::wait_http_ok(&format!("{}/healthz", stack.base), Duration::from_secs(30)).await;
+            return stack;
+        }
     }
 
     /// Settlement records Envoy's VMs hold that the sidecar has not taken yet
@@ -181,12 +226,18 @@ impl Stack {
     pub async fn restart_envoy(&mut self) {
         self.envoy.stop(Duration::from_secs(15));
         self.envoy = spawn_envoy(&self.envoy_config);
-        self.envoy.wait_for("starting main dispatch loop", Duration::from_secs(60));
+        self.envoy.wait_for(ENVOY_READY, ENVOY_START);
         crate::wait_http_ok(&format!("{}/healthz", self.base), Duration::from_secs(30)).await;
     }
 
     /// (Re)starts the sidecar on its fixed address (Envoy's cluster points there).
     pub fn start_sidecar(&mut self) {
+        let sidecar = self.spawn_sidecar();
+        sidecar.wait_for(crate::SIDECAR_LISTENING, Duration::from_secs(30));
+        self.sidecar = Some(sidecar);
+    }
+
+    fn spawn_sidecar(&self) -> Proc {
         let log = self.sidecar_log.to_string_lossy().into_owned();
         let ttl = self.opts.hold_ttl_secs.map(|t| t.to_string());
         let mut env = vec![
@@ -199,8 +250,7 @@ impl Stack {
             env.push(("HOLD_TTL_SECS", ttl.as_str()));
         }
         env.extend(self.opts.sidecar_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let (proc, _) = crate::start_sidecar(&workspace_bin("openclaw-sidecar"), &self.db_name, ADMIN_TOKEN, &env);
-        self.sidecar = Some(proc);
+        crate::spawn_sidecar(&workspace_bin("openclaw-sidecar"), &self.db_name, ADMIN_TOKEN, &env)
     }
 
     /// Kills this gateway hard (SIGKILL to Envoy and its sidecar), for good:
