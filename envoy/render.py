@@ -16,6 +16,8 @@ import sys
 from urllib.parse import urlsplit
 
 FILTER_NAME = "openclaw_bridge"
+# How Envoy names what it serves to the sidecar's GET /v1/models (sidecar/src/own.rs).
+SERVED_MODELS_HEADER = "x-bridge-served-models"
 ROUTE_HEADER = "x-openclaw-bridge-route"
 
 
@@ -186,6 +188,8 @@ def render():
     disabled = {} if bare else {
         FILTER_NAME: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
     marker = [{"name": ROUTE_HEADER, "string_match": {"exact": "upstream"}}]
+    get_only = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    served_models = env("LLM_MODEL", "gpt-5-nano")
     upstream_route = {
         "cluster": "llm_upstream",
         # Long generations must not be cut: no overall timeout, an idle one instead.
@@ -226,8 +230,15 @@ def render():
         {"match": {"prefix": "/admin/"}, "route": {"cluster": "sidecar", "timeout": "30s"},
          "typed_per_filter_config": disabled},
         # A key's own view: the sidecar checks the user's key itself.
-        {"match": {"path": "/v1/key", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        {"match": {"path": "/v1/key", "headers": get_only},
          "route": {"cluster": "sidecar", "timeout": "10s"}, "typed_per_filter_config": disabled},
+        # The models a key may use: the sidecar knows the key's allowed_models,
+        # Envoy tells it what is served (a client's header of that name is replaced).
+        *({"match": {match: path, "headers": get_only},
+           "route": {"cluster": "sidecar", "timeout": "10s"}, "typed_per_filter_config": disabled,
+           "request_headers_to_add": [{"header": {"key": SERVED_MODELS_HEADER, "value": served_models},
+                                       "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+          for match, path in (("path", "/v1/models"), ("prefix", "/v1/models/"))),
         *upstream_routes,
         {"match": {"prefix": "/"},
          "direct_response": {"status": 404, "body": {"inline_string": not_found}},

@@ -787,8 +787,41 @@ async fn a_keys_allowed_models_and_expiry_hold_through_envoy_and_its_leases() {
         resp.bytes().await.unwrap();
     }
     assert!(s.served().await.iter().all(|r| r.body["model"] != "gpt-4.1"), "a refused model reached the upstream");
+
+    // `/v1/models` lists what is served and the key may use, a header of the
+    // client's naming other models notwithstanding.
+    let models = |path: &'static str, key: &'static str| {
+        let req = s.http.get(format!("{}{path}", s.base)).bearer_auth(key).header("x-bridge-served-models", "gpt-4.1");
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let ids = |v: &Value| {
+        v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    let (st, v) = models("/v1/models", key).await;
+    assert_eq!((st, ids(&v)), (200, vec!["gpt-5-nano".to_owned()]), "{v}");
+    let (st, v) = models("/v1/models/gpt-5-nano", key).await;
+    assert_eq!((st, v["id"].as_str()), (200, Some("gpt-5-nano")), "{v}");
+    let (st, v) = models("/v1/models/gpt-4.1", key).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (404, Some("model_not_found")), "{v}");
+    let key_id = made["key_id"].as_str().unwrap();
+    s.patch_key(key_id, json!({"allowed_models": ["gpt-4.1"]})).await;
+    let (st, v) = models("/v1/models", key).await;
+    assert_eq!((st, ids(&v)), (200, vec![]), "only a model the gateway does not serve is allowed: {v}");
+    let (st, v) = models("/v1/models/gpt-5-nano", key).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (404, Some("model_not_found")), "{v}");
+    let (st, v) = models("/v1/models", "sk-made-up-key-000001").await;
+    assert_eq!((st, v["error"]["code"].as_str()), (401, Some("invalid_api_key")), "{v}");
+    s.patch_key(key_id, json!({"allowed_models": null})).await;
+    let (st, v) = models("/v1/models", key).await;
+    assert_eq!((st, ids(&v)), (200, vec!["gpt-5-nano".to_owned()]), "{v}");
+
     // Expired: every request of the key is a 401 that says so, within a lease window.
-    s.patch_key(made["key_id"].as_str().unwrap(), json!({"expires_at": "2020-01-01T00:00:00Z"})).await;
+    s.patch_key(key_id, json!({"expires_at": "2020-01-01T00:00:00Z"})).await;
+    let (st, v) = models("/v1/models", key).await;
+    assert_eq!((st, v["error"]["code"].as_str()), (401, Some("invalid_api_key")), "{v}");
     bridge_tests::eventually("the key refused as expired", Duration::from_secs(5), || async {
         let resp = s.chat(key, &ask("gpt-5-nano")).send().await.unwrap();
         let status = resp.status();

@@ -6,7 +6,7 @@ use mongodb::bson::{doc, Document};
 use mongodb::options::ReturnDocument;
 
 use super::docs::{KeyDoc, LeaseDoc};
-use super::{is_duplicate_key, rfc3339, LedgerError, Store};
+use super::{is_duplicate_key, rfc3339, LedgerError, Refusal, Store};
 use crate::keys;
 
 /// Status of a key: only `active` keys can reserve.
@@ -169,6 +169,18 @@ pub(super) fn key_view(doc: &KeyDoc, full_key: Option<&str>, leases: LeaseShares
     }
 }
 
+/// Why a key may not be used at all right now (frozen, or past its
+/// `expires_at` by the sidecar's clock), whatever a request asks.
+pub(super) fn access_refusal(d: &KeyDoc, now: mongodb::bson::DateTime) -> Option<Refusal> {
+    if d.status != "active" {
+        Some(Refusal::Frozen { masked_key: masked_key(d) })
+    } else if d.expires_at.is_some_and(|at| at <= now) {
+        Some(Refusal::Expired { masked_key: masked_key(d), at: rfc3339(d.expires_at) })
+    } else {
+        None
+    }
+}
+
 pub(super) fn masked_key(doc: &KeyDoc) -> String {
     keys::masked(&doc.key_prefix, &doc.key_last4)
 }
@@ -273,6 +285,22 @@ impl Store {
             shares.held += share.held;
         }
         Ok(key_view(doc, None, shares))
+    }
+
+    /// What a key may use, for `GET /v1/models`: its `allowed_models` (`None`:
+    /// any), or why it may use nothing (unknown, frozen, expired). One read of
+    /// a few fields of the key's document.
+    pub async fn key_models(&self, hash: &str) -> Result<Result<Option<Vec<String>>, Refusal>, LedgerError> {
+        let found = self
+            .key_docs
+            .find_one(doc! {"_id": hash})
+            .projection(doc! {"status": 1, "key_prefix": 1, "key_last4": 1, "allowed_models": 1, "expires_at": 1})
+            .await?;
+        let Some(d) = found else { return Ok(Err(Refusal::UnknownKey)) };
+        Ok(match access_refusal(&d, self.local_now()) {
+            Some(refusal) => Err(refusal),
+            None => Ok(d.allowed_models),
+        })
     }
 
     /// A key's own view, for `GET /v1/key`: `None` for a key that does not exist.

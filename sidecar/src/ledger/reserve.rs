@@ -5,10 +5,8 @@ use bridge_protocol::ReserveRequest;
 use mongodb::bson::doc;
 use mongodb::options::ReturnDocument;
 
-use super::keys::masked_key;
-use super::{
-    grant_projection, hold_path, policy_clauses, released_path, rfc3339, Decision, LedgerError, Refusal, Store,
-};
+use super::keys::access_refusal;
+use super::{grant_projection, hold_path, policy_clauses, released_path, Decision, LedgerError, Refusal, Store};
 
 /// Why a guarded reservation or lease found nothing to change.
 pub(super) enum Why {
@@ -99,10 +97,8 @@ impl Store {
             _ => (d.leases.contains_key(id), d.leases_n),
         };
         let now = self.local_now();
-        Ok(if d.status != "active" {
-            Why::Refused(Refusal::Frozen { masked_key: masked_key(&d) })
-        } else if d.expires_at.is_some_and(|at| at <= now) {
-            Why::Refused(Refusal::Expired { masked_key: masked_key(&d), at: rfc3339(d.expires_at) })
+        Ok(if let Some(refusal) = access_refusal(&d, now) {
+            Why::Refused(refusal)
         } else if d.allowed_models.as_ref().is_some_and(|m| !m.iter().any(|a| a == model)) {
             Why::Refused(Refusal::ModelNotAllowed {
                 model: model.to_owned(),
