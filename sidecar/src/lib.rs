@@ -8,6 +8,7 @@ pub mod admin;
 pub mod audit_api;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod internal;
 pub mod keys;
@@ -111,8 +112,11 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(admin)
         .merge(internal)
+        .merge(console::routes())
         .route("/healthz", get(healthz))
         .route("/v1/key", get(own::key_info))
+        .route("/v1/models", get(own::list_models))
+        .route("/v1/models/{id}", get(own::get_model))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
