@@ -95,6 +95,10 @@ pub struct ReserveRequest {
 pub enum ReserveReply {
     Admit {
         balance_tokens: i64,
+        /// The key's controls: with reservations only (no leases), the
+        /// filter counts the key's rate limits by these from then on.
+        #[serde(default)]
+        policy: KeyPolicy,
     },
     Refuse {
         status: u16,
@@ -515,7 +519,7 @@ mod tests {
     fn reserve_reply_is_tagged_by_verdict() {
         let admit: ReserveReply =
             serde_json::from_str(r#"{"verdict":"admit","balance_tokens":7}"#).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(admit, ReserveReply::Admit { balance_tokens: 7 });
+        assert_eq!(admit, ReserveReply::Admit { balance_tokens: 7, policy: KeyPolicy::default() });
         let refuse = ReserveReply::Refuse {
             status: 429,
             error: ErrorEnvelope::new("no", "insufficient_quota", None, Some("insufficient_quota")).error,

@@ -32,7 +32,7 @@ pub async fn reserve(
     state.metrics.ledger("reserve", started.elapsed());
     count_refusal(&state, &decision);
     let reply = match decision {
-        Decision::Granted { balance_tokens, .. } => ReserveReply::Admit { balance_tokens },
+        Decision::Granted { balance_tokens, policy, .. } => ReserveReply::Admit { balance_tokens, policy },
         Decision::Refused(why) => {
             let (status, error) = crate::refusal::reply(&why);
             ReserveReply::Refuse { status, error }
@@ -40,7 +40,7 @@ pub async fn reserve(
         Decision::Retry => ReserveReply::Retry,
     };
     match &reply {
-        ReserveReply::Admit { balance_tokens } => {
+        ReserveReply::Admit { balance_tokens, .. } => {
             tracing::debug!(
                 estimate = req.estimate,
                 balance_tokens,

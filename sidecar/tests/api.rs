@@ -244,7 +244,7 @@ async fn generated_keys_are_shown_once_and_work() {
     assert!(key.starts_with("sk-") && key.len() == 51, "{key}");
     let (_, list) = s.admin(reqwest::Method::GET, "/admin/keys", None).await;
     assert!(!list.to_string().contains(&key));
-    assert!(matches!(s.reserve(&key, "r1", 50).await, ReserveReply::Admit { balance_tokens: 0 }));
+    assert!(matches!(s.reserve(&key, "r1", 50).await, ReserveReply::Admit { balance_tokens: 0, .. }));
 }
 
 #[tokio::test]
@@ -404,7 +404,7 @@ async fn reservations_refuse_unknown_and_broke_keys_with_their_codes() {
         json!({"key_hash": key_hash("sk-small-balance"), "request_id": "r3", "model": "m", "estimate": 1, "extra": 1});
     let resp = s.http.post(format!("{}/internal/reserve", s.url)).json(&newer).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(matches!(resp.json().await.unwrap(), ReserveReply::Admit { balance_tokens: 4 }));
+    assert!(matches!(resp.json().await.unwrap(), ReserveReply::Admit { balance_tokens: 4, .. }));
 }
 
 #[tokio::test]
@@ -484,7 +484,7 @@ async fn usage_beyond_the_hold_is_charged_in_full() {
     let s = start().await;
     let key = "sk-overrun-key-1";
     s.create(key, 1_000).await;
-    assert!(matches!(s.reserve(key, "over-1", 100).await, ReserveReply::Admit { balance_tokens: 900 }));
+    assert!(matches!(s.reserve(key, "over-1", 100).await, ReserveReply::Admit { balance_tokens: 900, .. }));
     let reply = s.settle(&[record(key, "over-1", 100, 90, 60)]).await;
     assert_eq!(reply.results[0].outcome, SettleOutcome::Settled);
     assert_eq!(s.balance(key).await, 850);
@@ -667,7 +667,7 @@ async fn a_release_undoes_a_hold_and_blocks_a_reservation_that_comes_later() {
     s.create(key, 1_000).await;
     let release = |id: &str| SettleRecord { status_code: 503, release: true, ..record(key, id, 100, 0, 0) };
     // Reserved, then released (the filter timed out waiting): the hold is undone.
-    assert!(matches!(s.reserve(key, "late-1", 100).await, ReserveReply::Admit { balance_tokens: 900 }));
+    assert!(matches!(s.reserve(key, "late-1", 100).await, ReserveReply::Admit { balance_tokens: 900, .. }));
     assert_eq!(s.settle(&[release("late-1")]).await.results[0].outcome, SettleOutcome::Settled);
     assert_eq!(s.balance(key).await, 1_000);
     // Released before the reservation arrived: the reservation is refused.
@@ -1469,6 +1469,13 @@ async fn allowed_models_and_expiry_are_set_cleared_and_enforced_on_reservations_
             assert_eq!((policy.rpm_limit, policy.tpm_limit), (Some(60), Some(10_000)))
         }
         other => panic!("not granted: {other:?}"),
+    }
+    // And by a reservation's admission (the filter counts by them without leases).
+    match reserve_model("gpt-4.1", "limited-1").await {
+        ReserveReply::Admit { policy, .. } => {
+            assert_eq!((policy.rpm_limit, policy.tpm_limit), (Some(60), Some(10_000)))
+        }
+        other => panic!("not admitted: {other:?}"),
     }
     let (_, unlimited) =
         s.admin(reqwest::Method::PATCH, &format!("/admin/keys/{id}"), Some(json!({"rpm_limit": null}))).await;

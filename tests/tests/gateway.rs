@@ -833,7 +833,15 @@ async fn a_keys_allowed_models_and_expiry_hold_through_envoy_and_its_leases() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_rate_limit_answers_429_rate_limit_exceeded_with_retry_after() {
-    let s = Stack::start(StackOptions::default()).await;
+    // With leases, and with a reservation a request (the limits come with
+    // each reservation's answer).
+    for extra_env in [vec![], vec![("LEASE_TOKENS".to_owned(), "0".to_owned())]] {
+        rate_limited_through_envoy(StackOptions { extra_env, ..StackOptions::default() }).await;
+    }
+}
+
+async fn rate_limited_through_envoy(opts: StackOptions) {
+    let s = Stack::start(opts).await;
     let key = "sk-rate-limited-user-1";
     let resp = s
         .http
@@ -864,7 +872,7 @@ async fn a_keys_rate_limit_answers_429_rate_limit_exceeded_with_retry_after() {
         resp.bytes().await.unwrap();
     }
     // Per gateway: the limit, plus the request that fetched the key's lease
-    // (admitted before the limit was known).
+    // or made its first reservation (admitted before the limit was known).
     assert!((5..=6).contains(&admitted), "{admitted} admitted of 12 at rpm_limit 5");
     assert_eq!(admitted + limited, 12);
     assert_eq!(s.served().await.len(), admitted);

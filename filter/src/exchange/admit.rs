@@ -41,8 +41,16 @@ type Decided = Result<(Precheck, Option<(String, i64)>), (Option<i64>, Option<i6
 impl Exchange {
     /// The body is in (or the request was woken from its wait): draw, fetch,
     /// wait or reserve.
-    pub(super) fn admit(&mut self, host: &impl HttpHost, req: Admitted) -> Flow {
+    pub(super) fn admit(&mut self, host: &impl HttpHost, mut req: Admitted) -> Flow {
         if self.cfg.lease_tokens == 0 {
+            match self.over_taught_limit(host, &req) {
+                Some(Err(secs)) => {
+                    info!("[{}] {}: over the key's rate limit", self.id, req.caller.request_id);
+                    return self.answer(host, LocalReply::rate_limited(secs));
+                }
+                Some(Ok(())) => req.rate_counted = true,
+                None => {}
+            }
             return self.reserve(host, req);
         }
         match self.precheck(host, &req) {
@@ -107,6 +115,37 @@ impl Exchange {
             }
         })
         .flatten()
+    }
+
+    /// Without leases: this request counted under the limits the key's last
+    /// reservation reply taught (`Ok`), refused with the seconds to retry
+    /// after (`Err`), or `None` where none were taught (or every try lost).
+    fn over_taught_limit(&self, host: &impl HttpHost, req: &Admitted) -> Option<Result<(), u64>> {
+        let rate_key = self.slot_of(req).replacen(lease::SLOT_PREFIX, rate::RATE_PREFIX, 1);
+        let (key_hash, estimate) = (req.caller.key_hash.as_str(), req.admission.estimate);
+        slot::update(host, &rate_key, |current: Option<&rate::Rate>, now| {
+            let Some((rpm, tpm)) = rate::learned_limits(current, key_hash, now) else { return Step::Keep(None) };
+            match rate::count(current, key_hash, now, estimate, rpm, tpm) {
+                Some(rate::Count::Counted(r)) => Step::Write(Some(r), Some(Ok(()))),
+                Some(rate::Count::Over(secs)) => Step::Keep(Some(Err(secs))),
+                None => Step::Keep(None),
+            }
+        })
+        .flatten()
+    }
+
+    /// Without leases: keeps the limits a reservation reply gave for the
+    /// key's next requests, counting this admitted one if it was not yet.
+    fn learn_limits(&self, host: &impl HttpHost, req: &Admitted, policy: &KeyPolicy) {
+        let rate_key = self.slot_of(req).replacen(lease::SLOT_PREFIX, rate::RATE_PREFIX, 1);
+        let (key_hash, estimate) = (req.caller.key_hash.as_str(), req.admission.estimate);
+        let limits = (policy.rpm_limit, policy.tpm_limit);
+        slot::update(host, &rate_key, |current: Option<&rate::Rate>, now| {
+            match rate::learn(current, key_hash, now, estimate, limits, req.rate_counted) {
+                Some(r) => Step::Write(Some(r), ()),
+                None => Step::Keep(()),
+            }
+        });
     }
 
     /// Waits for the key's lease (woken when its slot changes or on the
@@ -276,7 +315,12 @@ impl Exchange {
         };
         match wait {
             Wait::Reserve => match sidecar_reply::<ReserveReply>(host, body_size) {
-                Ok(ReserveReply::Admit { .. }) => self.forward(host, req, Hold::Reserved),
+                Ok(ReserveReply::Admit { policy, .. }) => {
+                    if self.cfg.lease_tokens == 0 {
+                        self.learn_limits(host, &req, &policy);
+                    }
+                    self.forward(host, req, Hold::Reserved)
+                }
                 Ok(ReserveReply::Refuse { status: 429, error }) => match self.draw_only(host, &req) {
                     // The balance was in the key's lease, fetched while this
                     // request reserved alone: drawn from it after all.

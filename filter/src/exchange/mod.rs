@@ -55,6 +55,9 @@ struct Admitted {
     admission: Admission,
     /// When it first waited for its key's lease, if it did.
     waiting_since: Option<u64>,
+    /// Counted under limits a reservation reply taught (no leases): its own
+    /// reply must not count it again.
+    rate_counted: bool,
 }
 
 /// What the sidecar is deciding while the request waits.
@@ -208,7 +211,7 @@ impl Exchange {
         if let Some(new_body) = &admission.rewritten {
             host.set_request_body(body_size, new_body);
         }
-        self.admit(host, Admitted { caller, body, admission, waiting_since: None })
+        self.admit(host, Admitted { caller, body, admission, waiting_since: None, rate_counted: false })
     }
 
     /// Trailers end a body that never said it ended: until admission has

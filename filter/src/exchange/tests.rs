@@ -601,3 +601,39 @@ fn a_keys_rate_limits_refuse_429_rate_limit_exceeded_once_its_minute_is_full() {
     );
     assert_eq!(gw.send(BODY).1.replied(), None);
 }
+
+#[test]
+fn without_leases_the_limits_a_reservation_reply_gives_count_the_keys_next_requests() {
+    let mut gw = Gateway::new(json!({"lease_tokens": 0}));
+    let admit = |policy: Value| json!({"verdict": "admit", "balance_tokens": 0, "policy": policy});
+    // Requests of a key with rpm 2: the first teaches the limit (and counts),
+    // the second is counted before it reserves, the third is refused here.
+    for _ in 0..2 {
+        let (mut ex, s, _) = gw.send(BODY);
+        gw.answer(&mut ex, &s, "200", admit(json!({"rpm_limit": 2})));
+        assert_eq!(s.resumed.get(), 1);
+    }
+    let calls = gw.world.calls_to(RESERVE_PATH).len();
+    let (_, s, _) = gw.send(BODY);
+    assert_eq!(s.replied(), Some(429));
+    let body = String::from_utf8_lossy(&s.replies.borrow()[0].1).to_string();
+    assert!(body.contains("rate_limit_exceeded") && !body.contains("insufficient_quota"), "{body}");
+    assert!(s.reply_headers().iter().any(|(k, _)| k == "retry-after"));
+    assert_eq!(gw.world.calls_to(RESERVE_PATH).len(), calls, "refused without a reservation");
+    // A minute later the key reserves again; a reply without limits (the
+    // admin cleared them) stops the counting.
+    gw.world.advance(60_000);
+    for _ in 0..2 {
+        let (mut ex, s, _) = gw.send(BODY);
+        gw.answer(&mut ex, &s, "200", admit(json!({"rpm_limit": 2})));
+    }
+    assert_eq!(gw.send(BODY).1.replied(), Some(429));
+    gw.world.advance(60_000);
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", admit(json!({})));
+    for _ in 0..3 {
+        let (mut ex, s, _) = gw.send(BODY);
+        gw.answer(&mut ex, &s, "200", admit(json!({})));
+        assert_eq!(s.resumed.get(), 1, "no limit any more");
+    }
+}
