@@ -288,14 +288,20 @@ impl PluginConfig {
     }
 
     /// Upstream `:path` for chat completions.
-    pub fn upstream_path(&self) -> String {
-        match self.upstream {
-            UpstreamStyle::Azure => format!(
+    /// The upstream's path for an endpoint. Azure's Responses API has no
+    /// deployment in its path: it is the v1 API's, with the deployment as the
+    /// body's `model` (`request::admit` puts it there).
+    pub fn upstream_path(&self, endpoint: crate::request::Endpoint) -> String {
+        use crate::request::Endpoint;
+        match (self.upstream, endpoint) {
+            (UpstreamStyle::Azure, Endpoint::Chat) => format!(
                 "/openai/deployments/{}/chat/completions?api-version={}",
                 self.deployment.as_deref().unwrap_or_default(),
                 self.api_version
             ),
-            UpstreamStyle::Openai => "/v1/chat/completions".into(),
+            (UpstreamStyle::Azure, Endpoint::Responses) => "/openai/v1/responses".into(),
+            (UpstreamStyle::Openai, Endpoint::Chat) => "/v1/chat/completions".into(),
+            (UpstreamStyle::Openai, Endpoint::Responses) => "/v1/responses".into(),
         }
     }
 
@@ -320,7 +326,11 @@ mod tests {
         assert_eq!(c.upstream, UpstreamStyle::Azure);
         assert_eq!(c.tiktoken_encoding, Encoding::Cl100kBase);
         assert_eq!(c.failure_mode, FailureMode::Deny);
-        assert_eq!(c.upstream_path(), "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview");
+        assert_eq!(
+            c.upstream_path(crate::request::Endpoint::Chat),
+            "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview"
+        );
+        assert_eq!(c.upstream_path(crate::request::Endpoint::Responses), "/openai/v1/responses");
         assert_eq!(c.upstream_auth(), ("api-key", "k".to_owned()));
     }
 
@@ -343,7 +353,8 @@ mod tests {
             br#"{"sidecar_cluster":"s","upstream_key":"k","upstream":"openai","tiktoken_encoding":"o200k_base"}"#,
         )
         .unwrap();
-        assert_eq!(c.upstream_path(), "/v1/chat/completions");
+        assert_eq!(c.upstream_path(crate::request::Endpoint::Chat), "/v1/chat/completions");
+        assert_eq!(c.upstream_path(crate::request::Endpoint::Responses), "/v1/responses");
         assert_eq!(c.upstream_auth(), ("authorization", "Bearer k".to_owned()));
         assert_eq!(c.tiktoken_encoding, Encoding::O200kBase);
     }

@@ -8,9 +8,24 @@ use crate::reply::LocalReply;
 
 pub use bridge_protocol::client_key;
 
+/// The billed endpoint a body is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/responses`.
+    Responses,
+}
+
+/// Input a Responses request with `previous_response_id` is held for beyond
+/// its body: the upstream bills the earlier turns' context too, which the body
+/// does not show. (What it bills beyond the hold is still charged in full.)
+pub const PREVIOUS_CONTEXT_ALLOWANCE: i64 = 8_192;
+
 /// What the filter learned from a valid body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
+    pub endpoint: Endpoint,
     /// The client's `model`, or the served model when absent.
     pub model: String,
     pub stream: bool,
@@ -33,20 +48,12 @@ fn integer_param(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, Lo
     }
 }
 
-/// Validates the body and prepares the upstream request.
-pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
-    let text =
-        std::str::from_utf8(body).map_err(|_| LocalReply::bad_request("The request body is not valid UTF-8.", None))?;
-    let mut value: Value = serde_json::from_str(text).map_err(|e| {
-        LocalReply::bad_request(format!("We could not parse the JSON body of your request: {e}."), None)
-    })?;
-    let Some(obj) = value.as_object_mut() else {
-        return Err(LocalReply::bad_request("The request body must be a JSON object.", None));
-    };
+/// `messages`: a non-empty array of objects with a string `role`.
+fn check_messages(obj: &Map<String, Value>) -> Result<(), LocalReply> {
     match obj.get("messages") {
-        None => return Err(LocalReply::bad_request("Missing required parameter: 'messages'.", Some("messages"))),
+        None => Err(LocalReply::bad_request("Missing required parameter: 'messages'.", Some("messages"))),
         Some(Value::Array(msgs)) if msgs.is_empty() => {
-            return Err(LocalReply::bad_request("'messages' must not be empty.", Some("messages")))
+            Err(LocalReply::bad_request("'messages' must not be empty.", Some("messages")))
         }
         Some(Value::Array(msgs)) => {
             for (i, m) in msgs.iter().enumerate() {
@@ -57,8 +64,51 @@ pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
                     ));
                 }
             }
+            Ok(())
         }
-        Some(_) => return Err(LocalReply::bad_request("'messages' must be an array.", Some("messages"))),
+        Some(_) => Err(LocalReply::bad_request("'messages' must be an array.", Some("messages"))),
+    }
+}
+
+/// `input` of a Responses request: a string or an array of input items
+/// (objects); `previous_response_id`, if any, a string.
+fn check_input(obj: &Map<String, Value>) -> Result<(), LocalReply> {
+    match obj.get("input") {
+        None | Some(Value::Null) => {
+            return Err(LocalReply::bad_request("Missing required parameter: 'input'.", Some("input")))
+        }
+        Some(Value::String(_)) => {}
+        Some(Value::Array(items)) => {
+            if let Some(i) = items.iter().position(|item| !item.is_object()) {
+                return Err(LocalReply::bad_request(
+                    format!("'input[{i}]' must be an object (an input item)."),
+                    Some(&format!("input[{i}]")),
+                ));
+            }
+        }
+        Some(_) => return Err(LocalReply::bad_request("'input' must be a string or an array.", Some("input"))),
+    }
+    match obj.get("previous_response_id") {
+        None | Some(Value::Null | Value::String(_)) => Ok(()),
+        Some(_) => {
+            Err(LocalReply::bad_request("'previous_response_id' must be a string.", Some("previous_response_id")))
+        }
+    }
+}
+
+/// Validates the body and prepares the upstream request.
+pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admission, LocalReply> {
+    let text =
+        std::str::from_utf8(body).map_err(|_| LocalReply::bad_request("The request body is not valid UTF-8.", None))?;
+    let mut value: Value = serde_json::from_str(text).map_err(|e| {
+        LocalReply::bad_request(format!("We could not parse the JSON body of your request: {e}."), None)
+    })?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err(LocalReply::bad_request("The request body must be a JSON object.", None));
+    };
+    match endpoint {
+        Endpoint::Chat => check_messages(obj)?,
+        Endpoint::Responses => check_input(obj)?,
     }
     let model = match obj.get("model") {
         None | Some(Value::Null) => cfg.served_model().to_owned(),
@@ -74,24 +124,40 @@ pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(LocalReply::bad_request("'stream' must be a boolean.", Some("stream"))),
     };
-    let client_wants_usage = match obj.get("stream_options") {
-        None | Some(Value::Null) => false,
-        Some(Value::Object(o)) => match o.get("include_usage") {
+    // The Responses API always reports usage, in its last event: nothing to ask for or hide.
+    let client_wants_usage = endpoint == Endpoint::Responses
+        || match obj.get("stream_options") {
             None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
+            Some(Value::Object(o)) => match o.get("include_usage") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(LocalReply::bad_request(
+                        "'stream_options.include_usage' must be a boolean.",
+                        Some("stream_options.include_usage"),
+                    ))
+                }
+            },
             Some(_) => {
-                return Err(LocalReply::bad_request(
-                    "'stream_options.include_usage' must be a boolean.",
-                    Some("stream_options.include_usage"),
-                ))
+                return Err(LocalReply::bad_request("'stream_options' must be an object.", Some("stream_options")))
             }
-        },
-        Some(_) => return Err(LocalReply::bad_request("'stream_options' must be an object.", Some("stream_options"))),
+        };
+    let (client_max, choices, cap_field, earlier) = match endpoint {
+        Endpoint::Chat => (
+            integer_param(obj, "max_completion_tokens")?.or(integer_param(obj, "max_tokens")?),
+            integer_param(obj, "n")?.unwrap_or(1),
+            "max_completion_tokens",
+            0,
+        ),
+        Endpoint::Responses => (
+            integer_param(obj, "max_output_tokens")?,
+            1,
+            "max_output_tokens",
+            if obj.get("previous_response_id").is_some_and(Value::is_string) { PREVIOUS_CONTEXT_ALLOWANCE } else { 0 },
+        ),
     };
-    let client_max = integer_param(obj, "max_completion_tokens")?.or(integer_param(obj, "max_tokens")?);
     let output = client_max.unwrap_or(cfg.default_output_reservation);
-    let choices = integer_param(obj, "n")?.unwrap_or(1);
-    let input = body.len().div_ceil(cfg.estimate_bytes_per_token as usize) as i64 + 16;
+    let input = body.len().div_ceil(cfg.estimate_bytes_per_token as usize) as i64 + 16 + earlier;
     let estimate = input.saturating_add(output.saturating_mul(choices));
 
     let mut changed = false;
@@ -104,11 +170,18 @@ pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
     }
     if client_max.is_none() && cfg.cap_output {
         // The hold is a ceiling: what it reserved for output is all the upstream may write.
-        obj.insert("max_completion_tokens".into(), Value::from(output));
+        obj.insert(cap_field.into(), Value::from(output));
         changed = true;
     }
-    if cfg.upstream == UpstreamStyle::Openai {
-        if let Some(m) = &cfg.model {
+    // The upstream model: the configured one for an OpenAI-style upstream;
+    // for Azure's Responses API (no deployment in its path) the deployment.
+    let upstream_model = match (cfg.upstream, endpoint) {
+        (UpstreamStyle::Openai, _) => cfg.model.as_ref(),
+        (UpstreamStyle::Azure, Endpoint::Responses) => cfg.deployment.as_ref(),
+        (UpstreamStyle::Azure, Endpoint::Chat) => None,
+    };
+    {
+        if let Some(m) = upstream_model {
             if obj.get("model").and_then(Value::as_str) != Some(m) {
                 obj.insert("model".into(), Value::String(m.clone()));
                 changed = true;
@@ -123,7 +196,7 @@ pub fn admit(body: &[u8], cfg: &PluginConfig) -> Result<Admission, LocalReply> {
     } else {
         None
     };
-    Ok(Admission { model, stream, client_wants_usage, estimate, rewritten })
+    Ok(Admission { endpoint, model, stream, client_wants_usage, estimate, rewritten })
 }
 
 #[cfg(test)]
@@ -155,7 +228,7 @@ mod tests {
     fn streamed_requests_get_include_usage_and_remember_who_asked() {
         let body =
             br#"{"model":"gpt-5-nano","messages":[{"role":"user","content":"hi"}],"stream":true,"temperature":0.7}"#;
-        let a = admit(body, &cfg()).unwrap();
+        let a = admit(body, &cfg(), Endpoint::Chat).unwrap();
         assert!(a.stream && !a.client_wants_usage);
         let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
@@ -169,58 +242,101 @@ mod tests {
 
         let asked =
             br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true},"max_tokens":5}"#;
-        let a = admit(asked, &cfg()).unwrap();
+        let a = admit(asked, &cfg(), Endpoint::Chat).unwrap();
         assert!(a.client_wants_usage);
         assert_eq!(a.rewritten, None, "nothing to change");
         assert_eq!(a.model, "gpt-5-nano", "absent model falls back to the served one");
     }
 
     #[test]
+    fn a_responses_body_is_capped_by_max_output_tokens_and_held_for_earlier_turns() {
+        let body = br#"{"model":"gpt-5-nano","input":"hi","stream":true,"tools":[{"type":"function","name":"read"}]}"#;
+        let a = admit(body, &cfg(), Endpoint::Responses).unwrap();
+        assert!(a.stream && a.client_wants_usage, "usage always comes in the last event: nothing hidden");
+        let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
+        assert_eq!(v["max_output_tokens"], 4096, "capped at what is held");
+        assert_eq!(v.get("stream_options"), None, "the Responses API has no stream_options");
+        assert_eq!(v.get("max_completion_tokens"), None);
+        assert_eq!(a.estimate, body.len().div_ceil(2) as i64 + 16 + 4096);
+        // Azure's Responses API takes the deployment as the model.
+        assert_eq!(v["model"], "gpt-5-nano");
+        let named = br#"{"model":"other","input":[{"role":"user","content":"hi"}],"max_output_tokens":50}"#;
+        let a = admit(named, &cfg(), Endpoint::Responses).unwrap();
+        let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
+        assert_eq!((v["model"].as_str(), v["max_output_tokens"].as_i64()), (Some("gpt-5-nano"), Some(50)));
+        assert_eq!(a.model, "other", "the audit keeps the name the client sent");
+        assert_eq!(a.estimate, named.len().div_ceil(2) as i64 + 16 + 50);
+        // The earlier turns of previous_response_id are billed too: held for.
+        let follow = br#"{"model":"gpt-5-nano","input":"more","previous_response_id":"resp_1","max_output_tokens":50}"#;
+        let a = admit(follow, &cfg(), Endpoint::Responses).unwrap();
+        assert_eq!(a.estimate, follow.len().div_ceil(2) as i64 + 16 + PREVIOUS_CONTEXT_ALLOWANCE + 50);
+        assert_eq!(a.rewritten, None, "nothing to change");
+        // Bad input names its field; a chat body is not a Responses body.
+        for (bad, param) in [
+            (&br#"{"model":"m"}"#[..], "input"),
+            (br#"{"input":7}"#, "input"),
+            (br#"{"input":["x"]}"#, "input[0]"),
+            (br#"{"input":"x","max_output_tokens":0}"#, "max_output_tokens"),
+            (br#"{"input":"x","previous_response_id":5}"#, "previous_response_id"),
+            (br#"{"messages":[{"role":"user","content":"hi"}]}"#, "input"),
+        ] {
+            let r = admit(bad, &cfg(), Endpoint::Responses).unwrap_err();
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(
+                (r.status, v["error"]["param"].as_str()),
+                (400, Some(param)),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
     fn non_streamed_bodies_that_name_a_maximum_pass_unchanged() {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":9}"#;
-        assert_eq!(admit(body, &cfg()).unwrap().rewritten, None);
+        assert_eq!(admit(body, &cfg(), Endpoint::Chat).unwrap().rewritten, None);
     }
 
     #[test]
     fn a_request_naming_no_maximum_is_capped_at_what_is_held() {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":2}"#;
-        let a = admit(body, &cfg()).unwrap();
+        let a = admit(body, &cfg(), Endpoint::Chat).unwrap();
         let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
         assert_eq!(v["max_completion_tokens"], 4096, "the cap is the output the hold reserved");
         assert_eq!(a.estimate, body.len().div_ceil(2) as i64 + 16 + 2 * 4096, "per choice");
         // A client maximum is what is held, and the body keeps it as sent.
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":7}"#;
-        assert_eq!(admit(body, &cfg()).unwrap().rewritten, None);
+        assert_eq!(admit(body, &cfg(), Endpoint::Chat).unwrap().rewritten, None);
         // An operator may turn the cap off: then the body passes as sent.
         let off = PluginConfig::from_json(
             br#"{"sidecar_cluster":"s","upstream_key":"k","deployment":"d","cap_output":false}"#,
         )
         .unwrap();
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-        assert_eq!(admit(body, &off).unwrap().rewritten, None);
+        assert_eq!(admit(body, &off, Endpoint::Chat).unwrap().rewritten, None);
     }
 
     #[test]
     fn the_estimate_holds_input_and_requested_output() {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":100,"n":2}"#;
-        let a = admit(body, &cfg()).unwrap();
+        let a = admit(body, &cfg(), Endpoint::Chat).unwrap();
         let input = body.len().div_ceil(2) as i64 + 16;
         assert_eq!(a.estimate, input + 200);
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":10}"#;
-        assert_eq!(admit(body, &cfg()).unwrap().estimate, body.len().div_ceil(2) as i64 + 16 + 10);
+        assert_eq!(admit(body, &cfg(), Endpoint::Chat).unwrap().estimate, body.len().div_ceil(2) as i64 + 16 + 10);
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-        assert_eq!(admit(body, &cfg()).unwrap().estimate, body.len().div_ceil(2) as i64 + 16 + 4096);
+        assert_eq!(admit(body, &cfg(), Endpoint::Chat).unwrap().estimate, body.len().div_ceil(2) as i64 + 16 + 4096);
     }
 
     #[test]
     fn a_model_name_longer_than_any_record_may_carry_is_refused() {
         let long = "m".repeat(bridge_protocol::MAX_MODEL_LEN + 1);
         let body = format!(r#"{{"model":"{long}","messages":[{{"role":"user","content":"hi"}}]}}"#);
-        let r = admit(body.as_bytes(), &cfg()).unwrap_err();
+        let r = admit(body.as_bytes(), &cfg(), Endpoint::Chat).unwrap_err();
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!((r.status, v["error"]["param"].as_str()), (400, Some("model")));
         let fits = format!(r#"{{"model":"{}","messages":[{{"role":"user","content":"hi"}}]}}"#, &long[1..]);
-        assert!(admit(fits.as_bytes(), &cfg()).is_ok());
+        assert!(admit(fits.as_bytes(), &cfg(), Endpoint::Chat).is_ok());
     }
 
     #[test]
@@ -242,7 +358,7 @@ mod tests {
             ),
         ];
         for (body, param) in cases {
-            let r = admit(body, &cfg()).unwrap_err();
+            let r = admit(body, &cfg(), Endpoint::Chat).unwrap_err();
             assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(body));
             let v: Value = serde_json::from_slice(&r.body).unwrap();
             assert_eq!(v["error"]["param"].as_str(), param, "{}", String::from_utf8_lossy(body));
@@ -256,7 +372,7 @@ mod tests {
             br#"{"sidecar_cluster":"s","upstream_key":"k","upstream":"openai","model":"gpt-4o-mini"}"#,
         )
         .unwrap();
-        let a = admit(br#"{"model":"x","messages":[{"role":"user","content":"hi"}]}"#, &c).unwrap();
+        let a = admit(br#"{"model":"x","messages":[{"role":"user","content":"hi"}]}"#, &c, Endpoint::Chat).unwrap();
         let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
         assert_eq!(v["model"], "gpt-4o-mini");
     }

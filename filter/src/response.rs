@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::config::Encoding;
 use crate::sse::{Event, SseParser};
-use crate::tokens::{collect_choice_text, MAX_EXACT_BYTES};
+use crate::tokens::{collect_choice_text, collect_output_item, MAX_EXACT_BYTES};
 
 /// Plain responses are copied up to this size to read their `usage`; beyond it
 /// the text is counted from what was copied (a chat answer is far smaller).
@@ -41,10 +41,18 @@ struct Tally {
 }
 
 impl Tally {
+    /// Chat's `usage` (`prompt_tokens`, `completion_tokens`) or the Responses
+    /// API's (`input_tokens`, `output_tokens`), at the top (a plain answer, a
+    /// chat chunk) or in the event's `response` (`response.completed`,
+    /// `.incomplete`, `.failed`).
     fn take_usage(&mut self, v: &Value) -> bool {
-        let Some(u) = v.get("usage").filter(|u| u.is_object()) else { return false };
-        let n = |k: &str| u.get(k).and_then(Value::as_i64).unwrap_or(0).max(0);
-        self.usage = Some(Usage { input: n("prompt_tokens"), output: n("completion_tokens") });
+        let usage = |v: &Value| v.get("usage").filter(|u| u.is_object()).cloned();
+        let Some(u) = usage(v).or_else(|| v.get("response").and_then(usage)) else { return false };
+        let n = |chat: &str, responses: &str| {
+            u.get(chat).or_else(|| u.get(responses)).and_then(Value::as_i64).unwrap_or(0).max(0)
+        };
+        self.usage =
+            Some(Usage { input: n("prompt_tokens", "input_tokens"), output: n("completion_tokens", "output_tokens") });
         true
     }
 
@@ -67,8 +75,16 @@ impl Tally {
             return true;
         }
         let Ok(v) = serde_json::from_str::<Value>(&e.data) else { return true };
-        if v.get("error").is_some_and(|err| !err.is_null()) {
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
+        if v.get("error").is_some_and(|err| !err.is_null()) && !kind.starts_with("response.") || kind == "error" {
             self.error_event = true;
+        }
+        // The Responses API's stream: text, arguments, refusals and reasoning
+        // summaries come as `*.delta` events.
+        if kind.starts_with("response.") && kind.ends_with(".delta") {
+            if let Some(delta) = v.get("delta").and_then(Value::as_str) {
+                self.text.push_str(delta);
+            }
         }
         let choices = v.get("choices").and_then(Value::as_array);
         for c in choices.into_iter().flatten() {
@@ -152,6 +168,9 @@ impl ResponseMeter {
                         if let Some(m) = c.get("message") {
                             collect_choice_text(m, &mut self.tally.text);
                         }
+                    }
+                    for item in v.get("output").and_then(Value::as_array).into_iter().flatten() {
+                        collect_output_item(item, &mut self.tally.text);
                     }
                     self.tally.bound_text();
                 } else if self.tally.text.is_empty() {
@@ -262,6 +281,52 @@ mod tests {
         let mut m = ResponseMeter::new(true, true);
         assert_eq!(run(&mut m, body.as_bytes(), 5), body.as_bytes());
         assert!(m.saw_error_event());
+    }
+
+    #[test]
+    fn a_responses_stream_is_metered_from_its_last_event_and_its_deltas() {
+        let ev = |kind: &str, data: serde_json::Value| format!("event: {kind}\ndata: {data}\n\n");
+        let created =
+            ev("response.created", serde_json::json!({"type": "response.created", "response": {"usage": null}}));
+        let text =
+            ev("response.output_text.delta", serde_json::json!({"type": "response.output_text.delta", "delta": "Hi "}));
+        let args = ev(
+            "response.function_call_arguments.delta",
+            serde_json::json!({"type": "response.function_call_arguments.delta", "delta": "{\"p\":1}"}),
+        );
+        for last in ["response.completed", "response.incomplete", "response.failed"] {
+            let done = ev(
+                last,
+                serde_json::json!({"type": last, "response": {"usage": {
+                "input_tokens": 12, "input_tokens_details": {"cached_tokens": 4},
+                "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 5}, "total_tokens": 21}}}),
+            );
+            let body = format!("{created}{text}{args}{done}");
+            for at in [0, 7, body.len() / 2, body.len()] {
+                let mut m = ResponseMeter::new(true, false);
+                assert_eq!(run(&mut m, body.as_bytes(), at), body.as_bytes(), "forwarded untouched");
+                assert_eq!(m.usage(), Some(Usage { input: 12, output: 9 }), "{last} split at {at}");
+                assert_eq!(m.output_text(), "Hi {\"p\":1}");
+                assert!(!m.saw_error_event());
+            }
+        }
+        // Cut short: the deltas are left to count; an error event is noticed.
+        let body = format!(
+            "{created}{text}{}",
+            ev("error", serde_json::json!({"type": "error", "code": "x", "message": "boom"}))
+        );
+        let mut m = ResponseMeter::new(true, false);
+        run(&mut m, body.as_bytes(), 3);
+        assert_eq!((m.usage(), m.output_text(), m.saw_error_event()), (None, "Hi ", true));
+    }
+
+    #[test]
+    fn a_plain_responses_answer_gives_its_usage_and_output_text() {
+        let body = br#"{"id":"resp_1","object":"response","output":[{"type":"reasoning","summary":[{"type":"summary_text","text":"think "}]},{"type":"function_call","name":"read","arguments":"{}","call_id":"c1"},{"type":"message","role":"assistant","content":[{"type":"output_text","text":"Hello"}]}],"usage":{"input_tokens":3,"output_tokens":2,"total_tokens":5}}"#;
+        let mut m = ResponseMeter::new(false, false);
+        assert_eq!(run(&mut m, body, 30), body);
+        assert_eq!(m.usage(), Some(Usage { input: 3, output: 2 }));
+        assert_eq!(m.output_text(), "think read{}Hello");
     }
 
     #[test]

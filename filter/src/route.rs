@@ -9,6 +9,8 @@ pub enum Route {
     Models,
     /// `POST /v1/chat/completions`: admitted, forwarded, billed.
     ChatCompletions,
+    /// `POST /v1/responses`: admitted, forwarded, billed as chat is.
+    Responses,
     /// A `/v1/` path the gateway does not serve (the bare path, for the error).
     Unknown(String),
     /// A served path with the wrong method.
@@ -24,6 +26,8 @@ pub fn route(method: &str, path: &str) -> Route {
         ("GET", Route::Models)
     } else if bare == "/v1/chat/completions" {
         ("POST", Route::ChatCompletions)
+    } else if bare == "/v1/responses" {
+        ("POST", Route::Responses)
     } else {
         return Route::Unknown(bare.to_owned());
     };
@@ -44,6 +48,8 @@ mod tests {
         assert_eq!(route("GET", "/v1/models"), Route::Models);
         assert_eq!(route("GET", "/v1/models/gpt?x=1"), Route::Models);
         assert_eq!(route("POST", "/v1/chat/completions?api-version=1"), Route::ChatCompletions);
+        assert_eq!(route("POST", "/v1/responses"), Route::Responses);
+        assert_eq!(route("GET", "/v1/responses/resp_1"), Route::Unknown("/v1/responses/resp_1".into()));
         assert_eq!(route("POST", "/v1/embeddings"), Route::Unknown("/v1/embeddings".into()));
         assert_eq!(route("POST", "/v1"), Route::Unknown("/v1".into()));
         assert_eq!(

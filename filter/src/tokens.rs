@@ -102,10 +102,62 @@ pub fn count_prompt(encoding: Encoding, body: &[u8]) -> i64 {
         }
         text.push('\n');
     }
+    // A Responses request: its instructions and input (a string or items).
+    if let Some(instructions) = value["instructions"].as_str() {
+        framing += 3;
+        text.push_str(instructions);
+        text.push('\n');
+    }
+    match &value["input"] {
+        Value::String(s) => {
+            framing += 3;
+            text.push_str(s);
+        }
+        Value::Array(items) => {
+            for item in items {
+                framing += 3;
+                if let Some(role) = item["role"].as_str() {
+                    text.push_str(role);
+                    text.push('\n');
+                }
+                collect_output_item(item, &mut text);
+                text.push('\n');
+            }
+        }
+        _ => {}
+    }
     if let Some(tools) = value.get("tools").filter(|t| !t.is_null()) {
         text.push_str(&tools.to_string());
     }
     framing + count_text(encoding, &text)
+}
+
+/// Appends the text of one Responses API output (or input) item: a
+/// message's text parts, a function call's name and arguments, a tool
+/// output, a reasoning summary.
+pub fn collect_output_item(item: &Value, out: &mut String) {
+    match item.get("content") {
+        Some(Value::String(s)) => out.push_str(s),
+        Some(Value::Array(parts)) => {
+            for part in parts {
+                out.push_str(
+                    part.get("text").or_else(|| part.get("refusal")).and_then(Value::as_str).unwrap_or_default(),
+                );
+            }
+        }
+        _ => {}
+    }
+    for field in ["name", "arguments"] {
+        out.push_str(item.get(field).and_then(Value::as_str).unwrap_or_default());
+    }
+    match item.get("output") {
+        Some(Value::String(s)) => out.push_str(s),
+        Some(other @ (Value::Array(_) | Value::Object(_))) => out.push_str(&other.to_string()),
+        _ => {}
+    }
+    for part in item.get("summary").and_then(Value::as_array).into_iter().flatten() {
+        out.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default());
+    }
 }
 
 /// Appends the generated text of one choice (`delta` in a stream, `message` in
@@ -127,6 +179,17 @@ pub fn collect_choice_text(part: &Value, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_responses_prompt_counts_its_instructions_input_items_and_tools() {
+        let e = Encoding::Cl100kBase;
+        let plain = br#"{"input":"hello world"}"#;
+        assert_eq!(count_prompt(e, plain), 3 + 3 + count_text(e, "hello world"));
+        let body = br#"{"instructions":"be terse","input":[{"role":"user","content":[{"type":"input_text","text":"hello world"}]},{"type":"function_call","name":"read","arguments":"{}"},{"type":"function_call_output","output":"42"}],"tools":[{"type":"function","name":"read"}]}"#;
+        let tools = r#"[{"name":"read","type":"function"}]"#;
+        let text = format!("be terse\nuser\nhello world\nread{{}}\n42\n{tools}");
+        assert_eq!(count_prompt(e, body), 3 + 3 + 3 * 3 + count_text(e, &text));
+    }
 
     #[test]
     fn counts_match_tiktoken() {

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use openclaw_filter::config::PluginConfig;
-use openclaw_filter::request::admit;
+use openclaw_filter::request::{admit, Endpoint};
 use openclaw_filter::sse::{Event, SseParser};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -144,7 +144,7 @@ proptest! {
         }
         let original = Value::Object(body);
         let bytes = serde_json::to_vec(&original).unwrap();
-        let a = admit(&bytes, &cfg()).unwrap();
+        let a = admit(&bytes, &cfg(), Endpoint::Chat).unwrap();
         prop_assert!(a.estimate > 0);
         match a.rewritten {
             None => prop_assert!(!stream && client_max.is_some()),
@@ -167,7 +167,7 @@ proptest! {
 
     #[test]
     fn arbitrary_bodies_get_an_answer_not_a_panic(input in prop::collection::vec(any::<u8>(), 0..300)) {
-        match admit(&input, &cfg()) {
+        match admit(&input, &cfg(), Endpoint::Chat) {
             Ok(a) => prop_assert!(a.estimate > 0),
             Err(reply) => {
                 prop_assert_eq!(reply.status, 400);

@@ -1,5 +1,5 @@
-//! A mock of Azure OpenAI and OpenAI chat completions, for tests, the benchmark
-//! and the demo. It behaves as the real APIs do where billing depends on it:
+//! A mock of Azure OpenAI and OpenAI chat completions and Responses, for
+//! tests, the benchmark and the demo. It behaves as the real APIs do where billing depends on it:
 //! usage comes in a last stream event only when `stream_options.include_usage`
 //! is set; Azure streams start with a `prompt_filter_results` event with empty
 //! `choices`. A tool call is answered when tools are offered and no tool result
@@ -49,6 +49,8 @@ pub fn app(upstream_key: &str) -> Router {
     Router::new()
         .route("/openai/deployments/{deployment}/chat/completions", post(azure))
         .route("/v1/chat/completions", post(openai))
+        .route("/openai/v1/responses", post(azure_responses))
+        .route("/v1/responses", post(openai_responses))
         .route("/mock/requests", get(list).delete(clear))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
@@ -296,4 +298,246 @@ fn async_stream(
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
     });
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+}
+
+async fn azure_responses(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    let key = headers.get("api-key").and_then(|v| v.to_str().ok());
+    if key != Some(s.upstream_key.as_str()) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "Access denied due to invalid subscription key.",
+            "invalid_request_error",
+            "401",
+        );
+    }
+    respond(s, "/openai/v1/responses".into(), headers, body).await
+}
+
+async fn openai_responses(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if auth != Some(format!("Bearer {}", s.upstream_key).as_str()) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "Incorrect API key provided.",
+            "invalid_request_error",
+            "invalid_api_key",
+        );
+    }
+    respond(s, "/v1/responses".into(), headers, body).await
+}
+
+/// The text of a Responses request's `input` (a string or items), for the
+/// mock's prompt size.
+fn responses_input_len(body: &Value) -> usize {
+    let instructions = body["instructions"].as_str().map_or(0, str::len);
+    instructions
+        + match &body["input"] {
+            Value::String(s) => s.len(),
+            Value::Array(items) => items.iter().map(|i| i.to_string().len()).sum(),
+            _ => 0,
+        }
+}
+
+/// Deterministic input size of a Responses request: four bytes a token, plus
+/// framing; `x-mock-cached: N` says N of them were cached.
+pub fn mock_input_tokens(body: &Value) -> i64 {
+    (responses_input_len(body) / 4) as i64 + 7
+}
+
+/// A function call when function tools are offered and no call's output is
+/// in the input yet: (name, arguments).
+fn responses_tool_call(body: &Value) -> Option<(String, String)> {
+    let tools: Vec<&Value> = body["tools"].as_array()?.iter().filter(|t| t["type"] == "function").collect();
+    let answered = body["input"].as_array().is_some_and(|i| i.iter().any(|x| x["type"] == "function_call_output"));
+    if answered || tools.is_empty() {
+        return None;
+    }
+    let tool = tools.iter().find(|t| t["name"] == "read").unwrap_or(&tools[0]);
+    let name = tool["name"].as_str()?.to_owned();
+    let params = &tool["parameters"];
+    let arg = params["required"][0]
+        .as_str()
+        .or_else(|| params["properties"].as_object().and_then(|p| p.keys().next().map(String::as_str)))
+        .unwrap_or("path")
+        .to_owned();
+    Some((name, json!({ arg: "hello.txt" }).to_string()))
+}
+
+/// The answer's words: the last function call output echoed, or `words` words.
+fn responses_answer(body: &Value, words: usize) -> Vec<String> {
+    let output = body["input"].as_array().and_then(|items| {
+        items.iter().rev().find(|i| i["type"] == "function_call_output").map(|i| match &i["output"] {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    });
+    match output {
+        Some(text) => text.split_inclusive(' ').map(str::to_owned).collect(),
+        None => (0..words).map(|i| format!("word{i} ")).collect(),
+    }
+}
+
+/// `POST /v1/responses`: plain or streamed (named events, the usage in the
+/// last one, `response.completed`, or `response.incomplete` when
+/// `max_output_tokens` cut the answer). Scenarios as for chat: `no_usage`,
+/// `error_400`, `error_500`, `midstream_error`, `slow`.
+async fn respond(s: MockState, path: String, headers: HeaderMap, body: Bytes) -> Response {
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        );
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let scenario = header("x-mock-scenario").unwrap_or("").to_owned();
+    let stream = body["stream"] == true;
+    let words = header("x-mock-words").and_then(|n| n.parse().ok()).unwrap_or(5usize);
+    let cached: i64 = header("x-mock-cached").and_then(|n| n.parse().ok()).unwrap_or(0);
+    let tool = responses_tool_call(&body);
+    let mut pieces = if tool.is_some() { Vec::new() } else { responses_answer(&body, words) };
+    let cap = body["max_output_tokens"].as_u64().map(|n| n as usize);
+    let cut = cap.is_some_and(|c| pieces.len() > c);
+    if let Some(c) = cap {
+        pieces.truncate(c);
+    }
+    let input_tokens = mock_input_tokens(&body);
+    let output_tokens =
+        if let Some((name, args)) = &tool { (name.len() + args.len()).div_ceil(4) as i64 } else { pieces.len() as i64 };
+    let model = body["model"].as_str().unwrap_or("mock").to_owned();
+    if let Ok(mut seen) = s.seen.lock() {
+        seen.push(Seen {
+            path,
+            api_key_header: header("api-key").map(str::to_owned),
+            authorization: header("authorization").map(str::to_owned),
+            accept_encoding: header("accept-encoding").map(str::to_owned),
+            stream,
+            include_usage: scenario != "no_usage",
+            prompt_tokens: input_tokens,
+            completion_tokens: output_tokens,
+            scenario: scenario.clone(),
+            body: body.clone(),
+        });
+    }
+    match scenario.as_str() {
+        "error_400" => {
+            return error(StatusCode::BAD_REQUEST, "mock: invalid request", "invalid_request_error", "mock_400")
+        }
+        "error_500" => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "mock: upstream failure", "server_error", "mock_500")
+        }
+        _ => {}
+    }
+    let usage = (scenario != "no_usage").then(|| {
+        json!({
+            "input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        })
+    });
+    let item = match &tool {
+        Some((name, args)) => json!({"type": "function_call", "id": "fc_mock", "call_id": "call_1", "name": name,
+            "arguments": args, "status": "completed"}),
+        None => json!({"type": "message", "id": "msg_mock", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": pieces.concat(), "annotations": []}]}),
+    };
+    let status = if cut { "incomplete" } else { "completed" };
+    let response = |status: &str, output: Value, usage: Option<&Value>| {
+        let mut r = json!({"id": "resp_mock", "object": "response", "created_at": 1_700_000_000, "status": status,
+            "model": model, "output": output, "usage": usage});
+        if status == "incomplete" {
+            r["incomplete_details"] = json!({"reason": "max_output_tokens"});
+        }
+        r
+    };
+    if !stream {
+        return Json(response(status, json!([item]), usage.as_ref())).into_response();
+    }
+    let mut events: Vec<(String, Value)> = Vec::new();
+    let mut push = |kind: &str, mut data: Value| {
+        data["type"] = json!(kind);
+        events.push((kind.to_owned(), data));
+    };
+    push("response.created", json!({"response": response("in_progress", json!([]), None)}));
+    let added = match &tool {
+        Some((name, _)) => json!({"type": "function_call", "id": "fc_mock", "call_id": "call_1", "name": name,
+            "arguments": "", "status": "in_progress"}),
+        None => {
+            json!({"type": "message", "id": "msg_mock", "role": "assistant", "status": "in_progress", "content": []})
+        }
+    };
+    push("response.output_item.added", json!({"output_index": 0, "item": added}));
+    match &tool {
+        Some((_, args)) => {
+            let (a, b) = args.split_at(args.len() / 2);
+            for part in [a, b] {
+                push(
+                    "response.function_call_arguments.delta",
+                    json!({"output_index": 0, "item_id": "fc_mock", "delta": part}),
+                );
+            }
+            push(
+                "response.function_call_arguments.done",
+                json!({"output_index": 0, "item_id": "fc_mock", "arguments": args}),
+            );
+        }
+        None => {
+            push(
+                "response.content_part.added",
+                json!({"output_index": 0, "item_id": "msg_mock", "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": []}}),
+            );
+            for p in &pieces {
+                push(
+                    "response.output_text.delta",
+                    json!({"output_index": 0, "item_id": "msg_mock", "content_index": 0, "delta": p}),
+                );
+            }
+            push(
+                "response.output_text.done",
+                json!({"output_index": 0, "item_id": "msg_mock", "content_index": 0, "text": pieces.concat()}),
+            );
+            push(
+                "response.content_part.done",
+                json!({"output_index": 0, "item_id": "msg_mock", "content_index": 0,
+                "part": {"type": "output_text", "text": pieces.concat(), "annotations": []}}),
+            );
+        }
+    }
+    push("response.output_item.done", json!({"output_index": 0, "item": item}));
+    push(&format!("response.{status}"), json!({"response": response(status, json!([item]), usage.as_ref())}));
+    let frames: Vec<String> = events
+        .into_iter()
+        .enumerate()
+        .map(|(i, (kind, mut data))| {
+            data["sequence_number"] = json!(i);
+            format!("event: {kind}\ndata: {data}\n\n")
+        })
+        .collect();
+    let (slow, midstream_error) = (scenario == "slow", scenario == "midstream_error");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        let half = frames.len() / 2;
+        for (i, f) in frames.into_iter().enumerate() {
+            if midstream_error && i == half {
+                let err = json!({"type": "error", "code": "mock_midstream", "message": "mock: upstream failed mid-stream", "param": null});
+                let _ = tx.send(Ok(Bytes::from(format!("event: error\ndata: {err}\n\n")))).await;
+                return;
+            }
+            if tx.send(Ok(Bytes::from(f))).await.is_err() {
+                return;
+            }
+            if slow {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }

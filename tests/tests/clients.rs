@@ -70,7 +70,51 @@ async fn the_openai_python_sdk_is_billed_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdks_responses_api_is_billed_exactly() {
+    let s = Stack::start(StackOptions::default()).await;
+    let key = "sk-python-sdk-user-2";
+    s.create_key(key, 200_000).await;
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/sdk_responses.py"))
+        .arg(format!("{}/v1", s.base))
+        .arg(key)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "sdk client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["plain"]["text"], "word0 word1 word2 word3 word4 ");
+    assert_eq!(
+        (r["tool"]["name"].as_str(), r["tool"]["arguments"]["path"].as_str()),
+        (Some("read"), Some("hello.txt"))
+    );
+    assert_eq!(r["stream"]["text"], "the file says 42");
+    for call in ["plain", "tool", "stream"] {
+        let row = s.settled_row(r[call]["request_id"].as_str().unwrap()).await;
+        assert_eq!(row.get_str("usage_source"), Ok("upstream"), "{call}");
+        if let Some(usage) = r[call].get("usage").filter(|u| !u.is_null()) {
+            assert_eq!(row.get_i64("input_tokens").unwrap(), usage["input_tokens"].as_i64().unwrap(), "{call}");
+            assert_eq!(row.get_i64("output_tokens").unwrap(), usage["output_tokens"].as_i64().unwrap(), "{call}");
+        }
+    }
+    let served = s.served().await;
+    assert_eq!(served.len(), 3);
+    let served_total: i64 = served.iter().map(|x| x.prompt_tokens + x.completion_tokens).sum();
+    assert_eq!(s.settled_balance(key).await, 200_000 - served_total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_openclaw_tool_turn_is_billed_exactly() {
+    openclaw_tool_turn("openai-completions").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_openclaw_tool_turn_in_its_responses_mode_is_billed_exactly() {
+    openclaw_tool_turn("openai-responses").await;
+}
+
+/// One OpenClaw turn with a tool round trip in its `api` mode.
+async fn openclaw_tool_turn(api: &str) {
     let script = repo_root().join("../shared/clients/drive_openclaw.sh");
     assert!(script.exists(), "{} is missing", script.display());
     let s = Stack::start(StackOptions::default()).await;
@@ -81,6 +125,7 @@ async fn a_real_openclaw_tool_turn_is_billed_exactly() {
         .env("BASE_URL", format!("{}/v1", s.base))
         .env("API_KEY", key)
         .env("TOOL_TURN", "1")
+        .env("API", api)
         .env("TURN_TIMEOUT", "240")
         .output()
         .await
@@ -88,6 +133,8 @@ async fn a_real_openclaw_tool_turn_is_billed_exactly() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "OpenClaw turn failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let served = s.served().await;
+    let path = if api == "openai-responses" { "/openai/v1/responses" } else { "/openai/deployments/" };
+    assert!(served.iter().all(|x| x.path.starts_with(path)), "{api} reached {path}");
     assert!(served.len() >= 2, "a tool round trip is at least two model requests: {}", served.len());
     assert!(served.iter().all(|x| x.stream && x.include_usage), "OpenClaw streams; the filter asks for usage");
     let served_total: i64 = served.iter().map(|x| x.prompt_tokens + x.completion_tokens).sum();

@@ -418,7 +418,13 @@ async fn two_hundred_concurrent_requests_never_overdraw_a_key_that_affords_ten()
         br#"{"sidecar_cluster":"sidecar","upstream_key":"k","deployment":"gpt-5-nano"}"#,
     )
     .unwrap();
-    let estimate = openclaw_filter::request::admit(&serde_json::to_vec(&body).unwrap(), &cfg).unwrap().estimate;
+    let estimate = openclaw_filter::request::admit(
+        &serde_json::to_vec(&body).unwrap(),
+        &cfg,
+        openclaw_filter::request::Endpoint::Chat,
+    )
+    .unwrap()
+    .estimate;
     let balance = 10 * estimate + estimate - 1;
     s.create_key(key, balance).await;
     // Slow, long answers: every reservation is decided while the first holds still stand.

@@ -27,7 +27,9 @@ fn estimate_of(body: &Value) -> i64 {
         br#"{"sidecar_cluster":"sidecar","upstream_key":"k","deployment":"gpt-5-nano","reasoning":false}"#,
     )
     .unwrap();
-    openclaw_filter::request::admit(&serde_json::to_vec(body).unwrap(), &cfg).unwrap().estimate
+    openclaw_filter::request::admit(&serde_json::to_vec(body).unwrap(), &cfg, openclaw_filter::request::Endpoint::Chat)
+        .unwrap()
+        .estimate
 }
 
 /// What one request got: the gateway it went to, its status, its id and body.

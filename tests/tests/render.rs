@@ -117,6 +117,7 @@ fn the_bare_benchmark_route_rewrites_to_the_filters_own_default_path() {
         br#"{"sidecar_cluster":"sidecar","upstream_key":"upstream-secret","deployment":"gpt-5-nano"}"#,
     )
     .unwrap();
-    assert!(bare.contains(&cfg.upstream_path()), "{} not in the bare route", cfg.upstream_path());
+    let chat = cfg.upstream_path(openclaw_filter::request::Endpoint::Chat);
+    assert!(bare.contains(&chat), "{chat} not in the bare route");
     assert!(!bare.contains("openclaw_filter"), "the bare bootstrap loads no filter");
 }

@@ -33,7 +33,7 @@ use crate::background::Vm;
 use crate::config::PluginConfig;
 use crate::host::{Flow, HttpHost};
 use crate::reply::{models_list, LocalReply};
-use crate::request::{client_key, Admission};
+use crate::request::{client_key, Admission, Endpoint};
 use crate::response::{Forward, ResponseMeter};
 use crate::route::{route, Route};
 use crate::settle::Item;
@@ -44,6 +44,7 @@ struct Caller {
     key_hash: String,
     request_id: String,
     started_ms: u64,
+    endpoint: Endpoint,
 }
 
 /// A request whose body was accepted, with what admission learned from it.
@@ -152,7 +153,7 @@ impl Exchange {
         let api_key = host.request_header("api-key");
         let key = client_key(authorization.as_deref(), api_key.as_deref()).map(str::to_owned);
         match target {
-            Route::Passthrough | Route::ChatCompletions => {}
+            Route::Passthrough | Route::ChatCompletions | Route::Responses => {}
             Route::Unknown(bare) => return self.answer(host, LocalReply::not_found(&bare)),
             Route::WrongMethod { method, path } => {
                 return self.answer(host, LocalReply::method_not_allowed(&method, &path))
@@ -185,10 +186,15 @@ impl Exchange {
         host.set_request_header("accept-encoding", None);
         let (auth_name, auth_value) = cfg.upstream_auth();
         host.set_request_header(auth_name, Some(&auth_value));
-        host.set_request_header(":path", Some(&cfg.upstream_path()));
+        let endpoint = if target == Route::Responses { Endpoint::Responses } else { Endpoint::Chat };
+        host.set_request_header(":path", Some(&cfg.upstream_path(endpoint)));
         host.set_request_header(&cfg.route_header, Some("upstream"));
-        self.state =
-            State::Body(Caller { key_hash: bridge_protocol::key_hash(&key), request_id, started_ms: host.now_ms() });
+        self.state = State::Body(Caller {
+            key_hash: bridge_protocol::key_hash(&key),
+            request_id,
+            started_ms: host.now_ms(),
+            endpoint,
+        });
         Flow::Pause
     }
 
@@ -204,7 +210,7 @@ impl Exchange {
         }
         let State::Body(caller) = std::mem::replace(&mut self.state, State::Settled) else { return Flow::Continue };
         let body = host.request_body(body_size);
-        let admission = match crate::request::admit(&body, &self.cfg) {
+        let admission = match crate::request::admit(&body, &self.cfg, caller.endpoint) {
             Ok(a) => a,
             Err(reply) => return self.answer(host, reply),
         };
