@@ -19,6 +19,8 @@ FILTER_NAME = "openclaw_bridge"
 # How Envoy names what it serves to the sidecar's GET /v1/models (sidecar/src/own.rs).
 SERVED_MODELS_HEADER = "x-bridge-served-models"
 ROUTE_HEADER = "x-openclaw-bridge-route"
+# The filter's default cluster_header: the admitted request's model's cluster.
+CLUSTER_HEADER = "x-openclaw-bridge-cluster"
 
 
 class SettingError(Exception):
@@ -125,19 +127,103 @@ def cluster(name, host, port, tls_sni=None, timeout="2s"):
     return c
 
 
-def plugin_configuration():
-    """The filter's configuration: what is required, and what the environment sets."""
+# The keys of a model in MODELS_FILE, and of its upstream.
+MODEL_KEYS = {"name", "upstream", "endpoints", "encoding", "default_output_tokens", "max_output_tokens", "reasoning"}
+UPSTREAM_KEYS = {"style", "base_url", "deployment", "model", "api_key_env", "api_version"}
+STYLES = ("azure", "azure_v1", "openai")
+ENDPOINTS = ("chat", "responses", "embeddings")
+
+
+def catalog():
+    """The models of MODELS_FILE (JSON; see the README), each with the Envoy
+    cluster of its upstream: [(model entry of the plugin configuration,
+    cluster)], or None when MODELS_FILE is not set. The keys come from the
+    environment variables the file names; the file holds no secret."""
+    path = env("MODELS_FILE")
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SettingError(f"MODELS_FILE {path!r}: {e}")
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, list) or not models:
+        raise SettingError("MODELS_FILE must hold {\"models\": [...]} with at least one model")
+    out, names = [], set()
+    for i, m in enumerate(models):
+        at = f"MODELS_FILE models[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str) or not m["name"]:
+            raise SettingError(f"{at} needs a \"name\"")
+        at = f"MODELS_FILE model {m['name']!r}"
+        if m["name"] in names:
+            raise SettingError(f"{at} is listed twice")
+        names.add(m["name"])
+        unknown = set(m) - MODEL_KEYS
+        up = m.get("upstream")
+        if unknown:
+            raise SettingError(f"{at}: unknown keys {sorted(unknown)}")
+        if not isinstance(up, dict):
+            raise SettingError(f"{at} needs an \"upstream\" object")
+        unknown = set(up) - UPSTREAM_KEYS
+        if unknown:
+            raise SettingError(f"{at} upstream: unknown keys {sorted(unknown)}")
+        style = up.get("style", "azure")
+        if style not in STYLES:
+            raise SettingError(f"{at} upstream.style must be one of {', '.join(STYLES)}")
+        url = urlsplit(str(up.get("base_url", "")))
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SettingError(f"{at} upstream.base_url must be an http(s) URL")
+        if url.path.rstrip("/") not in ("", "/v1" if style == "openai" else ""):
+            raise SettingError(f"{at} upstream.base_url may have no path (or /v1 for openai)")
+        key_env = up.get("api_key_env")
+        if not isinstance(key_env, str) or not key_env:
+            raise SettingError(f"{at} upstream.api_key_env must name the variable that holds its key")
+        key = env(key_env)
+        if key is None:
+            raise SettingError(f"{at}: {key_env} (its key) is not set")
+        port = url.port or (443 if url.scheme == "https" else 80)
+        default_port = port == (443 if url.scheme == "https" else 80)
+        entry = {
+            "name": m["name"],
+            "cluster": f"model_{i}",
+            "authority": url.hostname if default_port else f"{url.hostname}:{port}",
+            "upstream": style,
+            "upstream_key": key,
+        }
+        for src, dst in [("deployment", "deployment"), ("model", "upstream_model"), ("api_version", "api_version")]:
+            if src in up:
+                entry[dst] = up[src]
+        if "endpoints" in m:
+            if not isinstance(m["endpoints"], list) or not set(m["endpoints"]) <= set(ENDPOINTS):
+                raise SettingError(f"{at} endpoints must be a list of {', '.join(ENDPOINTS)}")
+            entry["endpoints"] = m["endpoints"]
+        for src, dst in [("encoding", "tiktoken_encoding"), ("default_output_tokens", "default_output_reservation"),
+                         ("max_output_tokens", "max_output_reservation"), ("reasoning", "reasoning")]:
+            if src in m:
+                entry[dst] = m[src]
+        tls = url.hostname if url.scheme == "https" else None
+        out.append((entry, cluster(f"model_{i}", url.hostname, port, tls_sni=tls)))
+    return out
+
+
+def plugin_configuration(models=None):
+    """The filter's configuration: what is required, and what the environment
+    sets; with a catalog (MODELS_FILE) its models instead of the LLM_* model."""
     provider = env_choice("LLM_PROVIDER", ("azure", "openai"))
-    cfg = {
-        "sidecar_cluster": "sidecar",
-        # The seed's default model: the Azure deployment, or the model sent to an OpenAI upstream.
-        "model": env("LLM_MODEL", "gpt-5-nano"),
-        "upstream_key": env("LLM_API_KEY", required=True),
-        "route_header": ROUTE_HEADER,
-    }
-    if provider:
-        cfg["upstream"] = provider
-    if provider in (None, "azure"):
+    if models is not None:
+        cfg = {"sidecar_cluster": "sidecar", "route_header": ROUTE_HEADER, "models": [e for e, _ in models]}
+    else:
+        cfg = {
+            "sidecar_cluster": "sidecar",
+            # The seed's default model: the Azure deployment, or the model sent to an OpenAI upstream.
+            "model": env("LLM_MODEL", "gpt-5-nano"),
+            "upstream_key": env("LLM_API_KEY", required=True),
+            "route_header": ROUTE_HEADER,
+        }
+        if provider:
+            cfg["upstream"] = provider
+    if models is None and provider in (None, "azure"):
         cfg["deployment"] = cfg["model"]
         version = env("LLM_API_VERSION")
         if version:
@@ -164,12 +250,15 @@ def plugin_configuration():
 
 
 def render():
-    endpoint = env("LLM_ENDPOINT", required=True)
-    url = urlsplit(endpoint)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise SettingError(f"LLM_ENDPOINT must be an http(s) URL, not {endpoint!r}")
-    upstream_host = url.hostname
-    upstream_port = url.port or (443 if url.scheme == "https" else 80)
+    bare = env("BRIDGE_FILTER", "1") == "0"
+    models = None if bare else catalog()
+    if models is None:
+        endpoint = env("LLM_ENDPOINT", required=True)
+        url = urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SettingError(f"LLM_ENDPOINT must be an http(s) URL, not {endpoint!r}")
+        upstream_host = url.hostname
+        upstream_port = url.port or (443 if url.scheme == "https" else 80)
     sidecar_host, sidecar_port = host_port("SIDECAR_ADDR", "127.0.0.1:8001")
     if sidecar_host == "0.0.0.0":
         sidecar_host = "127.0.0.1"
@@ -184,19 +273,22 @@ def render():
     # BRIDGE_FILTER=0 renders the same listener and routes without the filter,
     # with Envoy itself adding the upstream key and path: the "bare Envoy" the
     # benchmark compares against. Never for production: nothing is billed.
-    bare = env("BRIDGE_FILTER", "1") == "0"
     disabled = {} if bare else {
         FILTER_NAME: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
     marker = [{"name": ROUTE_HEADER, "string_match": {"exact": "upstream"}}]
     get_only = [{"name": ":method", "string_match": {"exact": "GET"}}]
-    served_models = env("LLM_MODEL", "gpt-5-nano")
+    served_models = (",".join(e["name"] for e, _ in models) if models is not None
+                     else env("LLM_MODEL", "gpt-5-nano"))
     upstream_route = {
-        "cluster": "llm_upstream",
+        # The filter names the model's cluster on the requests it admitted.
+        "cluster_header": CLUSTER_HEADER,
         # Long generations must not be cut: no overall timeout, an idle one instead.
         "timeout": "0s",
         "idle_timeout": idle,
-        "host_rewrite_literal": upstream_host if url.port is None else f"{upstream_host}:{upstream_port}",
     }
+    if models is None:
+        upstream_route["host_rewrite_literal"] = (upstream_host if url.port is None
+                                                  else f"{upstream_host}:{upstream_port}")
     not_found = json.dumps({"error": {"message": "Unknown request URL.", "type": "invalid_request_error",
                                       "param": None, "code": "unknown_url"}})
     if bare:
@@ -206,6 +298,8 @@ def render():
         auth = ("api-key", plugin["upstream_key"]) if upstream == "azure" else (
             "authorization", "Bearer " + plugin["upstream_key"])
         bare_route = dict(upstream_route)
+        del bare_route["cluster_header"]
+        bare_route["cluster"] = "llm_upstream"
         if upstream == "azure":
             version = plugin.get("api_version", FILTER_API_VERSION)
             bare_route["prefix_rewrite"] = (f'/openai/deployments/{plugin["deployment"]}/chat/completions'
@@ -219,9 +313,9 @@ def render():
         upstream_routes = [
             # Only requests the filter admitted carry the marker; it never leaves Envoy.
             {"match": {"prefix": "/openai/", "headers": marker}, "route": upstream_route,
-             "request_headers_to_remove": [ROUTE_HEADER]},
+             "request_headers_to_remove": [ROUTE_HEADER, CLUSTER_HEADER]},
             {"match": {"prefix": "/v1/", "headers": marker}, "route": upstream_route,
-             "request_headers_to_remove": [ROUTE_HEADER]},
+             "request_headers_to_remove": [ROUTE_HEADER, CLUSTER_HEADER]},
         ]
     routes = [
         {"match": {"path": "/healthz"},
@@ -258,7 +352,7 @@ def render():
                 },
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": json.dumps(plugin_configuration()),
+                    "value": json.dumps(plugin_configuration(models)),
                 },
                 # A trapped VM is replaced after a short 503 window; FAIL_OPEN would
                 # let unbilled requests through, FAIL_CLOSED would 503 forever.
@@ -301,7 +395,11 @@ def render():
             access_log("%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%", admin=False),
             access_log("%REQ(:PATH):12%...", admin=True),
         ]
-    tls = upstream_host if url.scheme == "https" else None
+    if models is None:
+        tls = upstream_host if url.scheme == "https" else None
+        upstream_clusters = [cluster("llm_upstream", upstream_host, upstream_port, tls_sni=tls)]
+    else:
+        upstream_clusters = [c for _, c in models]
     return {
         "admin": {"address": socket_address("127.0.0.1", admin_port)},
         "static_resources": {
@@ -315,7 +413,7 @@ def render():
             }],
             "clusters": [
                 cluster("sidecar", sidecar_host, sidecar_port, timeout="1s"),
-                cluster("llm_upstream", upstream_host, upstream_port, tls_sni=tls),
+                *upstream_clusters,
             ],
         },
     }

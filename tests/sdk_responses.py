@@ -1,4 +1,4 @@
-"""Drives the gateway's Responses API with the official OpenAI Python SDK.
+"""Drives the gateway's Responses and embeddings APIs with the official OpenAI Python SDK.
 
     python3 tests/sdk_responses.py BASE_URL API_KEY
 
@@ -46,5 +46,14 @@ with client.responses.with_streaming_response.create(
         "text": "".join(e.delta for e in events if e.type == "response.output_text.delta"),
         "usage": done[-1].response.usage.model_dump() if done else None,
     }
+
+raw = client.embeddings.with_raw_response.create(model="gpt-5-nano", input=["first text", "second text"])
+embeddings = raw.parse()
+out["embeddings"] = {
+    "request_id": raw.headers.get("x-bridge-request-id"),
+    "vectors": len(embeddings.data),
+    "dimensions": len(embeddings.data[0].embedding),
+    "usage": {"input_tokens": embeddings.usage.prompt_tokens, "output_tokens": 0},
+}
 
 print(json.dumps(out))

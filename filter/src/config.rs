@@ -10,6 +10,8 @@ use serde::Deserialize;
 pub enum UpstreamStyle {
     /// `/openai/deployments/{deployment}/chat/completions?api-version=...`, header `api-key`.
     Azure,
+    /// Azure's v1 API: `/openai/v1/chat/completions`, the deployment as `model`, header `api-key`.
+    AzureV1,
     /// `/v1/chat/completions`, header `Authorization: Bearer`.
     Openai,
 }
@@ -93,6 +95,9 @@ fn default_lease_ms() -> u64 {
 fn default_lease_slots() -> u32 {
     65_536
 }
+fn default_cluster_header() -> String {
+    "x-openclaw-bridge-cluster".into()
+}
 fn default_route_header() -> String {
     "x-openclaw-bridge-route".into()
 }
@@ -121,7 +126,21 @@ pub struct PluginConfig {
     #[serde(default = "default_api_version")]
     pub api_version: String,
     /// The upstream's key. Stays in Envoy's configuration; never logged.
-    pub upstream_key: String,
+    /// Required unless `models` is given (each model has its own).
+    #[serde(default)]
+    pub upstream_key: Option<String>,
+    /// The model catalog (`envoy/render.py` renders it from `MODELS_FILE`);
+    /// empty: one model from the settings above.
+    #[serde(default)]
+    pub models: Vec<crate::catalog::Model>,
+    /// Header naming the chosen model's Envoy cluster, set on admitted
+    /// requests only; the upstream route picks its cluster by it.
+    #[serde(default = "default_cluster_header")]
+    pub cluster_header: String,
+    /// The models served, resolved at load: `models` with the defaults above
+    /// filled in, or the one model of the settings.
+    #[serde(skip)]
+    pub catalog: Vec<crate::catalog::Model>,
     #[serde(default = "default_encoding")]
     pub tiktoken_encoding: Encoding,
     #[serde(default = "default_failure_mode")]
@@ -211,7 +230,49 @@ impl PluginConfig {
         cfg.validate()?;
         // Decided once here, not on every request's settlement.
         cfg.reasoning = Some(cfg.reasons());
+        cfg.catalog = cfg.resolve_catalog()?;
         Ok(cfg)
+    }
+
+    /// The catalog with every default filled in: reservations, tokenizer and
+    /// reasoning are per model from here on.
+    fn resolve_catalog(&self) -> Result<Vec<crate::catalog::Model>, String> {
+        use crate::catalog::{Endpoint, Model};
+        if self.models.is_empty() {
+            return Ok(vec![Model {
+                name: self.served_model().to_owned(),
+                cluster: "llm_upstream".into(),
+                authority: None,
+                upstream: self.upstream,
+                deployment: self.deployment.clone(),
+                // As the seed had it: the client's model goes on unless one is configured.
+                upstream_model: self.model.clone(),
+                api_version: Some(self.api_version.clone()),
+                upstream_key: self.upstream_key.clone().unwrap_or_default(),
+                endpoints: vec![Endpoint::Chat, Endpoint::Responses, Endpoint::Embeddings],
+                tiktoken_encoding: Some(self.tiktoken_encoding),
+                default_output_reservation: Some(self.default_output_reservation),
+                max_output_reservation: None,
+                reasoning: self.reasoning,
+                keeps_client_model: self.model.is_none(),
+            }]);
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(self.models.len());
+        for (i, m) in self.models.iter().enumerate() {
+            let at = format!("models[{i}]");
+            m.validate(&at)?;
+            if !seen.insert(m.name.as_str()) {
+                return Err(format!("plugin configuration: {at}.name {:?} is listed twice", m.name));
+            }
+            let mut m = m.clone();
+            m.tiktoken_encoding = Some(m.tiktoken_encoding.unwrap_or(self.tiktoken_encoding));
+            m.default_output_reservation =
+                Some(m.default_output_reservation.unwrap_or(self.default_output_reservation));
+            m.reasoning = Some(m.reasons());
+            out.push(m);
+        }
+        Ok(out)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -219,10 +280,10 @@ impl PluginConfig {
         if self.sidecar_cluster.trim().is_empty() {
             return fail("sidecar_cluster", "must name an Envoy cluster");
         }
-        if self.upstream_key.trim().is_empty() {
-            return fail("upstream_key", "must not be empty");
+        if self.models.is_empty() && self.upstream_key.as_deref().is_none_or(|k| k.trim().is_empty()) {
+            return fail("upstream_key", "must not be empty (or give models, each with its key)");
         }
-        if self.upstream == UpstreamStyle::Azure {
+        if self.models.is_empty() && self.upstream != UpstreamStyle::Openai {
             match &self.deployment {
                 Some(d) if !d.is_empty() && d.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) => {}
                 _ => return fail("deployment", "is required for azure and may hold only [A-Za-z0-9._-]"),
@@ -267,8 +328,10 @@ impl PluginConfig {
         if self.lease_slots == 0 {
             return fail("lease_slots", "must be >= 1");
         }
-        if self.route_header.is_empty() || !self.route_header.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
-            return fail("route_header", "must be a lower-case header name");
+        for (field, header) in [("route_header", &self.route_header), ("cluster_header", &self.cluster_header)] {
+            if header.is_empty() || !header.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') {
+                return fail(field, "must be a lower-case header name");
+            }
         }
         Ok(())
     }
@@ -278,38 +341,19 @@ impl PluginConfig {
         self.model.as_deref().or(self.deployment.as_deref()).unwrap_or("default")
     }
 
-    /// Whether the served model reasons: as configured, else by its name
-    /// (the o-series, gpt-5 and anything called a reasoner).
+    /// Whether the served model reasons: as configured, else by its name.
     pub fn reasons(&self) -> bool {
-        self.reasoning.unwrap_or_else(|| {
-            let m = self.served_model().to_ascii_lowercase();
-            ["o1", "o3", "o4", "gpt-5"].iter().any(|p| m.starts_with(p)) || m.contains("reason")
-        })
+        self.reasoning.unwrap_or_else(|| crate::catalog::reasons_by_name(self.served_model()))
     }
 
-    /// Upstream `:path` for chat completions.
-    /// The upstream's path for an endpoint. Azure's Responses API has no
-    /// deployment in its path: it is the v1 API's, with the deployment as the
-    /// body's `model` (`request::admit` puts it there).
-    pub fn upstream_path(&self, endpoint: crate::request::Endpoint) -> String {
-        use crate::request::Endpoint;
-        match (self.upstream, endpoint) {
-            (UpstreamStyle::Azure, Endpoint::Chat) => format!(
-                "/openai/deployments/{}/chat/completions?api-version={}",
-                self.deployment.as_deref().unwrap_or_default(),
-                self.api_version
-            ),
-            (UpstreamStyle::Azure, Endpoint::Responses) => "/openai/v1/responses".into(),
-            (UpstreamStyle::Openai, Endpoint::Chat) => "/v1/chat/completions".into(),
-            (UpstreamStyle::Openai, Endpoint::Responses) => "/v1/responses".into(),
-        }
-    }
-
-    /// The header carrying the upstream key: (name, value).
-    pub fn upstream_auth(&self) -> (&'static str, String) {
-        match self.upstream {
-            UpstreamStyle::Azure => ("api-key", self.upstream_key.clone()),
-            UpstreamStyle::Openai => ("authorization", format!("Bearer {}", self.upstream_key)),
+    /// The model a request names (`None`: it named none). With a catalog an
+    /// unknown name is `None`; without one, every name is the one model, as
+    /// the seed had it.
+    pub fn model(&self, name: Option<&str>) -> Option<&crate::catalog::Model> {
+        match (name, self.models.is_empty()) {
+            (_, true) | (None, false) if self.catalog.len() == 1 => self.catalog.first(),
+            (Some(n), false) => self.catalog.iter().find(|m| m.name == n),
+            _ => None,
         }
     }
 }
@@ -326,12 +370,14 @@ mod tests {
         assert_eq!(c.upstream, UpstreamStyle::Azure);
         assert_eq!(c.tiktoken_encoding, Encoding::Cl100kBase);
         assert_eq!(c.failure_mode, FailureMode::Deny);
+        let m = c.model(Some("anything")).unwrap();
         assert_eq!(
-            c.upstream_path(crate::request::Endpoint::Chat),
+            m.path(crate::catalog::Endpoint::Chat, &c.api_version),
             "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview"
         );
-        assert_eq!(c.upstream_path(crate::request::Endpoint::Responses), "/openai/v1/responses");
-        assert_eq!(c.upstream_auth(), ("api-key", "k".to_owned()));
+        assert_eq!((m.name.as_str(), m.cluster.as_str()), ("gpt-5-nano", "llm_upstream"));
+        assert_eq!(m.auth(), ("api-key", "k".to_owned()));
+        assert_eq!(c.model(None), Some(m), "one model: whatever a request names");
     }
 
     #[test]
@@ -353,10 +399,34 @@ mod tests {
             br#"{"sidecar_cluster":"s","upstream_key":"k","upstream":"openai","tiktoken_encoding":"o200k_base"}"#,
         )
         .unwrap();
-        assert_eq!(c.upstream_path(crate::request::Endpoint::Chat), "/v1/chat/completions");
-        assert_eq!(c.upstream_path(crate::request::Endpoint::Responses), "/v1/responses");
-        assert_eq!(c.upstream_auth(), ("authorization", "Bearer k".to_owned()));
+        let m = c.model(Some("x")).unwrap();
+        assert_eq!(m.path(crate::catalog::Endpoint::Chat, &c.api_version), "/v1/chat/completions");
+        assert_eq!(m.auth(), ("authorization", "Bearer k".to_owned()));
+        assert_eq!(m.body_model(crate::catalog::Endpoint::Chat), None, "no model configured: the client's goes on");
         assert_eq!(c.tiktoken_encoding, Encoding::O200kBase);
+    }
+
+    #[test]
+    fn a_catalog_resolves_each_models_defaults_and_finds_models_by_name() {
+        let c = PluginConfig::from_json(
+            br#"{"sidecar_cluster":"s","default_output_reservation":100,"tiktoken_encoding":"o200k_base","models":[
+                {"name":"chat","cluster":"m0","deployment":"d0","upstream_key":"k0"},
+                {"name":"emb","cluster":"m1","upstream":"openai","upstream_key":"k1","endpoints":["embeddings"],
+                 "tiktoken_encoding":"cl100k_base","default_output_reservation":1,"reasoning":true}]}"#,
+        )
+        .unwrap();
+        let chat = c.model(Some("chat")).unwrap();
+        assert_eq!((chat.default_output_reservation, chat.tiktoken_encoding), (Some(100), Some(Encoding::O200kBase)));
+        assert_eq!(chat.reasoning, Some(false));
+        let emb = c.model(Some("emb")).unwrap();
+        assert_eq!(
+            (emb.cluster.as_str(), emb.tiktoken_encoding, emb.reasoning),
+            ("m1", Some(Encoding::Cl100kBase), Some(true))
+        );
+        assert_eq!(c.model(Some("other")), None, "an unknown model");
+        assert_eq!(c.model(None), None, "several models: a request must name one");
+        let twice = br#"{"sidecar_cluster":"s","models":[{"name":"a","deployment":"d","upstream_key":"k"},{"name":"a","deployment":"d","upstream_key":"k"}]}"#;
+        assert!(PluginConfig::from_json(twice).unwrap_err().contains("models[1].name"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! thin layer that talks to Envoy through `proxy-wasm` host calls.
 
 pub mod background;
+pub mod catalog;
 pub mod config;
 pub mod exchange;
 pub mod host;

@@ -236,15 +236,19 @@ impl RootContext for Root {
             }
         }
         // Now, not on a request's turn: building it stalls this thread for ~0.5 s.
-        if !crate::tokens::warm(cfg.tiktoken_encoding) {
-            error!("[root {}] the tokenizer's tables did not load; the fallback will estimate", self.context_id);
+        let mut encodings: Vec<_> = cfg.catalog.iter().filter_map(|m| m.tiktoken_encoding).collect();
+        encodings.dedup();
+        for encoding in encodings {
+            if !crate::tokens::warm(encoding) {
+                error!("[root {}] the tokenizer's tables did not load; the fallback will estimate", self.context_id);
+            }
         }
         self.set_tick_period(Duration::from_millis(cfg.settle_interval_ms));
         info!(
-            "[root {}] configured: upstream {:?}, model {}, sidecar cluster {}, failure mode {:?}",
+            "[root {}] configured: {} model(s) ({}), sidecar cluster {}, failure mode {:?}",
             self.context_id,
-            cfg.upstream,
-            cfg.served_model(),
+            cfg.catalog.len(),
+            cfg.catalog.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", "),
             cfg.sidecar_cluster,
             cfg.failure_mode
         );

@@ -52,6 +52,22 @@ impl LocalReply {
     }
 
     /// 401 for a missing or malformed key; answered without asking the sidecar.
+    /// 404 `model_not_found`: a model the catalog does not list (answered
+    /// without asking the sidecar).
+    pub fn model_not_found(model: &str) -> Self {
+        let message = format!("The model '{model}' does not exist or you do not have access to it.");
+        Self::json(404, &ErrorEnvelope::new(message, "invalid_request_error", Some("model"), Some("model_not_found")))
+    }
+
+    /// 400: the model is served, but not on this endpoint.
+    pub fn model_not_supported(model: &str, endpoint: &str) -> Self {
+        let message = format!("The model '{model}' is not served on the {endpoint} endpoint of this gateway.");
+        Self::json(
+            400,
+            &ErrorEnvelope::new(message, "invalid_request_error", Some("model"), Some("model_not_supported")),
+        )
+    }
+
     pub fn missing_key() -> Self {
         Self::json(
             401,
@@ -81,7 +97,8 @@ impl LocalReply {
             404,
             &ErrorEnvelope::new(
                 format!(
-                    "Unknown request URL: {path}. This gateway serves POST /v1/chat/completions and GET /v1/models."
+                    "Unknown request URL: {path}. This gateway serves POST /v1/chat/completions, /v1/responses \
+                     and /v1/embeddings, and GET /v1/models."
                 ),
                 "invalid_request_error",
                 None,
@@ -153,13 +170,12 @@ impl LocalReply {
     }
 }
 
-/// `GET /v1/models`: the model this gateway serves, in the OpenAI list shape.
-pub fn models_list(model: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "object": "list",
-        "data": [{"id": model, "object": "model", "created": 0, "owned_by": "openclaw-llm-bridge"}],
-    }))
-    .unwrap_or_default()
+/// `GET /v1/models`: the models this gateway serves, in the OpenAI list shape.
+pub fn models_list<'a>(models: impl Iterator<Item = &'a str>) -> Vec<u8> {
+    let data: Vec<_> = models
+        .map(|id| serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "openclaw-llm-bridge"}))
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"object": "list", "data": data})).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -3,19 +3,12 @@
 
 use serde_json::{Map, Value};
 
-use crate::config::{PluginConfig, UpstreamStyle};
+use crate::config::PluginConfig;
 use crate::reply::LocalReply;
 
 pub use bridge_protocol::client_key;
 
-/// The billed endpoint a body is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `POST /v1/chat/completions`.
-    Chat,
-    /// `POST /v1/responses`.
-    Responses,
-}
+pub use crate::catalog::Endpoint;
 
 /// Input a Responses request with `previous_response_id` is held for beyond
 /// its body: the upstream bills the earlier turns' context too, which the body
@@ -26,6 +19,8 @@ pub const PREVIOUS_CONTEXT_ALLOWANCE: i64 = 8_192;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
     pub endpoint: Endpoint,
+    /// The catalog's entry for the model (its index in `PluginConfig::catalog`).
+    pub model_index: usize,
     /// The client's `model`, or the served model when absent.
     pub model: String,
     pub stream: bool,
@@ -96,6 +91,34 @@ fn check_input(obj: &Map<String, Value>) -> Result<(), LocalReply> {
     }
 }
 
+/// `input` of an embeddings request: a string, an array of strings, an array
+/// of token ids or an array of such arrays; not empty.
+fn check_embedding_input(obj: &Map<String, Value>) -> Result<(), LocalReply> {
+    let bad = || {
+        LocalReply::bad_request(
+            "'input' must be a string, or a non-empty array of strings or of token arrays.",
+            Some("input"),
+        )
+    };
+    let token = |v: &Value| v.as_u64().is_some();
+    match obj.get("input") {
+        None | Some(Value::Null) => Err(LocalReply::bad_request("Missing required parameter: 'input'.", Some("input"))),
+        Some(Value::String(_)) => Ok(()),
+        Some(Value::Array(items)) if items.is_empty() => Err(bad()),
+        Some(Value::Array(items)) => {
+            let ok = items.iter().all(Value::is_string)
+                || items.iter().all(token)
+                || items.iter().all(|i| i.as_array().is_some_and(|t| !t.is_empty() && t.iter().all(token)));
+            if ok {
+                Ok(())
+            } else {
+                Err(bad())
+            }
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
 /// Validates the body and prepares the upstream request.
 pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admission, LocalReply> {
     let text =
@@ -109,23 +132,37 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
     match endpoint {
         Endpoint::Chat => check_messages(obj)?,
         Endpoint::Responses => check_input(obj)?,
+        Endpoint::Embeddings => check_embedding_input(obj)?,
     }
-    let model = match obj.get("model") {
-        None | Some(Value::Null) => cfg.served_model().to_owned(),
-        Some(Value::String(s)) if s.len() <= bridge_protocol::MAX_MODEL_LEN => s.clone(),
+    let named = match obj.get("model") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= bridge_protocol::MAX_MODEL_LEN => Some(s.as_str()),
         Some(Value::String(_)) => {
             let why = format!("'model' must be at most {} bytes.", bridge_protocol::MAX_MODEL_LEN);
             return Err(LocalReply::bad_request(why, Some("model")));
         }
         Some(_) => return Err(LocalReply::bad_request("'model' must be a string.", Some("model"))),
     };
+    let Some(entry) = cfg.model(named) else {
+        return Err(match named {
+            Some(name) => LocalReply::model_not_found(name),
+            None => LocalReply::bad_request("Missing required parameter: 'model'.", Some("model")),
+        });
+    };
+    if !entry.serves(endpoint) {
+        return Err(LocalReply::model_not_supported(&entry.name, endpoint.name()));
+    }
+    let model_index = cfg.catalog.iter().position(|m| m.name == entry.name).unwrap_or(0);
+    // The audit row keeps the name the client sent (the catalog's, or any without one).
+    let model = named.unwrap_or(&entry.name).to_owned();
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
+        Some(Value::Bool(b)) => *b && endpoint != Endpoint::Embeddings,
         Some(_) => return Err(LocalReply::bad_request("'stream' must be a boolean.", Some("stream"))),
     };
-    // The Responses API always reports usage, in its last event: nothing to ask for or hide.
-    let client_wants_usage = endpoint == Endpoint::Responses
+    // The Responses API always reports usage, in its last event, and
+    // embeddings in their answer: nothing to ask for or hide.
+    let client_wants_usage = endpoint != Endpoint::Chat
         || match obj.get("stream_options") {
             None | Some(Value::Null) => false,
             Some(Value::Object(o)) => match o.get("include_usage") {
@@ -146,17 +183,25 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
         Endpoint::Chat => (
             integer_param(obj, "max_completion_tokens")?.or(integer_param(obj, "max_tokens")?),
             integer_param(obj, "n")?.unwrap_or(1),
-            "max_completion_tokens",
+            Some("max_completion_tokens"),
             0,
         ),
         Endpoint::Responses => (
             integer_param(obj, "max_output_tokens")?,
             1,
-            "max_output_tokens",
+            Some("max_output_tokens"),
             if obj.get("previous_response_id").is_some_and(Value::is_string) { PREVIOUS_CONTEXT_ALLOWANCE } else { 0 },
         ),
+        // Embeddings write no output.
+        Endpoint::Embeddings => (None, 0, None, 0),
     };
-    let output = client_max.unwrap_or(cfg.default_output_reservation);
+    if let (Some(n), Some(largest), Some(field)) = (client_max, entry.max_output_reservation, cap_field) {
+        if n > largest {
+            let why = format!("'{field}' may be at most {largest} for the model '{}'.", entry.name);
+            return Err(LocalReply::bad_request(why, Some(field)));
+        }
+    }
+    let output = client_max.unwrap_or(entry.default_output_reservation.unwrap_or(cfg.default_output_reservation));
     let input = body.len().div_ceil(cfg.estimate_bytes_per_token as usize) as i64 + 16 + earlier;
     let estimate = input.saturating_add(output.saturating_mul(choices));
 
@@ -168,24 +213,16 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
             changed = true;
         }
     }
-    if client_max.is_none() && cfg.cap_output {
+    if let (None, true, Some(field)) = (client_max, cfg.cap_output, cap_field) {
         // The hold is a ceiling: what it reserved for output is all the upstream may write.
-        obj.insert(cap_field.into(), Value::from(output));
+        obj.insert(field.into(), Value::from(output));
         changed = true;
     }
-    // The upstream model: the configured one for an OpenAI-style upstream;
-    // for Azure's Responses API (no deployment in its path) the deployment.
-    let upstream_model = match (cfg.upstream, endpoint) {
-        (UpstreamStyle::Openai, _) => cfg.model.as_ref(),
-        (UpstreamStyle::Azure, Endpoint::Responses) => cfg.deployment.as_ref(),
-        (UpstreamStyle::Azure, Endpoint::Chat) => None,
-    };
-    {
-        if let Some(m) = upstream_model {
-            if obj.get("model").and_then(Value::as_str) != Some(m) {
-                obj.insert("model".into(), Value::String(m.clone()));
-                changed = true;
-            }
+    // The model the upstream reads from the body, where it reads one.
+    if let Some(m) = entry.body_model(endpoint) {
+        if obj.get("model").and_then(Value::as_str) != Some(m) {
+            obj.insert("model".into(), Value::String(m.to_owned()));
+            changed = true;
         }
     }
     let rewritten = if changed {
@@ -196,7 +233,7 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
     } else {
         None
     };
-    Ok(Admission { endpoint, model, stream, client_wants_usage, estimate, rewritten })
+    Ok(Admission { endpoint, model_index, model, stream, client_wants_usage, estimate, rewritten })
 }
 
 #[cfg(test)]

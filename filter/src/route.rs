@@ -11,6 +11,8 @@ pub enum Route {
     ChatCompletions,
     /// `POST /v1/responses`: admitted, forwarded, billed as chat is.
     Responses,
+    /// `POST /v1/embeddings`: admitted, forwarded, billed by its input.
+    Embeddings,
     /// A `/v1/` path the gateway does not serve (the bare path, for the error).
     Unknown(String),
     /// A served path with the wrong method.
@@ -28,6 +30,8 @@ pub fn route(method: &str, path: &str) -> Route {
         ("POST", Route::ChatCompletions)
     } else if bare == "/v1/responses" {
         ("POST", Route::Responses)
+    } else if bare == "/v1/embeddings" {
+        ("POST", Route::Embeddings)
     } else {
         return Route::Unknown(bare.to_owned());
     };
@@ -50,7 +54,8 @@ mod tests {
         assert_eq!(route("POST", "/v1/chat/completions?api-version=1"), Route::ChatCompletions);
         assert_eq!(route("POST", "/v1/responses"), Route::Responses);
         assert_eq!(route("GET", "/v1/responses/resp_1"), Route::Unknown("/v1/responses/resp_1".into()));
-        assert_eq!(route("POST", "/v1/embeddings"), Route::Unknown("/v1/embeddings".into()));
+        assert_eq!(route("POST", "/v1/embeddings"), Route::Embeddings);
+        assert_eq!(route("POST", "/v1/audio/speech"), Route::Unknown("/v1/audio/speech".into()));
         assert_eq!(route("POST", "/v1"), Route::Unknown("/v1".into()));
         assert_eq!(
             route("GET", "/v1/chat/completions"),

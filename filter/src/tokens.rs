@@ -113,6 +113,18 @@ pub fn count_prompt(encoding: Encoding, body: &[u8]) -> i64 {
             framing += 3;
             text.push_str(s);
         }
+        // Embeddings: strings, or token ids (each one token).
+        Value::Array(items) if items.iter().all(|i| !i.is_object()) => {
+            framing = 0;
+            for item in items {
+                match item {
+                    Value::String(s) => text.push_str(s),
+                    Value::Number(_) => framing += 1,
+                    Value::Array(ids) => framing += ids.len() as i64,
+                    _ => {}
+                }
+            }
+        }
         Value::Array(items) => {
             for item in items {
                 framing += 3;
@@ -189,6 +201,12 @@ mod tests {
         let tools = r#"[{"name":"read","type":"function"}]"#;
         let text = format!("be terse\nuser\nhello world\nread{{}}\n42\n{tools}");
         assert_eq!(count_prompt(e, body), 3 + 3 + 3 * 3 + count_text(e, &text));
+        // Embeddings: the strings' tokens, or the token ids given.
+        assert_eq!(
+            count_prompt(e, br#"{"input":["hello world","hello world"]}"#),
+            count_text(e, "hello worldhello world")
+        );
+        assert_eq!(count_prompt(e, br#"{"input":[[1,2,3],[4]]}"#), 4);
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub fn app(upstream_key: &str) -> Router {
         .route("/openai/deployments/{deployment}/chat/completions", post(azure))
         .route("/v1/chat/completions", post(openai))
         .route("/openai/v1/responses", post(azure_responses))
+        .route("/openai/v1/chat/completions", post(azure_v1_chat))
+        .route("/openai/deployments/{deployment}/embeddings", post(azure_embeddings))
+        .route("/openai/v1/embeddings", post(azure_v1_embeddings))
+        .route("/v1/embeddings", post(openai_embeddings))
         .route("/v1/responses", post(openai_responses))
         .route("/mock/requests", get(list).delete(clear))
         .route("/healthz", get(|| async { "ok" }))
@@ -87,27 +91,15 @@ async fn azure(
     if q.api_version.is_none() {
         return error(StatusCode::NOT_FOUND, "api-version query parameter is required", "invalid_request_error", "404");
     }
-    let key = headers.get("api-key").and_then(|v| v.to_str().ok());
-    if key != Some(s.upstream_key.as_str()) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "Access denied due to invalid subscription key.",
-            "invalid_request_error",
-            "401",
-        );
+    if let Some(r) = azure_refusal(&s, &headers) {
+        return r;
     }
     complete(s, format!("/openai/deployments/{deployment}/chat/completions"), headers, body, true, &deployment).await
 }
 
 async fn openai(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
-    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
-    if auth != Some(format!("Bearer {}", s.upstream_key).as_str()) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "Incorrect API key provided.",
-            "invalid_request_error",
-            "invalid_api_key",
-        );
+    if let Some(r) = bearer_refusal(&s, &headers) {
+        return r;
     }
     complete(s, "/v1/chat/completions".into(), headers, body, false, "").await
 }
@@ -301,27 +293,15 @@ fn async_stream(
 }
 
 async fn azure_responses(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
-    let key = headers.get("api-key").and_then(|v| v.to_str().ok());
-    if key != Some(s.upstream_key.as_str()) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "Access denied due to invalid subscription key.",
-            "invalid_request_error",
-            "401",
-        );
+    if let Some(r) = azure_refusal(&s, &headers) {
+        return r;
     }
     respond(s, "/openai/v1/responses".into(), headers, body).await
 }
 
 async fn openai_responses(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
-    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
-    if auth != Some(format!("Bearer {}", s.upstream_key).as_str()) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "Incorrect API key provided.",
-            "invalid_request_error",
-            "invalid_api_key",
-        );
+    if let Some(r) = bearer_refusal(&s, &headers) {
+        return r;
     }
     respond(s, "/v1/responses".into(), headers, body).await
 }
@@ -540,4 +520,129 @@ async fn respond(s: MockState, path: String, headers: HeaderMap, body: Bytes) ->
         .header("cache-control", "no-cache")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Azure's answer to a wrong `api-key`, or `None` for the right one.
+fn azure_refusal(s: &MockState, headers: &HeaderMap) -> Option<Response> {
+    let key = headers.get("api-key").and_then(|v| v.to_str().ok());
+    (key != Some(s.upstream_key.as_str())).then(|| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "Access denied due to invalid subscription key.",
+            "invalid_request_error",
+            "401",
+        )
+    })
+}
+
+/// OpenAI's answer to a wrong bearer key, or `None` for the right one.
+fn bearer_refusal(s: &MockState, headers: &HeaderMap) -> Option<Response> {
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    (auth != Some(format!("Bearer {}", s.upstream_key).as_str())).then(|| {
+        error(StatusCode::UNAUTHORIZED, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+    })
+}
+
+/// Azure's v1 chat path: the deployment is the body's `model`.
+async fn azure_v1_chat(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = azure_refusal(&s, &headers) {
+        return r;
+    }
+    let deployment = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["model"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    complete(s, "/openai/v1/chat/completions".into(), headers, body, true, &deployment).await
+}
+
+async fn azure_embeddings(
+    State(s): State<MockState>,
+    Path(deployment): Path<String>,
+    Query(q): Query<ApiVersion>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if q.api_version.is_none() {
+        return error(StatusCode::NOT_FOUND, "api-version query parameter is required", "invalid_request_error", "404");
+    }
+    if let Some(r) = azure_refusal(&s, &headers) {
+        return r;
+    }
+    embed(s, format!("/openai/deployments/{deployment}/embeddings"), headers, body, Some(deployment))
+}
+
+async fn azure_v1_embeddings(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = azure_refusal(&s, &headers) {
+        return r;
+    }
+    embed(s, "/openai/v1/embeddings".into(), headers, body, None)
+}
+
+async fn openai_embeddings(State(s): State<MockState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(r) = bearer_refusal(&s, &headers) {
+        return r;
+    }
+    embed(s, "/v1/embeddings".into(), headers, body, None)
+}
+
+/// Deterministic embedding input size: a token a four bytes of each string
+/// (at least one), or the token ids given.
+pub fn mock_embedding_tokens(body: &Value) -> i64 {
+    let one = |v: &Value| match v {
+        Value::String(s) => (s.len() / 4).max(1) as i64,
+        Value::Array(ids) => ids.len() as i64,
+        Value::Number(_) => 1,
+        _ => 0,
+    };
+    match &body["input"] {
+        Value::Array(items) if items.iter().all(Value::is_number) => items.len() as i64,
+        Value::Array(items) => items.iter().map(one).sum(),
+        other => one(other),
+    }
+}
+
+/// `POST .../embeddings`: one small vector an input; `usage.prompt_tokens`.
+/// Scenarios: `no_usage`, `error_500`.
+fn embed(s: MockState, path: String, headers: HeaderMap, body: Bytes, deployment: Option<String>) -> Response {
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "We could not parse the JSON body of your request.",
+            "invalid_request_error",
+            "invalid_json",
+        );
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let scenario = header("x-mock-scenario").unwrap_or("").to_owned();
+    let tokens = mock_embedding_tokens(&body);
+    if let Ok(mut seen) = s.seen.lock() {
+        seen.push(Seen {
+            path,
+            api_key_header: header("api-key").map(str::to_owned),
+            authorization: header("authorization").map(str::to_owned),
+            accept_encoding: header("accept-encoding").map(str::to_owned),
+            stream: false,
+            include_usage: scenario != "no_usage",
+            prompt_tokens: tokens,
+            completion_tokens: 0,
+            scenario: scenario.clone(),
+            body: body.clone(),
+        });
+    }
+    if scenario == "error_500" {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "mock: upstream failure", "server_error", "mock_500");
+    }
+    let n = match &body["input"] {
+        Value::Array(items) if !items.iter().all(Value::is_number) => items.len(),
+        _ => 1,
+    };
+    let data: Vec<Value> = (0..n)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.25, -0.5, 0.125, i as f64]}))
+        .collect();
+    let model = deployment.unwrap_or_else(|| body["model"].as_str().unwrap_or("mock").to_owned());
+    let mut out = json!({"object": "list", "data": data, "model": model});
+    if scenario != "no_usage" {
+        out["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
+    }
+    Json(out).into_response()
 }

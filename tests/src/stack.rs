@@ -30,6 +30,9 @@ pub struct StackOptions {
     /// A database shared with other stacks (several gateways on one
     /// MongoDB); else one of its own.
     pub db_name: Option<String>,
+    /// A model catalog (`MODELS_FILE`), in which `{mock}` stands for the
+    /// stack's mock upstream; its keys' variables go in `extra_env`.
+    pub models: Option<Value>,
 }
 
 impl Default for StackOptions {
@@ -43,6 +46,7 @@ impl Default for StackOptions {
             extra_env: vec![],
             sidecar_env: vec![],
             db_name: None,
+            models: None,
         }
     }
 }
@@ -103,6 +107,11 @@ fn render_config(
     }
     for (k, v) in &opts.extra_env {
         render.env(k, v);
+    }
+    if let Some(models) = &opts.models {
+        let file = config.with_extension("models.json");
+        std::fs::write(&file, models.to_string().replace("{mock}", mock)).unwrap();
+        render.env("MODELS_FILE", &file);
     }
     let out = render.output().unwrap();
     assert!(out.status.success(), "render failed: {}", String::from_utf8_lossy(&out.stderr));

@@ -70,7 +70,7 @@ async fn the_openai_python_sdk_is_billed_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_python_sdks_responses_api_is_billed_exactly() {
+async fn the_openai_python_sdks_responses_and_embeddings_are_billed_exactly() {
     let s = Stack::start(StackOptions::default()).await;
     let key = "sk-python-sdk-user-2";
     s.create_key(key, 200_000).await;
@@ -89,7 +89,8 @@ async fn the_openai_python_sdks_responses_api_is_billed_exactly() {
         (Some("read"), Some("hello.txt"))
     );
     assert_eq!(r["stream"]["text"], "the file says 42");
-    for call in ["plain", "tool", "stream"] {
+    assert_eq!((r["embeddings"]["vectors"].as_i64(), r["embeddings"]["dimensions"].as_i64()), (Some(2), Some(4)));
+    for call in ["plain", "tool", "stream", "embeddings"] {
         let row = s.settled_row(r[call]["request_id"].as_str().unwrap()).await;
         assert_eq!(row.get_str("usage_source"), Ok("upstream"), "{call}");
         if let Some(usage) = r[call].get("usage").filter(|u| !u.is_null()) {
@@ -98,7 +99,8 @@ async fn the_openai_python_sdks_responses_api_is_billed_exactly() {
         }
     }
     let served = s.served().await;
-    assert_eq!(served.len(), 3);
+    assert_eq!(served.len(), 4);
+    assert!(served[3].path.ends_with("/embeddings"), "{}", served[3].path);
     let served_total: i64 = served.iter().map(|x| x.prompt_tokens + x.completion_tokens).sum();
     assert_eq!(s.settled_balance(key).await, 200_000 - served_total);
 }

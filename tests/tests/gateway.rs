@@ -290,7 +290,7 @@ async fn refusals_and_bad_input_get_openai_errors_and_cost_nothing() {
     let huge = json!({"messages": [{"role": "user", "content": "x".repeat(100 * 1024)}]});
     let (st, v) = send(s.chat(fine, &huge)).await;
     check(413, Some("request_too_large"), None)(st, v);
-    let (st, v) = send(s.http.post(format!("{}/v1/embeddings", s.base)).bearer_auth(fine).json(&good)).await;
+    let (st, v) = send(s.http.post(format!("{}/v1/audio/speech", s.base)).bearer_auth(fine).json(&good)).await;
     check(404, Some("unknown_url"), None)(st, v);
     let (st, v) = send(s.http.get(&url).bearer_auth(fine)).await;
     check(405, Some("method_not_allowed"), None)(st, v);

@@ -117,7 +117,55 @@ fn the_bare_benchmark_route_rewrites_to_the_filters_own_default_path() {
         br#"{"sidecar_cluster":"sidecar","upstream_key":"upstream-secret","deployment":"gpt-5-nano"}"#,
     )
     .unwrap();
-    let chat = cfg.upstream_path(openclaw_filter::request::Endpoint::Chat);
+    let chat = cfg.catalog[0].path(openclaw_filter::request::Endpoint::Chat, &cfg.api_version);
     assert!(bare.contains(&chat), "{chat} not in the bare route");
     assert!(!bare.contains("openclaw_filter"), "the bare bootstrap loads no filter");
+}
+
+#[test]
+fn a_models_file_renders_a_cluster_per_model_and_the_filters_catalog_with_keys_from_their_variables() {
+    let dir = std::env::temp_dir().join(format!("render-models-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("models.json");
+    let models = json!({"models": [
+        {"name": "gpt-5-mini", "encoding": "o200k_base", "default_output_tokens": 2048, "max_output_tokens": 32768,
+         "upstream": {"style": "azure", "base_url": "https://east.openai.azure.com", "deployment": "mini-east",
+                      "api_key_env": "EAST_KEY", "api_version": "2025-01-01-preview"}},
+        {"name": "embed", "endpoints": ["embeddings"],
+         "upstream": {"style": "openai", "base_url": "http://10.0.0.5:8080/v1", "model": "bge-m3", "api_key_env": "LOCAL_KEY"}},
+    ]});
+    std::fs::write(&file, models.to_string()).unwrap();
+    let path = file.to_str().unwrap();
+    let bootstrap = render(&[("MODELS_FILE", path), ("EAST_KEY", "east-secret"), ("LOCAL_KEY", "local-secret")]);
+    let (plugin, _) = plugin_of(&bootstrap);
+    assert_eq!(plugin.get("upstream_key"), None, "each model has its own key");
+    let c = PluginConfig::from_json(plugin.to_string().as_bytes()).unwrap();
+    let mini = c.model(Some("gpt-5-mini")).unwrap();
+    assert_eq!((mini.cluster.as_str(), mini.authority.as_deref()), ("model_0", Some("east.openai.azure.com")));
+    assert_eq!((mini.upstream_key.as_str(), mini.deployment.as_deref()), ("east-secret", Some("mini-east")));
+    assert_eq!((mini.default_output_reservation, mini.max_output_reservation), (Some(2048), Some(32768)));
+    assert_eq!(mini.tiktoken_encoding, Some(openclaw_filter::config::Encoding::O200kBase));
+    let embed = c.model(Some("embed")).unwrap();
+    assert_eq!((embed.authority.as_deref(), embed.upstream_model.as_deref()), (Some("10.0.0.5:8080"), Some("bge-m3")));
+    assert_eq!(c.model(Some("gpt-4.1")), None);
+    // One cluster each, TLS with SNI for https; no default upstream cluster.
+    let clusters = bootstrap["static_resources"]["clusters"].as_array().unwrap();
+    let names: Vec<&str> = clusters.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["sidecar", "model_0", "model_1"]);
+    assert_eq!(clusters[1]["transport_socket"]["typed_config"]["sni"], "east.openai.azure.com");
+    assert!(clusters[2].get("transport_socket").is_none());
+    let text = bootstrap.to_string();
+    assert!(text.contains("x-openclaw-bridge-cluster"), "the upstream routes pick the cluster by the filter's header");
+    assert!(text.contains("gpt-5-mini,embed"), "/v1/models is told the catalog");
+    // The file holds no key: a variable it names that is not set is an error naming it.
+    let out = Command::new("python3")
+        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../envoy/render.py"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MODELS_FILE", path)
+        .env("EAST_KEY", "east-secret")
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("LOCAL_KEY"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

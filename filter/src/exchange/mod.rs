@@ -140,8 +140,9 @@ impl Exchange {
 
     pub fn on_request_headers(&mut self, host: &impl HttpHost, end_of_stream: bool) -> Flow {
         let cfg = self.cfg.clone();
-        // The route marker is ours alone: a client may not send it.
+        // The route marker and the cluster header are ours alone: a client may not send them.
         host.set_request_header(&cfg.route_header, None);
+        host.set_request_header(&cfg.cluster_header, None);
         let path = host.request_header(":path").unwrap_or_default();
         let method = host.request_header(":method").unwrap_or_default();
         let target = route(&method, &path);
@@ -153,14 +154,14 @@ impl Exchange {
         let api_key = host.request_header("api-key");
         let key = client_key(authorization.as_deref(), api_key.as_deref()).map(str::to_owned);
         match target {
-            Route::Passthrough | Route::ChatCompletions | Route::Responses => {}
+            Route::Passthrough | Route::ChatCompletions | Route::Responses | Route::Embeddings => {}
             Route::Unknown(bare) => return self.answer(host, LocalReply::not_found(&bare)),
             Route::WrongMethod { method, path } => {
                 return self.answer(host, LocalReply::method_not_allowed(&method, &path))
             }
             Route::Models if key.is_none() => return self.answer(host, LocalReply::missing_key()),
             Route::Models => {
-                let body = models_list(cfg.served_model());
+                let body = models_list(cfg.catalog.iter().map(|m| m.name.as_str()));
                 host.send_reply(200, &[("content-type", "application/json")], &body);
                 self.state = State::Answered;
                 return Flow::Pause;
@@ -176,18 +177,20 @@ impl Exchange {
         if end_of_stream {
             return self.answer(host, LocalReply::bad_request("The request has no body.", None));
         }
-        // All header work happens here, while the headers are held: the client's
-        // key is removed, the upstream's set, and the length dropped because the
-        // body may be rewritten (setting it later traps the VM).
+        // While the headers are held: the client's key is removed and the
+        // length dropped because the body may be rewritten (setting it later
+        // traps the VM). The upstream's path, key and cluster follow the
+        // body's model (`on_request_body`).
         host.set_request_header("authorization", None);
         host.set_request_header("api-key", None);
         host.set_request_header("content-length", None);
         // The meter reads the answer's usage and text: it must come uncompressed.
         host.set_request_header("accept-encoding", None);
-        let (auth_name, auth_value) = cfg.upstream_auth();
-        host.set_request_header(auth_name, Some(&auth_value));
-        let endpoint = if target == Route::Responses { Endpoint::Responses } else { Endpoint::Chat };
-        host.set_request_header(":path", Some(&cfg.upstream_path(endpoint)));
+        let endpoint = match target {
+            Route::Responses => Endpoint::Responses,
+            Route::Embeddings => Endpoint::Embeddings,
+            _ => Endpoint::Chat,
+        };
         host.set_request_header(&cfg.route_header, Some("upstream"));
         self.state = State::Body(Caller {
             key_hash: bridge_protocol::key_hash(&key),
@@ -216,6 +219,17 @@ impl Exchange {
         };
         if let Some(new_body) = &admission.rewritten {
             host.set_request_body(body_size, new_body);
+        }
+        // The model's upstream: its cluster, path and key (and host, from a catalog).
+        let cfg = self.cfg.clone();
+        if let Some(m) = cfg.catalog.get(admission.model_index) {
+            let (auth_name, auth_value) = m.auth();
+            host.set_request_header(auth_name, Some(&auth_value));
+            host.set_request_header(":path", Some(&m.path(admission.endpoint, &cfg.api_version)));
+            host.set_request_header(&cfg.cluster_header, Some(&m.cluster));
+            if let Some(authority) = &m.authority {
+                host.set_request_header(":authority", Some(authority));
+            }
         }
         self.admit(host, Admitted { caller, body, admission, waiting_since: None, rate_counted: false })
     }
@@ -287,12 +301,15 @@ impl Exchange {
                     // A client that left mid-answer never reached the end: finish the count here.
                     m.on_end();
                 }
+                let model = self.cfg.catalog.get(req.admission.model_index);
+                let encoding = model.and_then(|m| m.tiktoken_encoding).unwrap_or(self.cfg.tiktoken_encoding);
+                let reasons = model.map_or_else(|| self.cfg.reasons(), crate::catalog::Model::reasons);
                 let (input, output, source) = crate::charge_without_usage(
                     meter.as_ref(),
                     status,
                     &req.body,
-                    self.cfg.tiktoken_encoding,
-                    self.cfg.reasons().then_some(req.admission.estimate),
+                    encoding,
+                    reasons.then_some(req.admission.estimate),
                 );
                 let record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
                 debug!(

@@ -42,7 +42,7 @@ fn the_first_request_fetches_a_lease_and_the_next_draws_without_a_call() {
 }
 
 #[test]
-fn the_headers_phase_swaps_the_keys_and_the_route_marker_is_ours_alone() {
+fn the_keys_are_swapped_the_upstream_follows_the_body_and_the_route_marker_is_ours_alone() {
     let mut gw = Gateway::new(json!({}));
     let mut ex = gw.exchange();
     let s = Stream::new(
@@ -52,19 +52,89 @@ fn the_headers_phase_swaps_the_keys_and_the_route_marker_is_ours_alone() {
             (":path", "/v1/chat/completions"),
             ("api-key", KEY),
             ("x-openclaw-bridge-route", "upstream"),
+            ("x-openclaw-bridge-cluster", "elsewhere"),
         ],
     );
     ex.on_request_headers(&s, false);
+    assert_eq!(s.header("api-key"), None, "the client's key is gone at once");
+    assert_eq!(s.header("x-openclaw-bridge-cluster"), None, "a client cannot pick the cluster");
+    *s.request_body.borrow_mut() = BODY.to_vec();
+    ex.on_request_body(&s, BODY.len(), true);
     assert_eq!(s.header("api-key").as_deref(), Some("upstream-secret"));
     assert_eq!(
         s.header(":path").unwrap(),
         "/openai/deployments/gpt-5-nano/chat/completions?api-version=2024-12-01-preview"
     );
+    assert_eq!(s.header("x-openclaw-bridge-cluster").as_deref(), Some("llm_upstream"));
     // Outside /v1 the client's marker is still removed.
     let mut ex = gw.exchange();
     let s = Stream::new(&gw.world, &[(":method", "GET"), (":path", "/other"), ("x-openclaw-bridge-route", "upstream")]);
     assert_eq!(ex.on_request_headers(&s, false), Flow::Continue);
     assert_eq!(s.header("x-openclaw-bridge-route"), None);
+}
+
+#[test]
+fn a_catalog_routes_each_request_by_its_model_and_refuses_unknown_ones_without_a_call() {
+    let mut gw = Gateway::new(json!({"models": [
+        {"name": "chat-model", "cluster": "model_0", "authority": "east.example.com", "deployment": "chat-east",
+         "upstream_key": "key-east", "api_version": "2025-01-01"},
+        {"name": "embed-model", "cluster": "model_1", "authority": "api.example.com:8443", "upstream": "openai",
+         "upstream_model": "text-embedding-3-small", "upstream_key": "key-emb", "endpoints": ["embeddings"]},
+    ]}));
+    let send = |gw: &mut Gateway, path: &str, body: &[u8]| {
+        let mut ex = gw.exchange();
+        let auth = format!("Bearer {KEY}");
+        let s = Stream::new(&gw.world, &[(":method", "POST"), (":path", path), ("authorization", &auth)]);
+        ex.on_request_headers(&s, false);
+        *s.request_body.borrow_mut() = body.to_vec();
+        ex.on_request_body(&s, body.len(), true);
+        (ex, s)
+    };
+    let (_ex, s) =
+        send(&mut gw, "/v1/chat/completions", br#"{"model":"chat-model","messages":[{"role":"user","content":"hi"}]}"#);
+    assert_eq!(s.header(":path").unwrap(), "/openai/deployments/chat-east/chat/completions?api-version=2025-01-01");
+    assert_eq!(
+        (
+            s.header("api-key").as_deref(),
+            s.header(":authority").as_deref(),
+            s.header("x-openclaw-bridge-cluster").as_deref()
+        ),
+        (Some("key-east"), Some("east.example.com"), Some("model_0"))
+    );
+    let (_ex, s) = send(&mut gw, "/v1/embeddings", br#"{"model":"embed-model","input":["a","b"]}"#);
+    assert_eq!(s.header(":path").unwrap(), "/v1/embeddings");
+    assert_eq!(s.header("authorization").as_deref(), Some("Bearer key-emb"));
+    assert_eq!(s.header("x-openclaw-bridge-cluster").as_deref(), Some("model_1"));
+    let sent: Value = serde_json::from_slice(&s.request_body.borrow()).unwrap();
+    assert_eq!(sent["model"], "text-embedding-3-small");
+    assert_eq!(sent.get("max_completion_tokens"), None, "embeddings have no output to cap");
+    let calls = gw.world.calls().len();
+    // Unknown, missing, or on an endpoint the model does not serve: answered here.
+    for (path, body, status, code, param) in [
+        (
+            "/v1/chat/completions",
+            &br#"{"model":"gpt-4.1","messages":[{"role":"user","content":"hi"}]}"#[..],
+            404,
+            Some("model_not_found"),
+            "model",
+        ),
+        ("/v1/chat/completions", br#"{"messages":[{"role":"user","content":"hi"}]}"#, 400, None, "model"),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"embed-model","messages":[{"role":"user","content":"hi"}]}"#,
+            400,
+            Some("model_not_supported"),
+            "model",
+        ),
+        ("/v1/embeddings", br#"{"model":"chat-model","input":"x"}"#, 400, Some("model_not_supported"), "model"),
+        ("/v1/embeddings", br#"{"model":"embed-model","input":[]}"#, 400, None, "input"),
+    ] {
+        let (_ex, s) = send(&mut gw, path, body);
+        assert_eq!(s.replied(), Some(status), "{}", String::from_utf8_lossy(body));
+        let reply: Value = serde_json::from_slice(&s.replies.borrow()[0].1).unwrap();
+        assert_eq!((reply["error"]["code"].as_str(), reply["error"]["param"].as_str()), (code, Some(param)), "{reply}");
+    }
+    assert_eq!(gw.world.calls().len(), calls, "no sidecar call for any of them");
 }
 
 #[test]
@@ -74,7 +144,7 @@ fn local_answers_need_no_callout() {
         ("GET", "/v1/models", Some(KEY), 200),
         ("GET", "/v1/models", None, 401),
         ("POST", "/v1/models", Some(KEY), 405),
-        ("POST", "/v1/embeddings", Some(KEY), 404),
+        ("POST", "/v1/audio/speech", Some(KEY), 404),
         ("POST", "/v1/chat/completions", None, 401),
     ];
     for (method, path, key, status) in cases {

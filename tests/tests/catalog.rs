@@ -1,0 +1,131 @@
+//! A model catalog (`MODELS_FILE`) through real Envoy: requests routed by
+//! their `model` to two upstreams in three path styles, embeddings billed by
+//! their input, unknown models refused without reaching anything, and
+//! `/v1/models` listing the catalog.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bridge_tests::mock::Seen;
+use bridge_tests::stack::{Stack, StackOptions, UPSTREAM_KEY};
+use serde_json::{json, Value};
+
+const WEST_KEY: &str = "second-upstream-key-0042";
+
+async fn second_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, bridge_tests::mock::app(WEST_KEY)).await });
+    url
+}
+
+async fn seen(http: &reqwest::Client, mock: &str) -> Vec<Seen> {
+    http.get(format!("{mock}/mock/requests")).send().await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
+    let west = second_upstream().await;
+    let models = json!({"models": [
+        {"name": "chat-east", "endpoints": ["chat", "responses"],
+         "upstream": {"style": "azure", "base_url": "{mock}", "deployment": "dep-east", "api_key_env": "KEY_EAST"}},
+        {"name": "chat-west", "default_output_tokens": 64, "max_output_tokens": 1000,
+         "upstream": {"style": "azure_v1", "base_url": west, "deployment": "dep-west", "api_key_env": "KEY_WEST"}},
+        {"name": "embed-small", "endpoints": ["embeddings"],
+         "upstream": {"style": "openai", "base_url": format!("{west}/v1"), "model": "text-embedding-3-small",
+                      "api_key_env": "KEY_WEST"}},
+    ]});
+    let extra_env =
+        vec![("KEY_EAST".to_owned(), UPSTREAM_KEY.to_owned()), ("KEY_WEST".to_owned(), WEST_KEY.to_owned())];
+    let s = Stack::start(StackOptions { models: Some(models), extra_env, ..StackOptions::default() }).await;
+    let key = "sk-catalog-user-0001";
+    s.create_key(key, 1_000_000).await;
+    let post = |path: &str, body: Value| s.http.post(format!("{}{path}", s.base)).bearer_auth(key).json(&body).send();
+    let msgs = json!([{"role": "user", "content": "hello"}]);
+
+    // Chat to the east deployment (Azure's legacy path, its key).
+    let resp = post("/v1/chat/completions", json!({"model": "chat-east", "messages": msgs})).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let east_id = resp.headers()["x-bridge-request-id"].to_str().unwrap().to_owned();
+    resp.bytes().await.unwrap();
+    let east = seen(&s.http, &s.mock).await;
+    assert_eq!(east.len(), 1);
+    assert!(east[0].path.starts_with("/openai/deployments/dep-east/chat/completions"), "{}", east[0].path);
+    assert_eq!(east[0].api_key_header.as_deref(), Some(UPSTREAM_KEY));
+
+    // Chat to the west one (Azure's v1 path: the deployment as model), capped at its own reservation.
+    let resp =
+        post("/v1/chat/completions", json!({"model": "chat-west", "messages": msgs, "stream": true})).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let west_id = resp.headers()["x-bridge-request-id"].to_str().unwrap().to_owned();
+    resp.text().await.unwrap();
+    let west_seen = seen(&s.http, &west).await;
+    assert_eq!(west_seen[0].path, "/openai/v1/chat/completions");
+    assert_eq!(west_seen[0].api_key_header.as_deref(), Some(WEST_KEY));
+    assert_eq!(west_seen[0].body["model"], "dep-west");
+    assert_eq!(west_seen[0].body["max_completion_tokens"], 64, "the model's own default reservation");
+    let over = post("/v1/chat/completions", json!({"model": "chat-west", "messages": msgs, "max_tokens": 5000}))
+        .await
+        .unwrap();
+    assert_eq!(over.status(), 400, "beyond the model's largest reservation");
+
+    // Embeddings: strings and token ids, billed by the input the upstream counted.
+    let resp = post("/v1/embeddings", json!({"model": "embed-small", "input": ["first text here", "second one"]}))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let emb_id = resp.headers()["x-bridge-request-id"].to_str().unwrap().to_owned();
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["data"].as_array().unwrap().len(), 2);
+    let resp = post("/v1/embeddings", json!({"model": "embed-small", "input": [[1, 2, 3], [4, 5]]})).await.unwrap();
+    let ids_id = resp.headers()["x-bridge-request-id"].to_str().unwrap().to_owned();
+    resp.bytes().await.unwrap();
+    let west_seen = seen(&s.http, &west).await;
+    assert_eq!(west_seen.len(), 3);
+    assert_eq!(
+        (west_seen[1].path.as_str(), west_seen[1].body["model"].as_str()),
+        ("/v1/embeddings", Some("text-embedding-3-small"))
+    );
+    assert_eq!(west_seen[1].authorization, Some(format!("Bearer {WEST_KEY}")));
+    assert_eq!(west_seen[2].prompt_tokens, 5);
+
+    for (id, upstream, model) in [
+        (&east_id, &east[0], "chat-east"),
+        (&west_id, &west_seen[0], "chat-west"),
+        (&emb_id, &west_seen[1], "embed-small"),
+        (&ids_id, &west_seen[2], "embed-small"),
+    ] {
+        let row = s.settled_row(id).await;
+        assert_eq!(row.get_str("model"), Ok(model), "the catalog's name");
+        assert_eq!(row.get_i64("input_tokens").unwrap(), upstream.prompt_tokens, "{model}");
+        assert_eq!(row.get_i64("output_tokens").unwrap(), upstream.completion_tokens, "{model}");
+        assert_eq!(row.get_str("usage_source"), Ok("upstream"));
+    }
+
+    // Unknown models, or a model on an endpoint it does not serve: refused
+    // here, nothing reaches an upstream.
+    for (path, body, status, code) in [
+        ("/v1/chat/completions", json!({"model": "gpt-4.1", "messages": msgs}), 404, "model_not_found"),
+        ("/v1/embeddings", json!({"model": "chat-east", "input": "x"}), 400, "model_not_supported"),
+        ("/v1/responses", json!({"model": "embed-small", "input": "x"}), 400, "model_not_supported"),
+    ] {
+        let resp = post(path, body).await.unwrap();
+        assert_eq!(resp.status(), status);
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["error"]["code"], code, "{err}");
+    }
+    assert_eq!(seen(&s.http, &s.mock).await.len() + seen(&s.http, &west).await.len(), 4);
+
+    // The catalog is what /v1/models lists.
+    let list: Value =
+        s.http.get(format!("{}/v1/models", s.base)).bearer_auth(key).send().await.unwrap().json().await.unwrap();
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["chat-east", "chat-west", "embed-small"]);
+
+    let served: i64 = seen(&s.http, &s.mock)
+        .await
+        .iter()
+        .chain(seen(&s.http, &west).await.iter())
+        .map(|x| x.prompt_tokens + x.completion_tokens)
+        .sum();
+    assert_eq!(s.audit_rows(key).await.len(), 4);
+    assert_eq!(s.settled_balance(key).await, 1_000_000 - served);
+}
