@@ -128,7 +128,9 @@ def cluster(name, host, port, tls_sni=None, timeout="2s"):
 
 
 # The keys of a model in MODELS_FILE, and of its upstream.
-MODEL_KEYS = {"name", "upstream", "endpoints", "encoding", "default_output_tokens", "max_output_tokens", "reasoning"}
+MODEL_KEYS = {"name", "upstream", "endpoints", "encoding", "default_output_tokens", "max_output_tokens", "reasoning",
+              "prices"}
+PRICE_KEYS = {"input", "cached_input", "output"}
 UPSTREAM_KEYS = {"style", "base_url", "deployment", "model", "api_key_env", "api_version"}
 STYLES = ("azure", "azure_v1", "openai")
 ENDPOINTS = ("chat", "responses", "embeddings")
@@ -202,6 +204,12 @@ def catalog():
                          ("max_output_tokens", "max_output_reservation"), ("reasoning", "reasoning")]:
             if src in m:
                 entry[dst] = m[src]
+        if "prices" in m:
+            prices = m["prices"]
+            if (not isinstance(prices, dict) or not set(prices) <= PRICE_KEYS
+                    or not all(isinstance(w, (int, float)) and 0 <= w <= 1000 for w in prices.values())):
+                raise SettingError(f"{at} prices must map {', '.join(sorted(PRICE_KEYS))} to weights 0 to 1000")
+            entry["prices"] = prices
         tls = url.hostname if url.scheme == "https" else None
         out.append((entry, cluster(f"model_{i}", url.hostname, port, tls_sni=tls)))
     return out

@@ -40,8 +40,59 @@ fn default_endpoints() -> Vec<Endpoint> {
     vec![Endpoint::Chat, Endpoint::Responses]
 }
 
+/// Price weights of a model's token kinds: the charge is the weighted sum,
+/// rounded up. All 1 (the default) charges what the seed charges.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prices {
+    /// Input tokens not read from the cache.
+    #[serde(default = "one")]
+    pub input: f64,
+    /// Input tokens read from the prompt cache.
+    #[serde(default = "one")]
+    pub cached_input: f64,
+    /// Output tokens, reasoning included.
+    #[serde(default = "one")]
+    pub output: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for Prices {
+    fn default() -> Self {
+        Prices { input: 1.0, cached_input: 1.0, output: 1.0 }
+    }
+}
+
+impl Prices {
+    /// What `input` tokens (`cached` of them cached) and `output` tokens
+    /// charge. Exact integers when every weight is 1.
+    pub fn charge(&self, input: i64, cached: i64, output: i64) -> i64 {
+        if *self == Prices::default() {
+            return input.saturating_add(output);
+        }
+        let cached = cached.clamp(0, input.max(0));
+        let sum =
+            self.input * (input - cached) as f64 + self.cached_input * cached as f64 + self.output * output as f64;
+        // A hair below an integer is that integer (float noise), not one more.
+        (sum - 1e-9).ceil().max(0.0) as i64
+    }
+
+    /// The hold's ceiling for `input` estimated tokens (cached or not: the
+    /// dearer weight) and `output` reserved.
+    pub fn hold(&self, input: i64, output: i64) -> i64 {
+        let dearer = Prices { input: self.input.max(self.cached_input), cached_input: 0.0, output: self.output };
+        if dearer.input == 1.0 && dearer.output == 1.0 {
+            return input.saturating_add(output);
+        }
+        dearer.charge(input, 0, output)
+    }
+}
+
 /// One served model.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Model {
     /// The name clients send as `model`.
@@ -79,6 +130,9 @@ pub struct Model {
     /// Whether it reasons; unset: by its name.
     #[serde(default)]
     pub reasoning: Option<bool>,
+    /// Price weights of its token kinds (default: all 1).
+    #[serde(default)]
+    pub prices: Prices,
     /// The one model of a configuration without a catalog, with no model
     /// configured: the client's `model` goes upstream as sent.
     #[serde(skip)]
@@ -125,6 +179,10 @@ impl Model {
         }
         if self.max_output_reservation.is_some_and(|n| n < 1) {
             return fail("max_output_reservation", "must be >= 1");
+        }
+        let p = self.prices;
+        if [p.input, p.cached_input, p.output].iter().any(|w| !w.is_finite() || !(0.0..=1_000.0).contains(w)) {
+            return fail("prices", "weights must be 0 to 1000");
         }
         Ok(())
     }
@@ -214,6 +272,19 @@ mod tests {
     }
 
     #[test]
+    fn prices_weigh_each_token_kind_and_round_up() {
+        let unit = Prices::default();
+        assert_eq!((unit.charge(100, 40, 7), unit.hold(100, 7)), (107, 107), "weights of 1 charge the seed's sum");
+        let p = Prices { input: 1.0, cached_input: 0.1, output: 4.0 };
+        assert_eq!(p.charge(100, 40, 7), 60 + 4 + 28);
+        assert_eq!(p.charge(3, 1, 0), 3, "2 + 0.1, rounded up");
+        assert_eq!(p.charge(10, 10, 0), 1, "exact tenths are not one more");
+        assert_eq!(p.hold(100, 7), 128, "the hold weighs input at the dearer weight");
+        let cheap_cache_dear = Prices { input: 0.5, cached_input: 2.0, output: 1.0 };
+        assert_eq!(cheap_cache_dear.hold(10, 0), 20);
+    }
+
+    #[test]
     fn a_bad_entry_is_named() {
         for (json, field) in [
             (r#"{"name":"","deployment":"d","upstream_key":"k"}"#, "name"),
@@ -222,6 +293,7 @@ mod tests {
             (r#"{"name":"m","deployment":"d","upstream_key":" "}"#, "upstream_key"),
             (r#"{"name":"m","deployment":"d","upstream_key":"k","endpoints":[]}"#, "endpoints"),
             (r#"{"name":"m","deployment":"d","upstream_key":"k","authority":"a b"}"#, "authority"),
+            (r#"{"name":"m","deployment":"d","upstream_key":"k","prices":{"output":-1}}"#, "prices"),
         ] {
             let err = model(json).validate("models[0]").unwrap_err();
             assert!(err.contains(&format!("models[0].{field}")), "{json}: {err}");

@@ -102,7 +102,7 @@ fn default_route_header() -> String {
     "x-openclaw-bridge-route".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Envoy cluster of the sidecar (`dispatch_http_call` takes a cluster, not host:port).
@@ -254,6 +254,7 @@ impl PluginConfig {
                 default_output_reservation: Some(self.default_output_reservation),
                 max_output_reservation: None,
                 reasoning: self.reasoning,
+                prices: crate::catalog::Prices::default(),
                 keeps_client_model: self.model.is_none(),
             }]);
         }

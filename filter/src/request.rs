@@ -203,7 +203,8 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
     }
     let output = client_max.unwrap_or(entry.default_output_reservation.unwrap_or(cfg.default_output_reservation));
     let input = body.len().div_ceil(cfg.estimate_bytes_per_token as usize) as i64 + 16 + earlier;
-    let estimate = input.saturating_add(output.saturating_mul(choices));
+    // In charged tokens: what the model's prices make of the input and output held.
+    let estimate = entry.prices.hold(input, output.saturating_mul(choices));
 
     let mut changed = false;
     if stream && !client_wants_usage {

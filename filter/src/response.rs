@@ -14,10 +14,14 @@ use crate::tokens::{collect_choice_text, collect_output_item, MAX_EXACT_BYTES};
 const MAX_PLAIN_COPY: usize = 32 * 1024 * 1024;
 
 /// Token counts the upstream reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub input: i64,
     pub output: i64,
+    /// Of `input`, read from the prompt cache.
+    pub cached: i64,
+    /// Of `output`, spent reasoning.
+    pub reasoning: i64,
 }
 
 /// What to do with a response chunk.
@@ -51,8 +55,17 @@ impl Tally {
         let n = |chat: &str, responses: &str| {
             u.get(chat).or_else(|| u.get(responses)).and_then(Value::as_i64).unwrap_or(0).max(0)
         };
-        self.usage =
-            Some(Usage { input: n("prompt_tokens", "input_tokens"), output: n("completion_tokens", "output_tokens") });
+        let detail = |chat: &str, responses: &str, field: &str| {
+            let d = u.get(chat).filter(|d| d.is_object()).or_else(|| u.get(responses));
+            d.and_then(|d| d.get(field)).and_then(Value::as_i64).unwrap_or(0).max(0)
+        };
+        let (input, output) = (n("prompt_tokens", "input_tokens"), n("completion_tokens", "output_tokens"));
+        self.usage = Some(Usage {
+            input,
+            output,
+            cached: detail("prompt_tokens_details", "input_tokens_details", "cached_tokens").min(input),
+            reasoning: detail("completion_tokens_details", "output_tokens_details", "reasoning_tokens").min(output),
+        });
         true
     }
 
@@ -239,7 +252,7 @@ mod tests {
             let mut m = ResponseMeter::new(true, true);
             let out = run(&mut m, body.as_bytes(), at);
             assert_eq!(String::from_utf8(out).unwrap(), want, "split at {at}");
-            assert_eq!(m.usage(), Some(Usage { input: 11, output: 7 }));
+            assert_eq!(m.usage(), Some(Usage { input: 11, output: 7, ..Usage::default() }));
             assert_eq!(m.output_text(), "Hello");
         }
     }
@@ -264,7 +277,7 @@ mod tests {
         let body = stream();
         let mut m = ResponseMeter::new(true, false);
         assert_eq!(run(&mut m, body.as_bytes(), 40), body.as_bytes());
-        assert_eq!(m.usage(), Some(Usage { input: 11, output: 7 }));
+        assert_eq!(m.usage(), Some(Usage { input: 11, output: 7, ..Usage::default() }));
     }
 
     #[test]
@@ -305,7 +318,11 @@ mod tests {
             for at in [0, 7, body.len() / 2, body.len()] {
                 let mut m = ResponseMeter::new(true, false);
                 assert_eq!(run(&mut m, body.as_bytes(), at), body.as_bytes(), "forwarded untouched");
-                assert_eq!(m.usage(), Some(Usage { input: 12, output: 9 }), "{last} split at {at}");
+                assert_eq!(
+                    m.usage(),
+                    Some(Usage { input: 12, output: 9, cached: 4, reasoning: 5 }),
+                    "{last} split at {at}"
+                );
                 assert_eq!(m.output_text(), "Hi {\"p\":1}");
                 assert!(!m.saw_error_event());
             }
@@ -325,8 +342,16 @@ mod tests {
         let body = br#"{"id":"resp_1","object":"response","output":[{"type":"reasoning","summary":[{"type":"summary_text","text":"think "}]},{"type":"function_call","name":"read","arguments":"{}","call_id":"c1"},{"type":"message","role":"assistant","content":[{"type":"output_text","text":"Hello"}]}],"usage":{"input_tokens":3,"output_tokens":2,"total_tokens":5}}"#;
         let mut m = ResponseMeter::new(false, false);
         assert_eq!(run(&mut m, body, 30), body);
-        assert_eq!(m.usage(), Some(Usage { input: 3, output: 2 }));
+        assert_eq!(m.usage(), Some(Usage { input: 3, output: 2, ..Usage::default() }));
         assert_eq!(m.output_text(), "think read{}Hello");
+    }
+
+    #[test]
+    fn chats_cached_and_reasoning_tokens_are_read_from_its_usage_details() {
+        let body = br#"{"choices":[],"usage":{"prompt_tokens":30,"completion_tokens":20,"prompt_tokens_details":{"cached_tokens":12},"completion_tokens_details":{"reasoning_tokens":15}}}"#;
+        let mut m = ResponseMeter::new(false, false);
+        run(&mut m, body, 10);
+        assert_eq!(m.usage(), Some(Usage { input: 30, output: 20, cached: 12, reasoning: 15 }));
     }
 
     #[test]
@@ -334,7 +359,7 @@ mod tests {
         let body = br#"{"choices":[{"message":{"role":"assistant","content":"Hi there"}}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
         let mut m = ResponseMeter::new(false, true);
         assert_eq!(run(&mut m, body, 17), body);
-        assert_eq!(m.usage(), Some(Usage { input: 3, output: 2 }));
+        assert_eq!(m.usage(), Some(Usage { input: 3, output: 2, ..Usage::default() }));
         assert_eq!(m.output_text(), "Hi there");
     }
 }

@@ -164,6 +164,10 @@ mod tests {
             unreserved: false,
             release: false,
             lease_id: None,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            charged_tokens: None,
+            endpoint: None,
         })
     }
 

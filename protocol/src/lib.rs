@@ -242,6 +242,26 @@ pub struct SettleRecord {
     /// The lease the estimate was drawn from, instead of a hold of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_id: Option<String>,
+    /// Of `input_tokens`, those the upstream read from its prompt cache.
+    #[serde(default)]
+    pub cached_tokens: i64,
+    /// Of `output_tokens`, those spent reasoning.
+    #[serde(default)]
+    pub reasoning_tokens: i64,
+    /// What leaves the balance: the tokens weighted by the model's prices
+    /// (`None`: unweighted, `input_tokens + output_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charged_tokens: Option<i64>,
+    /// `chat`, `responses` or `embeddings` (absent from older filters: chat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+impl SettleRecord {
+    /// What leaves the balance for this record.
+    pub fn charge(&self) -> i64 {
+        self.charged_tokens.unwrap_or(self.input_tokens.saturating_add(self.output_tokens))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +273,9 @@ pub struct SettleBatch {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub progress: Vec<LeaseProgress>,
 }
+
+/// The most one record may charge (a bound against a filter's arithmetic gone wrong).
+pub const MAX_CHARGED_TOKENS: i64 = 1 << 50;
 
 /// Most progress reports in one batch.
 pub const MAX_PROGRESS: usize = 1_000;
@@ -444,6 +467,18 @@ impl SettleRecord {
         if self.input_tokens.checked_add(self.output_tokens).is_none() {
             return invalid("input_tokens", "token counts overflow");
         }
+        if self.cached_tokens < 0 || self.cached_tokens > self.input_tokens {
+            return invalid("cached_tokens", "cached_tokens must be between 0 and input_tokens");
+        }
+        if self.reasoning_tokens < 0 || self.reasoning_tokens > self.output_tokens {
+            return invalid("reasoning_tokens", "reasoning_tokens must be between 0 and output_tokens");
+        }
+        if self.charged_tokens.is_some_and(|c| !(0..=MAX_CHARGED_TOKENS).contains(&c)) {
+            return invalid("charged_tokens", format!("charged_tokens must be 0 to {MAX_CHARGED_TOKENS}"));
+        }
+        if self.endpoint.as_deref().is_some_and(|e| !matches!(e, "chat" | "responses" | "embeddings")) {
+            return invalid("endpoint", "endpoint must be chat, responses or embeddings");
+        }
         if self.lease_id.as_deref().is_some_and(|l| !valid_request_id(l)) {
             return invalid("lease_id", "lease_id has characters outside [A-Za-z0-9_-] or is too long");
         }
@@ -471,12 +506,22 @@ mod tests {
         let hash = key_hash("k");
         let text = format!(
             r#"{{"request_id":"r","key_hash":"{hash}","model":"m","reserved":1,"input_tokens":1,"output_tokens":0,
-            "usage_source":"upstream","duration_ms":1,"status_code":200,"stream":false,"cached_tokens":3}}"#
+            "usage_source":"upstream","duration_ms":1,"status_code":200,"stream":false,"weights":[3]}}"#
         );
         let r: SettleRecord = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.validate(), Ok(()));
-        let long = SettleRecord { model: "m".repeat(MAX_MODEL_LEN + 1), ..r };
+        assert_eq!((r.cached_tokens, r.charged_tokens, r.charge()), (0, None, 1), "an older filter's record");
+        let long = SettleRecord { model: "m".repeat(MAX_MODEL_LEN + 1), ..r.clone() };
         assert_eq!(long.validate().map_err(|e| e.param), Err("model"));
+        for (bad, param) in [
+            (SettleRecord { cached_tokens: 2, ..r.clone() }, "cached_tokens"),
+            (SettleRecord { reasoning_tokens: 1, ..r.clone() }, "reasoning_tokens"),
+            (SettleRecord { charged_tokens: Some(-1), ..r.clone() }, "charged_tokens"),
+            (SettleRecord { endpoint: Some("audio".into()), ..r.clone() }, "endpoint"),
+        ] {
+            assert_eq!(bad.validate().map_err(|e| e.param), Err(param));
+        }
+        assert_eq!(SettleRecord { charged_tokens: Some(9), ..r }.charge(), 9);
     }
 
     #[test]

@@ -19,7 +19,7 @@ const MAX_CSV_LIMIT: i64 = 10_000;
 
 /// The columns of the CSV export, in order: the seed's audit fields and the
 /// bridge's own.
-const COLUMNS: [&str; 16] = [
+const COLUMNS: [&str; 20] = [
     "timestamp",
     "request_id",
     "key_id",
@@ -29,6 +29,9 @@ const COLUMNS: [&str; 16] = [
     "input_tokens",
     "output_tokens",
     "total_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "charged_tokens",
     "reserved_tokens",
     "status_code",
     "stream",
@@ -36,6 +39,7 @@ const COLUMNS: [&str; 16] = [
     "usage_source",
     "expired_hold",
     "lease_id",
+    "endpoint",
 ];
 
 #[derive(Debug, serde::Deserialize)]

@@ -167,6 +167,10 @@ fn record(key: &str, request_id: &str, reserved: i64, input: i64, output: i64) -
         unreserved: false,
         release: false,
         lease_id: None,
+        cached_tokens: 0,
+        reasoning_tokens: 0,
+        charged_tokens: None,
+        endpoint: None,
     }
 }
 
@@ -488,6 +492,53 @@ async fn usage_beyond_the_hold_is_charged_in_full() {
     let reply = s.settle(&[record(key, "over-1", 100, 90, 60)]).await;
     assert_eq!(reply.results[0].outcome, SettleOutcome::Settled);
     assert_eq!(s.balance(key).await, 850);
+}
+
+#[tokio::test]
+async fn a_weighted_charge_is_what_leaves_the_balance_on_holds_and_leases_and_rows_keep_the_raw_counts() {
+    let s = start_with_store(Duration::from_secs(1800), None, whole_share).await;
+    let key = "sk-weighted-key-1";
+    s.create(key, 1_000).await;
+    assert!(matches!(s.reserve(key, "w-1", 100).await, ReserveReply::Admit { .. }));
+    let weighted = |r: SettleRecord, charged: i64| SettleRecord {
+        cached_tokens: 8,
+        reasoning_tokens: 4,
+        charged_tokens: Some(charged),
+        endpoint: Some("responses".into()),
+        ..r
+    };
+    assert_eq!(
+        s.settle(&[weighted(record(key, "w-1", 100, 20, 10), 75)]).await.results[0].outcome,
+        SettleOutcome::Settled
+    );
+    assert_eq!(s.balance(key).await, 925, "75 charged, not the 30 tokens counted");
+    // From a lease: the close returns what its rows did not charge.
+    assert_eq!(s.granted(key, "WL", 300, 100).await, 300);
+    let drawn_row = weighted(drawn(key, "WL", "w-2", 100, 20, 10), 60);
+    assert_eq!(s.settle(&[drawn_row]).await.results[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.close(&[close_of(key, "WL", Some(300), 100, 1)]).await.closes[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.balance(key).await, 925 - 60);
+    let rows = s.audit_rows().await;
+    let row = rows.iter().find(|r| r.get_str("request_id") == Ok("w-1")).unwrap();
+    assert_eq!(
+        (
+            row.get_i64("total_tokens"),
+            row.get_i64("charged_tokens"),
+            row.get_i64("cached_tokens"),
+            row.get_i64("reasoning_tokens")
+        ),
+        (Ok(30), Ok(75), Ok(8), Ok(4))
+    );
+    assert_eq!(row.get_str("endpoint"), Ok("responses"));
+    let (_, report) = s.admin(reqwest::Method::GET, "/admin/usage", None).await;
+    assert_eq!(
+        (report["data"][0]["total_tokens"].as_i64(), report["data"][0]["charged_tokens"].as_i64()),
+        (Some(60), Some(135))
+    );
+    assert_eq!(report["data"][0]["cached_tokens"], 16);
+    // Counts that cannot be are refused, alone.
+    let bad = SettleRecord { cached_tokens: 50, ..record(key, "w-3", 100, 20, 10) };
+    assert_eq!(s.settle(&[bad]).await.results[0].outcome, SettleOutcome::Invalid);
 }
 
 #[tokio::test]
@@ -1160,7 +1211,7 @@ async fn balances_are_true_while_leases_are_open_and_a_key_reads_its_own() {
     for period in ["today", "month"] {
         assert_eq!(
             me["usage"][period],
-            json!({"requests": 1, "input_tokens": 20, "output_tokens": 10, "total_tokens": 30})
+            json!({"requests": 1, "input_tokens": 20, "output_tokens": 10, "total_tokens": 30, "charged_tokens": 30})
         );
     }
     // An unknown or missing key is a 401 in the OpenAI shape, as on the chat path.

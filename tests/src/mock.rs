@@ -7,7 +7,8 @@
 //!
 //! The header `x-mock-scenario` picks a behaviour: `no_usage` (never reports
 //! usage), `error_400`, `error_500`, `midstream_error`, `slow` (50 ms between
-//! chunks); `x-mock-words: N` sets the answer's length (5 words by default).
+//! chunks); `x-mock-words: N` sets the answer's length (5 words by default);
+//! `x-mock-cached: N` reports N of the prompt's tokens as cached.
 //! Every request is recorded and listed
 //! by `GET /mock/requests` so tests can compare billing with what was served.
 
@@ -193,11 +194,16 @@ async fn complete(
         }
         _ => {}
     }
-    let usage = json!({
+    let cached: i64 =
+        headers.get("x-mock-cached").and_then(|v| v.to_str().ok()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let mut usage = json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     });
+    if cached > 0 {
+        usage["prompt_tokens_details"] = json!({"cached_tokens": cached.min(prompt_tokens)});
+    }
     let id = "chatcmpl-mock";
     if !stream {
         let message = match &tool {

@@ -28,6 +28,7 @@ async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
         {"name": "chat-east", "endpoints": ["chat", "responses"],
          "upstream": {"style": "azure", "base_url": "{mock}", "deployment": "dep-east", "api_key_env": "KEY_EAST"}},
         {"name": "chat-west", "default_output_tokens": 64, "max_output_tokens": 1000,
+         "prices": {"input": 2, "cached_input": 0.5, "output": 3},
          "upstream": {"style": "azure_v1", "base_url": west, "deployment": "dep-west", "api_key_env": "KEY_WEST"}},
         {"name": "embed-small", "endpoints": ["embeddings"],
          "upstream": {"style": "openai", "base_url": format!("{west}/v1"), "model": "text-embedding-3-small",
@@ -52,8 +53,15 @@ async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
     assert_eq!(east[0].api_key_header.as_deref(), Some(UPSTREAM_KEY));
 
     // Chat to the west one (Azure's v1 path: the deployment as model), capped at its own reservation.
-    let resp =
-        post("/v1/chat/completions", json!({"model": "chat-west", "messages": msgs, "stream": true})).await.unwrap();
+    let resp = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.base))
+        .bearer_auth(key)
+        .header("x-mock-cached", "3")
+        .json(&json!({"model": "chat-west", "messages": msgs, "stream": true}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let west_id = resp.headers()["x-bridge-request-id"].to_str().unwrap().to_owned();
     resp.text().await.unwrap();
@@ -86,6 +94,18 @@ async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
     );
     assert_eq!(west_seen[1].authorization, Some(format!("Bearer {WEST_KEY}")));
     assert_eq!(west_seen[2].prompt_tokens, 5);
+
+    // The west model's prices: uncached input 2, cached 0.5, output 3.
+    let row = s.settled_row(&west_id).await;
+    let (input, output) = (west_seen[0].prompt_tokens, west_seen[0].completion_tokens);
+    assert_eq!(row.get_i64("cached_tokens"), Ok(3));
+    let weighted = 2 * (input - 3) + 3 * output + 2; // the cached 1.5, rounded up
+    assert_eq!(row.get_i64("charged_tokens"), Ok(weighted));
+    assert_eq!(row.get_i64("total_tokens"), Ok(input + output), "the seed's count stays raw");
+    assert_eq!(row.get_str("endpoint"), Ok("chat"));
+    let emb_row = s.settled_row(&emb_id).await;
+    assert_eq!(emb_row.get_str("endpoint"), Ok("embeddings"));
+    assert_eq!(emb_row.get_i64("charged_tokens"), Ok(west_seen[1].prompt_tokens), "unpriced: the tokens");
 
     for (id, upstream, model) in [
         (&east_id, &east[0], "chat-east"),
@@ -126,6 +146,9 @@ async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
         .chain(seen(&s.http, &west).await.iter())
         .map(|x| x.prompt_tokens + x.completion_tokens)
         .sum();
-    assert_eq!(s.audit_rows(key).await.len(), 4);
-    assert_eq!(s.settled_balance(key).await, 1_000_000 - served);
+    let rows = s.audit_rows(key).await;
+    assert_eq!(rows.len(), 4);
+    let charged: i64 = rows.iter().map(|r| r.get_i64("charged_tokens").unwrap()).sum();
+    assert_eq!(charged, served - (input + output) + weighted, "every row at its model's prices");
+    assert_eq!(s.settled_balance(key).await, 1_000_000 - charged, "the debits are the charged tokens");
 }

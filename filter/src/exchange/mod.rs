@@ -311,7 +311,19 @@ impl Exchange {
                     encoding,
                     reasons.then_some(req.admission.estimate),
                 );
-                let record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
+                let mut record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
+                let details = meter.as_ref().and_then(ResponseMeter::usage).filter(|_| source == UsageSource::Upstream);
+                record.cached_tokens = details.map_or(0, |u| u.cached);
+                record.reasoning_tokens = details.map_or(0, |u| u.reasoning);
+                let prices = model.map(|m| m.prices).unwrap_or_default();
+                if prices != crate::catalog::Prices::default() {
+                    // A reasoning model without usage pays its hold, which is in charged tokens already.
+                    record.charged_tokens = Some(if source == UsageSource::Estimate {
+                        req.admission.estimate
+                    } else {
+                        prices.charge(input, record.cached_tokens, output)
+                    });
+                }
                 debug!(
                     "[{}] {}: queued settlement {input}+{output} of {} ({source:?})",
                     self.id, record.request_id, record.reserved
@@ -373,5 +385,9 @@ fn record(
             Hold::Drawn(id) => Some(id.clone()),
             Hold::Reserved | Hold::Unreserved => None,
         },
+        cached_tokens: 0,
+        reasoning_tokens: 0,
+        charged_tokens: None,
+        endpoint: Some(req.admission.endpoint.name().to_owned()),
     }
 }

@@ -83,8 +83,9 @@ pub struct Usage {
     pub requests: i64,
     pub input_tokens: i64,
     pub output_tokens: i64,
-    /// What left the balance.
     pub total_tokens: i64,
+    /// What left the balance (the tokens weighted by their models' prices).
+    pub charged_tokens: i64,
 }
 
 /// The first millisecond of the UTC month of `ms`.

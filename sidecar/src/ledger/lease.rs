@@ -193,7 +193,7 @@ impl Store {
             .audit
             .aggregate([
                 doc! {"$match": {"lease_id": lease_id, "expired_hold": false}},
-                doc! {"$group": {"_id": Bson::Null, "rows": {"$sum": 1_i64}, "total": {"$sum": "$total_tokens"},
+                doc! {"$group": {"_id": Bson::Null, "rows": {"$sum": 1_i64}, "total": {"$sum": super::usage::charged()},
                 "reserved": {"$sum": "$reserved_tokens"}}},
             ])
             .await?;

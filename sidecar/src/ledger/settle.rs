@@ -10,8 +10,11 @@ use super::{
     charged_path, hold_path, lease_path, outbox_path, LedgerError, Mark, Settled, Store, DUPLICATE_KEY, MARKS_FULL,
 };
 
-/// The audit row of one settlement, without the key owner's fields (added on flush).
-pub(super) fn audit_entry(r: &SettleRecord, total: i64, expired: bool, now: DateTime) -> Document {
+/// The audit row of one settlement, without the key owner's fields (added on
+/// flush). `charged` is what left the balance (`charged_tokens`); the seed's
+/// `total_tokens` stays input plus output (an expired hold: what it charged).
+pub(super) fn audit_entry(r: &SettleRecord, charged: i64, expired: bool, now: DateTime) -> Document {
+    let total = if expired { charged } else { r.input_tokens.saturating_add(r.output_tokens) };
     let mut row = doc! {
         "timestamp": now,
         "request_id": &r.request_id,
@@ -20,6 +23,9 @@ pub(super) fn audit_entry(r: &SettleRecord, total: i64, expired: bool, now: Date
         "input_tokens": r.input_tokens,
         "output_tokens": r.output_tokens,
         "total_tokens": total,
+        "cached_tokens": r.cached_tokens,
+        "reasoning_tokens": r.reasoning_tokens,
+        "charged_tokens": charged,
         "duration_ms": r.duration_ms,
         "status_code": i32::from(r.status_code),
         "stream": r.stream,
@@ -29,6 +35,9 @@ pub(super) fn audit_entry(r: &SettleRecord, total: i64, expired: bool, now: Date
     };
     if let Some(lease) = &r.lease_id {
         row.insert("lease_id", lease);
+    }
+    if let Some(endpoint) = &r.endpoint {
+        row.insert("endpoint", endpoint);
     }
     row
 }
@@ -113,15 +122,7 @@ impl Store {
         };
         let rows: Vec<Document> = group
             .iter()
-            .map(|r| {
-                OutboxRow::new(
-                    &r.key_hash,
-                    &r.request_id,
-                    owner,
-                    audit_entry(r, r.input_tokens + r.output_tokens, false, now),
-                )
-                .row
-            })
+            .map(|r| OutboxRow::new(&r.key_hash, &r.request_id, owner, audit_entry(r, r.charge(), false, now)).row)
             .collect();
         let mut duplicates = std::collections::BTreeSet::new();
         match self.audit.insert_many(&rows).ordered(false).await {
@@ -158,7 +159,7 @@ impl Store {
             let mut one = self.settle_leased(&[r], now).await?;
             return Ok(one.pop().unwrap_or((SettleOutcome::Invalid, None, None)));
         }
-        let total = r.input_tokens + r.output_tokens;
+        let total = r.charge();
         let entry = audit_entry(r, total, false, now);
         let outbox = outbox_path(&r.request_id);
         let projection = doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1};

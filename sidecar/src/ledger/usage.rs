@@ -49,15 +49,23 @@ impl GroupBy {
 }
 
 /// What every usage figure sums over audit rows.
-const SUMS: [&str; 5] = ["requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens"];
+const SUMS: [&str; 6] =
+    ["requests", "input_tokens", "cached_tokens", "output_tokens", "total_tokens", "charged_tokens"];
 
-/// The `$group` accumulators of [`SUMS`] (add `_id`).
+/// The `$group` accumulators of [`SUMS`] (add `_id`). Rows written before
+/// `charged_tokens` existed charged their `total_tokens`.
 pub(super) fn sums() -> Document {
     let mut group = doc! {"requests": {"$sum": 1_i64}};
     for f in &SUMS[1..] {
         group.insert(*f, doc! {"$sum": format!("${f}")});
     }
+    group.insert("charged_tokens", doc! {"$sum": charged()});
     group
+}
+
+/// What an audit row took from the balance.
+pub(super) fn charged() -> Document {
+    doc! {"$ifNull": ["$charged_tokens", "$total_tokens"]}
 }
 
 /// A number an aggregation returned, whatever its BSON type (0 if none).
@@ -73,7 +81,8 @@ pub(super) fn int(value: Option<&mongodb::bson::Bson>) -> i64 {
 impl Store {
     /// One row per group of the rows in `[from, to)`: the group's fields and
     /// `requests`, `input_tokens`, `cached_tokens`, `output_tokens`,
-    /// `total_tokens` (what left the balance). Sorted by the group's fields.
+    /// `total_tokens` (input plus output) and `charged_tokens` (what left the
+    /// balance). Sorted by the group's fields.
     pub async fn usage_report(
         &self,
         from: Option<DateTime>,
