@@ -1121,6 +1121,24 @@ async fn a_lease_takes_at_most_its_share_of_the_balance_but_always_one_request()
 }
 
 #[tokio::test]
+async fn a_shortfall_that_open_holds_may_give_back_is_retry_not_insufficient_quota() {
+    let s = start().await;
+    let key = "sk-held-short-01";
+    s.create(key, 300).await;
+    assert!(matches!(s.reserve(key, "h-1", 163).await, ReserveReply::Admit { balance_tokens: 137, .. }));
+    // 137 left, but h-1 will give back what it does not use: not a 429 yet.
+    assert!(matches!(s.reserve(key, "h-2", 163).await, ReserveReply::Retry));
+    assert_eq!(s.settle(&[record(key, "h-1", 163, 15, 5)]).await.results[0].outcome, SettleOutcome::Settled);
+    assert!(matches!(s.reserve(key, "h-2", 163).await, ReserveReply::Admit { balance_tokens: 117, .. }));
+    // Nothing held and nothing leased: a real shortfall is refused.
+    assert_eq!(s.settle(&[record(key, "h-2", 163, 100, 63)]).await.results[0].outcome, SettleOutcome::Settled);
+    match s.reserve(key, "h-3", 163).await {
+        ReserveReply::Refuse { status: 429, error } => assert_eq!(error.code.as_deref(), Some("insufficient_quota")),
+        other => panic!("beyond the balance: {other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn balance_in_other_gateways_leases_is_recalled_instead_of_refused() {
     let s = start_with_store(Duration::from_secs(1800), None, whole_share).await;
     let key = "sk-leased-recall-1";
@@ -1135,6 +1153,9 @@ async fn balance_in_other_gateways_leases_is_recalled_instead_of_refused() {
     assert_eq!(s.report(key, &[("A1", 300, 3)]).await, ["A1"]);
     s.close(&[close_of(key, "A1", Some(900), 300, 3)]).await;
     assert!(matches!(s.reserve(key, "b-1", 500).await, ReserveReply::Admit { .. }));
+    // While b-1 is in flight, what its hold will give back is on its way too.
+    assert!(matches!(s.reserve(key, "b-2", 201).await, ReserveReply::Retry));
+    assert_eq!(s.settle(&[record(key, "b-1", 500, 400, 100)]).await.results[0].outcome, SettleOutcome::Settled);
     // A1's 300 drawn may still come back in part (its rows come with A's next
     // tick): asked to retry for a moment; past that, a real shortfall.
     assert!(matches!(s.reserve(key, "b-2", 201).await, ReserveReply::Retry));

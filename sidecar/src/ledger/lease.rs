@@ -94,8 +94,8 @@ impl Store {
         balance: i64,
         asking: Option<&str>,
     ) -> Result<Decision, LedgerError> {
-        let key = self.key_docs.find_one(doc! {"_id": key_hash}).projection(doc! {"leases": 1}).await?;
-        let leases = key.map(|k| k.leases).unwrap_or_default();
+        let key = self.key_docs.find_one(doc! {"_id": key_hash}).projection(doc! {"leases": 1, "holds": 1}).await?;
+        let (leases, holds) = key.map(|k| (k.leases, k.holds)).unwrap_or_default();
         // Open leases of other gateways (or windows): recalled if it comes to that.
         let others: Vec<(&String, &LeaseDoc)> =
             leases.iter().filter(|(id, l)| Some(id.as_str()) != asking && !l.closed && l.expiring.is_none()).collect();
@@ -104,6 +104,9 @@ impl Store {
         // recalled now and close within a tick), and what leases closed in the
         // last REFUNDS_DUE drew; part of it comes back once their rows arrive.
         let mut due: i64 = others.iter().filter(|(_, l)| !l.closed).map(|(_, l)| l.reported_tokens.max(0)).sum();
+        // And the holds of requests still in flight (or whose settlements are
+        // queued in a gateway): each gives back what its request did not use.
+        due += holds.values().map(|h| h.tokens.max(0)).sum::<i64>();
         if leases.values().any(|l| l.closed) {
             let since = self.server_now().await?.timestamp_millis() - REFUNDS_DUE.as_millis() as i64;
             due += leases
@@ -113,7 +116,7 @@ impl Store {
                 .sum::<i64>();
         }
         if balance.saturating_add(undrawn).saturating_add(due) < needed {
-            tracing::debug!(needed, balance, undrawn, due, leases = ?leases, "short of balance");
+            tracing::debug!(needed, balance, undrawn, due, leases = ?leases, holds = holds.len(), "short of balance");
             return Ok(Decision::Refused(Refusal::Insufficient { needed, balance }));
         }
         let mut recall = doc! {};
