@@ -42,6 +42,8 @@ struct Tally {
     /// Bytes of generated text beyond that, only counted.
     beyond: usize,
     error_event: bool,
+    /// The id of the response the upstream stored (the Responses API).
+    response_id: Option<String>,
 }
 
 impl Tally {
@@ -49,6 +51,17 @@ impl Tally {
     /// API's (`input_tokens`, `output_tokens`), at the top (a plain answer, a
     /// chat chunk) or in the event's `response` (`response.completed`,
     /// `.incomplete`, `.failed`).
+    /// A Responses answer's `id` (plain), or its events' `response.id`.
+    fn take_response_id(&mut self, v: &Value) {
+        if self.response_id.is_some() {
+            return;
+        }
+        let response =
+            if v.get("object").and_then(Value::as_str) == Some("response") { Some(v) } else { v.get("response") };
+        let id = response.and_then(|r| r.get("id")).and_then(Value::as_str);
+        self.response_id = id.filter(|id| bridge_protocol::valid_request_id(id)).map(str::to_owned);
+    }
+
     fn take_usage(&mut self, v: &Value) -> bool {
         let usage = |v: &Value| v.get("usage").filter(|u| u.is_object()).cloned();
         let Some(u) = usage(v).or_else(|| v.get("response").and_then(usage)) else { return false };
@@ -94,6 +107,9 @@ impl Tally {
         }
         // The Responses API's stream: text, arguments, refusals and reasoning
         // summaries come as `*.delta` events.
+        if kind == "response.created" || kind == "response.completed" {
+            self.take_response_id(&v);
+        }
         if kind.starts_with("response.") && kind.ends_with(".delta") {
             if let Some(delta) = v.get("delta").and_then(Value::as_str) {
                 self.text.push_str(delta);
@@ -177,6 +193,7 @@ impl ResponseMeter {
             None => {
                 if let Ok(v) = serde_json::from_slice::<Value>(&self.plain) {
                     self.tally.take_usage(&v);
+                    self.tally.take_response_id(&v);
                     for c in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
                         if let Some(m) = c.get("message") {
                             collect_choice_text(m, &mut self.tally.text);
@@ -210,6 +227,11 @@ impl ResponseMeter {
     /// what went beyond it, estimated.
     pub fn output_tokens(&self, encoding: Encoding) -> i64 {
         crate::tokens::count_text(encoding, &self.tally.text) + self.tally.beyond.div_ceil(2) as i64
+    }
+
+    /// The id of the response the upstream stored, if it was a Responses answer.
+    pub fn response_id(&self) -> Option<&str> {
+        self.tally.response_id.as_deref()
     }
 
     pub fn saw_error_event(&self) -> bool {
@@ -299,8 +321,10 @@ mod tests {
     #[test]
     fn a_responses_stream_is_metered_from_its_last_event_and_its_deltas() {
         let ev = |kind: &str, data: serde_json::Value| format!("event: {kind}\ndata: {data}\n\n");
-        let created =
-            ev("response.created", serde_json::json!({"type": "response.created", "response": {"usage": null}}));
+        let created = ev(
+            "response.created",
+            serde_json::json!({"type": "response.created", "response": {"id": "resp_abc", "usage": null}}),
+        );
         let text =
             ev("response.output_text.delta", serde_json::json!({"type": "response.output_text.delta", "delta": "Hi "}));
         let args = ev(
@@ -324,6 +348,7 @@ mod tests {
                     "{last} split at {at}"
                 );
                 assert_eq!(m.output_text(), "Hi {\"p\":1}");
+                assert_eq!(m.response_id(), Some("resp_abc"));
                 assert!(!m.saw_error_event());
             }
         }
@@ -344,6 +369,7 @@ mod tests {
         assert_eq!(run(&mut m, body, 30), body);
         assert_eq!(m.usage(), Some(Usage { input: 3, output: 2, ..Usage::default() }));
         assert_eq!(m.output_text(), "think read{}Hello");
+        assert_eq!(m.response_id(), Some("resp_1"));
     }
 
     #[test]

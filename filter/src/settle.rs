@@ -168,6 +168,7 @@ mod tests {
             reasoning_tokens: 0,
             charged_tokens: None,
             endpoint: None,
+            response_id: None,
         })
     }
 

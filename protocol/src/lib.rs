@@ -18,6 +18,23 @@ pub const SETTLE_PATH: &str = "/internal/settle";
 /// Path of the lease call: tokens taken from a key's balance in advance, which
 /// the filter hands out to that key's requests without a call each.
 pub const LEASE_PATH: &str = "/internal/lease";
+/// Which model a key's stored response was made on, if the key made it.
+pub const OWNER_PATH: &str = "/internal/response_owner";
+
+/// Whose is a response stored upstream: asked before a `GET`/`DELETE
+/// /v1/responses/{id}` is let through, since every key's responses are
+/// stored under the operator's one upstream key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRequest {
+    pub key_hash: String,
+    pub response_id: String,
+}
+
+/// The model the response was made on, or `None`: not this key's (or unknown).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerReply {
+    pub model: Option<String>,
+}
 /// Header carrying the optional shared secret of the internal API.
 pub const INTERNAL_TOKEN_HEADER: &str = "x-bridge-internal-token";
 /// Most records one settlement batch may carry; the filter never sends more.
@@ -255,6 +272,10 @@ pub struct SettleRecord {
     /// `chat`, `responses` or `embeddings` (absent from older filters: chat).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// The id of the response the upstream stored (the Responses API), which
+    /// only this key may read or delete afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_id: Option<String>,
 }
 
 impl SettleRecord {
@@ -478,6 +499,9 @@ impl SettleRecord {
         }
         if self.endpoint.as_deref().is_some_and(|e| !matches!(e, "chat" | "responses" | "embeddings")) {
             return invalid("endpoint", "endpoint must be chat, responses or embeddings");
+        }
+        if self.response_id.as_deref().is_some_and(|id| !valid_request_id(id)) {
+            return invalid("response_id", "response_id has characters outside [A-Za-z0-9_-] or is too long");
         }
         if self.lease_id.as_deref().is_some_and(|l| !valid_request_id(l)) {
             return invalid("lease_id", "lease_id has characters outside [A-Za-z0-9_-] or is too long");

@@ -116,6 +116,7 @@ pub async fn settle(
         .spawn(tracing::Instrument::instrument(
             async move {
                 let results = merge(store.settle(&records).await?, unreadable_records);
+                store.record_owners(&records, &results).await;
                 let closes = merge(store.close_leases(&closes).await?, unreadable_closes);
                 let recalled = store.report_progress(&progress).await?;
                 log_batch(&records, &results, &closes, started.elapsed());
@@ -225,4 +226,18 @@ fn log_batch(
     for r in results.iter().filter(|r| r.outcome == SettleOutcome::Unknown) {
         tracing::info!(request_id = %r.request_id, message = ?r.message, "settlement found no hold");
     }
+}
+
+/// `POST /internal/response_owner`: the model of a stored response if the
+/// asking key made it (`model: null` otherwise, or for one never seen).
+#[tracing::instrument(skip_all)]
+pub async fn response_owner(
+    State(state): State<AppState>,
+    Json(req): Json<bridge_protocol::OwnerRequest>,
+) -> Result<Json<bridge_protocol::OwnerReply>, AppError> {
+    if !bridge_protocol::valid_key_hash(&req.key_hash) || !bridge_protocol::valid_request_id(&req.response_id) {
+        return Err(AppError::bad_request("key_hash or response_id is malformed.", Some("response_id")));
+    }
+    let model = state.store.response_owner(&req.key_hash, &req.response_id).await?;
+    Ok(Json(bridge_protocol::OwnerReply { model }))
 }

@@ -108,6 +108,7 @@ pub fn app(state: AppState) -> Router {
         .route(bridge_protocol::RESERVE_PATH, post(internal::reserve))
         .route(bridge_protocol::LEASE_PATH, post(internal::lease))
         .route(bridge_protocol::SETTLE_PATH, post(internal::settle))
+        .route(bridge_protocol::OWNER_PATH, post(internal::response_owner))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_internal));
     Router::new()
         .merge(admin)

@@ -171,6 +171,7 @@ fn record(key: &str, request_id: &str, reserved: i64, input: i64, output: i64) -
         reasoning_tokens: 0,
         charged_tokens: None,
         endpoint: None,
+        response_id: None,
     }
 }
 

@@ -43,14 +43,20 @@ pub struct MockState {
     /// The key the mock expects from the gateway (`api-key` or `Authorization: Bearer`).
     pub upstream_key: String,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Responses made, by id, as the Responses API stores them.
+    pub stored: Arc<Mutex<std::collections::HashMap<String, Value>>>,
 }
 
 pub fn app(upstream_key: &str) -> Router {
-    let state = MockState { upstream_key: upstream_key.to_owned(), seen: Arc::default() };
+    let state = MockState { upstream_key: upstream_key.to_owned(), seen: Arc::default(), stored: Arc::default() };
     Router::new()
         .route("/openai/deployments/{deployment}/chat/completions", post(azure))
         .route("/v1/chat/completions", post(openai))
         .route("/openai/v1/responses", post(azure_responses))
+        .route("/openai/v1/responses/{id}", get(azure_stored).delete(azure_stored))
+        .route("/openai/v1/responses/{id}/{action}", get(azure_stored_action).post(azure_stored_action))
+        .route("/v1/responses/{id}", get(openai_stored).delete(openai_stored))
+        .route("/v1/responses/{id}/{action}", get(openai_stored_action).post(openai_stored_action))
         .route("/openai/v1/chat/completions", post(azure_v1_chat))
         .route("/openai/deployments/{deployment}/embeddings", post(azure_embeddings))
         .route("/openai/v1/embeddings", post(azure_v1_embeddings))
@@ -392,6 +398,7 @@ async fn respond(s: MockState, path: String, headers: HeaderMap, body: Bytes) ->
     let output_tokens =
         if let Some((name, args)) = &tool { (name.len() + args.len()).div_ceil(4) as i64 } else { pieces.len() as i64 };
     let model = body["model"].as_str().unwrap_or("mock").to_owned();
+    let response_id = format!("resp_mock{:06}", s.seen.lock().map(|m| m.len()).unwrap_or(0));
     if let Ok(mut seen) = s.seen.lock() {
         seen.push(Seen {
             path,
@@ -430,15 +437,19 @@ async fn respond(s: MockState, path: String, headers: HeaderMap, body: Bytes) ->
     };
     let status = if cut { "incomplete" } else { "completed" };
     let response = |status: &str, output: Value, usage: Option<&Value>| {
-        let mut r = json!({"id": "resp_mock", "object": "response", "created_at": 1_700_000_000, "status": status,
+        let mut r = json!({"id": response_id, "object": "response", "created_at": 1_700_000_000, "status": status,
             "model": model, "output": output, "usage": usage});
         if status == "incomplete" {
             r["incomplete_details"] = json!({"reason": "max_output_tokens"});
         }
         r
     };
+    let last = response(status, json!([item]), usage.as_ref());
+    if let Ok(mut stored) = s.stored.lock() {
+        stored.insert(response_id.clone(), last.clone());
+    }
     if !stream {
-        return Json(response(status, json!([item]), usage.as_ref())).into_response();
+        return Json(last).into_response();
     }
     let mut events: Vec<(String, Value)> = Vec::new();
     let mut push = |kind: &str, mut data: Value| {
@@ -651,4 +662,90 @@ fn embed(s: MockState, path: String, headers: HeaderMap, body: Bytes, deployment
         out["usage"] = json!({"prompt_tokens": tokens, "total_tokens": tokens});
     }
     Json(out).into_response()
+}
+
+async fn azure_stored(
+    State(s): State<MockState>,
+    Path(id): Path<String>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = azure_refusal(&s, &headers) {
+        return r;
+    }
+    stored(&s, format!("/openai/v1/responses/{id}"), &id, method.as_str(), "")
+}
+
+async fn azure_stored_action(
+    State(s): State<MockState>,
+    Path((id, action)): Path<(String, String)>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = azure_refusal(&s, &headers) {
+        return r;
+    }
+    stored(&s, format!("/openai/v1/responses/{id}/{action}"), &id, method.as_str(), &action)
+}
+
+async fn openai_stored(
+    State(s): State<MockState>,
+    Path(id): Path<String>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = bearer_refusal(&s, &headers) {
+        return r;
+    }
+    stored(&s, format!("/v1/responses/{id}"), &id, method.as_str(), "")
+}
+
+async fn openai_stored_action(
+    State(s): State<MockState>,
+    Path((id, action)): Path<(String, String)>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = bearer_refusal(&s, &headers) {
+        return r;
+    }
+    stored(&s, format!("/v1/responses/{id}/{action}"), &id, method.as_str(), &action)
+}
+
+/// A stored response: read (`GET`), deleted (`DELETE`), cancelled (`POST
+/// .../cancel`) or its input items listed (`GET .../input_items`). Recorded
+/// in what the mock saw, with no tokens.
+fn stored(s: &MockState, path: String, id: &str, method: &str, action: &str) -> Response {
+    if let Ok(mut seen) = s.seen.lock() {
+        seen.push(Seen {
+            path,
+            api_key_header: None,
+            authorization: None,
+            accept_encoding: None,
+            stream: false,
+            include_usage: false,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            scenario: format!("{method} {action}"),
+            body: Value::Null,
+        });
+    }
+    let Ok(mut stored) = s.stored.lock() else { return StatusCode::INTERNAL_SERVER_ERROR.into_response() };
+    let Some(response) = stored.get(id).cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("Response with id '{id}' not found."),
+            "invalid_request_error",
+            "not_found",
+        );
+    };
+    match (method, action) {
+        ("DELETE", _) => {
+            stored.remove(id);
+            Json(json!({"id": id, "object": "response.deleted", "deleted": true})).into_response()
+        }
+        ("POST", "cancel") => Json(json!({"id": id, "object": "response", "status": "cancelled"})).into_response(),
+        ("GET", "input_items") => Json(json!({"object": "list", "data": [], "has_more": false})).into_response(),
+        _ => Json(response).into_response(),
+    }
 }

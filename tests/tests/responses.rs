@@ -137,3 +137,68 @@ async fn responses_are_billed_exactly_on_azure() {
 async fn responses_are_billed_exactly_on_an_openai_style_upstream() {
     billed_exactly("openai").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_response_is_read_and_deleted_by_the_key_that_made_it_only() {
+    let s = Stack::start(StackOptions::default()).await;
+    let (owner, other) = ("sk-responses-owner-1", "sk-responses-other-1");
+    s.create_key(owner, 100_000).await;
+    s.create_key(other, 100_000).await;
+    // One plain, one streamed: each response's id is the owner's.
+    let mut ids = Vec::new();
+    for stream in [false, true] {
+        let body = json!({"model": "gpt-5-nano", "input": "remember this", "max_output_tokens": 20, "stream": stream});
+        let resp = responses(&s, owner, &body).send().await.unwrap();
+        let request = request_id(&resp);
+        let text = resp.text().await.unwrap();
+        let id = if stream {
+            named_events(&text)[0].1["response"]["id"].as_str().unwrap().to_owned()
+        } else {
+            serde_json::from_str::<Value>(&text).unwrap()["id"].as_str().unwrap().to_owned()
+        };
+        let row = s.settled_row(&request).await;
+        assert_eq!(row.get_str("endpoint"), Ok("responses"));
+        ids.push(id);
+    }
+    let balance = s.settled_balance(owner).await;
+    let call = |method: reqwest::Method, key: &'static str, path: String| {
+        let req = s.http.request(method, format!("{}{path}", s.base)).bearer_auth(key);
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for id in &ids {
+        // Another key gets a 404, as for a response that does not exist; nothing reaches the upstream.
+        let before = s.served().await.len();
+        for (method, path) in [
+            (reqwest::Method::GET, format!("/v1/responses/{id}")),
+            (reqwest::Method::GET, format!("/v1/responses/{id}/input_items")),
+            (reqwest::Method::POST, format!("/v1/responses/{id}/cancel")),
+            (reqwest::Method::DELETE, format!("/v1/responses/{id}")),
+        ] {
+            let (status, body) = call(method, other, path.clone()).await;
+            assert_eq!(status, 404, "{path}: {body}");
+            assert!(body["error"]["message"].as_str().unwrap().contains(id.as_str()), "{body}");
+        }
+        assert_eq!(s.served().await.len(), before, "another key's ask never reaches the upstream");
+        // The owner reads it, lists its input items, deletes it.
+        let (status, body) = call(reqwest::Method::GET, owner, format!("/v1/responses/{id}")).await;
+        assert_eq!((status, body["id"].as_str()), (200, Some(id.as_str())), "{body}");
+        let (status, body) = call(reqwest::Method::GET, owner, format!("/v1/responses/{id}/input_items?limit=5")).await;
+        assert_eq!((status, body["object"].as_str()), (200, Some("list")), "{body}");
+        let (status, body) = call(reqwest::Method::DELETE, owner, format!("/v1/responses/{id}")).await;
+        assert_eq!((status, body["deleted"].as_bool()), (200, Some(true)), "{body}");
+        let seen = s.served().await;
+        let last = seen.last().unwrap();
+        assert_eq!(last.path, format!("/openai/v1/responses/{id}"));
+    }
+    // Made up, or without a key.
+    assert_eq!(call(reqwest::Method::GET, owner, "/v1/responses/resp_made_up".into()).await.0, 404);
+    let resp = s.http.get(format!("{}/v1/responses/{}", s.base, ids[0])).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    // None of it is billed.
+    assert_eq!(s.settled_balance(owner).await, balance);
+    assert_eq!(s.audit_rows(owner).await.len(), 2);
+    assert!(s.audit_rows(other).await.is_empty());
+}

@@ -307,6 +307,12 @@ impl Exchange {
     /// The reply to this request's admission call. Replies to other calls,
     /// or arriving after the request moved on (a client gone), are ignored.
     pub fn on_call_response(&mut self, host: &impl HttpHost, token: u32, body_size: usize) {
+        if matches!(&self.state, State::Looking(l) if l.callout == token) {
+            if let State::Looking(lookup) = std::mem::replace(&mut self.state, State::Settled) {
+                self.on_owner_reply(host, lookup, body_size);
+            }
+            return;
+        }
         if !matches!(&self.state, State::Admitting { callout, .. } if *callout == token) {
             return;
         }

@@ -21,6 +21,7 @@
 mod admit;
 #[cfg(test)]
 pub(crate) mod harness;
+mod stored;
 #[cfg(test)]
 mod tests;
 
@@ -110,6 +111,8 @@ enum State {
         status: u32,
         meter: Option<ResponseMeter>,
     },
+    /// Asking the sidecar whose stored response the request names.
+    Looking(stored::Lookup),
     /// The settlement record is queued (or was never owed).
     Settled,
 }
@@ -159,7 +162,13 @@ impl Exchange {
             Route::WrongMethod { method, path } => {
                 return self.answer(host, LocalReply::method_not_allowed(&method, &path))
             }
-            Route::Models if key.is_none() => return self.answer(host, LocalReply::missing_key()),
+            Route::StoredResponse { .. } | Route::Models if key.is_none() => {
+                return self.answer(host, LocalReply::missing_key())
+            }
+            Route::StoredResponse { id, tail } => {
+                let key = key.unwrap_or_default();
+                return self.look_up_owner(host, &key, id, tail, &path);
+            }
             Route::Models => {
                 let body = models_list(cfg.catalog.iter().map(|m| m.name.as_str()));
                 host.send_reply(200, &[("content-type", "application/json")], &body);
@@ -313,6 +322,9 @@ impl Exchange {
                 );
                 let mut record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
                 let details = meter.as_ref().and_then(ResponseMeter::usage).filter(|_| source == UsageSource::Upstream);
+                if req.admission.endpoint == Endpoint::Responses && status < 400 {
+                    record.response_id = meter.as_ref().and_then(ResponseMeter::response_id).map(str::to_owned);
+                }
                 record.cached_tokens = details.map_or(0, |u| u.cached);
                 record.reasoning_tokens = details.map_or(0, |u| u.reasoning);
                 let prices = model.map(|m| m.prices).unwrap_or_default();
@@ -343,7 +355,7 @@ impl Exchange {
     /// reachable from other contexts meanwhile ([`Exchange::on_woken`], and
     /// replies to calls it made while woken, which reach the root).
     pub fn is_pending(&self) -> bool {
-        matches!(self.state, State::Waiting { .. } | State::Admitting { .. })
+        matches!(self.state, State::Waiting { .. } | State::Admitting { .. } | State::Looking(_))
     }
 
     pub fn context_id(&self) -> u32 {
@@ -389,5 +401,6 @@ fn record(
         reasoning_tokens: 0,
         charged_tokens: None,
         endpoint: Some(req.admission.endpoint.name().to_owned()),
+        response_id: None,
     }
 }

@@ -46,6 +46,7 @@ pub(super) fn expired_record(
         reasoning_tokens: 0,
         charged_tokens: None,
         endpoint: None,
+        response_id: None,
     }
 }
 

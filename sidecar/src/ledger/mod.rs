@@ -35,6 +35,7 @@ mod keys;
 mod lease;
 mod outbox;
 mod reserve;
+mod responses;
 mod settle;
 mod usage;
 
@@ -116,6 +117,8 @@ pub struct Store {
     /// The same collection, read as typed documents.
     key_docs: Collection<KeyDoc>,
     audit: Collection<Document>,
+    /// Which key made which response stored upstream (`_id`: the response id).
+    responses: Collection<Document>,
     /// For `hello`, whose `localTime` is the database server's clock.
     admin: mongodb::Database,
     hold_ttl: Duration,
@@ -229,6 +232,7 @@ impl Store {
             keys: db.collection("api_keys"),
             key_docs: db.collection("api_keys"),
             audit: db.collection("audit_logs"),
+            responses: db.collection("responses"),
             admin: client.database("admin"),
             hold_ttl,
             local_skew_ms: 0,
