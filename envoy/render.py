@@ -128,19 +128,104 @@ def cluster(name, host, port, tls_sni=None, timeout="2s"):
 
 
 # The keys of a model in MODELS_FILE, and of its upstream.
-MODEL_KEYS = {"name", "upstream", "endpoints", "encoding", "default_output_tokens", "max_output_tokens", "reasoning",
-              "prices"}
+MODEL_KEYS = {"name", "upstream", "upstreams", "endpoints", "encoding", "default_output_tokens",
+              "max_output_tokens", "reasoning", "prices"}
 PRICE_KEYS = {"input", "cached_input", "output"}
 UPSTREAM_KEYS = {"style", "base_url", "deployment", "model", "api_key_env", "api_version"}
 STYLES = ("azure", "azure_v1", "openai")
 ENDPOINTS = ("chat", "responses", "embeddings")
 
 
+def model_upstream(at, up):
+    """One upstream of a model, checked: (style, url, port, key, fields for the filter)."""
+    if not isinstance(up, dict):
+        raise SettingError(f"{at} needs an \"upstream\" object (or \"upstreams\", a list of them)")
+    unknown = set(up) - UPSTREAM_KEYS
+    if unknown:
+        raise SettingError(f"{at} upstream: unknown keys {sorted(unknown)}")
+    style = up.get("style", "azure")
+    if style not in STYLES:
+        raise SettingError(f"{at} upstream.style must be one of {', '.join(STYLES)}")
+    url = urlsplit(str(up.get("base_url", "")))
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SettingError(f"{at} upstream.base_url must be an http(s) URL")
+    if url.path.rstrip("/") not in ("", "/v1" if style == "openai" else ""):
+        raise SettingError(f"{at} upstream.base_url may have no path (or /v1 for openai)")
+    key_env = up.get("api_key_env")
+    if not isinstance(key_env, str) or not key_env:
+        raise SettingError(f"{at} upstream.api_key_env must name the variable that holds its key")
+    key = env(key_env)
+    if key is None:
+        raise SettingError(f"{at}: {key_env} (its key) is not set")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    fields = {dst: up[src] for src, dst in [("deployment", "deployment"), ("model", "upstream_model"),
+                                             ("api_version", "api_version")] if src in up}
+    return style, url, port, key, fields
+
+
+# The endpoint metadata that carries a pool member's key (cluster `model_N`'s
+# upstream filter writes it into each attempt's request).
+POOL_KEY = ["openclaw_bridge", "key"]
+
+
+def pool_cluster(name, style, members):
+    """One cluster for the deployments of a pool: an endpoint each, with its
+    key in its metadata; an upstream filter writes the chosen endpoint's key
+    into every attempt (so a retry on another deployment carries that one's
+    key) and the route rewrites the host to the endpoint's."""
+    hosts = [url.hostname for _, url, _, _, _ in members]
+    tls = {url.scheme for _, url, _, _, _ in members}
+    if len(tls) > 1:
+        raise SettingError(f"the deployments of model cluster {name} mix http and https")
+    key_value = "%UPSTREAM_METADATA([\"" + POOL_KEY[0] + "\", \"" + POOL_KEY[1] + "\"])%"
+    header = ("api-key", key_value) if style != "openai" else ("authorization", "Bearer " + key_value)
+    c = {
+        "name": name,
+        "type": "STATIC" if all(is_ip(h) for h in hosts) else "STRICT_DNS",
+        "connect_timeout": "2s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": socket_address(url.hostname, port), "hostname": url.hostname},
+             "metadata": {"filter_metadata": {POOL_KEY[0]: {POOL_KEY[1]: key}}}}
+            for _, url, port, key, _ in members]}]},
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": 100000, "max_pending_requests": 100000,
+            "max_requests": 100000, "max_retries": 100000}]},
+        # A deployment that keeps failing is taken out for a while.
+        "outlier_detection": {"consecutive_5xx": 5, "interval": "10s", "base_ejection_time": "30s",
+                              "max_ejection_percent": 50},
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http_protocol_options": {}},
+            "upstream_http_protocol_options": {"auto_sni": True, "auto_san_validation": True},
+            "http_filters": [
+                {"name": "envoy.filters.http.header_mutation", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                    "mutations": {"request_mutations": [{"append": {
+                        "header": {"key": header[0], "value": header[1]},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}]}}},
+                {"name": "envoy.filters.http.upstream_codec", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
+            ]}},
+    }
+    if tls == {"https"}:
+        c["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {"validation_context": {
+                    "trusted_ca": {"filename": env("ENVOY_CA_FILE", "/etc/ssl/certs/ca-certificates.crt")}}},
+            },
+        }
+    return c
+
+
 def catalog():
     """The models of MODELS_FILE (JSON; see the README), each with the Envoy
-    cluster of its upstream: [(model entry of the plugin configuration,
-    cluster)], or None when MODELS_FILE is not set. The keys come from the
-    environment variables the file names; the file holds no secret."""
+    cluster of its upstream (one, or a pool of deployments): [(model entry of
+    the plugin configuration, cluster)], or None when MODELS_FILE is not set.
+    The keys come from the environment variables the file names; the file
+    holds no secret."""
     path = env("MODELS_FILE")
     if path is None:
         return None
@@ -162,40 +247,22 @@ def catalog():
             raise SettingError(f"{at} is listed twice")
         names.add(m["name"])
         unknown = set(m) - MODEL_KEYS
-        up = m.get("upstream")
         if unknown:
             raise SettingError(f"{at}: unknown keys {sorted(unknown)}")
-        if not isinstance(up, dict):
-            raise SettingError(f"{at} needs an \"upstream\" object")
-        unknown = set(up) - UPSTREAM_KEYS
-        if unknown:
-            raise SettingError(f"{at} upstream: unknown keys {sorted(unknown)}")
-        style = up.get("style", "azure")
-        if style not in STYLES:
-            raise SettingError(f"{at} upstream.style must be one of {', '.join(STYLES)}")
-        url = urlsplit(str(up.get("base_url", "")))
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise SettingError(f"{at} upstream.base_url must be an http(s) URL")
-        if url.path.rstrip("/") not in ("", "/v1" if style == "openai" else ""):
-            raise SettingError(f"{at} upstream.base_url may have no path (or /v1 for openai)")
-        key_env = up.get("api_key_env")
-        if not isinstance(key_env, str) or not key_env:
-            raise SettingError(f"{at} upstream.api_key_env must name the variable that holds its key")
-        key = env(key_env)
-        if key is None:
-            raise SettingError(f"{at}: {key_env} (its key) is not set")
-        port = url.port or (443 if url.scheme == "https" else 80)
+        if ("upstream" in m) == ("upstreams" in m):
+            raise SettingError(f"{at} needs \"upstream\" (one) or \"upstreams\" (a pool), not both")
+        ups = m["upstreams"] if "upstreams" in m else [m["upstream"]]
+        if not isinstance(ups, list) or not ups:
+            raise SettingError(f"{at} upstreams must be a non-empty list")
+        members = [model_upstream(at, up) for up in ups]
+        style, url, port, key, fields = members[0]
+        if any((st, f) != (style, fields) for st, _, _, _, f in members):
+            raise SettingError(f"{at}: the deployments of a pool must share style, deployment, model and "
+                               "api_version (they differ by base_url and key)")
         default_port = port == (443 if url.scheme == "https" else 80)
-        entry = {
-            "name": m["name"],
-            "cluster": f"model_{i}",
-            "authority": url.hostname if default_port else f"{url.hostname}:{port}",
-            "upstream": style,
-            "upstream_key": key,
-        }
-        for src, dst in [("deployment", "deployment"), ("model", "upstream_model"), ("api_version", "api_version")]:
-            if src in up:
-                entry[dst] = up[src]
+        entry = {"name": m["name"], "cluster": f"model_{i}", "upstream": style, "upstream_key": key, **fields}
+        if len(members) == 1:
+            entry["authority"] = url.hostname if default_port else f"{url.hostname}:{port}"
         if "endpoints" in m:
             if not isinstance(m["endpoints"], list) or not set(m["endpoints"]) <= set(ENDPOINTS):
                 raise SettingError(f"{at} endpoints must be a list of {', '.join(ENDPOINTS)}")
@@ -210,8 +277,11 @@ def catalog():
                     or not all(isinstance(w, (int, float)) and 0 <= w <= 1000 for w in prices.values())):
                 raise SettingError(f"{at} prices must map {', '.join(sorted(PRICE_KEYS))} to weights 0 to 1000")
             entry["prices"] = prices
-        tls = url.hostname if url.scheme == "https" else None
-        out.append((entry, cluster(f"model_{i}", url.hostname, port, tls_sni=tls)))
+        if len(members) == 1:
+            tls = url.hostname if url.scheme == "https" else None
+            out.append((entry, cluster(f"model_{i}", url.hostname, port, tls_sni=tls), False))
+        else:
+            out.append((entry, pool_cluster(f"model_{i}", style, members), True))
     return out
 
 
@@ -220,7 +290,7 @@ def plugin_configuration(models=None):
     sets; with a catalog (MODELS_FILE) its models instead of the LLM_* model."""
     provider = env_choice("LLM_PROVIDER", ("azure", "openai"))
     if models is not None:
-        cfg = {"sidecar_cluster": "sidecar", "route_header": ROUTE_HEADER, "models": [e for e, _ in models]}
+        cfg = {"sidecar_cluster": "sidecar", "route_header": ROUTE_HEADER, "models": [e for e, _, _ in models]}
     else:
         cfg = {
             "sidecar_cluster": "sidecar",
@@ -285,7 +355,7 @@ def render():
         FILTER_NAME: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}}
     marker = [{"name": ROUTE_HEADER, "string_match": {"exact": "upstream"}}]
     get_only = [{"name": ":method", "string_match": {"exact": "GET"}}]
-    served_models = (",".join(e["name"] for e, _ in models) if models is not None
+    served_models = (",".join(e["name"] for e, _, _ in models) if models is not None
                      else env("LLM_MODEL", "gpt-5-nano"))
     upstream_route = {
         # The filter names the model's cluster on the requests it admitted.
@@ -318,7 +388,34 @@ def render():
                                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
         }]
     else:
+        # A pool's requests fail over between its deployments: on a refused
+        # connection, a reset, a 5xx or a 429, Envoy tries another (each
+        # attempt with that deployment's key and host). Only the answer the
+        # client gets is metered, so a request is billed once.
+        pool_routes = []
+        for entry, c, pooled in models or []:
+            if not pooled:
+                continue
+            members = len(c["load_assignment"]["endpoints"][0]["lb_endpoints"])
+            route = {k: v for k, v in upstream_route.items() if k != "cluster_header"}
+            route.update({
+                "cluster": entry["cluster"],
+                "auto_host_rewrite": True,
+                "retry_policy": {
+                    "retry_on": "connect-failure,refused-stream,reset,5xx,retriable-status-codes",
+                    "retriable_status_codes": [429],
+                    "num_retries": members - 1,
+                    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+                    "host_selection_retry_max_attempts": 5,
+                },
+            })
+            mine = marker + [{"name": CLUSTER_HEADER, "string_match": {"exact": entry["cluster"]}}]
+            pool_routes += [{"match": {"prefix": prefix, "headers": mine}, "route": route,
+                             "request_headers_to_remove": [ROUTE_HEADER, CLUSTER_HEADER]}
+                            for prefix in ("/openai/", "/v1/")]
         upstream_routes = [
+            *pool_routes,
             # Only requests the filter admitted carry the marker; it never leaves Envoy.
             {"match": {"prefix": "/openai/", "headers": marker}, "route": upstream_route,
              "request_headers_to_remove": [ROUTE_HEADER, CLUSTER_HEADER]},
@@ -407,7 +504,7 @@ def render():
         tls = upstream_host if url.scheme == "https" else None
         upstream_clusters = [cluster("llm_upstream", upstream_host, upstream_port, tls_sni=tls)]
     else:
-        upstream_clusters = [c for _, c in models]
+        upstream_clusters = [c for _, c, _ in models]
     return {
         "admin": {"address": socket_address("127.0.0.1", admin_port)},
         "static_resources": {

@@ -152,3 +152,63 @@ async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
     assert_eq!(charged, served - (input + output) + weighted, "every row at its model's prices");
     assert_eq!(s.settled_balance(key).await, 1_000_000 - charged, "the debits are the charged tokens");
 }
+
+/// An upstream that answers every request 429, counting them.
+async fn busy_upstream() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counted = counted.clone();
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            (
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                axum::Json(json!({"error": {"message": "busy", "type": "requests", "param": null, "code": "429"}})),
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_fails_over_between_its_deployments_with_each_ones_key_and_bills_once() {
+    use std::sync::atomic::Ordering;
+    let (busy, busy_hits) = busy_upstream().await;
+    let dead = format!("http://127.0.0.1:{}", bridge_tests::free_port());
+    let member = |base: &str, key_env: &str| json!({"style": "azure", "base_url": base, "deployment": "dep-pool", "api_key_env": key_env});
+    let models = json!({"models": [{"name": "pooled", "upstreams": [
+        member(&dead, "KEY_DEAD"), member(&busy, "KEY_BUSY"), member("{mock}", "KEY_GOOD")]}]});
+    let extra_env = vec![
+        ("KEY_DEAD".to_owned(), "dead-deployment-key-01".to_owned()),
+        ("KEY_BUSY".to_owned(), "busy-deployment-key-01".to_owned()),
+        ("KEY_GOOD".to_owned(), UPSTREAM_KEY.to_owned()),
+    ];
+    let s = Stack::start(StackOptions { models: Some(models), extra_env, ..StackOptions::default() }).await;
+    let key = "sk-pool-user-000001";
+    s.create_key(key, 1_000_000).await;
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let body = json!({"model": "pooled", "stream": i % 2 == 1, "messages": [{"role": "user", "content": "hi"}]});
+        let resp = s.chat(key, &body).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "request {i} failed over to the deployment that answers");
+        ids.push(resp.headers()["x-bridge-request-id"].to_str().unwrap().to_owned());
+        resp.text().await.unwrap();
+    }
+    let served = s.served().await;
+    assert_eq!(served.len(), 6, "each request answered once, by the good deployment");
+    assert!(served.iter().all(|x| x.api_key_header.as_deref() == Some(UPSTREAM_KEY)), "each attempt its own key");
+    assert!(served.iter().all(|x| x.path.starts_with("/openai/deployments/dep-pool/chat/completions")));
+    assert!(busy_hits.load(Ordering::SeqCst) >= 1, "the busy deployment was tried and failed over from");
+    let mut billed = 0;
+    for id in &ids {
+        billed += s.settled_row(id).await.get_i64("charged_tokens").unwrap();
+    }
+    let upstream: i64 = served.iter().map(|x| x.prompt_tokens + x.completion_tokens).sum();
+    assert_eq!(billed, upstream, "billed once, on the answer the client got");
+    assert_eq!(s.audit_rows(key).await.len(), 6);
+    assert_eq!(s.settled_balance(key).await, 1_000_000 - upstream);
+}
