@@ -162,6 +162,8 @@ pub struct Stream {
     /// Headers of the last local reply.
     last_reply_headers: RefCell<Vec<(String, String)>>,
     pub resumed: Cell<usize>,
+    /// What `upstream_address` answers (the upstream that served it).
+    pub upstream: RefCell<Option<String>>,
 }
 
 impl Stream {
@@ -175,6 +177,7 @@ impl Stream {
             replies: RefCell::default(),
             last_reply_headers: RefCell::default(),
             resumed: Cell::new(0),
+            upstream: RefCell::default(),
         }
     }
 
@@ -261,6 +264,9 @@ impl HttpHost for Stream {
     }
     fn response_header(&self, name: &str) -> Option<String> {
         get(&self.response_headers.borrow(), name)
+    }
+    fn upstream_address(&self) -> Option<String> {
+        self.upstream.borrow().clone()
     }
     fn set_response_header(&self, name: &str, value: Option<&str>) {
         set(&self.response_headers, name, value);

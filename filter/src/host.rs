@@ -53,6 +53,9 @@ pub trait HttpHost: Host {
     fn add_response_header(&self, name: &str, value: &str);
     fn response_body(&self, size: usize) -> Vec<u8>;
     fn set_response_body(&self, size: usize, body: &[u8]);
+    /// The address of the upstream host that answered (Envoy's
+    /// `upstream.address`): which deployment of a pool served the request.
+    fn upstream_address(&self) -> Option<String>;
 }
 
 /// What a callback tells the host to do with the stream.

@@ -113,6 +113,10 @@ impl HttpHost for Envoy {
     fn response_header(&self, name: &str) -> Option<String> {
         hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
     }
+    fn upstream_address(&self) -> Option<String> {
+        let bytes = hostcalls::get_property(vec!["upstream", "address"]).ok().flatten()?;
+        String::from_utf8(bytes).ok()
+    }
     fn set_response_header(&self, name: &str, value: Option<&str>) {
         let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value);
     }

@@ -169,6 +169,8 @@ mod tests {
             charged_tokens: None,
             endpoint: None,
             response_id: None,
+            deployment: None,
+            upstream: None,
         })
     }
 

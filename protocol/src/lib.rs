@@ -276,6 +276,12 @@ pub struct SettleRecord {
     /// only this key may read or delete afterwards.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_id: Option<String>,
+    /// The deployment (or upstream model) the catalog sent it to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment: Option<String>,
+    /// The upstream host (address) that answered: which one of a pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
 }
 
 impl SettleRecord {
@@ -499,6 +505,13 @@ impl SettleRecord {
         }
         if self.endpoint.as_deref().is_some_and(|e| !matches!(e, "chat" | "responses" | "embeddings")) {
             return invalid("endpoint", "endpoint must be chat, responses or embeddings");
+        }
+        let printable = |s: &str, max: usize| s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic());
+        if self.deployment.as_deref().is_some_and(|d| !printable(d, MAX_MODEL_LEN)) {
+            return invalid("deployment", "deployment must be printable ASCII, at most 256 bytes");
+        }
+        if self.upstream.as_deref().is_some_and(|u| !printable(u, 256)) {
+            return invalid("upstream", "upstream must be printable ASCII, at most 256 bytes");
         }
         if self.response_id.as_deref().is_some_and(|id| !valid_request_id(id)) {
             return invalid("response_id", "response_id has characters outside [A-Za-z0-9_-] or is too long");

@@ -19,7 +19,7 @@ const MAX_CSV_LIMIT: i64 = 10_000;
 
 /// The columns of the CSV export, in order: the seed's audit fields and the
 /// bridge's own.
-const COLUMNS: [&str; 20] = [
+const COLUMNS: [&str; 22] = [
     "timestamp",
     "request_id",
     "key_id",
@@ -40,6 +40,8 @@ const COLUMNS: [&str; 20] = [
     "expired_hold",
     "lease_id",
     "endpoint",
+    "deployment",
+    "upstream",
 ];
 
 #[derive(Debug, serde::Deserialize)]

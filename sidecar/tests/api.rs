@@ -172,6 +172,8 @@ fn record(key: &str, request_id: &str, reserved: i64, input: i64, output: i64) -
         charged_tokens: None,
         endpoint: None,
         response_id: None,
+        deployment: None,
+        upstream: None,
     }
 }
 

@@ -115,6 +115,9 @@ async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
     ] {
         let row = s.settled_row(id).await;
         assert_eq!(row.get_str("model"), Ok(model), "the catalog's name");
+        let deployment = ["dep-east", "dep-west", "text-embedding-3-small"]
+            [["chat-east", "chat-west", "embed-small"].iter().position(|m| *m == model).unwrap()];
+        assert_eq!(row.get_str("deployment"), Ok(deployment), "and where it went");
         assert_eq!(row.get_i64("input_tokens").unwrap(), upstream.prompt_tokens, "{model}");
         assert_eq!(row.get_i64("output_tokens").unwrap(), upstream.completion_tokens, "{model}");
         assert_eq!(row.get_str("usage_source"), Ok("upstream"));
@@ -203,9 +206,13 @@ async fn a_pool_fails_over_between_its_deployments_with_each_ones_key_and_bills_
     assert!(served.iter().all(|x| x.api_key_header.as_deref() == Some(UPSTREAM_KEY)), "each attempt its own key");
     assert!(served.iter().all(|x| x.path.starts_with("/openai/deployments/dep-pool/chat/completions")));
     assert!(busy_hits.load(Ordering::SeqCst) >= 1, "the busy deployment was tried and failed over from");
+    let good = s.mock.trim_start_matches("http://").to_owned();
     let mut billed = 0;
     for id in &ids {
-        billed += s.settled_row(id).await.get_i64("charged_tokens").unwrap();
+        let row = s.settled_row(id).await;
+        billed += row.get_i64("charged_tokens").unwrap();
+        assert_eq!(row.get_str("deployment"), Ok("dep-pool"));
+        assert_eq!(row.get_str("upstream"), Ok(good.as_str()), "the deployment of the pool that answered");
     }
     let upstream: i64 = served.iter().map(|x| x.prompt_tokens + x.completion_tokens).sum();
     assert_eq!(billed, upstream, "billed once, on the answer the client got");

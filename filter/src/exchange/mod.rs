@@ -60,6 +60,8 @@ struct Admitted {
     /// Counted under limits a reservation reply taught (no leases): its own
     /// reply must not count it again.
     rate_counted: bool,
+    /// The upstream host that answered, once the answer began.
+    upstream: Option<String>,
 }
 
 /// What the sidecar is deciding while the request waits.
@@ -240,7 +242,7 @@ impl Exchange {
                 host.set_request_header(":authority", Some(authority));
             }
         }
-        self.admit(host, Admitted { caller, body, admission, waiting_since: None, rate_counted: false })
+        self.admit(host, Admitted { caller, body, admission, waiting_since: None, rate_counted: false, upstream: None })
     }
 
     /// Trailers end a body that never said it ended: until admission has
@@ -260,6 +262,7 @@ impl Exchange {
     pub fn on_response_headers(&mut self, host: &impl HttpHost) -> Flow {
         let State::Forwarded { req, status, meter, .. } = &mut self.state else { return Flow::Continue };
         *status = host.response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        req.upstream = host.upstream_address();
         let is_sse = host
             .response_header("content-type")
             .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"));
@@ -322,6 +325,8 @@ impl Exchange {
                 );
                 let mut record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
                 let details = meter.as_ref().and_then(ResponseMeter::usage).filter(|_| source == UsageSource::Upstream);
+                record.deployment = model.and_then(|m| m.deployment.clone().or_else(|| m.upstream_model.clone()));
+                record.upstream = req.upstream.clone();
                 if req.admission.endpoint == Endpoint::Responses && status < 400 {
                     record.response_id = meter.as_ref().and_then(ResponseMeter::response_id).map(str::to_owned);
                 }
@@ -402,5 +407,7 @@ fn record(
         charged_tokens: None,
         endpoint: Some(req.admission.endpoint.name().to_owned()),
         response_id: None,
+        deployment: None,
+        upstream: None,
     }
 }

@@ -707,3 +707,23 @@ fn without_leases_the_limits_a_reservation_reply_gives_count_the_keys_next_reque
         assert_eq!(s.resumed.get(), 1, "no limit any more");
     }
 }
+
+#[test]
+fn a_settlement_names_the_endpoint_the_deployment_and_the_upstream_that_answered() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    *s.upstream.borrow_mut() = Some("10.1.2.3:443".into());
+    respond(&mut ex, &s, "200", br#"{"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":3}}}"#);
+    ex.on_log(&s);
+    let [r] = &gw.records()[..] else { panic!("one record") };
+    assert_eq!(
+        (r.endpoint.as_deref(), r.deployment.as_deref(), r.upstream.as_deref()),
+        (Some("chat"), Some("gpt-5-nano"), Some("10.1.2.3:443"))
+    );
+    assert_eq!(
+        (r.cached_tokens, r.charged_tokens, r.response_id.as_deref()),
+        (3, None, None),
+        "unpriced: no charged_tokens of its own"
+    );
+}

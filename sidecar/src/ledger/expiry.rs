@@ -47,6 +47,8 @@ pub(super) fn expired_record(
         charged_tokens: None,
         endpoint: None,
         response_id: None,
+        deployment: None,
+        upstream: None,
     }
 }
 

@@ -39,6 +39,12 @@ pub(super) fn audit_entry(r: &SettleRecord, charged: i64, expired: bool, now: Da
     if let Some(endpoint) = &r.endpoint {
         row.insert("endpoint", endpoint);
     }
+    if let Some(deployment) = &r.deployment {
+        row.insert("deployment", deployment);
+    }
+    if let Some(upstream) = &r.upstream {
+        row.insert("upstream", upstream);
+    }
     row
 }
 
