@@ -94,8 +94,19 @@ impl Store {
         balance: i64,
         asking: Option<&str>,
     ) -> Result<Decision, LedgerError> {
-        let key = self.key_docs.find_one(doc! {"_id": key_hash}).projection(doc! {"leases": 1, "holds": 1}).await?;
-        let (leases, holds) = key.map(|k| (k.leases, k.holds)).unwrap_or_default();
+        // One fresh read for all of it: the balance the caller saw may be from
+        // before a lease closed (its undrawn part back in the balance, the
+        // lease gone from the map), which would look like a shortfall.
+        let key = self
+            .key_docs
+            .find_one(doc! {"_id": key_hash})
+            .projection(doc! {"leases": 1, "holds": 1, "balance_tokens": 1})
+            .await?;
+        let (leases, holds, balance) = key.map(|k| (k.leases, k.holds, k.balance_tokens)).unwrap_or((
+            Default::default(),
+            Default::default(),
+            balance,
+        ));
         // Open leases of other gateways (or windows): recalled if it comes to that.
         let others: Vec<(&String, &LeaseDoc)> =
             leases.iter().filter(|(id, l)| Some(id.as_str()) != asking && !l.closed && l.expiring.is_none()).collect();
