@@ -8,7 +8,8 @@
 //! The header `x-mock-scenario` picks a behaviour: `no_usage` (never reports
 //! usage), `error_400`, `error_500`, `midstream_error`, `slow` (50 ms between
 //! chunks); `x-mock-words: N` sets the answer's length (5 words by default);
-//! `x-mock-cached: N` reports N of the prompt's tokens as cached.
+//! `x-mock-cached: N` reports N of the prompt's tokens as cached;
+//! `x-mock-reasoning: N` adds N reasoning tokens to the output (billed, never streamed).
 //! Every request is recorded and listed
 //! by `GET /mock/requests` so tests can compare billing with what was served.
 
@@ -173,8 +174,14 @@ async fn complete(
     let tool = tool_call_for(&body);
     let pieces = if tool.is_some() { Vec::new() } else { answer_text(&body, words) };
     let prompt_tokens = mock_prompt_tokens(&body);
-    let completion_tokens =
-        if let Some((name, args)) = &tool { (name.len() + args.len()).div_ceil(4) as i64 } else { pieces.len() as i64 };
+    let reasoning: i64 =
+        headers.get("x-mock-reasoning").and_then(|v| v.to_str().ok()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let completion_tokens = reasoning
+        + if let Some((name, args)) = &tool {
+            (name.len() + args.len()).div_ceil(4) as i64
+        } else {
+            pieces.len() as i64
+        };
     let model = if azure { deployment.to_owned() } else { body["model"].as_str().unwrap_or("mock").to_owned() };
     let record = Seen {
         path,
@@ -209,6 +216,9 @@ async fn complete(
     });
     if cached > 0 {
         usage["prompt_tokens_details"] = json!({"cached_tokens": cached.min(prompt_tokens)});
+    }
+    if reasoning > 0 {
+        usage["completion_tokens_details"] = json!({"reasoning_tokens": reasoning});
     }
     let id = "chatcmpl-mock";
     if !stream {
@@ -387,6 +397,7 @@ async fn respond(s: MockState, path: String, headers: HeaderMap, body: Bytes) ->
     let stream = body["stream"] == true;
     let words = header("x-mock-words").and_then(|n| n.parse().ok()).unwrap_or(5usize);
     let cached: i64 = header("x-mock-cached").and_then(|n| n.parse().ok()).unwrap_or(0);
+    let reasoning: i64 = header("x-mock-reasoning").and_then(|n| n.parse().ok()).unwrap_or(0);
     let tool = responses_tool_call(&body);
     let mut pieces = if tool.is_some() { Vec::new() } else { responses_answer(&body, words) };
     let cap = body["max_output_tokens"].as_u64().map(|n| n as usize);
@@ -395,8 +406,12 @@ async fn respond(s: MockState, path: String, headers: HeaderMap, body: Bytes) ->
         pieces.truncate(c);
     }
     let input_tokens = mock_input_tokens(&body);
-    let output_tokens =
-        if let Some((name, args)) = &tool { (name.len() + args.len()).div_ceil(4) as i64 } else { pieces.len() as i64 };
+    let output_tokens = reasoning
+        + if let Some((name, args)) = &tool {
+            (name.len() + args.len()).div_ceil(4) as i64
+        } else {
+            pieces.len() as i64
+        };
     let model = body["model"].as_str().unwrap_or("mock").to_owned();
     let response_id = format!("resp_mock{:06}", s.seen.lock().map(|m| m.len()).unwrap_or(0));
     if let Ok(mut seen) = s.seen.lock() {
@@ -425,7 +440,7 @@ async fn respond(s: MockState, path: String, headers: HeaderMap, body: Bytes) ->
     let usage = (scenario != "no_usage").then(|| {
         json!({
             "input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": input_tokens + output_tokens,
         })
     });

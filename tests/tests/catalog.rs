@@ -25,7 +25,7 @@ async fn seen(http: &reqwest::Client, mock: &str) -> Vec<Seen> {
 async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
     let west = second_upstream().await;
     let models = json!({"models": [
-        {"name": "chat-east", "endpoints": ["chat", "responses"],
+        {"name": "chat-east", "endpoints": ["chat", "responses"], "prices": {"cached_input": 0.5, "output": 2},
          "upstream": {"style": "azure", "base_url": "{mock}", "deployment": "dep-east", "api_key_env": "KEY_EAST"}},
         {"name": "chat-west", "default_output_tokens": 64, "max_output_tokens": 1000,
          "prices": {"input": 2, "cached_input": 0.5, "output": 3},
@@ -123,6 +123,32 @@ async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
         assert_eq!(row.get_str("usage_source"), Ok("upstream"));
     }
 
+    // The east model's prices on a Responses request with cached input and
+    // reasoning: uncached input 1, cached 0.5, output (reasoning in it) 2.
+    let resp = s
+        .http
+        .post(format!("{}/v1/responses", s.base))
+        .bearer_auth(key)
+        .header("x-mock-cached", "2")
+        .header("x-mock-reasoning", "7")
+        .json(&json!({"model": "chat-east", "input": "think first", "max_output_tokens": 50}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp_id = resp.headers()["x-bridge-request-id"].to_str().unwrap().to_owned();
+    resp.bytes().await.unwrap();
+    let resp_seen = seen(&s.http, &s.mock).await.pop().unwrap();
+    assert_eq!(resp_seen.path, "/openai/v1/responses");
+    let row = s.settled_row(&resp_id).await;
+    let (r_in, r_out) = (resp_seen.prompt_tokens, resp_seen.completion_tokens);
+    assert_eq!((row.get_i64("cached_tokens"), row.get_i64("reasoning_tokens")), (Ok(2), Ok(7)));
+    assert_eq!(row.get_i64("output_tokens"), Ok(r_out), "reasoning is output");
+    let resp_charged = (r_in - 2) + 1 + 2 * r_out;
+    assert_eq!((row.get_i64("charged_tokens"), row.get_str("endpoint")), (Ok(resp_charged), Ok("responses")));
+    let east_charged = east[0].prompt_tokens + 2 * east[0].completion_tokens;
+    assert_eq!(s.settled_row(&east_id).await.get_i64("charged_tokens"), Ok(east_charged));
+
     // Unknown models, or a model on an endpoint it does not serve: refused
     // here, nothing reaches an upstream.
     for (path, body, status, code) in [
@@ -135,7 +161,7 @@ async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
         let err: Value = resp.json().await.unwrap();
         assert_eq!(err["error"]["code"], code, "{err}");
     }
-    assert_eq!(seen(&s.http, &s.mock).await.len() + seen(&s.http, &west).await.len(), 4);
+    assert_eq!(seen(&s.http, &s.mock).await.len() + seen(&s.http, &west).await.len(), 5);
 
     // The catalog is what /v1/models lists.
     let list: Value =
@@ -150,9 +176,14 @@ async fn requests_are_routed_by_model_and_each_endpoint_is_billed_exactly() {
         .map(|x| x.prompt_tokens + x.completion_tokens)
         .sum();
     let rows = s.audit_rows(key).await;
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 5);
     let charged: i64 = rows.iter().map(|r| r.get_i64("charged_tokens").unwrap()).sum();
-    assert_eq!(charged, served - (input + output) + weighted, "every row at its model's prices");
+    let raw_priced = (input + output) + (r_in + r_out) + (east[0].prompt_tokens + east[0].completion_tokens);
+    assert_eq!(
+        charged,
+        served - raw_priced + weighted + resp_charged + east_charged,
+        "every row at its model's prices"
+    );
     assert_eq!(s.settled_balance(key).await, 1_000_000 - charged, "the debits are the charged tokens");
 }
 
