@@ -305,6 +305,8 @@ impl Exchange {
             State::Admitting { req, wait, .. } => self.give_back(host, &req, wait, 499),
             // Nothing was granted to it: it only leaves the wait list.
             State::Waiting { .. } => self.vm.waits.borrow_mut().forget(self.id),
+            // A stored-response lookup the client left: nothing to undo, its call permit goes.
+            State::Looking(_) => {}
             State::Forwarded { req, hold, status, mut meter } => {
                 if let Hold::Drawn(lease_id) = &hold {
                     self.vm.drawn_in_flight(lease_id, &req.caller.key_hash, -1);

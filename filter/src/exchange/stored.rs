@@ -19,6 +19,8 @@ pub(super) struct Lookup {
     id: String,
     /// `""`, `/cancel` or `/input_items`, and the client's query string.
     tail: String,
+    /// One of the VM's admission calls: made-up keys cannot flood the sidecar.
+    _permit: crate::background::CallPermit,
 }
 
 fn not_found(id: &str) -> LocalReply {
@@ -41,6 +43,10 @@ impl Exchange {
         // The client's key never goes upstream, whatever the sidecar says.
         host.set_request_header("authorization", None);
         host.set_request_header("api-key", None);
+        let Some(permit) = self.vm.call_permit(self.cfg.admission_calls_max) else {
+            warn!("[{}] too many admission calls in flight; answering 503", self.id);
+            return self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs));
+        };
         let ask = OwnerRequest { key_hash: bridge_protocol::key_hash(key), response_id: id.clone() };
         let sent = serde_json::to_vec(&ask)
             .map_err(|e| e.to_string())
@@ -49,7 +55,7 @@ impl Exchange {
             Ok(callout) => {
                 self.vm.called(callout, self.id);
                 let query = path.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
-                self.state = State::Looking(Lookup { callout, id, tail: format!("{tail}{query}") });
+                self.state = State::Looking(Lookup { callout, id, tail: format!("{tail}{query}"), _permit: permit });
                 Flow::Pause
             }
             Err(why) => {

@@ -727,3 +727,37 @@ fn a_settlement_names_the_endpoint_the_deployment_and_the_upstream_that_answered
         "unpriced: no charged_tokens of its own"
     );
 }
+
+#[test]
+fn a_stored_response_goes_on_only_for_its_owner_and_only_after_asking() {
+    let mut gw = Gateway::new(json!({}));
+    let lookup = |gw: &mut Gateway, method: &str, path: &str| {
+        let mut ex = gw.exchange();
+        let auth = format!("Bearer {KEY}");
+        let s = Stream::new(&gw.world, &[(":method", method), (":path", path), ("authorization", &auth)]);
+        assert_eq!(ex.on_request_headers(&s, true), Flow::Pause);
+        (ex, s)
+    };
+    // The owner: on to the model's upstream with its key, unbilled.
+    let (mut ex, s) = lookup(&mut gw, "GET", "/v1/responses/resp_1/input_items?limit=2");
+    let call = gw.world.calls_to(bridge_protocol::OWNER_PATH).pop().unwrap();
+    assert_eq!(call.body["response_id"], "resp_1");
+    assert_eq!(s.header("authorization"), None, "the client's key is gone before anything goes on");
+    assert!(ex.is_pending());
+    gw.answer(&mut ex, &s, "200", json!({"model": "gpt-5-nano"}));
+    assert_eq!(s.resumed.get(), 1);
+    assert_eq!(s.header(":path").unwrap(), "/openai/v1/responses/resp_1/input_items?limit=2");
+    assert_eq!(s.header("api-key").as_deref(), Some("upstream-secret"));
+    assert_eq!(s.header("x-openclaw-bridge-route").as_deref(), Some("upstream"));
+    ex.on_log(&s);
+    // Anyone else: 404, nothing goes on.
+    let (mut ex, s) = lookup(&mut gw, "DELETE", "/v1/responses/resp_1");
+    gw.answer(&mut ex, &s, "200", json!({"model": null}));
+    assert_eq!((s.replied(), s.resumed.get()), (Some(404), 0));
+    assert_eq!(s.header("x-openclaw-bridge-route"), None);
+    // The sidecar failing: 503, never 401 or 404.
+    let (mut ex, s) = lookup(&mut gw, "GET", "/v1/responses/resp_1");
+    gw.answer(&mut ex, &s, "503", json!(null));
+    assert_eq!(s.replied(), Some(503));
+    assert!(gw.queued().is_empty(), "none of it is billed");
+}
