@@ -271,12 +271,14 @@ function drawUsage(rows, by, range) {
     const label = by === "key" ? `${id} · ${r.user_name || ""}` : id;
     let s = series.get(id);
     if (!s) {
-      s = { id, label, color: COLORS[series.size % COLORS.length], per: new Map(), totals: [0, 0, 0, 0, 0] };
+      s = { id, label, color: COLORS[series.size % COLORS.length], per: new Map(), totals: [0, 0, 0, 0, 0, 0] };
       series.set(id, s);
     }
     const bucket = r[range.field];
-    s.per.set(bucket, (s.per.get(bucket) || 0) + r.total_tokens);
-    const t = [r.requests, r.input_tokens, r.cached_tokens, r.output_tokens, r.total_tokens];
+    // What left the balance (the tokens at their model's prices).
+    const charged = r.charged_tokens ?? r.total_tokens;
+    s.per.set(bucket, (s.per.get(bucket) || 0) + charged);
+    const t = [r.requests, r.input_tokens, r.cached_tokens, r.output_tokens, r.total_tokens, charged];
     t.forEach((v, i) => (s.totals[i] += v || 0));
   }
   const chart = $("#chart");
@@ -380,6 +382,7 @@ async function loadAudit(fresh) {
           el("td", { class: "num", text: fmtNum(r.input_tokens) }),
           el("td", { class: "num", text: fmtNum(r.output_tokens) }),
           el("td", { class: "num total", text: fmtNum(r.total_tokens) }),
+          el("td", { class: "num charged", text: fmtNum(r.charged_tokens ?? r.total_tokens) }),
           el("td", { class: "num", text: String(r.status_code ?? "") }),
           el("td", { text: r.stream ? "yes" : "no" }),
           el("td", { text: r.usage_source || "" }),

@@ -96,7 +96,7 @@ async fn an_admin_signs_in_creates_and_tops_up_a_key_and_sees_its_usage_in_the_c
     assert_eq!(resp.status(), 200);
     let request_id = resp.headers()["x-bridge-request-id"].to_str().unwrap().to_owned();
     let audit = s.settled_row(&request_id).await;
-    let total = audit.get_i64("total_tokens").unwrap();
+    let total = audit.get_i64("charged_tokens").unwrap();
     assert!(total > 0);
 
     b.click(".tab[data-view=usage]").await;
@@ -124,7 +124,8 @@ async fn an_admin_signs_in_creates_and_tops_up_a_key_and_sees_its_usage_in_the_c
     b.type_into("#audit-form [name=key_id]", &key_id).await;
     b.click("#audit-search").await;
     let audit_row = format!("#audit tr[data-request-id=\"{request_id}\"]");
-    assert_eq!(b.text(&format!("{audit_row} .total")).await, total.to_string());
+    assert_eq!(b.text(&format!("{audit_row} .charged")).await, total.to_string());
+    assert_eq!(b.text(&format!("{audit_row} .total")).await, audit.get_i64("total_tokens").unwrap().to_string());
     assert_eq!(b.eval("return document.querySelectorAll('#audit tbody tr').length;", json!([])).await, json!(1));
     b.screenshot(&shots.join("audit.png")).await;
 
