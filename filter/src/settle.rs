@@ -164,13 +164,7 @@ mod tests {
             unreserved: false,
             release: false,
             lease_id: None,
-            cached_tokens: 0,
-            reasoning_tokens: 0,
-            charged_tokens: None,
-            endpoint: None,
-            response_id: None,
-            deployment: None,
-            upstream: None,
+            detail: bridge_protocol::RecordDetail::default(),
         })
     }
 

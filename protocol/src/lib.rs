@@ -259,6 +259,15 @@ pub struct SettleRecord {
     /// The lease the estimate was drawn from, instead of a hold of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_id: Option<String>,
+    /// What a newer filter says of the usage and where it went.
+    #[serde(flatten)]
+    pub detail: RecordDetail,
+}
+
+/// The parts of a settlement record beyond the seed's counts (all optional
+/// on the wire: an older filter sends none of them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordDetail {
     /// Of `input_tokens`, those the upstream read from its prompt cache.
     #[serde(default)]
     pub cached_tokens: i64,
@@ -287,7 +296,7 @@ pub struct SettleRecord {
 impl SettleRecord {
     /// What leaves the balance for this record.
     pub fn charge(&self) -> i64 {
-        self.charged_tokens.unwrap_or(self.input_tokens.saturating_add(self.output_tokens))
+        self.detail.charged_tokens.unwrap_or(self.input_tokens.saturating_add(self.output_tokens))
     }
 }
 
@@ -494,26 +503,26 @@ impl SettleRecord {
         if self.input_tokens.checked_add(self.output_tokens).is_none() {
             return invalid("input_tokens", "token counts overflow");
         }
-        if self.cached_tokens < 0 || self.cached_tokens > self.input_tokens {
+        if self.detail.cached_tokens < 0 || self.detail.cached_tokens > self.input_tokens {
             return invalid("cached_tokens", "cached_tokens must be between 0 and input_tokens");
         }
-        if self.reasoning_tokens < 0 || self.reasoning_tokens > self.output_tokens {
+        if self.detail.reasoning_tokens < 0 || self.detail.reasoning_tokens > self.output_tokens {
             return invalid("reasoning_tokens", "reasoning_tokens must be between 0 and output_tokens");
         }
-        if self.charged_tokens.is_some_and(|c| !(0..=MAX_CHARGED_TOKENS).contains(&c)) {
+        if self.detail.charged_tokens.is_some_and(|c| !(0..=MAX_CHARGED_TOKENS).contains(&c)) {
             return invalid("charged_tokens", format!("charged_tokens must be 0 to {MAX_CHARGED_TOKENS}"));
         }
-        if self.endpoint.as_deref().is_some_and(|e| !matches!(e, "chat" | "responses" | "embeddings")) {
+        if self.detail.endpoint.as_deref().is_some_and(|e| !matches!(e, "chat" | "responses" | "embeddings")) {
             return invalid("endpoint", "endpoint must be chat, responses or embeddings");
         }
         let printable = |s: &str, max: usize| s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic());
-        if self.deployment.as_deref().is_some_and(|d| !printable(d, MAX_MODEL_LEN)) {
+        if self.detail.deployment.as_deref().is_some_and(|d| !printable(d, MAX_MODEL_LEN)) {
             return invalid("deployment", "deployment must be printable ASCII, at most 256 bytes");
         }
-        if self.upstream.as_deref().is_some_and(|u| !printable(u, 256)) {
+        if self.detail.upstream.as_deref().is_some_and(|u| !printable(u, 256)) {
             return invalid("upstream", "upstream must be printable ASCII, at most 256 bytes");
         }
-        if self.response_id.as_deref().is_some_and(|id| !valid_request_id(id)) {
+        if self.detail.response_id.as_deref().is_some_and(|id| !valid_request_id(id)) {
             return invalid("response_id", "response_id has characters outside [A-Za-z0-9_-] or is too long");
         }
         if self.lease_id.as_deref().is_some_and(|l| !valid_request_id(l)) {
@@ -547,18 +556,23 @@ mod tests {
         );
         let r: SettleRecord = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.validate(), Ok(()));
-        assert_eq!((r.cached_tokens, r.charged_tokens, r.charge()), (0, None, 1), "an older filter's record");
+        assert_eq!((&r.detail, r.charge()), (&RecordDetail::default(), 1), "an older filter's record");
         let long = SettleRecord { model: "m".repeat(MAX_MODEL_LEN + 1), ..r.clone() };
         assert_eq!(long.validate().map_err(|e| e.param), Err("model"));
         for (bad, param) in [
-            (SettleRecord { cached_tokens: 2, ..r.clone() }, "cached_tokens"),
-            (SettleRecord { reasoning_tokens: 1, ..r.clone() }, "reasoning_tokens"),
-            (SettleRecord { charged_tokens: Some(-1), ..r.clone() }, "charged_tokens"),
-            (SettleRecord { endpoint: Some("audio".into()), ..r.clone() }, "endpoint"),
+            (RecordDetail { cached_tokens: 2, ..RecordDetail::default() }, "cached_tokens"),
+            (RecordDetail { reasoning_tokens: 1, ..RecordDetail::default() }, "reasoning_tokens"),
+            (RecordDetail { charged_tokens: Some(-1), ..RecordDetail::default() }, "charged_tokens"),
+            (RecordDetail { endpoint: Some("audio".into()), ..RecordDetail::default() }, "endpoint"),
         ] {
+            let bad = SettleRecord { detail: bad, ..r.clone() };
             assert_eq!(bad.validate().map_err(|e| e.param), Err(param));
         }
-        assert_eq!(SettleRecord { charged_tokens: Some(9), ..r }.charge(), 9);
+        let priced = SettleRecord { detail: RecordDetail { charged_tokens: Some(9), ..RecordDetail::default() }, ..r };
+        assert_eq!(priced.charge(), 9);
+        // On the wire the detail is flat, as before.
+        let text = serde_json::to_string(&priced).unwrap_or_default();
+        assert!(text.contains(r#""charged_tokens":9"#) && !text.contains("detail"), "{text}");
     }
 
     #[test]

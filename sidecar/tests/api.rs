@@ -167,13 +167,7 @@ fn record(key: &str, request_id: &str, reserved: i64, input: i64, output: i64) -
         unreserved: false,
         release: false,
         lease_id: None,
-        cached_tokens: 0,
-        reasoning_tokens: 0,
-        charged_tokens: None,
-        endpoint: None,
-        response_id: None,
-        deployment: None,
-        upstream: None,
+        detail: bridge_protocol::RecordDetail::default(),
     }
 }
 
@@ -504,10 +498,13 @@ async fn a_weighted_charge_is_what_leaves_the_balance_on_holds_and_leases_and_ro
     s.create(key, 1_000).await;
     assert!(matches!(s.reserve(key, "w-1", 100).await, ReserveReply::Admit { .. }));
     let weighted = |r: SettleRecord, charged: i64| SettleRecord {
-        cached_tokens: 8,
-        reasoning_tokens: 4,
-        charged_tokens: Some(charged),
-        endpoint: Some("responses".into()),
+        detail: bridge_protocol::RecordDetail {
+            cached_tokens: 8,
+            reasoning_tokens: 4,
+            charged_tokens: Some(charged),
+            endpoint: Some("responses".into()),
+            ..Default::default()
+        },
         ..r
     };
     assert_eq!(
@@ -540,7 +537,10 @@ async fn a_weighted_charge_is_what_leaves_the_balance_on_holds_and_leases_and_ro
     );
     assert_eq!(report["data"][0]["cached_tokens"], 16);
     // Counts that cannot be are refused, alone.
-    let bad = SettleRecord { cached_tokens: 50, ..record(key, "w-3", 100, 20, 10) };
+    let bad = SettleRecord {
+        detail: bridge_protocol::RecordDetail { cached_tokens: 50, ..Default::default() },
+        ..record(key, "w-3", 100, 20, 10)
+    };
     assert_eq!(s.settle(&[bad]).await.results[0].outcome, SettleOutcome::Invalid);
 }
 

@@ -54,10 +54,8 @@ pub fn app(upstream_key: &str) -> Router {
         .route("/openai/deployments/{deployment}/chat/completions", post(azure))
         .route("/v1/chat/completions", post(openai))
         .route("/openai/v1/responses", post(azure_responses))
-        .route("/openai/v1/responses/{id}", get(azure_stored).delete(azure_stored))
-        .route("/openai/v1/responses/{id}/{action}", get(azure_stored_action).post(azure_stored_action))
-        .route("/v1/responses/{id}", get(openai_stored).delete(openai_stored))
-        .route("/v1/responses/{id}/{action}", get(openai_stored_action).post(openai_stored_action))
+        .route("/openai/v1/responses/{*rest}", get(azure_stored).post(azure_stored).delete(azure_stored))
+        .route("/v1/responses/{*rest}", get(openai_stored).post(openai_stored).delete(openai_stored))
         .route("/openai/v1/chat/completions", post(azure_v1_chat))
         .route("/openai/deployments/{deployment}/embeddings", post(azure_embeddings))
         .route("/openai/v1/embeddings", post(azure_v1_embeddings))
@@ -681,56 +679,28 @@ fn embed(s: MockState, path: String, headers: HeaderMap, body: Bytes, deployment
 
 async fn azure_stored(
     State(s): State<MockState>,
-    Path(id): Path<String>,
+    Path(rest): Path<String>,
     method: axum::http::Method,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = azure_refusal(&s, &headers) {
-        return r;
-    }
-    stored(&s, format!("/openai/v1/responses/{id}"), &id, method.as_str(), "")
-}
-
-async fn azure_stored_action(
-    State(s): State<MockState>,
-    Path((id, action)): Path<(String, String)>,
-    method: axum::http::Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = azure_refusal(&s, &headers) {
-        return r;
-    }
-    stored(&s, format!("/openai/v1/responses/{id}/{action}"), &id, method.as_str(), &action)
+    azure_refusal(&s, &headers)
+        .unwrap_or_else(|| stored(&s, format!("/openai/v1/responses/{rest}"), &rest, method.as_str()))
 }
 
 async fn openai_stored(
     State(s): State<MockState>,
-    Path(id): Path<String>,
+    Path(rest): Path<String>,
     method: axum::http::Method,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = bearer_refusal(&s, &headers) {
-        return r;
-    }
-    stored(&s, format!("/v1/responses/{id}"), &id, method.as_str(), "")
-}
-
-async fn openai_stored_action(
-    State(s): State<MockState>,
-    Path((id, action)): Path<(String, String)>,
-    method: axum::http::Method,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = bearer_refusal(&s, &headers) {
-        return r;
-    }
-    stored(&s, format!("/v1/responses/{id}/{action}"), &id, method.as_str(), &action)
+    bearer_refusal(&s, &headers).unwrap_or_else(|| stored(&s, format!("/v1/responses/{rest}"), &rest, method.as_str()))
 }
 
 /// A stored response: read (`GET`), deleted (`DELETE`), cancelled (`POST
 /// .../cancel`) or its input items listed (`GET .../input_items`). Recorded
 /// in what the mock saw, with no tokens.
-fn stored(s: &MockState, path: String, id: &str, method: &str, action: &str) -> Response {
+fn stored(s: &MockState, path: String, rest: &str, method: &str) -> Response {
+    let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
     if let Ok(mut seen) = s.seen.lock() {
         seen.push(Seen {
             path,

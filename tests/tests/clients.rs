@@ -12,21 +12,27 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_openai_python_sdk_is_billed_exactly() {
+/// A stack, a key of 200,000 tokens and what the Python script `script`
+/// (in `tests/`) printed after driving the gateway with it.
+async fn run_sdk_script(script: &str, key: &str) -> (Stack, Value) {
     let s = Stack::start(StackOptions::default()).await;
-    let key = "sk-python-sdk-user-1";
     s.create_key(key, 200_000).await;
     let out = Command::new("python3")
-        .arg(repo_root().join("tests/sdk_client.py"))
+        .arg(repo_root().join("tests").join(script))
         .arg(format!("{}/v1", s.base))
         .arg(key)
         .output()
         .await
         .unwrap();
-    assert!(out.status.success(), "sdk client failed: {}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!String::from_utf8_lossy(&out.stdout).contains(UPSTREAM_KEY), "the upstream key reached a client");
+    (s, serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_is_billed_exactly() {
+    let key = "sk-python-sdk-user-1";
+    let (s, r) = run_sdk_script("sdk_client.py", key).await;
 
     let plain = s.settled_row(r["plain"]["request_id"].as_str().unwrap()).await;
     assert_eq!(plain.get_i64("total_tokens").unwrap(), r["plain"]["usage"]["total_tokens"].as_i64().unwrap());
@@ -71,18 +77,8 @@ async fn the_openai_python_sdk_is_billed_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdks_responses_and_embeddings_are_billed_exactly() {
-    let s = Stack::start(StackOptions::default()).await;
     let key = "sk-python-sdk-user-2";
-    s.create_key(key, 200_000).await;
-    let out = Command::new("python3")
-        .arg(repo_root().join("tests/sdk_responses.py"))
-        .arg(format!("{}/v1", s.base))
-        .arg(key)
-        .output()
-        .await
-        .unwrap();
-    assert!(out.status.success(), "sdk client failed: {}", String::from_utf8_lossy(&out.stderr));
-    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (s, r) = run_sdk_script("sdk_responses.py", key).await;
     assert_eq!(r["plain"]["text"], "word0 word1 word2 word3 word4 ");
     assert_eq!(
         (r["tool"]["name"].as_str(), r["tool"]["arguments"]["path"].as_str()),

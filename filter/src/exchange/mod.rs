@@ -327,20 +327,21 @@ impl Exchange {
                 );
                 let mut record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
                 let details = meter.as_ref().and_then(ResponseMeter::usage).filter(|_| source == UsageSource::Upstream);
-                record.deployment = model.and_then(|m| m.deployment.clone().or_else(|| m.upstream_model.clone()));
-                record.upstream = req.upstream.clone();
+                record.detail.deployment =
+                    model.and_then(|m| m.deployment.clone().or_else(|| m.upstream_model.clone()));
+                record.detail.upstream = req.upstream.clone();
                 if req.admission.endpoint == Endpoint::Responses && status < 400 {
-                    record.response_id = meter.as_ref().and_then(ResponseMeter::response_id).map(str::to_owned);
+                    record.detail.response_id = meter.as_ref().and_then(ResponseMeter::response_id).map(str::to_owned);
                 }
-                record.cached_tokens = details.map_or(0, |u| u.cached);
-                record.reasoning_tokens = details.map_or(0, |u| u.reasoning);
+                record.detail.cached_tokens = details.map_or(0, |u| u.cached);
+                record.detail.reasoning_tokens = details.map_or(0, |u| u.reasoning);
                 let prices = model.map(|m| m.prices).unwrap_or_default();
                 if prices != crate::catalog::Prices::default() {
                     // A reasoning model without usage pays its hold, which is in charged tokens already.
-                    record.charged_tokens = Some(if source == UsageSource::Estimate {
+                    record.detail.charged_tokens = Some(if source == UsageSource::Estimate {
                         req.admission.estimate
                     } else {
-                        prices.charge(input, record.cached_tokens, output)
+                        prices.charge(input, record.detail.cached_tokens, output)
                     });
                 }
                 debug!(
@@ -404,12 +405,9 @@ fn record(
             Hold::Drawn(id) => Some(id.clone()),
             Hold::Reserved | Hold::Unreserved => None,
         },
-        cached_tokens: 0,
-        reasoning_tokens: 0,
-        charged_tokens: None,
-        endpoint: Some(req.admission.endpoint.name().to_owned()),
-        response_id: None,
-        deployment: None,
-        upstream: None,
+        detail: bridge_protocol::RecordDetail {
+            endpoint: Some(req.admission.endpoint.name().to_owned()),
+            ..bridge_protocol::RecordDetail::default()
+        },
     }
 }

@@ -718,11 +718,11 @@ fn a_settlement_names_the_endpoint_the_deployment_and_the_upstream_that_answered
     ex.on_log(&s);
     let [r] = &gw.records()[..] else { panic!("one record") };
     assert_eq!(
-        (r.endpoint.as_deref(), r.deployment.as_deref(), r.upstream.as_deref()),
+        (r.detail.endpoint.as_deref(), r.detail.deployment.as_deref(), r.detail.upstream.as_deref()),
         (Some("chat"), Some("gpt-5-nano"), Some("10.1.2.3:443"))
     );
     assert_eq!(
-        (r.cached_tokens, r.charged_tokens, r.response_id.as_deref()),
+        (r.detail.cached_tokens, r.detail.charged_tokens, r.detail.response_id.as_deref()),
         (3, None, None),
         "unpriced: no charged_tokens of its own"
     );

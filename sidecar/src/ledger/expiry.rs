@@ -42,13 +42,7 @@ pub(super) fn expired_record(
         unreserved: false,
         release: false,
         lease_id: lease_id.map(str::to_owned),
-        cached_tokens: 0,
-        reasoning_tokens: 0,
-        charged_tokens: None,
-        endpoint: None,
-        response_id: None,
-        deployment: None,
-        upstream: None,
+        detail: bridge_protocol::RecordDetail::default(),
     }
 }
 

@@ -14,7 +14,7 @@ impl Store {
     /// logged, and that response is then readable by nobody.
     pub async fn record_owners(&self, records: &[SettleRecord], results: &[SettleResult]) {
         for r in records {
-            let Some(id) = &r.response_id else { continue };
+            let Some(id) = &r.detail.response_id else { continue };
             let settled = results.iter().any(|x| {
                 x.request_id == r.request_id
                     && matches!(x.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled)

@@ -23,8 +23,8 @@ pub(super) fn audit_entry(r: &SettleRecord, charged: i64, expired: bool, now: Da
         "input_tokens": r.input_tokens,
         "output_tokens": r.output_tokens,
         "total_tokens": total,
-        "cached_tokens": r.cached_tokens,
-        "reasoning_tokens": r.reasoning_tokens,
+        "cached_tokens": r.detail.cached_tokens,
+        "reasoning_tokens": r.detail.reasoning_tokens,
         "charged_tokens": charged,
         "duration_ms": r.duration_ms,
         "status_code": i32::from(r.status_code),
@@ -36,13 +36,13 @@ pub(super) fn audit_entry(r: &SettleRecord, charged: i64, expired: bool, now: Da
     if let Some(lease) = &r.lease_id {
         row.insert("lease_id", lease);
     }
-    if let Some(endpoint) = &r.endpoint {
+    if let Some(endpoint) = &r.detail.endpoint {
         row.insert("endpoint", endpoint);
     }
-    if let Some(deployment) = &r.deployment {
+    if let Some(deployment) = &r.detail.deployment {
         row.insert("deployment", deployment);
     }
-    if let Some(upstream) = &r.upstream {
+    if let Some(upstream) = &r.detail.upstream {
         row.insert("upstream", upstream);
     }
     row
