@@ -118,14 +118,20 @@ pub fn mock_prompt_tokens(body: &Value) -> i64 {
 }
 
 fn tool_call_for(body: &Value) -> Option<(String, String)> {
-    let tools = body["tools"].as_array()?;
     let answered = body["messages"].as_array()?.iter().any(|m| m["role"] == "tool");
-    if answered || tools.is_empty() {
+    let functions: Vec<&Value> = body["tools"].as_array()?.iter().map(|t| &t["function"]).collect();
+    if answered {
         return None;
     }
-    let tool = tools.iter().find(|t| t["function"]["name"] == "read").unwrap_or(&tools[0]);
-    let name = tool["function"]["name"].as_str()?.to_owned();
-    let params = &tool["function"]["parameters"];
+    read_call(&functions)
+}
+
+/// A call of the function `read` (else the first one) offered as
+/// `{name, parameters}`: its name and arguments naming `hello.txt`.
+fn read_call(functions: &[&Value]) -> Option<(String, String)> {
+    let f = functions.iter().find(|f| f["name"] == "read").or(functions.first())?;
+    let name = f["name"].as_str()?.to_owned();
+    let params = &f["parameters"];
     let arg = params["required"][0]
         .as_str()
         .or_else(|| params["properties"].as_object().and_then(|p| p.keys().next().map(String::as_str)))
@@ -142,7 +148,12 @@ fn answer_text(body: &Value, words: usize) -> Vec<String> {
             other => other.to_string(),
         })
     });
-    match tool_result {
+    echo_or_words(tool_result, words)
+}
+
+/// The answer's pieces: a tool's result echoed word by word, or `words` words.
+fn echo_or_words(echo: Option<String>, words: usize) -> Vec<String> {
+    match echo {
         Some(text) => text.split_inclusive(' ').map(str::to_owned).collect(),
         None => (0..words).map(|i| format!("word{i} ")).collect(),
     }
@@ -347,20 +358,12 @@ pub fn mock_input_tokens(body: &Value) -> i64 {
 /// A function call when function tools are offered and no call's output is
 /// in the input yet: (name, arguments).
 fn responses_tool_call(body: &Value) -> Option<(String, String)> {
-    let tools: Vec<&Value> = body["tools"].as_array()?.iter().filter(|t| t["type"] == "function").collect();
+    let functions: Vec<&Value> = body["tools"].as_array()?.iter().filter(|t| t["type"] == "function").collect();
     let answered = body["input"].as_array().is_some_and(|i| i.iter().any(|x| x["type"] == "function_call_output"));
-    if answered || tools.is_empty() {
+    if answered {
         return None;
     }
-    let tool = tools.iter().find(|t| t["name"] == "read").unwrap_or(&tools[0]);
-    let name = tool["name"].as_str()?.to_owned();
-    let params = &tool["parameters"];
-    let arg = params["required"][0]
-        .as_str()
-        .or_else(|| params["properties"].as_object().and_then(|p| p.keys().next().map(String::as_str)))
-        .unwrap_or("path")
-        .to_owned();
-    Some((name, json!({ arg: "hello.txt" }).to_string()))
+    read_call(&functions)
 }
 
 /// The answer's words: the last function call output echoed, or `words` words.
@@ -371,10 +374,7 @@ fn responses_answer(body: &Value, words: usize) -> Vec<String> {
             other => other.to_string(),
         })
     });
-    match output {
-        Some(text) => text.split_inclusive(' ').map(str::to_owned).collect(),
-        None => (0..words).map(|i| format!("word{i} ")).collect(),
-    }
+    echo_or_words(output, words)
 }
 
 /// `POST /v1/responses`: plain or streamed (named events, the usage in the
