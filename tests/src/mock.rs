@@ -43,13 +43,40 @@ pub struct Seen {
 pub struct MockState {
     /// The key the mock expects from the gateway (`api-key` or `Authorization: Bearer`).
     pub upstream_key: String,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub seen: Arc<Mutex<std::collections::VecDeque<Seen>>>,
     /// Responses made, by id, as the Responses API stores them.
     pub stored: Arc<Mutex<std::collections::HashMap<String, Value>>>,
+    /// Numbers the responses it makes.
+    pub next_id: Arc<std::sync::atomic::AtomicU64>,
+    /// How many requests (and stored responses) it keeps at most: the oldest
+    /// go first. The program keeps few (a benchmark sends millions).
+    pub keep: usize,
+}
+
+impl MockState {
+    fn record(&self, seen: Seen) {
+        if let Ok(mut all) = self.seen.lock() {
+            while all.len() >= self.keep {
+                all.pop_front();
+            }
+            all.push_back(seen);
+        }
+    }
 }
 
 pub fn app(upstream_key: &str) -> Router {
-    let state = MockState { upstream_key: upstream_key.to_owned(), seen: Arc::default(), stored: Arc::default() };
+    app_keeping(upstream_key, usize::MAX)
+}
+
+/// The mock keeping at most `keep` requests in its record.
+pub fn app_keeping(upstream_key: &str, keep: usize) -> Router {
+    let state = MockState {
+        upstream_key: upstream_key.to_owned(),
+        seen: Arc::default(),
+        stored: Arc::default(),
+        next_id: Arc::default(),
+        keep: keep.max(1),
+    };
     Router::new()
         .route("/openai/deployments/{deployment}/chat/completions", post(azure))
         .route("/v1/chat/completions", post(openai))
@@ -67,7 +94,7 @@ pub fn app(upstream_key: &str) -> Router {
 }
 
 async fn list(State(s): State<MockState>) -> Json<Vec<Seen>> {
-    Json(s.seen.lock().map(|v| v.clone()).unwrap_or_default())
+    Json(s.seen.lock().map(|v| v.iter().cloned().collect()).unwrap_or_default())
 }
 
 async fn clear(State(s): State<MockState>) -> StatusCode {
@@ -204,9 +231,7 @@ async fn complete(
         scenario: scenario.clone(),
         body: body.clone(),
     };
-    if let Ok(mut seen) = s.seen.lock() {
-        seen.push(record);
-    }
+    s.record(record);
     match scenario.as_str() {
         "error_400" => {
             return error(StatusCode::BAD_REQUEST, "mock: invalid request", "invalid_request_error", "mock_400")
@@ -411,21 +436,19 @@ async fn respond(s: MockState, path: String, headers: HeaderMap, body: Bytes) ->
             pieces.len() as i64
         };
     let model = body["model"].as_str().unwrap_or("mock").to_owned();
-    let response_id = format!("resp_mock{:06}", s.seen.lock().map(|m| m.len()).unwrap_or(0));
-    if let Ok(mut seen) = s.seen.lock() {
-        seen.push(Seen {
-            path,
-            api_key_header: header("api-key").map(str::to_owned),
-            authorization: header("authorization").map(str::to_owned),
-            accept_encoding: header("accept-encoding").map(str::to_owned),
-            stream,
-            include_usage: scenario != "no_usage",
-            prompt_tokens: input_tokens,
-            completion_tokens: output_tokens,
-            scenario: scenario.clone(),
-            body: body.clone(),
-        });
-    }
+    let response_id = format!("resp_mock{:06}", s.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    s.record(Seen {
+        path,
+        api_key_header: header("api-key").map(str::to_owned),
+        authorization: header("authorization").map(str::to_owned),
+        accept_encoding: header("accept-encoding").map(str::to_owned),
+        stream,
+        include_usage: scenario != "no_usage",
+        prompt_tokens: input_tokens,
+        completion_tokens: output_tokens,
+        scenario: scenario.clone(),
+        body: body.clone(),
+    });
     match scenario.as_str() {
         "error_400" => {
             return error(StatusCode::BAD_REQUEST, "mock: invalid request", "invalid_request_error", "mock_400")
@@ -459,7 +482,9 @@ async fn respond(s: MockState, path: String, headers: HeaderMap, body: Bytes) ->
     };
     let last = response(status, json!([item]), usage.as_ref());
     if let Ok(mut stored) = s.stored.lock() {
-        stored.insert(response_id.clone(), last.clone());
+        if stored.len() < s.keep {
+            stored.insert(response_id.clone(), last.clone());
+        }
     }
     if !stream {
         return Json(last).into_response();
@@ -645,20 +670,18 @@ fn embed(s: MockState, path: String, headers: HeaderMap, body: Bytes, deployment
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let scenario = header("x-mock-scenario").unwrap_or("").to_owned();
     let tokens = mock_embedding_tokens(&body);
-    if let Ok(mut seen) = s.seen.lock() {
-        seen.push(Seen {
-            path,
-            api_key_header: header("api-key").map(str::to_owned),
-            authorization: header("authorization").map(str::to_owned),
-            accept_encoding: header("accept-encoding").map(str::to_owned),
-            stream: false,
-            include_usage: scenario != "no_usage",
-            prompt_tokens: tokens,
-            completion_tokens: 0,
-            scenario: scenario.clone(),
-            body: body.clone(),
-        });
-    }
+    s.record(Seen {
+        path,
+        api_key_header: header("api-key").map(str::to_owned),
+        authorization: header("authorization").map(str::to_owned),
+        accept_encoding: header("accept-encoding").map(str::to_owned),
+        stream: false,
+        include_usage: scenario != "no_usage",
+        prompt_tokens: tokens,
+        completion_tokens: 0,
+        scenario: scenario.clone(),
+        body: body.clone(),
+    });
     if scenario == "error_500" {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "mock: upstream failure", "server_error", "mock_500");
     }
@@ -701,20 +724,18 @@ async fn openai_stored(
 /// in what the mock saw, with no tokens.
 fn stored(s: &MockState, path: String, rest: &str, method: &str) -> Response {
     let (id, action) = rest.split_once('/').unwrap_or((rest, ""));
-    if let Ok(mut seen) = s.seen.lock() {
-        seen.push(Seen {
-            path,
-            api_key_header: None,
-            authorization: None,
-            accept_encoding: None,
-            stream: false,
-            include_usage: false,
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            scenario: format!("{method} {action}"),
-            body: Value::Null,
-        });
-    }
+    s.record(Seen {
+        path,
+        api_key_header: None,
+        authorization: None,
+        accept_encoding: None,
+        stream: false,
+        include_usage: false,
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        scenario: format!("{method} {action}"),
+        body: Value::Null,
+    });
     let Ok(mut stored) = s.stored.lock() else { return StatusCode::INTERNAL_SERVER_ERROR.into_response() };
     let Some(response) = stored.get(id).cloned() else {
         return error(

@@ -1,5 +1,7 @@
 //! The mock upstream as a program: `mock-upstream [ADDR]` (default 127.0.0.1:0).
-//! Prints `mock upstream listening addr=HOST:PORT`; `MOCK_UPSTREAM_KEY` is the key it expects.
+//! Prints `mock upstream listening addr=HOST:PORT`; `MOCK_UPSTREAM_KEY` is the key it expects;
+//! it keeps the last `MOCK_KEEP_REQUESTS` (1,000) requests for `GET /mock/requests`
+//! (a benchmark sends millions, each with its body).
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -31,7 +33,8 @@ async fn main() -> std::process::ExitCode {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    match axum::serve(listener, bridge_tests::mock::app(&key)).with_graceful_shutdown(stop).await {
+    let keep = std::env::var("MOCK_KEEP_REQUESTS").ok().and_then(|n| n.parse().ok()).unwrap_or(1_000);
+    match axum::serve(listener, bridge_tests::mock::app_keeping(&key, keep)).with_graceful_shutdown(stop).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mock-upstream: {e}");
