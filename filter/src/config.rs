@@ -351,9 +351,14 @@ impl PluginConfig {
     /// unknown name is `None`; without one, every name is the one model, as
     /// the seed had it.
     pub fn model(&self, name: Option<&str>) -> Option<&crate::catalog::Model> {
+        self.model_index(name).and_then(|i| self.catalog.get(i))
+    }
+
+    /// Where in `catalog` the model a request names is (as [`Self::model`]).
+    pub fn model_index(&self, name: Option<&str>) -> Option<usize> {
         match (name, self.models.is_empty()) {
-            (_, true) | (None, false) if self.catalog.len() == 1 => self.catalog.first(),
-            (Some(n), false) => self.catalog.iter().find(|m| m.name == n),
+            (_, true) | (None, false) if self.catalog.len() == 1 => Some(0),
+            (Some(n), false) => self.catalog.iter().position(|m| m.name == n),
             _ => None,
         }
     }

@@ -143,7 +143,7 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
         }
         Some(_) => return Err(LocalReply::bad_request("'model' must be a string.", Some("model"))),
     };
-    let Some(entry) = cfg.model(named) else {
+    let Some((model_index, entry)) = cfg.model_index(named).and_then(|i| cfg.catalog.get(i).map(|m| (i, m))) else {
         return Err(match named {
             Some(name) => LocalReply::model_not_found(name),
             None => LocalReply::bad_request("Missing required parameter: 'model'.", Some("model")),
@@ -152,7 +152,6 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
     if !entry.serves(endpoint) {
         return Err(LocalReply::model_not_supported(&entry.name, endpoint.name()));
     }
-    let model_index = cfg.catalog.iter().position(|m| m.name == entry.name).unwrap_or(0);
     // The audit row keeps the name the client sent (the catalog's, or any without one).
     let model = named.unwrap_or(&entry.name).to_owned();
     let stream = match obj.get("stream") {

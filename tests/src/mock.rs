@@ -114,6 +114,20 @@ struct ApiVersion {
     api_version: Option<String>,
 }
 
+/// Azure's answer to a legacy-path request without `api-version` or with a
+/// wrong key, or `None` for one it serves.
+fn azure_legacy_refusal(s: &MockState, q: &ApiVersion, headers: &HeaderMap) -> Option<Response> {
+    if q.api_version.is_none() {
+        return Some(error(
+            StatusCode::NOT_FOUND,
+            "api-version query parameter is required",
+            "invalid_request_error",
+            "404",
+        ));
+    }
+    azure_refusal(s, headers)
+}
+
 async fn azure(
     State(s): State<MockState>,
     Path(deployment): Path<String>,
@@ -121,10 +135,7 @@ async fn azure(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if q.api_version.is_none() {
-        return error(StatusCode::NOT_FOUND, "api-version query parameter is required", "invalid_request_error", "404");
-    }
-    if let Some(r) = azure_refusal(&s, &headers) {
+    if let Some(r) = azure_legacy_refusal(&s, &q, &headers) {
         return r;
     }
     complete(s, format!("/openai/deployments/{deployment}/chat/completions"), headers, body, true, &deployment).await
@@ -617,10 +628,7 @@ async fn azure_embeddings(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if q.api_version.is_none() {
-        return error(StatusCode::NOT_FOUND, "api-version query parameter is required", "invalid_request_error", "404");
-    }
-    if let Some(r) = azure_refusal(&s, &headers) {
+    if let Some(r) = azure_legacy_refusal(&s, &q, &headers) {
         return r;
     }
     embed(s, format!("/openai/deployments/{deployment}/embeddings"), headers, body, Some(deployment))
