@@ -23,11 +23,14 @@ build: deps
 test: build wasm
 	scripts/test.sh
 
-# The bridge against bare Envoy, side by side; writes BENCHMARKS.md.
+# The bridge against bare Envoy and LiteLLM's proxy, side by side; writes BENCHMARKS.md.
 bench: deps
 	@command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(CARGO) build --release -p openclaw-sidecar -p bridge-tests --bins
 	$(CARGO) build --release --target wasm32-wasip1 -p openclaw-filter
+	$(CARGO) build --release --target wasm32-wasip1 -p openclaw-filter --features itemise --target-dir target/itemise
+	@test -x target/bench-venv/bin/litellm || (python3 -m venv target/bench-venv && \
+		target/bench-venv/bin/pip install -q 'litellm[proxy]') || echo "bench: LiteLLM not installed; its rows are left out"
 	python3 scripts/bench.py
 
 # Formatting (rustfmt.toml) and clippy, natively and for the .wasm: the

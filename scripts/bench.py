@@ -109,9 +109,19 @@ def http_json(url, body=None, token=None, method=None, timeout=10):
 
 
 def cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+    """CPU of a process and of its live children (LiteLLM's workers), in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    total = int(fields[11]) + int(fields[12])  # utime + stime
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            total += sum(cpu_ticks(int(c)) for c in f.read().split())
+    except OSError:
+        pass
+    return total
 
 
 def rss_mib(pid):
@@ -218,7 +228,93 @@ def start_envoy(tag, bare, concurrency, env, **extra):
     p = spawn(["envoy", "-c", cfg, "--concurrency", str(concurrency), "--disable-hot-restart",
                "--log-level", "warning"], log=open(os.path.join(STATE, f"{tag}-{concurrency}.log"), "w"))
     wait_ok(f"http://127.0.0.1:{port}/healthz")
+    p.admin = f"http://127.0.0.1:{admin}"
     return p, f"http://127.0.0.1:{port}", time.time() - t0
+
+
+LITELLM_KEY = "sk-bench-litellm-master"
+LITELLM_CONFIG = """model_list:
+  - model_name: gpt-5-nano
+    litellm_params:
+      model: azure/gpt-5-nano
+      api_base: http://127.0.0.1:%d
+      api_key: %s
+      api_version: 2024-12-01-preview
+"""
+
+
+def litellm_exe():
+    """LiteLLM's proxy: LITELLM, else the one make bench installs in target/bench-venv, else PATH's."""
+    for exe in (os.environ.get("LITELLM"), os.path.join(ROOT, "target/bench-venv/bin/litellm"), shutil.which("litellm")):
+        if exe and os.path.exists(exe):
+            return exe
+    return None
+
+
+def start_litellm(mock_port, workers):
+    """LiteLLM's proxy in its lightest mode (no database: a master key, one model) in front of
+    the same mock upstream, as the peer a user would pick instead; None if it is not installed."""
+    exe = litellm_exe()
+    if not exe:
+        return None
+    cfg = os.path.join(STATE, "litellm.yaml")
+    with open(cfg, "w") as f:
+        f.write(LITELLM_CONFIG % (mock_port, UPSTREAM_KEY))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "MONGODB_URI")}
+    env.update(LITELLM_MASTER_KEY=LITELLM_KEY, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
+    p = spawn([exe, "--config", cfg, "--host", "127.0.0.1", "--port", str(port), "--num_workers", str(workers)],
+              env=env, log=open(os.path.join(STATE, f"litellm-{workers}.log"), "w"))
+    wait_ok(f"http://127.0.0.1:{port}/health/liveliness", timeout=180)
+    return p, f"http://127.0.0.1:{port}"
+
+
+def stats(admin, prefix):
+    """Envoy's counters whose names hold `prefix`, by name (without `wasmcustom.`)."""
+    with urllib.request.urlopen(f"{admin}/stats?format=json&filter={prefix}", timeout=10) as r:
+        out = json.loads(r.read())
+    return {s["name"].removeprefix("wasmcustom."): s.get("value", 0) for s in out.get("stats", []) if "name" in s}
+
+
+# The itemised steps (filter/src/itemise.rs), as the table names them.
+STEPS = ["request_headers", "request_body", "body_copy", "admit", "reencode", "upstream", "draw",
+         "response_headers", "response_body", "log", "root"]
+
+
+def itemise(env):
+    """The filter's own time per request, step by step: an Envoy (concurrency 1) loading the
+    `itemise` build (each step timed with the monotonic clock inside the filter, summed in Envoy
+    counters), loaded with each shape as the main runs are. Per shape: microseconds a request
+    in each step."""
+    wasm = os.path.join(ROOT, "target/itemise/wasm32-wasip1/release/openclaw_filter.wasm")
+    if not os.path.exists(wasm):
+        print("bench: no itemise build (make bench builds it); the itemised table is left out", file=sys.stderr)
+        return {}
+    p, url, _ = start_envoy("itemise", False, 1, dict(env, WASM_PATH=wasm))
+    headers = {"Authorization": f"Bearer {USER_KEY}"}
+    out = {}
+    try:
+        for kind, body in SHAPES:
+            wrk(url + "/v1/chat/completions", body, headers, {"envoy": p.pid})   # warm up, not counted
+            time.sleep(1.0)
+            urllib.request.urlopen(urllib.request.Request(p.admin + "/reset_counters", method="POST"), timeout=10)
+            r = wrk(url + "/v1/chat/completions", body, headers, {"envoy": p.pid})
+            time.sleep(1.5)  # every VM's tick adds its sums
+            c = stats(p.admin, "openclaw_bridge_step_")
+            n = max(c.get("openclaw_bridge_step_log_n", 0), 1)
+            us = {step: c.get(f"openclaw_bridge_step_{step}_ns", 0) / 1000 / n for step in STEPS}
+            out[kind] = {"requests": n, "us": us, "envoy_cpu": r["cpu_us"]["envoy"], "rps": r["rps"],
+                         "errors": r["errors"] + r["non2xx"]}
+            print(f"  itemise {kind:8} {r['rps']:8.0f} req/s  filter {sum(us[s] for s in FILTER_CALLBACKS):6.1f} "
+                  f"us/req  " + " ".join(f"{k} {v:.1f}" for k, v in us.items()), file=sys.stderr)
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+    return out
+
+
+# The steps that are whole callbacks: their sum is all the filter's code does for a request.
+FILTER_CALLBACKS = ["request_headers", "request_body", "response_headers", "response_body", "log", "root"]
 
 
 def version(args):
@@ -270,6 +366,10 @@ def main():
         http_json(f"http://127.0.0.1:{sidecar_port}/admin/keys",
                   {"api_key": USER_KEY, "user_name": "bench", "balance_tokens": 10 ** 15}, ADMIN)
 
+        if os.environ.get("BENCH_ONLY") == "itemise":
+            # Only the filter's steps (BENCHMARKS.md is left as it is).
+            print(json.dumps(itemise(env), indent=1))
+            return
         direct_url = (f"http://127.0.0.1:{mock_port}/openai/deployments/gpt-5-nano/chat/completions"
                       f"?api-version=2024-12-01-preview")
         results = []   # rows of the table
@@ -278,6 +378,8 @@ def main():
             bare, bare_url, bare_ready = start_envoy("bare", True, conc, env)
             bridge, bridge_url, bridge_ready = start_envoy("bridge", False, conc, env)
             per_req = start_envoy("per-request", False, conc, env, LEASE_TOKENS="0") if conc == 1 else None
+            # LiteLLM with as many workers as Envoy has.
+            lite = start_litellm(mock_port, conc)
             extras[conc] = {"ready": {"bare": bare_ready, "bridge": bridge_ready},
                             "rest": {"bare": rss_mib(bare.pid), "bridge": rss_mib(bridge.pid),
                                      "sidecar": rss_mib(sidecar.pid)}}
@@ -287,6 +389,9 @@ def main():
                 "bridge": (bridge_url + "/v1/chat/completions", {"Authorization": f"Bearer {USER_KEY}"},
                            {"envoy": bridge.pid, "mock": mock.pid, "sidecar": sidecar.pid}),
             }
+            if lite:
+                targets["litellm"] = (lite[1] + "/v1/chat/completions", {"Authorization": f"Bearer {LITELLM_KEY}"},
+                                      {"envoy": lite[0].pid, "mock": mock.pid})
             if per_req:
                 targets["per-request"] = (per_req[1] + "/v1/chat/completions", {"Authorization": f"Bearer {USER_KEY}"},
                                           {"envoy": per_req[0].pid, "mock": mock.pid, "sidecar": sidecar.pid})
@@ -330,13 +435,14 @@ def main():
             # Stop as the README says: once the last leases are closed and settled
             # (a lease still open when Envoy stops is charged at the TTL).
             wait_settled(uri, db)
-            for p in (bare, bridge) + ((per_req[0],) if per_req else ()):
+            for p in (bare, bridge) + ((per_req[0],) if per_req else ()) + ((lite[0],) if lite else ()):
                 p.terminate()
                 p.wait(timeout=30)
 
+        steps = itemise(env)
         many = three_gateways(uri, db, env, rel, sidecar, mock)
         reports = report_timings(uri, db, rel)
-        report = render_report(results, extras, wasm, many, reports)
+        report = render_report(results, extras, wasm, many, reports, steps)
         print(report)
         path = os.path.join(ROOT, "BENCHMARKS.md")
         # Keep the hand-written analysis below the marker across runs.
@@ -348,8 +454,7 @@ def main():
                 kept = "\n" + ANALYSIS_MARKER + old.split(ANALYSIS_MARKER, 1)[1]
         with open(path, "w") as f:
             f.write(report + kept)
-        rate = lambda t: next(r["rps"] for r in results if (r["conc"], r["kind"], r["target"]) == (1, "plain", t))
-        print(f"bridge/bare-envoy ratio: {rate('bridge') / rate('bare'):.2f}")
+        print(ratio_line(results))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -487,7 +592,62 @@ def mongo_name():
     return "SecantusDB 0.7.0b3 (PyPI build, `secantusd-py`)"
 
 
-def render_report(results, extras, wasm, many, reports):
+def ratio_line(results):
+    """The one figure: the bridge against bare Envoy for the OpenClaw-shaped plain request at
+    concurrency 1 (the tiny plain one when no OpenClaw request is there)."""
+    kind = "openclaw" if any(r["kind"] == "openclaw" for r in results) else "plain"
+    rate = lambda t: next(r["rps"] for r in results if (r["conc"], r["kind"], r["target"]) == (1, kind, t))
+    return f"bridge/bare-envoy ratio: {rate('bridge') / rate('bare'):.2f}"
+
+
+STEP_NAMES = {
+    "request_headers": "request headers (route, key hash, request id, header edits)",
+    "body_copy": "copy of the body out of Envoy",
+    "admit": "parse, checks, estimate (less re-encoding)",
+    "reencode": "re-encoding a rewritten body",
+    "upstream": "rewritten body and upstream headers into Envoy",
+    "draw": "lease slot: read, decide, compare-and-swap",
+    "request_body": "rest of the body callback",
+    "response_headers": "response headers (status, meter set-up, request id header)",
+    "response_body": "response body (chunk copy, metering)",
+    "log": "end of request (charge, settlement record)",
+    "root": "root: ticks, batches, replies (per request)",
+}
+
+
+def render_steps(steps, results):
+    """The itemised table: microseconds a request in each of the filter's steps, per shape."""
+    kinds = list(steps)
+    cpu = lambda kind, target: next((r["envoy_cpu"] for r in results
+                                     if (r["conc"], r["kind"], r["target"]) == (1, kind, target)), float("nan"))
+    lines = ["The filter's own time per request, step by step (Envoy concurrency 1, the `itemise` build: each "
+             "step timed inside the filter with the monotonic clock; microseconds a request):", "",
+             "| step | " + " | ".join(kinds) + " |", "| --- |" + " --- |" * len(kinds)]
+
+    def row(label, f):
+        lines.append(f"| {label} | " + " | ".join(f(k) for k in kinds) + " |")
+
+    for step in ["request_headers", "body_copy", "admit", "reencode", "upstream", "draw", "request_body",
+                 "response_headers", "response_body", "log", "root"]:
+        def value(k, step=step):
+            us = steps[k]["us"]
+            if step == "admit":
+                return f"{us['admit'] - us['reencode']:.1f}"
+            if step == "request_body":
+                inner = sum(us[s] for s in ("body_copy", "admit", "upstream", "draw"))
+                return f"{us['request_body'] - inner:.1f}"
+            return f"{us[step]:.1f}"
+        row(STEP_NAMES[step], value)
+    total = lambda k: sum(steps[k]["us"][s] for s in FILTER_CALLBACKS)
+    row("**the filter's code, all callbacks**", lambda k: f"**{total(k):.1f}**")
+    row("Envoy CPU added by the filter (bridge - bare, main table)",
+        lambda k: f"{cpu(k, 'bridge') - cpu(k, 'bare'):.0f}")
+    row("of which outside the filter's code (V8 entry/exit, host calls' Envoy side, buffering)",
+        lambda k: f"{cpu(k, 'bridge') - cpu(k, 'bare') - total(k):.0f}")
+    return lines
+
+
+def render_report(results, extras, wasm, many, reports, steps=None):
     cpu = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -505,16 +665,17 @@ def render_report(results, extras, wasm, many, reports):
         "Everything (load generator, Envoy, mock upstream, sidecar, MongoDB) shares the same cores, "
         "so ratios matter, absolutes drift.",
         "",
-        "| Envoy conc. | body | path | req/s | vs bare | p50 ms | p99 ms | errors | Envoy CPU us/req "
-        "| sidecar CPU us/req | MongoDB ops/req | settled s after load | Envoy RSS MiB (load) "
+        "| Envoy conc. | body | path | req/s | vs bare | p50 ms | p99 ms | added p50 / p99 ms | errors "
+        "| proxy CPU us/req | sidecar CPU us/req | MongoDB ops/req | settled s after load | proxy RSS MiB (load) "
         "| sidecar RSS MiB (load) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        bare = next(x["rps"] for x in results if (x["conc"], x["kind"], x["target"]) == (r["conc"], r["kind"], "bare"))
+        b = next(x for x in results if (x["conc"], x["kind"], x["target"]) == (r["conc"], r["kind"], "bare"))
+        added = "-" if r["target"] in ("bare", "direct") else f"{r['p50'] - b['p50']:+.2f} / {r['p99'] - b['p99']:+.2f}"
         lines.append(
-            f"| {r['conc']} | {r['kind']} | {r['target']} | {r['rps']:.0f} | {r['rps'] / bare:.2f}x | {r['p50']:.2f} "
-            f"| {r['p99']:.2f} | {r['errors']} | {r['envoy_cpu']:.0f} | {r['sidecar_cpu']:.0f} "
+            f"| {r['conc']} | {r['kind']} | {r['target']} | {r['rps']:.0f} | {r['rps'] / b['rps']:.2f}x | {r['p50']:.2f} "
+            f"| {r['p99']:.2f} | {added} | {r['errors']} | {r['envoy_cpu']:.0f} | {r['sidecar_cpu']:.0f} "
             f"| {r.get('mongo_ops', float('nan')):.2f} | {r.get('drain_s', float('nan')):.1f} "
             f"| {r['envoy_rss']:.0f} | {r['sidecar_rss']:.0f} |")
     lines += ["", "| Envoy conc. | path | streamed TTFB ms (median of 20) | streamed total ms | listener ready s "
@@ -542,8 +703,9 @@ def render_report(results, extras, wasm, many, reports):
               f"{reports['first_ms']:.0f} ms, its 21st {'-' if later is None else f'{later:.0f}'} ms."]
     lines += ["", f"`.wasm` size: {os.path.getsize(wasm) / 1e6:.1f} MB. Sidecar RSS at rest: "
               f"{extras[1]['rest']['sidecar']:.0f} MiB.", ""]
-    r1 = {x["target"]: x["rps"] for x in results if (x["conc"], x["kind"]) == (1, "plain")}
-    lines.append(f"bridge/bare-envoy ratio: {r1['bridge'] / r1['bare']:.2f}")
+    if steps:
+        lines[-1:-1] = render_steps(steps, results) + [""]
+    lines.append(ratio_line(results))
     return "\n".join(lines) + "\n"
 
 

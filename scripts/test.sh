@@ -22,6 +22,8 @@ fi
 CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(pwd)/scripts/wasi-run.mjs" \
   cargo test --target wasm32-wasip1 -p openclaw-filter -p bridge-protocol --lib 2>&1 | tee -a "$log" || status=1
 scripts/with-mongo.sh cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee -a "$log" || status=1
+# make bench's itemise build: its step timing.
+cargo test -p openclaw-filter --features itemise --lib itemise 2>&1 | tee -a "$log" || status=1
 
 passed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$log" | awk '{s += $6} END {print s + 0}')

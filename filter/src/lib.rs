@@ -3,10 +3,12 @@
 //! thin layer that talks to Envoy through `proxy-wasm` host calls.
 
 pub mod background;
+pub mod body;
 pub mod catalog;
 pub mod config;
 pub mod exchange;
 pub mod host;
+pub mod itemise;
 pub mod lease;
 pub mod metrics;
 pub mod rate;
@@ -83,7 +85,13 @@ pub fn charge_without_usage(
 pub fn new_request_id() -> Option<String> {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).ok()?;
-    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for b in bytes {
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    Some(id)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use crate::background::{Background, Vm};
 use crate::config::PluginConfig;
 use crate::exchange::Exchange;
 use crate::host::{Flow, Host, HttpHost};
+use crate::itemise::{time, Step};
 use crate::metrics::Metric;
 use crate::LEASE_QUEUE;
 
@@ -41,6 +42,32 @@ struct Envoy {
     wake_queue: Option<u32>,
     pending_gauge: Option<u32>,
     metrics: [Option<u32>; Metric::ALL.len()],
+    /// Per step: its nanoseconds' and its times' counters (feature `itemise`).
+    #[cfg(feature = "itemise")]
+    steps: [Option<(u32, u32)>; Step::ALL.len()],
+}
+
+#[cfg(feature = "itemise")]
+impl Envoy {
+    fn define_steps(&mut self) {
+        for step in Step::ALL {
+            let counter = |what: &str| {
+                let name = format!("openclaw_bridge_step_{}_{what}", step.name());
+                hostcalls::define_metric(MetricType::Counter, &name).ok()
+            };
+            self.steps[step as usize] = counter("ns").zip(counter("n"));
+        }
+    }
+
+    /// Adds this VM's step sums since the last tick to Envoy's counters.
+    fn report_steps(&self) {
+        for (step, ns, n) in crate::itemise::take() {
+            if let Some((ns_id, n_id)) = self.steps[step as usize] {
+                let _ = hostcalls::increment_metric(ns_id, i64::try_from(ns).unwrap_or(i64::MAX));
+                let _ = hostcalls::increment_metric(n_id, i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+    }
 }
 
 fn flow(f: Flow) -> Action {
@@ -191,10 +218,12 @@ struct Root {
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         if let Some(bg) = &mut self.background {
-            if !forward_reply(&bg.vm, &self.pending, &self.envoy, self.context_id, token, body_size) {
-                bg.on_call_response(&self.envoy, token, body_size);
-            }
-            run_woken(&bg.vm, &self.pending, &self.envoy);
+            time(Step::Root, || {
+                if !forward_reply(&bg.vm, &self.pending, &self.envoy, self.context_id, token, body_size) {
+                    bg.on_call_response(&self.envoy, token, body_size);
+                }
+                run_woken(&bg.vm, &self.pending, &self.envoy);
+            });
         }
     }
 
@@ -227,6 +256,8 @@ impl RootContext for Root {
             }
         }
         self.envoy.pending_gauge = hostcalls::define_metric(MetricType::Gauge, PENDING_GAUGE).ok();
+        #[cfg(feature = "itemise")]
+        self.envoy.define_steps();
         for m in Metric::ALL {
             let kind = if m.is_histogram() { MetricType::Histogram } else { MetricType::Counter };
             self.envoy.metrics[m.index()] = hostcalls::define_metric(kind, m.name()).ok();
@@ -262,9 +293,13 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if let Some(bg) = &mut self.background {
-            bg.on_tick(&self.envoy);
-            run_woken(&bg.vm, &self.pending, &self.envoy);
+            time(Step::Root, || {
+                bg.on_tick(&self.envoy);
+                run_woken(&bg.vm, &self.pending, &self.envoy);
+            });
         }
+        #[cfg(feature = "itemise")]
+        self.envoy.report_steps();
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
@@ -343,21 +378,23 @@ impl Context for Gateway {
 
 impl HttpContext for Gateway {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
-        flow(self.exchange.borrow_mut().on_request_headers(&self.envoy, end_of_stream))
+        time(Step::RequestHeaders, || flow(self.exchange.borrow_mut().on_request_headers(&self.envoy, end_of_stream)))
     }
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        flow(self.with(|ex, envoy| ex.on_request_body(envoy, body_size, end_of_stream)))
+        time(Step::RequestBody, || flow(self.with(|ex, envoy| ex.on_request_body(envoy, body_size, end_of_stream))))
     }
     fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
         flow(self.exchange.borrow_mut().on_request_trailers(&self.envoy))
     }
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        flow(self.exchange.borrow_mut().on_response_headers(&self.envoy))
+        time(Step::ResponseHeaders, || flow(self.exchange.borrow_mut().on_response_headers(&self.envoy)))
     }
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        flow(self.exchange.borrow_mut().on_response_body(&self.envoy, body_size, end_of_stream))
+        time(Step::ResponseBody, || {
+            flow(self.exchange.borrow_mut().on_response_body(&self.envoy, body_size, end_of_stream))
+        })
     }
     fn on_log(&mut self) {
-        self.with(|ex, envoy| ex.on_log(envoy));
+        time(Step::Log, || self.with(|ex, envoy| ex.on_log(envoy)));
     }
 }

@@ -1,7 +1,12 @@
 //! The client's request: key extraction, body validation, the cheap token
 //! estimate for the hold, and the body rewrite for the upstream.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::body::{self, Fields, Unreadable};
 
 use crate::config::PluginConfig;
 use crate::reply::LocalReply;
@@ -33,58 +38,112 @@ pub struct Admission {
     pub rewritten: Option<Vec<u8>>,
 }
 
-fn integer_param(obj: &Map<String, Value>, name: &str) -> Result<Option<i64>, LocalReply> {
-    match obj.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => match v.as_i64() {
-            Some(n) if n >= 1 => Ok(Some(n)),
+fn integer_param(fields: &Fields, name: &str) -> Result<Option<i64>, LocalReply> {
+    match fields.get(name) {
+        None => Ok(None),
+        Some(raw) => match serde_json::from_str::<i64>(raw) {
+            Ok(n) if n >= 1 => Ok(Some(n)),
             _ => Err(LocalReply::bad_request(format!("'{name}' must be a positive integer."), Some(name))),
         },
     }
 }
 
-/// `messages`: a non-empty array of objects with a string `role`.
-fn check_messages(obj: &Map<String, Value>) -> Result<(), LocalReply> {
-    match obj.get("messages") {
-        None => Err(LocalReply::bad_request("Missing required parameter: 'messages'.", Some("messages"))),
-        Some(Value::Array(msgs)) if msgs.is_empty() => {
-            Err(LocalReply::bad_request("'messages' must not be empty.", Some("messages")))
-        }
-        Some(Value::Array(msgs)) => {
-            for (i, m) in msgs.iter().enumerate() {
-                if !m.get("role").is_some_and(Value::is_string) {
-                    return Err(LocalReply::bad_request(
-                        format!("'messages[{i}]' must be an object with a string 'role'."),
-                        Some(&format!("messages[{i}].role")),
-                    ));
-                }
+/// One element of `messages`, checked as it is lexed: whether it is an
+/// object with a string `role` (nothing of it is kept).
+struct MessageCheck(bool);
+
+impl<'de> serde::Deserialize<'de> for MessageCheck {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MessageCheck;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message")
             }
-            Ok(())
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MessageCheck, A::Error> {
+                let mut role = false;
+                while let Some(name) = map.next_key::<body::Name<'de>>()? {
+                    if name.0 == "role" {
+                        role = body::is_string(map.next_value::<&'de RawValue>()?.get());
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(MessageCheck(role))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessageCheck, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MessageCheck(false))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<MessageCheck, E> {
+                Ok(MessageCheck(false))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<MessageCheck, E> {
+                Ok(MessageCheck(false))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<MessageCheck, E> {
+                Ok(MessageCheck(false))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<MessageCheck, E> {
+                Ok(MessageCheck(false))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<MessageCheck, E> {
+                Ok(MessageCheck(false))
+            }
+            fn visit_unit<E>(self) -> Result<MessageCheck, E> {
+                Ok(MessageCheck(false))
+            }
         }
-        Some(_) => Err(LocalReply::bad_request("'messages' must be an array.", Some("messages"))),
+        d.deserialize_any(V)
     }
+}
+
+/// `messages`: a non-empty array of objects with a string `role`.
+fn check_messages(fields: &Fields) -> Result<(), LocalReply> {
+    let Some(raw) = fields.get("messages") else {
+        return Err(LocalReply::bad_request("Missing required parameter: 'messages'.", Some("messages")));
+    };
+    let checked = match raw.starts_with('[') {
+        true => serde_json::from_str::<Vec<MessageCheck>>(raw).ok(),
+        false => None,
+    };
+    let Some(msgs) = checked else {
+        return Err(LocalReply::bad_request("'messages' must be an array.", Some("messages")));
+    };
+    if msgs.is_empty() {
+        return Err(LocalReply::bad_request("'messages' must not be empty.", Some("messages")));
+    }
+    if let Some(i) = msgs.iter().position(|m| !m.0) {
+        return Err(LocalReply::bad_request(
+            format!("'messages[{i}]' must be an object with a string 'role'."),
+            Some(&format!("messages[{i}].role")),
+        ));
+    }
+    Ok(())
 }
 
 /// `input` of a Responses request: a string or an array of input items
 /// (objects); `previous_response_id`, if any, a string.
-fn check_input(obj: &Map<String, Value>) -> Result<(), LocalReply> {
-    match obj.get("input") {
-        None | Some(Value::Null) => {
-            return Err(LocalReply::bad_request("Missing required parameter: 'input'.", Some("input")))
-        }
-        Some(Value::String(_)) => {}
-        Some(Value::Array(items)) => {
-            if let Some(i) = items.iter().position(|item| !item.is_object()) {
-                return Err(LocalReply::bad_request(
-                    format!("'input[{i}]' must be an object (an input item)."),
-                    Some(&format!("input[{i}]")),
-                ));
+fn check_input(fields: &Fields) -> Result<(), LocalReply> {
+    match fields.get("input") {
+        None => return Err(LocalReply::bad_request("Missing required parameter: 'input'.", Some("input"))),
+        Some(raw) if body::is_string(raw) => {}
+        Some(raw) => match body::elements(raw) {
+            Some(items) => {
+                if let Some(i) = items.iter().position(|item| !body::is_object(item)) {
+                    return Err(LocalReply::bad_request(
+                        format!("'input[{i}]' must be an object (an input item)."),
+                        Some(&format!("input[{i}]")),
+                    ));
+                }
             }
-        }
-        Some(_) => return Err(LocalReply::bad_request("'input' must be a string or an array.", Some("input"))),
+            None => return Err(LocalReply::bad_request("'input' must be a string or an array.", Some("input"))),
+        },
     }
-    match obj.get("previous_response_id") {
-        None | Some(Value::Null | Value::String(_)) => Ok(()),
+    match fields.get("previous_response_id") {
+        None => Ok(()),
+        Some(raw) if body::is_string(raw) => Ok(()),
         Some(_) => {
             Err(LocalReply::bad_request("'previous_response_id' must be a string.", Some("previous_response_id")))
         }
@@ -93,7 +152,7 @@ fn check_input(obj: &Map<String, Value>) -> Result<(), LocalReply> {
 
 /// `input` of an embeddings request: a string, an array of strings, an array
 /// of token ids or an array of such arrays; not empty.
-fn check_embedding_input(obj: &Map<String, Value>) -> Result<(), LocalReply> {
+fn check_embedding_input(fields: &Fields) -> Result<(), LocalReply> {
     let bad = || {
         LocalReply::bad_request(
             "'input' must be a string, or a non-empty array of strings or of token arrays.",
@@ -101,11 +160,13 @@ fn check_embedding_input(obj: &Map<String, Value>) -> Result<(), LocalReply> {
         )
     };
     let token = |v: &Value| v.as_u64().is_some();
-    match obj.get("input") {
-        None | Some(Value::Null) => Err(LocalReply::bad_request("Missing required parameter: 'input'.", Some("input"))),
-        Some(Value::String(_)) => Ok(()),
-        Some(Value::Array(items)) if items.is_empty() => Err(bad()),
-        Some(Value::Array(items)) => {
+    let Some(raw) = fields.get("input") else {
+        return Err(LocalReply::bad_request("Missing required parameter: 'input'.", Some("input")));
+    };
+    match serde_json::from_str::<Value>(raw).map_err(|_| bad())? {
+        Value::String(_) => Ok(()),
+        Value::Array(items) if items.is_empty() => Err(bad()),
+        Value::Array(items) => {
             let ok = items.iter().all(Value::is_string)
                 || items.iter().all(token)
                 || items.iter().all(|i| i.as_array().is_some_and(|t| !t.is_empty() && t.iter().all(token)));
@@ -115,34 +176,50 @@ fn check_embedding_input(obj: &Map<String, Value>) -> Result<(), LocalReply> {
                 Err(bad())
             }
         }
-        Some(_) => Err(bad()),
+        _ => Err(bad()),
     }
 }
 
-/// Validates the body and prepares the upstream request.
+/// A boolean field: `None` when absent or null, an error naming it otherwise.
+fn boolean(raw: Option<&str>, name: &str) -> Result<Option<bool>, LocalReply> {
+    match raw {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(_) => Err(LocalReply::bad_request(format!("'{name}' must be a boolean."), Some(name))),
+    }
+}
+
+/// Validates the body and prepares the upstream request. The body is read
+/// one level deep ([`Fields`]); what the gateway changes is spliced in, the
+/// rest reaches the upstream byte for byte.
 pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admission, LocalReply> {
     let text =
         std::str::from_utf8(body).map_err(|_| LocalReply::bad_request("The request body is not valid UTF-8.", None))?;
-    let mut value: Value = serde_json::from_str(text).map_err(|e| {
-        LocalReply::bad_request(format!("We could not parse the JSON body of your request: {e}."), None)
+    let fields = Fields::parse(text).map_err(|e| match e {
+        Unreadable::Syntax(e) => {
+            LocalReply::bad_request(format!("We could not parse the JSON body of your request: {e}."), None)
+        }
+        Unreadable::NotAnObject => LocalReply::bad_request("The request body must be a JSON object.", None),
+        Unreadable::Duplicate(name) => {
+            LocalReply::bad_request(format!("'{name}' appears more than once in the body."), Some(&name))
+        }
     })?;
-    let Some(obj) = value.as_object_mut() else {
-        return Err(LocalReply::bad_request("The request body must be a JSON object.", None));
-    };
     match endpoint {
-        Endpoint::Chat => check_messages(obj)?,
-        Endpoint::Responses => check_input(obj)?,
-        Endpoint::Embeddings => check_embedding_input(obj)?,
+        Endpoint::Chat => check_messages(&fields)?,
+        Endpoint::Responses => check_input(&fields)?,
+        Endpoint::Embeddings => check_embedding_input(&fields)?,
     }
-    let named = match obj.get("model") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= bridge_protocol::MAX_MODEL_LEN => Some(s.as_str()),
-        Some(Value::String(_)) => {
+    let named = match fields.get("model").map(serde_json::from_str::<Cow<str>>) {
+        None => None,
+        Some(Ok(s)) if s.len() <= bridge_protocol::MAX_MODEL_LEN => Some(s),
+        Some(Ok(_)) => {
             let why = format!("'model' must be at most {} bytes.", bridge_protocol::MAX_MODEL_LEN);
             return Err(LocalReply::bad_request(why, Some("model")));
         }
-        Some(_) => return Err(LocalReply::bad_request("'model' must be a string.", Some("model"))),
+        Some(Err(_)) => return Err(LocalReply::bad_request("'model' must be a string.", Some("model"))),
     };
+    let named = named.as_deref();
     let Some((model_index, entry)) = cfg.model_index(named).and_then(|i| cfg.catalog.get(i).map(|m| (i, m))) else {
         return Err(match named {
             Some(name) => LocalReply::model_not_found(name),
@@ -154,42 +231,41 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
     }
     // The audit row keeps the name the client sent (the catalog's, or any without one).
     let model = named.unwrap_or(&entry.name).to_owned();
-    let stream = match obj.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b && endpoint != Endpoint::Embeddings,
-        Some(_) => return Err(LocalReply::bad_request("'stream' must be a boolean.", Some("stream"))),
-    };
+    let stream = boolean(fields.get("stream"), "stream")?.unwrap_or(false) && endpoint != Endpoint::Embeddings;
     // The Responses API always reports usage, in its last event, and
     // embeddings in their answer: nothing to ask for or hide.
-    let client_wants_usage = endpoint != Endpoint::Chat
-        || match obj.get("stream_options") {
-            None | Some(Value::Null) => false,
-            Some(Value::Object(o)) => match o.get("include_usage") {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => {
-                    return Err(LocalReply::bad_request(
-                        "'stream_options.include_usage' must be a boolean.",
-                        Some("stream_options.include_usage"),
-                    ))
-                }
-            },
+    let options = match fields.get("stream_options").filter(|_| endpoint == Endpoint::Chat) {
+        None => None,
+        Some(raw) => match serde_json::from_str::<Value>(raw) {
+            Ok(Value::Object(o)) => Some(o),
+            _ => return Err(LocalReply::bad_request("'stream_options' must be an object.", Some("stream_options"))),
+        },
+    };
+    let client_wants_usage = endpoint != Endpoint::Chat || {
+        let usage = options.as_ref().and_then(|o| o.get("include_usage")).filter(|v| !v.is_null());
+        match usage {
+            None => false,
+            Some(Value::Bool(b)) => *b,
             Some(_) => {
-                return Err(LocalReply::bad_request("'stream_options' must be an object.", Some("stream_options")))
+                return Err(LocalReply::bad_request(
+                    "'stream_options.include_usage' must be a boolean.",
+                    Some("stream_options.include_usage"),
+                ))
             }
-        };
+        }
+    };
     let (client_max, choices, cap_field, earlier) = match endpoint {
         Endpoint::Chat => (
-            integer_param(obj, "max_completion_tokens")?.or(integer_param(obj, "max_tokens")?),
-            integer_param(obj, "n")?.unwrap_or(1),
+            integer_param(&fields, "max_completion_tokens")?.or(integer_param(&fields, "max_tokens")?),
+            integer_param(&fields, "n")?.unwrap_or(1),
             Some("max_completion_tokens"),
             0,
         ),
         Endpoint::Responses => (
-            integer_param(obj, "max_output_tokens")?,
+            integer_param(&fields, "max_output_tokens")?,
             1,
             Some("max_output_tokens"),
-            if obj.get("previous_response_id").is_some_and(Value::is_string) { PREVIOUS_CONTEXT_ALLOWANCE } else { 0 },
+            if fields.get("previous_response_id").is_some() { PREVIOUS_CONTEXT_ALLOWANCE } else { 0 },
         ),
         // Embeddings write no output.
         Endpoint::Embeddings => (None, 0, None, 0),
@@ -205,34 +281,23 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
     // In charged tokens: what the model's prices make of the input and output held.
     let estimate = entry.prices.hold(input, output.saturating_mul(choices));
 
-    let mut changed = false;
+    let mut edits = fields.edit();
     if stream && !client_wants_usage {
-        let opts = obj.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
-        if let Value::Object(o) = opts {
-            o.insert("include_usage".into(), Value::Bool(true));
-            changed = true;
-        }
+        let mut o = options.unwrap_or_default();
+        o.insert("include_usage".into(), Value::Bool(true));
+        edits.set("stream_options", Value::Object(o).to_string());
     }
     if let (None, true, Some(field)) = (client_max, cfg.cap_output, cap_field) {
         // The hold is a ceiling: what it reserved for output is all the upstream may write.
-        obj.insert(field.into(), Value::from(output));
-        changed = true;
+        edits.set(field, output.to_string());
     }
     // The model the upstream reads from the body, where it reads one.
     if let Some(m) = entry.body_model(endpoint) {
-        if obj.get("model").and_then(Value::as_str) != Some(m) {
-            obj.insert("model".into(), Value::String(m.to_owned()));
-            changed = true;
+        if named != Some(m) {
+            edits.set("model", Value::from(m).to_string());
         }
     }
-    let rewritten = if changed {
-        Some(
-            serde_json::to_vec(&value)
-                .map_err(|e| LocalReply::bad_request(format!("cannot re-encode the body: {e}"), None))?,
-        )
-    } else {
-        None
-    };
+    let rewritten = crate::itemise::time(crate::itemise::Step::Reencode, || edits.finish());
     Ok(Admission { endpoint, model_index, model, stream, client_wants_usage, estimate, rewritten })
 }
 
@@ -326,6 +391,26 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn a_field_named_twice_is_refused_and_a_null_stream_options_gets_include_usage() {
+        // Which of two maxima (or models) the upstream reads is not ours to guess: a cap could be bypassed.
+        let twice = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":5,"max_tokens":50000}"#;
+        let r = admit(twice, &cfg(), Endpoint::Chat).unwrap_err();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!((r.status, v["error"]["param"].as_str()), (400, Some("max_tokens")));
+        let null =
+            br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":null,"max_tokens":5}"#;
+        let a = admit(null, &cfg(), Endpoint::Chat).unwrap();
+        assert!(!a.client_wants_usage);
+        let v: Value = serde_json::from_slice(a.rewritten.as_ref().unwrap()).unwrap();
+        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true}), "asked for in place of the null");
+        // Options the client set are kept beside it.
+        let other = br#"{"messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"x":1},"n":1}"#;
+        let v: Value =
+            serde_json::from_slice(admit(other, &cfg(), Endpoint::Chat).unwrap().rewritten.as_ref().unwrap()).unwrap();
+        assert_eq!(v["stream_options"], serde_json::json!({"x": 1, "include_usage": true}));
     }
 
     #[test]

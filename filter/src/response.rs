@@ -3,6 +3,10 @@
 //! tiktoken count. Chunks are forwarded as they arrive; only the usage-only
 //! event the filter itself asked for is removed.
 
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::Encoding;
@@ -33,7 +37,7 @@ pub enum Forward {
     Replace(Vec<u8>),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 struct Tally {
     usage: Option<Usage>,
     /// Generated text, at most `MAX_EXACT_BYTES` of it: all the fallback
@@ -65,6 +69,12 @@ impl Tally {
     fn take_usage(&mut self, v: &Value) -> bool {
         let usage = |v: &Value| v.get("usage").filter(|u| u.is_object()).cloned();
         let Some(u) = usage(v).or_else(|| v.get("response").and_then(usage)) else { return false };
+        self.usage_from(&u);
+        true
+    }
+
+    /// Reads a `usage` object (chat's or the Responses API's names).
+    fn usage_from(&mut self, u: &Value) {
         let n = |chat: &str, responses: &str| {
             u.get(chat).or_else(|| u.get(responses)).and_then(Value::as_i64).unwrap_or(0).max(0)
         };
@@ -79,7 +89,49 @@ impl Tally {
             cached: detail("prompt_tokens_details", "input_tokens_details", "cached_tokens").min(input),
             reasoning: detail("completion_tokens_details", "output_tokens_details", "reasoning_tokens").min(output),
         });
-        true
+    }
+
+    /// Reads one stream event through [`EventView`], which builds nothing but
+    /// what it names; `None` when the event does not fit it (the caller then
+    /// reads it as a tree).
+    fn on_view(&mut self, data: &str, drop_usage_event: bool) -> Option<bool> {
+        let view: EventView = serde_json::from_str(data).ok()?;
+        let kind = view.kind.as_deref().unwrap_or_default();
+        if view.error.is_some() && !kind.starts_with("response.") || kind == "error" {
+            self.error_event = true;
+        }
+        // Only the Responses API's lifecycle events carry a `response`: read as a tree, they are few.
+        let response = match view.response {
+            Some(raw) => Some(serde_json::from_str::<Value>(raw.get()).ok()?),
+            None => None,
+        };
+        if kind == "response.created" || kind == "response.completed" {
+            if let Some(r) = &response {
+                self.take_response_id(&serde_json::json!({ "response": r }));
+            }
+        }
+        if kind.starts_with("response.") && kind.ends_with(".delta") {
+            if let Some(delta) = view.delta.filter(|d| d.get().starts_with('"')) {
+                self.text.push_str(&serde_json::from_str::<Cow<str>>(delta.get()).ok()?);
+            }
+        }
+        for c in view.choices.iter().flatten() {
+            if let Some(delta) = &c.delta {
+                delta.collect(&mut self.text);
+            }
+        }
+        self.bound_text();
+        let usage = match view.usage {
+            Some(raw) => Some(serde_json::from_str::<Value>(raw.get()).ok()?).filter(Value::is_object),
+            None => None,
+        };
+        let usage = usage.or_else(|| response.as_ref().and_then(|r| r.get("usage")).filter(|u| u.is_object()).cloned());
+        let has_usage = usage.is_some();
+        if let Some(u) = &usage {
+            self.usage_from(u);
+        }
+        let usage_only = has_usage && view.choices.as_ref().is_none_or(Vec::is_empty);
+        Some(!(drop_usage_event && usage_only))
     }
 
     /// Keeps at most `MAX_EXACT_BYTES` of text; the rest is counted in bytes.
@@ -100,7 +152,15 @@ impl Tally {
         if e.data == "[DONE]" {
             return true;
         }
-        let Ok(v) = serde_json::from_str::<Value>(&e.data) else { return true };
+        match self.on_view(&e.data, drop_usage_event) {
+            Some(keep) => keep,
+            None => self.on_tree(&e.data, drop_usage_event),
+        }
+    }
+
+    /// Reads one stream event as a tree: any event [`Tally::on_view`] does not fit.
+    fn on_tree(&mut self, data: &str, drop_usage_event: bool) -> bool {
+        let Ok(v) = serde_json::from_str::<Value>(data) else { return true };
         let kind = v.get("type").and_then(Value::as_str).unwrap_or_default();
         if v.get("error").is_some_and(|err| !err.is_null()) && !kind.starts_with("response.") || kind == "error" {
             self.error_event = true;
@@ -128,6 +188,30 @@ impl Tally {
         let usage_only = has_usage && choices.is_none_or(|c| c.is_empty());
         !(drop_usage_event && usage_only)
     }
+}
+
+/// What the meter reads of a stream event, borrowed from its text: chat's
+/// chunks are typed down to their deltas, nothing else is built.
+#[derive(Deserialize)]
+struct EventView<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+    #[serde(borrow)]
+    delta: Option<&'a RawValue>,
+    #[serde(borrow)]
+    choices: Option<Vec<ChoiceView<'a>>>,
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow)]
+    response: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceView<'a> {
+    #[serde(borrow)]
+    delta: Option<crate::tokens::TextView<'a>>,
 }
 
 #[derive(Debug)]
@@ -191,7 +275,26 @@ impl ResponseMeter {
                 parser.finish(&mut |e| tally.on_event(e, drop))
             }
             None => {
-                if let Ok(v) = serde_json::from_slice::<Value>(&self.plain) {
+                let fields = std::str::from_utf8(&self.plain).ok().and_then(|t| crate::body::Fields::parse(t).ok());
+                if let Some(f) = fields {
+                    // The answer's usage, read without building the rest; its text only when there is none.
+                    let tree = |name: &str| f.get(name).and_then(|raw| serde_json::from_str::<Value>(raw).ok());
+                    let top: serde_json::Map<String, Value> =
+                        ["usage", "object", "id"].into_iter().filter_map(|n| Some((n.to_owned(), tree(n)?))).collect();
+                    let top = Value::Object(top);
+                    self.tally.take_response_id(&top);
+                    if !self.tally.take_usage(&top) {
+                        for c in tree("choices").as_ref().and_then(Value::as_array).into_iter().flatten() {
+                            if let Some(m) = c.get("message") {
+                                collect_choice_text(m, &mut self.tally.text);
+                            }
+                        }
+                        for item in tree("output").as_ref().and_then(Value::as_array).into_iter().flatten() {
+                            collect_output_item(item, &mut self.tally.text);
+                        }
+                        self.tally.bound_text();
+                    }
+                } else if let Ok(v) = serde_json::from_slice::<Value>(&self.plain) {
                     self.tally.take_usage(&v);
                     self.tally.take_response_id(&v);
                     for c in v.get("choices").and_then(Value::as_array).into_iter().flatten() {
@@ -242,6 +345,34 @@ impl ResponseMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_borrowed_view_of_an_event_reads_what_the_tree_reads() {
+        let events = [
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"Hel\"lo"}}],"usage":null}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"read","arguments":"{\"a\":1}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"refusal":"no","reasoning_content":"hm"}}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":3}}}"#,
+            r#"{"choices":[],"prompt_filter_results":[{"prompt_index":0}]}"#,
+            r#"{"type":"response.output_text.delta","delta":"wor\u0064"}"#,
+            r#"{"type":"response.created","response":{"id":"resp_abc123","object":"response"}}"#,
+            r#"{"type":"response.completed","response":{"id":"resp_abc123","usage":{"input_tokens":5,"output_tokens":2,"output_tokens_details":{"reasoning_tokens":1}}}}"#,
+            r#"{"type":"error","message":"overloaded"}"#,
+            r#"{"error":{"message":"bad"}}"#,
+            r#"{"error":null,"choices":null}"#,
+        ];
+        for drop in [false, true] {
+            for e in events {
+                let (mut view, mut tree) = (Tally::default(), Tally::default());
+                let kept = view.on_view(e, drop).expect(e);
+                assert_eq!(kept, tree.on_tree(e, drop), "{e}");
+                assert_eq!(view, tree, "{e}");
+            }
+        }
+        // What the view does not fit is read as a tree.
+        let odd = r#"{"choices":[{"delta":{"content":[{"type":"text","text":"x"}]}}]}"#;
+        assert_eq!(Tally::default().on_view(odd, false), None);
+    }
 
     fn chunk(content: &str) -> String {
         format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{content}\"}}}}],\"usage\":null}}\n\n")
@@ -368,8 +499,13 @@ mod tests {
         let mut m = ResponseMeter::new(false, false);
         assert_eq!(run(&mut m, body, 30), body);
         assert_eq!(m.usage(), Some(Usage { input: 3, output: 2, ..Usage::default() }));
-        assert_eq!(m.output_text(), "think read{}Hello");
+        assert_eq!(m.output_text(), "", "with usage there is nothing to count: the output is not read");
         assert_eq!(m.response_id(), Some("resp_1"));
+        let without = String::from_utf8_lossy(body)
+            .replace(r#","usage":{"input_tokens":3,"output_tokens":2,"total_tokens":5}"#, "");
+        let mut m = ResponseMeter::new(false, false);
+        run(&mut m, without.as_bytes(), 30);
+        assert_eq!((m.usage(), m.output_text(), m.response_id()), (None, "think read{}Hello", Some("resp_1")));
     }
 
     #[test]
@@ -386,6 +522,10 @@ mod tests {
         let mut m = ResponseMeter::new(false, true);
         assert_eq!(run(&mut m, body, 17), body);
         assert_eq!(m.usage(), Some(Usage { input: 3, output: 2, ..Usage::default() }));
-        assert_eq!(m.output_text(), "Hi there");
+        assert_eq!(m.output_text(), "", "with usage there is nothing to count");
+        let without = br#"{"choices":[{"message":{"role":"assistant","content":"Hi there"}}]}"#;
+        let mut m = ResponseMeter::new(false, true);
+        run(&mut m, without, 17);
+        assert_eq!((m.usage(), m.output_text()), (None, "Hi there"));
     }
 }

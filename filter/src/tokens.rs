@@ -7,6 +7,7 @@
 //! are tokenized; the rest is estimated, so one fallback holds a worker for
 //! tens of milliseconds at most, whatever a client sent or an upstream wrote.
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 
 use serde_json::Value;
@@ -169,6 +170,48 @@ pub fn collect_output_item(item: &Value, out: &mut String) {
     }
     for part in item.get("summary").and_then(Value::as_array).into_iter().flatten() {
         out.push_str(part.get("text").and_then(Value::as_str).unwrap_or_default());
+    }
+}
+
+/// The generated text of one choice (`delta` in a stream, `message` in a
+/// plain answer), borrowed where it has no escapes: what
+/// [`collect_choice_text`] reads, without building a tree.
+#[derive(serde::Deserialize)]
+pub struct TextView<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    refusal: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    tool_calls: Option<Vec<ToolCallView<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ToolCallView<'a> {
+    #[serde(borrow)]
+    function: Option<FunctionView<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct FunctionView<'a> {
+    #[serde(borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    arguments: Option<Cow<'a, str>>,
+}
+
+impl TextView<'_> {
+    /// Appends the text, in [`collect_choice_text`]'s order.
+    pub fn collect(&self, out: &mut String) {
+        for s in [&self.content, &self.refusal, &self.reasoning_content].into_iter().flatten() {
+            out.push_str(s);
+        }
+        for f in self.tool_calls.iter().flatten().filter_map(|c| c.function.as_ref()) {
+            out.push_str(f.name.as_deref().unwrap_or_default());
+            out.push_str(f.arguments.as_deref().unwrap_or_default());
+        }
     }
 }
 

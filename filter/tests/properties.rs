@@ -130,6 +130,7 @@ proptest! {
         content in "[^\u{0}]{0,200}",
         stream in any::<bool>(),
         client_max in prop::option::of(1i64..100_000),
+        pretty in any::<bool>(),
     ) {
         let mut body = Map::new();
         for (k, v) in extra {
@@ -143,13 +144,15 @@ proptest! {
             body.insert("max_tokens".into(), json!(m));
         }
         let original = Value::Object(body);
-        let bytes = serde_json::to_vec(&original).unwrap();
+        let bytes = if pretty { serde_json::to_vec_pretty(&original) } else { serde_json::to_vec(&original) }.unwrap();
         let a = admit(&bytes, &cfg(), Endpoint::Chat).unwrap();
         prop_assert!(a.estimate > 0);
         match a.rewritten {
             None => prop_assert!(!stream && client_max.is_some()),
             Some(new) => {
                 prop_assert!(stream || client_max.is_none());
+                // Spliced, not re-encoded: the client's bytes up to its closing brace reach the upstream as sent.
+                prop_assert!(new.starts_with(&bytes[..bytes.len() - 1]));
                 let mut rewritten: Value = serde_json::from_slice(&new).unwrap();
                 let fields = rewritten.as_object_mut().unwrap();
                 let usage = fields.remove("stream_options");

@@ -53,7 +53,7 @@ impl Exchange {
             }
             return self.reserve(host, req);
         }
-        match self.precheck(host, &req) {
+        match crate::itemise::time(crate::itemise::Step::Draw, || self.precheck(host, &req)) {
             // Headers were held for this body: continuing the body releases both.
             Precheck::Drawn(lease_id) => {
                 self.forwarded(req, Hold::Drawn(lease_id));

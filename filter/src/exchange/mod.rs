@@ -33,6 +33,7 @@ use log::{debug, error};
 use crate::background::Vm;
 use crate::config::PluginConfig;
 use crate::host::{Flow, HttpHost};
+use crate::itemise::{time, Step};
 use crate::reply::{models_list, LocalReply};
 use crate::request::{client_key, Admission, Endpoint};
 use crate::response::{Forward, ResponseMeter};
@@ -223,25 +224,27 @@ impl Exchange {
             return Flow::Pause;
         }
         let State::Body(caller) = std::mem::replace(&mut self.state, State::Settled) else { return Flow::Continue };
-        let body = host.request_body(body_size);
-        let admission = match crate::request::admit(&body, &self.cfg, caller.endpoint) {
+        let body = time(Step::BodyCopy, || host.request_body(body_size));
+        let admission = match time(Step::Admit, || crate::request::admit(&body, &self.cfg, caller.endpoint)) {
             Ok(a) => a,
             Err(reply) => return self.answer(host, reply),
         };
-        if let Some(new_body) = &admission.rewritten {
-            host.set_request_body(body_size, new_body);
-        }
-        // The model's upstream: its cluster, path and key (and host, from a catalog).
-        let cfg = self.cfg.clone();
-        if let Some(m) = cfg.catalog.get(admission.model_index) {
-            let (auth_name, auth_value) = m.auth();
-            host.set_request_header(auth_name, Some(&auth_value));
-            host.set_request_header(":path", Some(&m.path(admission.endpoint, &cfg.api_version)));
-            host.set_request_header(&cfg.cluster_header, Some(&m.cluster));
-            if let Some(authority) = &m.authority {
-                host.set_request_header(":authority", Some(authority));
+        time(Step::Upstream, || {
+            if let Some(new_body) = &admission.rewritten {
+                host.set_request_body(body_size, new_body);
             }
-        }
+            // The model's upstream: its cluster, path and key (and host, from a catalog).
+            let cfg = &self.cfg;
+            if let Some(m) = cfg.catalog.get(admission.model_index) {
+                let (auth_name, auth_value) = m.auth();
+                host.set_request_header(auth_name, Some(&auth_value));
+                host.set_request_header(":path", Some(&m.path(admission.endpoint, &cfg.api_version)));
+                host.set_request_header(&cfg.cluster_header, Some(&m.cluster));
+                if let Some(authority) = &m.authority {
+                    host.set_request_header(":authority", Some(authority));
+                }
+            }
+        });
         self.admit(host, Admitted { caller, body, admission, waiting_since: None, rate_counted: false, upstream: None })
     }
 
