@@ -116,16 +116,92 @@ pub enum Slot {
     },
 }
 
+/// First byte of a live lease in the compact form (JSON starts with `{`).
+const COMPACT: u8 = 0xb1;
+
 impl Slot {
     /// An empty or unreadable value is an empty slot: the worst that follows is
-    /// one lease fetched too many, which its fetcher closes.
+    /// one lease fetched too many, which its fetcher closes (also what a VM of
+    /// an older build makes of the compact form during an upgrade).
     pub fn decode(bytes: &[u8]) -> Option<Slot> {
-        serde_json::from_slice(bytes).ok()
+        match bytes.first() {
+            Some(&COMPACT) => decode_compact(&bytes[1..]).map(Slot::Live),
+            _ => serde_json::from_slice(bytes).ok(),
+        }
     }
 
+    /// A live lease without key controls, the slot every draw reads and
+    /// writes, in a compact binary form; anything else as JSON.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        match self {
+            Slot::Live(lease) if lease.policy == KeyPolicy::default() => {
+                encode_compact(lease).unwrap_or_else(|| serde_json::to_vec(self).unwrap_or_default())
+            }
+            _ => serde_json::to_vec(self).unwrap_or_default(),
+        }
     }
+}
+
+/// `COMPACT`, then tokens, drawn tokens, drawn requests, expiry (8 bytes
+/// each, little-endian), a flags byte (1: a refresh, 2: it was answered), the
+/// refresh's `since_ms` if any, and the lease id, key hash and refresh id,
+/// each a length byte and its bytes. `None` if a string is over 255 bytes.
+fn encode_compact(lease: &Lease) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(128);
+    out.push(COMPACT);
+    for n in [lease.tokens, lease.drawn_tokens, lease.drawn_n] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out.extend_from_slice(&lease.expires_ms.to_le_bytes());
+    let refresh = lease.refresh.as_ref();
+    out.push(match refresh {
+        None => 0,
+        Some(r) => 1 | if r.answered { 2 } else { 0 },
+    });
+    if let Some(r) = refresh {
+        out.extend_from_slice(&r.since_ms.to_le_bytes());
+    }
+    for text in [Some(&lease.id), Some(&lease.key_hash), refresh.map(|r| &r.id)].into_iter().flatten() {
+        out.push(u8::try_from(text.len()).ok()?);
+        out.extend_from_slice(text.as_bytes());
+    }
+    Some(out)
+}
+
+fn decode_compact(mut bytes: &[u8]) -> Option<Lease> {
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let (head, rest) = bytes.split_at_checked(n)?;
+        bytes = rest;
+        Some(head)
+    };
+    let mut int = || -> Option<[u8; 8]> { take(8)?.try_into().ok() };
+    let (tokens, drawn_tokens, drawn_n) =
+        (i64::from_le_bytes(int()?), i64::from_le_bytes(int()?), i64::from_le_bytes(int()?));
+    let expires_ms = u64::from_le_bytes(int()?);
+    let flags = *take(1)?.first()?;
+    let since_ms = match flags & 1 {
+        0 => None,
+        _ => Some(u64::from_le_bytes(take(8)?.try_into().ok()?)),
+    };
+    let mut text = || -> Option<String> {
+        let len = usize::from(*take(1)?.first()?);
+        String::from_utf8(take(len)?.to_vec()).ok()
+    };
+    let (id, key_hash) = (text()?, text()?);
+    let refresh = match since_ms {
+        None => None,
+        Some(since_ms) => Some(Refresh { id: text()?, since_ms, answered: flags & 2 != 0 }),
+    };
+    Some(Lease {
+        id,
+        key_hash,
+        tokens,
+        drawn_tokens,
+        drawn_n,
+        expires_ms,
+        refresh,
+        policy: KeyPolicy::default(),
+    })
 }
 
 /// How leases are sized and when a fetch is given up on.

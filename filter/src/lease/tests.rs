@@ -183,8 +183,26 @@ fn a_refusal_is_cached_for_its_key_until_it_runs_out() {
 
 #[test]
 fn slots_round_trip_and_garbage_reads_as_empty() {
-    for slot in [live(5, 1, 9), Slot::Fetching { id: "x".into(), since_ms: 3 }] {
+    let mut renewing = live(5, 1, 9);
+    if let Slot::Live(l) = &mut renewing {
+        l.refresh = Some(Refresh { id: "next".into(), since_ms: 77, answered: true });
+    }
+    let mut controlled = live(5, 1, 9);
+    if let Slot::Live(l) = &mut controlled {
+        l.policy.rpm_limit = Some(3);
+    }
+    for slot in [live(5, 1, 9), renewing.clone(), controlled.clone(), Slot::Fetching { id: "x".into(), since_ms: 3 }] {
         assert_eq!(Slot::decode(&slot.encode()), Some(slot));
+    }
+    // Every draw reads and writes a live lease: compact, not JSON; one with key controls stays JSON.
+    let compact = renewing.encode();
+    assert_eq!(compact[0], 0xb1);
+    assert!(compact.len() < serde_json::to_vec(&renewing).unwrap().len() / 2, "{} bytes", compact.len());
+    assert_eq!(controlled.encode()[0], b'{');
+    // A JSON live slot (an older build's) still reads.
+    assert_eq!(Slot::decode(&serde_json::to_vec(&renewing).unwrap()), Some(renewing));
+    for cut in 1..compact.len() {
+        assert_eq!(Slot::decode(&compact[..cut]), None, "cut at {cut}");
     }
     assert_eq!(Slot::decode(b""), None);
     assert_eq!(Slot::decode(b"{oops"), None);
