@@ -244,6 +244,9 @@ impl HttpHost for Stream {
     fn request_header(&self, name: &str) -> Option<String> {
         self.header(name)
     }
+    fn request_headers(&self) -> Vec<(String, String)> {
+        self.request_headers.borrow().iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect()
+    }
     fn set_request_header(&self, name: &str, value: Option<&str>) {
         set(&self.request_headers, name, value);
     }
@@ -262,8 +265,8 @@ impl HttpHost for Stream {
     fn resume_request(&self) {
         self.resumed.set(self.resumed.get() + 1);
     }
-    fn response_header(&self, name: &str) -> Option<String> {
-        get(&self.response_headers.borrow(), name)
+    fn response_headers(&self) -> Vec<(String, String)> {
+        self.response_headers.borrow().iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect()
     }
     fn upstream_address(&self) -> Option<String> {
         self.upstream.borrow().clone()

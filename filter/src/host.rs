@@ -40,6 +40,8 @@ pub trait Host {
 /// Host calls of one request.
 pub trait HttpHost: Host {
     fn request_header(&self, name: &str) -> Option<String>;
+    /// All request headers, names in lower case, in one host call.
+    fn request_headers(&self) -> Vec<(String, String)>;
     /// Sets (or with `None` removes) a request header.
     fn set_request_header(&self, name: &str, value: Option<&str>);
     fn request_body(&self, size: usize) -> Vec<u8>;
@@ -48,7 +50,8 @@ pub trait HttpHost: Host {
     fn send_reply(&self, status: u32, headers: &[(&str, &str)], body: &[u8]);
     /// Lets a request paused in a callout go on upstream.
     fn resume_request(&self);
-    fn response_header(&self, name: &str) -> Option<String>;
+    /// All response headers, names in lower case, in one host call.
+    fn response_headers(&self) -> Vec<(String, String)>;
     fn set_response_header(&self, name: &str, value: Option<&str>);
     fn add_response_header(&self, name: &str, value: &str);
     fn response_body(&self, size: usize) -> Vec<u8>;

@@ -122,6 +122,9 @@ impl HttpHost for Envoy {
     fn request_header(&self, name: &str) -> Option<String> {
         hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
     }
+    fn request_headers(&self) -> Vec<(String, String)> {
+        hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default()
+    }
     fn set_request_header(&self, name: &str, value: Option<&str>) {
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
     }
@@ -137,8 +140,8 @@ impl HttpHost for Envoy {
     fn resume_request(&self) {
         let _ = hostcalls::resume_http_request();
     }
-    fn response_header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(MapType::HttpResponseHeaders, name).ok().flatten()
+    fn response_headers(&self) -> Vec<(String, String)> {
+        hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default()
     }
     fn upstream_address(&self) -> Option<String> {
         let bytes = hostcalls::get_property(vec!["upstream", "address"]).ok().flatten()?;

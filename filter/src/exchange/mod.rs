@@ -146,19 +146,25 @@ impl Exchange {
 
     pub fn on_request_headers(&mut self, host: &impl HttpHost, end_of_stream: bool) -> Flow {
         let cfg = self.cfg.clone();
+        // One host call for all of them; below, only headers that are there are removed.
+        let headers = host.request_headers();
+        let header = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+        let remove = |name: &str| {
+            if header(name).is_some() {
+                host.set_request_header(name, None);
+            }
+        };
         // The route marker and the cluster header are ours alone: a client may not send them.
-        host.set_request_header(&cfg.route_header, None);
-        host.set_request_header(&cfg.cluster_header, None);
-        let path = host.request_header(":path").unwrap_or_default();
-        let method = host.request_header(":method").unwrap_or_default();
-        let target = route(&method, &path);
+        remove(&cfg.route_header);
+        remove(&cfg.cluster_header);
+        let path = header(":path").unwrap_or_default().to_owned();
+        let method = header(":method").unwrap_or_default();
+        let target = route(method, &path);
         if target == Route::Passthrough {
             self.state = State::Passthrough;
             return Flow::Continue;
         }
-        let authorization = host.request_header("authorization");
-        let api_key = host.request_header("api-key");
-        let key = client_key(authorization.as_deref(), api_key.as_deref()).map(str::to_owned);
+        let key = client_key(header("authorization"), header("api-key")).map(str::to_owned);
         match target {
             Route::Passthrough | Route::ChatCompletions | Route::Responses | Route::Embeddings => {}
             Route::Unknown(bare) => return self.answer(host, LocalReply::not_found(&bare)),
@@ -193,11 +199,11 @@ impl Exchange {
         // length dropped because the body may be rewritten (setting it later
         // traps the VM). The upstream's path, key and cluster follow the
         // body's model (`on_request_body`).
-        host.set_request_header("authorization", None);
-        host.set_request_header("api-key", None);
-        host.set_request_header("content-length", None);
+        remove("authorization");
+        remove("api-key");
+        remove("content-length");
         // The meter reads the answer's usage and text: it must come uncompressed.
-        host.set_request_header("accept-encoding", None);
+        remove("accept-encoding");
         let endpoint = match target {
             Route::Responses => Endpoint::Responses,
             Route::Embeddings => Endpoint::Embeddings,
@@ -264,14 +270,14 @@ impl Exchange {
 
     pub fn on_response_headers(&mut self, host: &impl HttpHost) -> Flow {
         let State::Forwarded { req, status, meter, .. } = &mut self.state else { return Flow::Continue };
-        *status = host.response_header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let headers = host.response_headers();
+        let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        *status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
         req.upstream = host.upstream_address();
-        let is_sse = host
-            .response_header("content-type")
-            .is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"));
+        let is_sse = header("content-type").is_some_and(|c| c.to_ascii_lowercase().starts_with("text/event-stream"));
         let hide_usage = req.admission.stream && !req.admission.client_wants_usage;
         let m = ResponseMeter::new(is_sse, hide_usage);
-        if m.rewrites_body() {
+        if m.rewrites_body() && header("content-length").is_some() {
             host.set_response_header("content-length", None);
         }
         *meter = Some(m);

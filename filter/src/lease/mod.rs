@@ -192,16 +192,7 @@ fn decode_compact(mut bytes: &[u8]) -> Option<Lease> {
         None => None,
         Some(since_ms) => Some(Refresh { id: text()?, since_ms, answered: flags & 2 != 0 }),
     };
-    Some(Lease {
-        id,
-        key_hash,
-        tokens,
-        drawn_tokens,
-        drawn_n,
-        expires_ms,
-        refresh,
-        policy: KeyPolicy::default(),
-    })
+    Some(Lease { id, key_hash, tokens, drawn_tokens, drawn_n, expires_ms, refresh, policy: KeyPolicy::default() })
 }
 
 /// How leases are sized and when a fetch is given up on.
