@@ -69,6 +69,8 @@ def openclaw_body():
 SHAPES = [("plain", PLAIN), ("stream", STREAM), ("capless", CAPLESS)]
 
 procs = []
+# The MongoDB-wire server's pid when the bench started it (its CPU a request is then measured).
+MONGO_PID = [None]
 ANALYSIS_MARKER = "<!-- analysis: kept by make bench -->"
 
 
@@ -346,6 +348,8 @@ def main():
                                  env=dict(os.environ, **({} if os.environ.get("MONGO_SERVER")
                                                          else {"MONGO_STORAGE": ":memory:"}))).stdout.strip()
             started_mongo = True
+            with open(os.path.join(STATE, "mongo", "pid")) as f:
+                MONGO_PID[0] = int(f.read().strip())
         if os.environ.get("BENCH_ONLY") == "reports":
             # Only the operator's reads (BENCHMARKS.md is left as it is).
             r = report_timings(uri, f"bench_{int(time.time())}", rel)
@@ -373,6 +377,7 @@ def main():
         direct_url = (f"http://127.0.0.1:{mock_port}/openai/deployments/gpt-5-nano/chat/completions"
                       f"?api-version=2024-12-01-preview")
         results = []   # rows of the table
+        db_watch = {"mongo": MONGO_PID[0]} if MONGO_PID[0] else {}
         extras = {}
         for conc in (1, 2):
             bare, bare_url, bare_ready = start_envoy("bare", True, conc, env)
@@ -387,14 +392,15 @@ def main():
                 "direct": (direct_url, {"api-key": UPSTREAM_KEY}, {"mock": mock.pid}),
                 "bare": (bare_url + "/v1/chat/completions", {}, {"envoy": bare.pid, "mock": mock.pid}),
                 "bridge": (bridge_url + "/v1/chat/completions", {"Authorization": f"Bearer {USER_KEY}"},
-                           {"envoy": bridge.pid, "mock": mock.pid, "sidecar": sidecar.pid}),
+                           dict({"envoy": bridge.pid, "mock": mock.pid, "sidecar": sidecar.pid}, **db_watch)),
             }
             if lite:
                 targets["litellm"] = (lite[1] + "/v1/chat/completions", {"Authorization": f"Bearer {LITELLM_KEY}"},
                                       {"envoy": lite[0].pid, "mock": mock.pid})
             if per_req:
                 targets["per-request"] = (per_req[1] + "/v1/chat/completions", {"Authorization": f"Bearer {USER_KEY}"},
-                                          {"envoy": per_req[0].pid, "mock": mock.pid, "sidecar": sidecar.pid})
+                                          dict({"envoy": per_req[0].pid, "mock": mock.pid, "sidecar": sidecar.pid},
+                                               **db_watch))
             # Warm up: the bridge's first requests create VMs' state and connections.
             for name, (url, headers, watch) in targets.items():
                 subprocess.run(["wrk", "-t1", "-c4", "-d1s", url], capture_output=True, timeout=30)
@@ -424,6 +430,7 @@ def main():
                        "errors": sum(r["errors"] + r["non2xx"] for r in rs),
                        "envoy_cpu": med(lambda r: r["cpu_us"].get("envoy", 0)),
                        "sidecar_cpu": med(lambda r: r["cpu_us"].get("sidecar", 0)),
+                       "mongo_cpu": med(lambda r: r["cpu_us"].get("mongo", 0)),
                        "envoy_rss": max(r["rss_peak"].get("envoy", 0) for r in rs),
                        "sidecar_rss": max(r["rss_peak"].get("sidecar", 0) for r in rs)}
                 if name in ("bridge", "per-request") and all(r.get("mongo_ops") is not None for r in rs):
@@ -670,9 +677,9 @@ def render_report(results, extras, wasm, many, reports, steps=None):
         "so ratios matter, absolutes drift.",
         "",
         "| Envoy conc. | body | path | req/s | vs bare | p50 ms | p99 ms | added p50 / p99 ms | errors "
-        "| proxy CPU us/req | sidecar CPU us/req | MongoDB ops/req | settled s after load | proxy RSS MiB (load) "
-        "| sidecar RSS MiB (load) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| proxy CPU us/req | sidecar CPU us/req | MongoDB CPU us/req | MongoDB ops/req | settled s after load "
+        "| proxy RSS MiB (load) | sidecar RSS MiB (load) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         b = next(x for x in results if (x["conc"], x["kind"], x["target"]) == (r["conc"], r["kind"], "bare"))
@@ -680,6 +687,7 @@ def render_report(results, extras, wasm, many, reports, steps=None):
         lines.append(
             f"| {r['conc']} | {r['kind']} | {r['target']} | {r['rps']:.0f} | {r['rps'] / b['rps']:.2f}x | {r['p50']:.2f} "
             f"| {r['p99']:.2f} | {added} | {r['errors']} | {r['envoy_cpu']:.0f} | {r['sidecar_cpu']:.0f} "
+            f"| {r['mongo_cpu']:.0f} "
             f"| {r.get('mongo_ops', float('nan')):.2f} | {r.get('drain_s', float('nan')):.1f} "
             f"| {r['envoy_rss']:.0f} | {r['sidecar_rss']:.0f} |")
     lines += ["", "| Envoy conc. | path | streamed TTFB ms (median of 20) | streamed total ms | listener ready s "

@@ -236,24 +236,20 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
     // embeddings in their answer: nothing to ask for or hide.
     let options = match fields.get("stream_options").filter(|_| endpoint == Endpoint::Chat) {
         None => None,
-        Some(raw) => match serde_json::from_str::<Value>(raw) {
-            Ok(Value::Object(o)) => Some(o),
-            _ => return Err(LocalReply::bad_request("'stream_options' must be an object.", Some("stream_options"))),
+        Some(raw) => match Fields::parse(raw) {
+            Ok(o) => Some(o),
+            Err(Unreadable::Duplicate(name)) => {
+                let field = format!("stream_options.{name}");
+                return Err(LocalReply::bad_request(format!("'{field}' appears more than once."), Some(&field)));
+            }
+            Err(_) => {
+                return Err(LocalReply::bad_request("'stream_options' must be an object.", Some("stream_options")))
+            }
         },
     };
-    let client_wants_usage = endpoint != Endpoint::Chat || {
-        let usage = options.as_ref().and_then(|o| o.get("include_usage")).filter(|v| !v.is_null());
-        match usage {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                return Err(LocalReply::bad_request(
-                    "'stream_options.include_usage' must be a boolean.",
-                    Some("stream_options.include_usage"),
-                ))
-            }
-        }
-    };
+    let include_usage = options.as_ref().and_then(|o| o.get("include_usage"));
+    let client_wants_usage =
+        endpoint != Endpoint::Chat || boolean(include_usage, "stream_options.include_usage")?.unwrap_or(false);
     let (client_max, choices, cap_field, earlier) = match endpoint {
         Endpoint::Chat => (
             integer_param(&fields, "max_completion_tokens")?.or(integer_param(&fields, "max_tokens")?),
@@ -283,9 +279,13 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
 
     let mut edits = fields.edit();
     if stream && !client_wants_usage {
-        let mut o = options.unwrap_or_default();
-        o.insert("include_usage".into(), Value::Bool(true));
-        edits.set("stream_options", Value::Object(o).to_string());
+        // Spliced into the client's options, if it sent any.
+        let spliced = options.as_ref().and_then(|o| {
+            let mut e = o.edit();
+            e.set("include_usage", "true".into());
+            e.finish().and_then(|bytes| String::from_utf8(bytes).ok())
+        });
+        edits.set("stream_options", spliced.unwrap_or_else(|| r#"{"include_usage":true}"#.to_owned()));
     }
     if let (None, true, Some(field)) = (client_max, cfg.cap_output, cap_field) {
         // The hold is a ceiling: what it reserved for output is all the upstream may write.
@@ -411,6 +411,16 @@ mod tests {
         let v: Value =
             serde_json::from_slice(admit(other, &cfg(), Endpoint::Chat).unwrap().rewritten.as_ref().unwrap()).unwrap();
         assert_eq!(v["stream_options"], serde_json::json!({"x": 1, "include_usage": true}));
+        // Nor may the options name include_usage twice.
+        let twice = br#"{"messages":[{"role":"user"}],"stream":true,"stream_options":{"include_usage":false,"include_usage":true}}"#;
+        let r = admit(twice, &cfg(), Endpoint::Chat).unwrap_err();
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!((r.status, v["error"]["param"].as_str()), (400, Some("stream_options.include_usage")));
+        // A false one is set true where it stands.
+        let off = br#"{"messages":[{"role":"user"}],"stream":true,"stream_options":{"include_usage":false},"n":1}"#;
+        let a = admit(off, &cfg(), Endpoint::Chat).unwrap();
+        let text = String::from_utf8(a.rewritten.unwrap()).unwrap();
+        assert!(text.contains(r#""stream_options":{"include_usage":true}"#), "{text}");
     }
 
     #[test]
