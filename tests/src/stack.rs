@@ -318,12 +318,15 @@ impl Stack {
 
     /// The balance once nothing is held for the key any more: every hold
     /// settled, every lease closed (within `LEASE_MS` and a settlement tick)
-    /// and every request drawn from it settled.
+    /// and every request drawn from it settled, and every audit row of those
+    /// debits out of the key's outbox and in `audit_logs` (a debit and its row
+    /// are one write to the key, the row's insert comes just after).
     pub async fn settled_balance(&self, key: &str) -> i64 {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let d = self.key_doc(key).await;
-            if d.get_i64("holds_n").unwrap_or(0) == 0 && d.get_i64("leases_n").unwrap_or(0) == 0 {
+            let counts = ["holds_n", "leases_n", "outbox_n"];
+            if counts.iter().all(|c| d.get_i64(c).unwrap_or(0) == 0) {
                 return d.get_i64("balance_tokens").unwrap();
             }
             assert!(std::time::Instant::now() < deadline, "{key} still holds tokens: {d:?}");
