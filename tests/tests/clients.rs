@@ -111,6 +111,29 @@ async fn a_real_openclaw_tool_turn_in_its_responses_mode_is_billed_exactly() {
     openclaw_tool_turn("openai-responses").await;
 }
 
+/// `drive_openclaw.sh` installs Node and OpenClaw into one directory on first
+/// use. Two turns at once on a fresh machine install into it together and
+/// break it (npm's `ENOTEMPTY`, then a package that does not start): one turn
+/// at a time.
+static OPENCLAW_INSTALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The script's exit code for "install failed".
+const INSTALL_FAILED: i32 = 3;
+
+/// Where the script installs: `DRIVE_DIR` if set, else its default.
+fn drive_dir() -> PathBuf {
+    match std::env::var_os("DRIVE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/drive_openclaw"),
+    }
+}
+
+/// The OpenClaw version the turn runs: `OPENCLAW_VERSION` if set, else the
+/// one the script was tested with.
+fn openclaw_version() -> String {
+    std::env::var("OPENCLAW_VERSION").unwrap_or_else(|_| "2026.9.6".to_owned())
+}
+
 /// One OpenClaw turn with a tool round trip in its `api` mode.
 async fn openclaw_tool_turn(api: &str) {
     let script = repo_root().join("../shared/clients/drive_openclaw.sh");
@@ -118,16 +141,34 @@ async fn openclaw_tool_turn(api: &str) {
     let s = Stack::start(StackOptions::default()).await;
     let key = "sk-openclaw-agent-01";
     s.create_key(key, 5_000_000).await;
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("BASE_URL", format!("{}/v1", s.base))
-        .env("API_KEY", key)
-        .env("TOOL_TURN", "1")
-        .env("API", api)
-        .env("TURN_TIMEOUT", "240")
-        .output()
-        .await
-        .unwrap();
+    let out = {
+        let _one_at_a_time = OPENCLAW_INSTALL.lock().await;
+        let turn = || {
+            Command::new("bash")
+                .arg(&script)
+                .env("BASE_URL", format!("{}/v1", s.base))
+                .env("API_KEY", key)
+                .env("TOOL_TURN", "1")
+                .env("API", api)
+                .env("TURN_TIMEOUT", "240")
+                .env("DRIVE_DIR", drive_dir())
+                .env("OPENCLAW_VERSION", openclaw_version())
+                .output()
+        };
+        let out = turn().await.unwrap();
+        if out.status.code() == Some(INSTALL_FAILED) {
+            // An install an earlier run left half done (killed, or two at once
+            // before this lock) stays broken: the script sees the binary and
+            // does not install again. Start that install over, once.
+            eprintln!("OpenClaw install unusable, installing again:\n{}", String::from_utf8_lossy(&out.stderr));
+            for dir in [drive_dir().join("node"), drive_dir().join(format!("openclaw-{}", openclaw_version()))] {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            turn().await.unwrap()
+        } else {
+            out
+        }
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "OpenClaw turn failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let served = s.served().await;
