@@ -143,6 +143,7 @@ async fn openclaw_tool_turn(api: &str) {
     s.create_key(key, 5_000_000).await;
     let out = {
         let _one_at_a_time = OPENCLAW_INSTALL.lock().await;
+        let (dir, version) = (drive_dir(), openclaw_version());
         let turn = || {
             Command::new("bash")
                 .arg(&script)
@@ -151,8 +152,8 @@ async fn openclaw_tool_turn(api: &str) {
                 .env("TOOL_TURN", "1")
                 .env("API", api)
                 .env("TURN_TIMEOUT", "240")
-                .env("DRIVE_DIR", drive_dir())
-                .env("OPENCLAW_VERSION", openclaw_version())
+                .env("DRIVE_DIR", &dir)
+                .env("OPENCLAW_VERSION", &version)
                 .output()
         };
         let out = turn().await.unwrap();
@@ -161,8 +162,8 @@ async fn openclaw_tool_turn(api: &str) {
             // before this lock) stays broken: the script sees the binary and
             // does not install again. Start that install over, once.
             eprintln!("OpenClaw install unusable, installing again:\n{}", String::from_utf8_lossy(&out.stderr));
-            for dir in [drive_dir().join("node"), drive_dir().join(format!("openclaw-{}", openclaw_version()))] {
-                let _ = std::fs::remove_dir_all(dir);
+            for install in [dir.join("node"), dir.join(format!("openclaw-{version}"))] {
+                let _ = std::fs::remove_dir_all(install);
             }
             turn().await.unwrap()
         } else {
