@@ -352,6 +352,10 @@ pub enum SettleOutcome {
     Unknown,
     /// The record itself is malformed (bad id, negative counts, wrong hold size).
     Invalid,
+    /// Not now: what it settles against is being expired (its lease's rows
+    /// are being summed, or the row that charged its estimate is not written
+    /// yet). The filter sends it again shortly; nothing changed.
+    Later,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

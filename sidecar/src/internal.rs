@@ -115,10 +115,12 @@ pub async fn settle(
         .tasks
         .spawn(tracing::Instrument::instrument(
             async move {
+                // Liveness first: a gateway's leases are never taken for lost
+                // because its records took long to write.
+                let recalled = store.report_progress(&progress).await?;
+                let closes = merge(store.close_leases(&closes).await?, unreadable_closes);
                 let results = merge(store.settle(&records).await?, unreadable_records);
                 store.record_owners(&records, &results).await;
-                let closes = merge(store.close_leases(&closes).await?, unreadable_closes);
-                let recalled = store.report_progress(&progress).await?;
                 log_batch(&records, &results, &closes, started.elapsed());
                 count_batch(&metrics, &records, &results);
                 Ok::<_, AppError>((results, closes, recalled))
@@ -189,6 +191,7 @@ fn count_batch(metrics: &crate::metrics::Metrics, records: &[SettleRecord], resu
             SettleOutcome::Expired => "expired",
             SettleOutcome::Unknown => "unknown",
             SettleOutcome::Invalid => "invalid",
+            SettleOutcome::Later => "later",
         });
     }
     for (record, result) in records.iter().zip(results) {
@@ -212,6 +215,7 @@ fn log_batch(
         expired = count(SettleOutcome::Expired),
         unknown = count(SettleOutcome::Unknown),
         invalid = count(SettleOutcome::Invalid),
+        later = count(SettleOutcome::Later),
         tokens,
         leases_closed = closes.iter().filter(|c| c.outcome == SettleOutcome::Settled).count(),
         ms = took.as_millis() as u64,

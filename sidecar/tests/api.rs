@@ -562,13 +562,23 @@ async fn an_unsettled_hold_expires_and_is_charged_in_full() {
     assert_eq!(lost.get_bool("expired_hold"), Ok(true));
     assert_eq!(lost.get_str("usage_source"), Ok("estimate"));
     assert_eq!(lost.get_i64("total_tokens"), Ok(300));
-    // A late settlement is reported as expired and changes nothing.
+    // A late settlement still settles: the key pays what it used and gets the
+    // estimate back, and its row replaces the expired one (one row a request).
     let late = s.settle(&[record(key, "lost-1", 300, 5, 5)]).await;
-    assert_eq!(late.results[0].outcome, SettleOutcome::Expired);
-    assert_eq!(s.balance(key).await, 680);
-    assert_eq!(s.audit_rows().await.len(), 2);
+    assert_eq!(late.results[0].outcome, SettleOutcome::Settled, "{late:?}");
+    assert_eq!(s.balance(key).await, 1_000 - 10 - 20);
+    let rows = s.audit_rows().await;
+    assert_eq!(rows.len(), 2);
+    let lost = rows.iter().find(|r| r.get_str("request_id") == Ok("lost-1")).unwrap();
+    assert_eq!((lost.get_bool("expired_hold"), lost.get_i64("total_tokens")), (Ok(false), Ok(10)), "{lost:?}");
+    assert_eq!(lost.get_bool("settled_late"), Ok(true));
+    // Sent again (a lost reply): nothing changes.
+    let again = s.settle(&[record(key, "lost-1", 300, 5, 5)]).await;
+    assert_eq!(again.results[0].outcome, SettleOutcome::AlreadySettled);
+    assert_eq!(s.balance(key).await, 970);
     // A second pass finds nothing more.
     assert_eq!(sweeper::sweep_once(&s.state).await.unwrap(), (0, 0));
+    assert_eq!(s.audit_rows().await.len(), 2);
 }
 
 #[tokio::test]
@@ -801,10 +811,13 @@ async fn a_lease_takes_at_most_the_balance_and_closes_and_settlements_commute() 
     let rows = s.audit_rows().await;
     assert_eq!(rows.len(), 3);
     assert_eq!(rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum::<i64>(), 180);
-    // A settlement for a lease that never was is reported, not charged.
-    let stray = s.settle(&[drawn(key, "L9", "z", 10, 1, 1)]).await;
-    assert_eq!(stray.results[0].outcome, SettleOutcome::Unknown);
-    assert_eq!(s.balance(key).await, 820);
+    // A settlement of a lease this ledger no longer knows (finalised and gone,
+    // or never seen) is never dropped: it pays what it used, once.
+    let stray = [drawn(key, "L9", "z", 10, 1, 1)];
+    assert_eq!(s.settle(&stray).await.results[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.settle(&stray).await.results[0].outcome, SettleOutcome::AlreadySettled);
+    assert_eq!(s.balance(key).await, 820 - 2);
+    assert_eq!(s.audit_rows().await.len(), 4);
 }
 
 #[tokio::test]
@@ -854,8 +867,10 @@ async fn an_expired_lease_charges_what_never_settled_with_one_row() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // The first sweep past the TTL marks them; the next, a grace later, sums their rows.
     assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 0);
+    // While its rows are summed a row would be counted twice or not at all:
+    // the record is to be sent again.
     let late = s.settle(&[drawn(key, "L1", "late", 100, 1, 1)]).await;
-    assert_eq!(late.results[0].outcome, SettleOutcome::Unknown, "a row written now would be counted nowhere");
+    assert_eq!(late.results[0].outcome, SettleOutcome::Later, "{late:?}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 2);
     // L1's unsettled request pays its estimate and 80 of the settled one's
@@ -871,9 +886,84 @@ async fn an_expired_lease_charges_what_never_settled_with_one_row() {
     assert_eq!(s.balance(key).await, 1_000 - charged);
     let d = s.key_doc(key).await;
     assert_eq!(d.get_i64("leases_n"), Ok(0), "{d:?}");
-    // A settlement after the expiry is reported and changes nothing.
-    assert_ne!(s.settle(&[drawn(key, "L1", "lost", 100, 1, 1)]).await.results[0].outcome, SettleOutcome::Settled);
+    // After the expiry the record sent again settles late: it pays its 2 and
+    // takes back the 100 that L1's row charged for it, which gives it back.
+    assert_eq!(s.settle(&[drawn(key, "L1", "late", 100, 1, 1)]).await.results[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.balance(key).await, 1_000 - charged + 100 - 2);
+    let rows = s.audit_rows().await;
+    let lease_row = |id: &str| rows.iter().find(|r| r.get_str("request_id") == Ok(id)).cloned().unwrap();
+    assert_eq!((lease_row("L1").get_i64("total_tokens"), lease_row("L1").get_i64("charged_tokens")), (Ok(0), Ok(0)));
+    assert_eq!(lease_row("late").get_str("estimate_row"), Ok("L1"));
+    let charged: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
+    assert_eq!(s.balance(key).await, 1_000 - charged, "every row once, whatever the order");
+    // One more than L1 had unsettled: nothing is left to take back, it pays what it used.
+    assert_eq!(s.settle(&[drawn(key, "L1", "more", 100, 1, 1)]).await.results[0].outcome, SettleOutcome::Settled);
+    let rows = s.audit_rows().await;
+    let charged: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
     assert_eq!(s.balance(key).await, 1_000 - charged);
+    assert_eq!(lease_row("L1").get_i64("total_tokens"), Ok(0));
+}
+
+/// Sums of a key's audit rows (`total_tokens`), for the invariant.
+async fn audited(s: &Sidecar) -> i64 {
+    s.audit_rows().await.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum()
+}
+
+#[tokio::test]
+async fn records_of_a_lease_taken_for_lost_settle_late_in_any_order_and_once_each() {
+    // The gateway was cut off, not dead: its lease is taken for lost, and its
+    // records arrive afterwards, some twice, some in one batch, one beyond
+    // what the expiry charged for.
+    let lost = LeasePolicy { share_percent: 100, lost_after: Duration::from_secs(1) };
+    let s = start_with_store(Duration::from_secs(1800), None, |store| store.with_lease_policy(lost)).await;
+    let key = "sk-leased-late-01";
+    s.create(key, 10_000).await;
+    s.granted(key, "L1", 1_000, 100).await;
+    assert!(s.report(key, &[("L1", 400, 4)]).await.is_empty());
+    s.settle(&[drawn(key, "L1", "r1", 100, 10, 10)]).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    sweeper::sweep_once(&s.state).await.unwrap();
+    // Marked expiring: its records wait.
+    let r2 = drawn(key, "L1", "r2", 100, 30, 0);
+    assert_eq!(s.settle(std::slice::from_ref(&r2)).await.results[0].outcome, SettleOutcome::Later);
+    tokio::time::sleep(Duration::from_millis(5_100)).await;
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 1);
+    // Charged: r1's 20 and three unsettled estimates (300); the rest back.
+    assert_eq!(s.balance(key).await, 10_000 - 20 - 300);
+    assert_eq!(s.balance(key).await, 10_000 - audited(&s).await);
+    // r2, then r3 and r2 again in one batch, then r4, r5 (drawn after the last
+    // report: nothing charged it), and the close the gateway still had queued.
+    let mut all = vec![r2.clone()];
+    assert_eq!(s.settle(&[r2.clone()]).await.results[0].outcome, SettleOutcome::Settled);
+    let r3 = drawn(key, "L1", "r3", 100, 5, 5);
+    let batch = s.settle(&[r3.clone(), r2.clone()]).await;
+    let outcomes: Vec<SettleOutcome> = batch.results.iter().map(|r| r.outcome).collect();
+    assert_eq!(outcomes, [SettleOutcome::Settled, SettleOutcome::AlreadySettled]);
+    all.push(r3);
+    for (id, used) in [("r4", 50), ("r5", 7)] {
+        let r = drawn(key, "L1", id, 100, used, 0);
+        assert_eq!(s.settle(std::slice::from_ref(&r)).await.results[0].outcome, SettleOutcome::Settled);
+        all.push(r);
+    }
+    let close = s.close(&[close_of(key, "L1", Some(1_000), 500, 5)]).await;
+    assert_ne!(close.closes[0].outcome, SettleOutcome::Settled, "its lease is gone");
+    sweeper::sweep_once(&s.state).await.unwrap();
+    // Every request has one row with what it used; the lease's row keeps only
+    // what no record took back (r4 was the last of the three it charged).
+    let rows = s.audit_rows().await;
+    for id in ["r1", "r2", "r3", "r4", "r5"] {
+        assert_eq!(rows.iter().filter(|r| r.get_str("request_id") == Ok(id)).count(), 1, "{id}: {rows:?}");
+    }
+    let lease_row = rows.iter().find(|r| r.get_str("request_id") == Ok("L1")).unwrap();
+    assert_eq!(lease_row.get_i64("total_tokens"), Ok(0), "{lease_row:?}");
+    assert_eq!(s.balance(key).await, 10_000 - 20 - 30 - 10 - 50 - 7);
+    assert_eq!(s.balance(key).await, 10_000 - audited(&s).await);
+    // All of it once more, as a gateway retrying a batch whose reply it lost.
+    let again = s.settle(&all).await;
+    assert!(again.results.iter().all(|r| r.outcome == SettleOutcome::AlreadySettled), "{again:?}");
+    assert_eq!(s.balance(key).await, 10_000 - audited(&s).await);
+    let d = s.key_doc(key).await;
+    assert_eq!((d.get_i64("outbox_n"), d.get_i64("leases_n")), (Ok(0), Ok(0)), "{d:?}");
 }
 
 #[tokio::test]

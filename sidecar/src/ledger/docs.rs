@@ -32,6 +32,9 @@ pub(super) struct KeyDoc {
     pub charged: BTreeMap<String, DateTime>,
     /// Audit rows debited but not yet in `audit_logs`, by request id.
     pub outbox: BTreeMap<String, Document>,
+    /// Leases expired with drawn requests charged at their estimates, by
+    /// lease id: what a late record of one of them takes back.
+    pub lapsed: BTreeMap<String, LapsedDoc>,
     #[serde(deserialize_with = "lenient")]
     pub holds_n: i64,
     #[serde(deserialize_with = "lenient")]
@@ -40,6 +43,8 @@ pub(super) struct KeyDoc {
     pub released_n: i64,
     #[serde(deserialize_with = "lenient")]
     pub charged_n: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub lapsed_n: i64,
     /// The models the key may use; absent or null: any.
     pub allowed_models: Option<Vec<String>>,
     /// After this the key is refused as expired; absent or null: never.
@@ -143,6 +148,18 @@ impl LeaseDoc {
             (self.tokens - self.reported_tokens).max(0)
         }
     }
+}
+
+/// What an expired lease charged at estimates and no late record has taken
+/// back yet: `tokens` for `n` drawn requests without a row of their own.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub(super) struct LapsedDoc {
+    #[serde(deserialize_with = "lenient")]
+    pub tokens: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub n: i64,
+    pub at: Option<DateTime>,
 }
 
 /// What the audit rows of a lease add up to (an aggregation's one document).

@@ -10,7 +10,7 @@ use mongodb::bson::{doc, DateTime};
 use super::docs::KeyDoc;
 use super::outbox::OutboxRow;
 use super::settle::audit_entry;
-use super::{hold_path, lease_path, outbox_path, LedgerError, Store};
+use super::{hold_path, lapsed_path, lease_path, outbox_path, LedgerError, Store};
 
 /// How long an `expiring` mark stands before the lease's rows are summed
 /// (at most the hold TTL): far longer than a settlement takes from its check
@@ -106,6 +106,9 @@ impl Store {
         // A mark older than the hold TTL guards nothing the expiry does not.
         let mark_ttl_ms = i64::try_from(self.mark_ttl.min(self.hold_ttl).as_millis()).unwrap_or(i64::MAX);
         self.forget_marks(now.timestamp_millis().saturating_sub(mark_ttl_ms)).await?;
+        // A record later than the hold TTL after its lease expired is charged
+        // what it used with nothing taken back: the estimate row stands.
+        self.forget_lapsed(cutoff).await?;
         Ok(n + leases)
     }
 
@@ -174,9 +177,15 @@ impl Store {
                     "$unset": {&path: ""},
                 };
                 if kept > 0 {
-                    update.insert("$set", doc! {outbox_path(lease_id): &entry});
+                    // What a late record of one of those requests takes back
+                    // (see `Store::settle_late`): `kept` for this many of them.
+                    let drawn_n = if lease.closed { lease.drawn_n } else { lease.reported_n };
+                    let n = drawn_n.saturating_sub(used.rows).max(1);
+                    let lapsed = doc! {"tokens": kept, "n": n, "at": now};
+                    update.insert("$set", doc! {outbox_path(lease_id): &entry, lapsed_path(lease_id): lapsed});
                     if let Ok(inc) = update.get_document_mut("$inc") {
                         inc.insert("outbox_n", 1_i64);
+                        inc.insert("lapsed_n", 1_i64);
                     }
                 }
                 let owner = self
@@ -193,6 +202,31 @@ impl Store {
         let n = rows.len();
         self.write_audit_rows(rows).await?;
         Ok(n)
+    }
+
+    /// Lapsed leases older than `cutoff_ms` are forgotten.
+    pub(super) async fn forget_lapsed(&self, cutoff_ms: i64) -> Result<(), LedgerError> {
+        let docs: Vec<KeyDoc> = self
+            .key_docs
+            .find(doc! {"lapsed_n": {"$gt": 0_i64}})
+            .projection(doc! {"lapsed": 1})
+            .await?
+            .try_collect()
+            .await?;
+        for key in &docs {
+            for (id, lapsed) in &key.lapsed {
+                if lapsed.at.is_none_or(|at| at.timestamp_millis() <= cutoff_ms) {
+                    let path = lapsed_path(id);
+                    self.keys
+                        .update_one(
+                            doc! {"_id": &key.hash, &path: {"$exists": true}},
+                            doc! {"$unset": {&path: ""}, "$inc": {"lapsed_n": -1_i64}},
+                        )
+                        .await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Release and charge marks only need to outlive the calls they guard

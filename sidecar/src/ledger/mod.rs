@@ -187,6 +187,11 @@ pub(super) fn charged_path(request_id: &str) -> String {
     format!("charged.{request_id}")
 }
 
+/// An expired lease's estimates that late records of it take back.
+pub(super) fn lapsed_path(lease_id: &str) -> String {
+    format!("lapsed.{lease_id}")
+}
+
 pub(super) fn released_path(request_id: &str) -> String {
     format!("released.{request_id}")
 }
@@ -301,7 +306,7 @@ impl Store {
         self.audit.create_index(IndexModel::builder().keys(doc! {"model": 1, "timestamp": -1}).build()).await?;
         // A lease's rows are summed when it is finalised.
         self.audit.create_index(IndexModel::builder().keys(doc! {"lease_id": 1}).build()).await?;
-        for field in ["holds_n", "outbox_n", "leases_n", "released_n", "charged_n"] {
+        for field in ["holds_n", "outbox_n", "leases_n", "released_n", "charged_n", "lapsed_n"] {
             self.keys.create_index(IndexModel::builder().keys(doc! {field: 1}).build()).await?;
         }
         self.keys.create_index(IndexModel::builder().keys(doc! {"created_at": 1, "_id": 1}).build()).await?;

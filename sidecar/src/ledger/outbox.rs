@@ -7,6 +7,7 @@ use mongodb::bson::{doc, Document};
 
 use super::docs::KeyDoc;
 use super::keys::masked_key;
+use super::settle::ESTIMATE_ROW;
 use super::{is_duplicate_key, outbox_path, LedgerError, Store};
 
 /// An audit row waiting in a key's outbox, with the owner's fields filled in.
@@ -31,11 +32,37 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let docs: Vec<&Document> = rows.iter().map(|r| &r.row).collect();
-        match self.audit.insert_many(docs).ordered(false).await {
-            Ok(_) => {}
-            Err(e) if is_duplicate_key(&e) => {}
-            Err(e) => return Err(e.into()),
+        // A late record's row names the row that charged its estimate: its
+        // own expired row, which it replaces, or its lease's.
+        let estimate_row = |r: &OutboxRow| r.row.get_str(ESTIMATE_ROW).ok().map(str::to_owned);
+        let replaces = |r: &OutboxRow| estimate_row(r).is_some_and(|id| id == r.request_id);
+        let docs: Vec<&Document> = rows.iter().filter(|r| !replaces(r)).map(|r| &r.row).collect();
+        if !docs.is_empty() {
+            match self.audit.insert_many(docs).ordered(false).await {
+                Ok(_) => {}
+                Err(e) if is_duplicate_key(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for row in &rows {
+            match estimate_row(row) {
+                // Replaced once: a second flush finds no expired row.
+                Some(id) if id == row.request_id => {
+                    self.audit.replace_one(doc! {"request_id": &id, "expired_hold": true}, &row.row).await?;
+                }
+                // The lease's row gives back this request's estimate, once.
+                Some(id) => {
+                    let estimate = super::usage::int(row.row.get("reserved_tokens"));
+                    self.audit
+                        .update_one(
+                            doc! {"request_id": &id, "covered": {"$ne": &row.request_id}},
+                            doc! {"$inc": {"charged_tokens": -estimate, "total_tokens": -estimate},
+                            "$push": {"covered": &row.request_id}},
+                        )
+                        .await?;
+                }
+                None => {}
+            }
         }
         // One update per key clears all its entries when none was flushed by
         // someone else meanwhile (the usual case); otherwise entry by entry, so

@@ -7,8 +7,14 @@ use mongodb::error::ErrorKind;
 
 use super::outbox::OutboxRow;
 use super::{
-    charged_path, hold_path, lease_path, outbox_path, LedgerError, Mark, Settled, Store, DUPLICATE_KEY, MARKS_FULL,
+    charged_path, hold_path, lapsed_path, lease_path, outbox_path, LedgerError, Mark, Settled, Store, DUPLICATE_KEY,
+    MARKS_FULL,
 };
+
+/// The field of a late record's audit row that names the row which charged
+/// its estimate: its own expired row (which it replaces) or its lease's
+/// (which gives back the late row's `reserved_tokens`).
+pub(super) const ESTIMATE_ROW: &str = "estimate_row";
 
 /// The audit row of one settlement, without the key owner's fields (added on
 /// flush). `charged` is what left the balance (`charged_tokens`); the seed's
@@ -116,16 +122,27 @@ impl Store {
             .find_one(doc! {"_id": &first.key_hash})
             .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1, &path: 1})
             .await?;
-        let open = key.as_ref().and_then(|k| k.leases.get(lease_id)).is_some_and(|l| l.expiring.is_none());
-        let (Some(owner), true) = (key.as_ref(), open) else {
-            // Gone (finalised, expired) or never granted: a row now would be counted nowhere.
-            let mut out = Vec::with_capacity(group.len());
-            for r in group {
-                let (outcome, message) = self.classify_unsettled(r).await?;
-                out.push((outcome, message, None));
-            }
-            return Ok(out);
+        let Some(owner) = key.as_ref() else {
+            let unknown = || (SettleOutcome::Unknown, Some("no such key".to_owned()), None);
+            return Ok(group.iter().map(|_| unknown()).collect());
         };
+        match owner.leases.get(lease_id) {
+            // Its rows are being summed: a row now might be counted twice or
+            // not at all. Sent again once the expiry is done, it settles late.
+            Some(lease) if lease.expiring.is_some() => {
+                let later = || (SettleOutcome::Later, Some("its lease is being expired".to_owned()), None);
+                return Ok(group.iter().map(|_| later()).collect());
+            }
+            Some(_) => {}
+            // Finalised, expired, or never seen here: each settles late.
+            None => {
+                let mut out = Vec::with_capacity(group.len());
+                for r in group {
+                    out.push(self.settle_late(r, now).await?);
+                }
+                return Ok(out);
+            }
+        }
         let rows: Vec<Document> = group
             .iter()
             .map(|r| OutboxRow::new(&r.key_hash, &r.request_id, owner, audit_entry(r, r.charge(), false, now)).row)
@@ -254,11 +271,122 @@ impl Store {
             Some(owner) => {
                 Ok((SettleOutcome::Settled, None, Some(OutboxRow::new(&r.key_hash, &r.request_id, &owner, entry))))
             }
-            None => {
+            None if r.release => {
                 let (outcome, message) = self.classify_unsettled(r).await?;
                 Ok((outcome, message, None))
             }
+            None => self.settle_late(r, now).await,
         }
+    }
+
+    /// A record whose hold or lease is gone: charged at its estimate by the
+    /// expiry, finalised, or never seen here. It is applied all the same,
+    /// once, in one guarded update of its key (with a charge mark, as an
+    /// unreserved record): the key pays what it used and gets back the
+    /// estimate the expiry charged for it, if one did. A request's own
+    /// expired row is replaced by this one; an expired lease's row, which
+    /// charged many requests' estimates at once, gives back this request's
+    /// (`lapsed` says how many and how much it may still give back). A
+    /// lease's record nothing charged an estimate for pays what it used; a
+    /// request reserved alone that has neither hold nor row was never
+    /// reserved here (`Unknown`).
+    pub(super) async fn settle_late(&self, r: &SettleRecord, now: DateTime) -> Result<Settled, LedgerError> {
+        let done = || Ok((SettleOutcome::AlreadySettled, None, None));
+        let later = |why: &str| Ok((SettleOutcome::Later, Some(why.to_owned()), None));
+        // The request's own row: written already, or its hold's estimate row.
+        let own = self.audit.find_one(doc! {"request_id": &r.request_id}).await?;
+        let expired_own = match own {
+            Some(row) if r.lease_id.is_none() && row.get_bool("expired_hold").unwrap_or(false) => {
+                Some(super::usage::int(row.get("charged_tokens").or_else(|| row.get("total_tokens"))))
+            }
+            Some(_) => return done(),
+            None => None,
+        };
+        let outbox = outbox_path(&r.request_id);
+        let charged = charged_path(&r.request_id);
+        let occupied = match &r.lease_id {
+            Some(lease) => lease_path(lease),
+            None => hold_path(&r.request_id),
+        };
+        let mut projection = doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1, "charged_n": 1, &occupied: 1, &outbox: 1, &charged: 1};
+        if let Some(lease) = &r.lease_id {
+            projection.insert(outbox_path(lease), 1);
+            projection.insert(lapsed_path(lease), 1);
+        }
+        let limit = self.limits.marks as i64;
+        for _ in 0..3 {
+            let Some(key) = self.key_docs.find_one(doc! {"_id": &r.key_hash}).projection(projection.clone()).await?
+            else {
+                return Ok((SettleOutcome::Unknown, Some("no such key".into()), None));
+            };
+            match &r.lease_id {
+                Some(lease) if key.leases.contains_key(lease) => return later("its lease is being expired"),
+                None if key.holds.contains_key(&r.request_id) => {
+                    return Ok((SettleOutcome::Invalid, Some("reserved does not match the hold".into()), None))
+                }
+                _ => {}
+            }
+            if let Some(entry) = key.outbox.get(&r.request_id) {
+                if entry.get_bool("expired_hold").unwrap_or(false) {
+                    return later("its hold's estimate row is not written yet");
+                }
+                return done();
+            }
+            if key.charged.contains_key(&r.request_id) {
+                return done();
+            }
+            // A hold is never lost without its expired row: with none, the
+            // request was never reserved here.
+            if r.lease_id.is_none() && expired_own.is_none() {
+                return Ok((SettleOutcome::Unknown, Some("no hold for this request id under this key".into()), None));
+            }
+            if r.lease_id.as_ref().is_some_and(|lease| key.outbox.contains_key(lease)) {
+                return later("its lease's estimate row is not written yet");
+            }
+            if key.charged_n >= limit {
+                return later(MARKS_FULL);
+            }
+            let mut filter = doc! {
+                "_id": &r.key_hash,
+                &occupied: {"$exists": false},
+                &outbox: {"$exists": false},
+                &charged: {"$exists": false},
+                "charged_n": {"$not": {"$gte": limit}},
+            };
+            let mut inc = doc! {"outbox_n": 1_i64, "charged_n": 1_i64};
+            // The estimate this request was charged, taken back now, and the row that charged it.
+            let mut back = (0, None);
+            if let Some(lease) = &r.lease_id {
+                filter.insert(outbox_path(lease), doc! {"$exists": false});
+                let lapsed = lapsed_path(lease);
+                if key.lapsed.get(lease).is_some_and(|l| l.n >= 1 && l.tokens >= r.reserved) {
+                    filter.insert(format!("{lapsed}.n"), doc! {"$gte": 1_i64});
+                    filter.insert(format!("{lapsed}.tokens"), doc! {"$gte": r.reserved});
+                    inc.insert(format!("{lapsed}.n"), -1_i64);
+                    inc.insert(format!("{lapsed}.tokens"), -r.reserved);
+                    back = (r.reserved, Some(lease.as_str()));
+                }
+            } else if let Some(estimate) = expired_own {
+                back = (estimate, Some(r.request_id.as_str()));
+            }
+            let charge = r.charge();
+            inc.insert("balance_tokens", back.0 - charge);
+            let mut entry = audit_entry(r, charge, false, now);
+            entry.insert("settled_late", true);
+            if let Some(row) = back.1 {
+                entry.insert(ESTIMATE_ROW, row);
+            }
+            let update = doc! {"$inc": inc, "$set": {&outbox: &entry}, "$currentDate": {&charged: true}};
+            if self.keys.update_one(filter, update).await?.matched_count == 1 {
+                tracing::info!(request_id = %r.request_id, charge, back = back.0, "settled late");
+                return Ok((
+                    SettleOutcome::Settled,
+                    None,
+                    Some(OutboxRow::new(&r.key_hash, &r.request_id, &key, entry)),
+                ));
+            }
+        }
+        later("its key moved under every try")
     }
 
     /// Why a settlement found no hold to replace.
