@@ -66,6 +66,8 @@ PLUGIN_INTS = [
     ("MAX_BODY_BYTES", "max_body_bytes", 1),
     ("DEFAULT_OUTPUT_RESERVATION", "default_output_reservation", 1),
     ("SETTLE_INTERVAL_MS", "settle_interval_ms", 1),
+    ("SETTLE_BACKLOG_MAX", "settle_backlog_max", 1),
+    ("SETTLE_BACKLOG_AGE_MS", "settle_backlog_age_ms", 1),
     ("LEASE_TOKENS", "lease_tokens", 0),
     ("LEASE_MS", "lease_ms", 10),
     ("LEASE_SLOTS", "lease_slots", 1),

@@ -77,6 +77,12 @@ fn default_settle_timeout_ms() -> u64 {
 fn default_settle_batch() -> usize {
     200
 }
+fn default_settle_backlog_max() -> usize {
+    20_000
+}
+fn default_settle_backlog_age_ms() -> u64 {
+    3_000
+}
 fn default_lease_tokens() -> i64 {
     10_000_000
 }
@@ -177,6 +183,18 @@ pub struct PluginConfig {
     /// cut short by it is sent again (idempotent, but work done twice).
     #[serde(default = "default_settle_timeout_ms")]
     pub settle_timeout_ms: u64,
+    /// Records one VM keeps unsettled at most: past it, new requests are
+    /// answered 503 `gateway_overloaded` with Retry-After, so admission
+    /// never outruns what the ledger writes by more than this (and Envoy's
+    /// memory stays flat under any load).
+    #[serde(default = "default_settle_backlog_max")]
+    pub settle_backlog_max: usize,
+    /// How long the oldest unsettled record of a VM may wait: past it, new
+    /// requests are answered as past `settle_backlog_max`. Bounds how long
+    /// after its answer a request's audit row is written. Not applied with
+    /// `failure_mode: allow`, whose requests go on while the sidecar is down.
+    #[serde(default = "default_settle_backlog_age_ms")]
+    pub settle_backlog_age_ms: u64,
     /// The most tokens one lease asks for: a lease is sized from its key's
     /// draw rate (twice a window's draws, at least 16 requests' estimates)
     /// up to this (one request larger than it leases its own estimate). The
@@ -304,6 +322,12 @@ impl PluginConfig {
         }
         if self.estimate_bytes_per_token == 0 {
             return fail("estimate_bytes_per_token", "must be >= 1");
+        }
+        if self.settle_backlog_max == 0 {
+            return fail("settle_backlog_max", "must be > 0");
+        }
+        if self.settle_backlog_age_ms == 0 {
+            return fail("settle_backlog_age_ms", "must be > 0");
         }
         if self.settle_timeout_ms == 0 {
             return fail("settle_timeout_ms", "must be > 0");

@@ -33,7 +33,7 @@ pub struct World {
     /// The reply being delivered: status and body.
     reply: RefCell<(Option<String>, Vec<u8>)>,
     pub lease_queue: RefCell<VecDeque<Vec<u8>>>,
-    pub gauge: Cell<i64>,
+    gauges: RefCell<HashMap<crate::metrics::Gauge, i64>>,
     /// Counter sums and histogram records, by metric.
     pub metrics: RefCell<HashMap<crate::metrics::Metric, Vec<u64>>>,
     /// Calls a test already delivered a reply to.
@@ -67,6 +67,11 @@ impl World {
         let n = bytes.len();
         *self.reply.borrow_mut() = (Some(status.to_owned()), bytes);
         n
+    }
+
+    /// A gauge's value.
+    pub fn gauge(&self, gauge: crate::metrics::Gauge) -> i64 {
+        self.gauges.borrow().get(&gauge).copied().unwrap_or(0)
     }
 
     pub fn mark_answered(&self, token: u32) {
@@ -144,8 +149,8 @@ impl Host for World {
     fn metric(&self, metric: crate::metrics::Metric, value: u64) {
         self.metrics.borrow_mut().entry(metric).or_default().push(value);
     }
-    fn add_to_gauge(&self, delta: i64) -> bool {
-        self.gauge.set(self.gauge.get() + delta);
+    fn add_to_gauge(&self, gauge: crate::metrics::Gauge, delta: i64) -> bool {
+        *self.gauges.borrow_mut().entry(gauge).or_default() += delta;
         true
     }
 }
@@ -235,8 +240,8 @@ impl Host for Stream {
     fn metric(&self, metric: crate::metrics::Metric, value: u64) {
         self.world.metric(metric, value)
     }
-    fn add_to_gauge(&self, delta: i64) -> bool {
-        self.world.add_to_gauge(delta)
+    fn add_to_gauge(&self, gauge: crate::metrics::Gauge, delta: i64) -> bool {
+        self.world.add_to_gauge(gauge, delta)
     }
 }
 

@@ -31,8 +31,8 @@ pub trait Host {
     fn enqueue_lease_ask(&self, bytes: &[u8]) -> bool;
     /// The next background lease request, if one is waiting.
     fn dequeue_lease_ask(&self) -> Option<Vec<u8>>;
-    /// Adds `delta` to the pending-settlements gauge.
-    fn add_to_gauge(&self, delta: i64) -> bool;
+    /// Adds `delta` to a gauge.
+    fn add_to_gauge(&self, gauge: crate::metrics::Gauge, delta: i64) -> bool;
     /// Adds `value` to a counter, or records it in a histogram.
     fn metric(&self, metric: crate::metrics::Metric, value: u64);
 }

@@ -18,7 +18,8 @@ pub enum Metric {
     /// Requests that waited for their key's lease.
     LeaseWaits,
     /// Requests answered 503 because the gateway shed load (waited too long,
-    /// too many waiting, too many admission calls in flight).
+    /// too many waiting, too many admission calls in flight, settlement
+    /// too far behind).
     Shed,
     /// Requests reserved on their own (leases off, a slot another key holds,
     /// a lost compare-and-swap).
@@ -62,6 +63,36 @@ impl Metric {
 
     pub fn index(self) -> usize {
         Metric::ALL.iter().position(|m| *m == self).unwrap_or(0)
+    }
+}
+
+/// One of the filter's gauges, each a sum over the Envoy's VMs (one per
+/// worker): a VM adds the change of its own value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Gauge {
+    /// Records and lease closes not yet settled, plus live leases (each a
+    /// close still to send): 0 when an Envoy can stop without loss.
+    Pending,
+    /// Records not yet settled: the backlog `settle_backlog_max` bounds.
+    Backlog,
+    /// Milliseconds the oldest unsettled record has waited (with several
+    /// workers, the sum of each VM's oldest: at most workers times the oldest).
+    OldestMs,
+}
+
+impl Gauge {
+    pub const ALL: [Gauge; 3] = [Gauge::Pending, Gauge::Backlog, Gauge::OldestMs];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Gauge::Pending => "openclaw_bridge_pending_settlements",
+            Gauge::Backlog => "openclaw_bridge_settle_backlog",
+            Gauge::OldestMs => "openclaw_bridge_settle_oldest_ms",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 

@@ -16,15 +16,12 @@ use crate::config::PluginConfig;
 use crate::exchange::Exchange;
 use crate::host::{Flow, Host, HttpHost};
 use crate::itemise::{time, Step};
-use crate::metrics::Metric;
+use crate::metrics::{Gauge, Metric};
 use crate::LEASE_QUEUE;
 
 /// This VM's queue for waking its root when a request's callback woke
 /// requests waiting for a lease.
 const WAKE_QUEUE_PREFIX: &str = "openclaw_bridge_wake_";
-
-/// Shown by Envoy as `wasmcustom.openclaw_bridge_pending_settlements`.
-const PENDING_GAUGE: &str = "openclaw_bridge_pending_settlements";
 
 proxy_wasm::main! {{
     // set_log_level also installs proxy-wasm's panic hook, which logs the panic
@@ -40,7 +37,7 @@ proxy_wasm::main! {{
 struct Envoy {
     lease_queue: Option<u32>,
     wake_queue: Option<u32>,
-    pending_gauge: Option<u32>,
+    gauges: [Option<u32>; Gauge::ALL.len()],
     metrics: [Option<u32>; Metric::ALL.len()],
     /// Per step: its nanoseconds' and its times' counters (feature `itemise`).
     #[cfg(feature = "itemise")]
@@ -113,8 +110,8 @@ impl Host for Envoy {
             false => hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX)),
         };
     }
-    fn add_to_gauge(&self, delta: i64) -> bool {
-        self.pending_gauge.is_some_and(|g| hostcalls::increment_metric(g, delta).is_ok())
+    fn add_to_gauge(&self, gauge: Gauge, delta: i64) -> bool {
+        self.gauges[gauge.index()].is_some_and(|g| hostcalls::increment_metric(g, delta).is_ok())
     }
 }
 
@@ -258,7 +255,10 @@ impl RootContext for Root {
                 return false;
             }
         }
-        self.envoy.pending_gauge = hostcalls::define_metric(MetricType::Gauge, PENDING_GAUGE).ok();
+        for g in Gauge::ALL {
+            // Shown by Envoy as `wasmcustom.<name>`.
+            self.envoy.gauges[g.index()] = hostcalls::define_metric(MetricType::Gauge, g.name()).ok();
+        }
         #[cfg(feature = "itemise")]
         self.envoy.define_steps();
         for m in Metric::ALL {

@@ -934,7 +934,7 @@ async fn records_of_a_lease_taken_for_lost_settle_late_in_any_order_and_once_eac
     // r2, then r3 and r2 again in one batch, then r4, r5 (drawn after the last
     // report: nothing charged it), and the close the gateway still had queued.
     let mut all = vec![r2.clone()];
-    assert_eq!(s.settle(&[r2.clone()]).await.results[0].outcome, SettleOutcome::Settled);
+    assert_eq!(s.settle(std::slice::from_ref(&r2)).await.results[0].outcome, SettleOutcome::Settled);
     let r3 = drawn(key, "L1", "r3", 100, 5, 5);
     let batch = s.settle(&[r3.clone(), r2.clone()]).await;
     let outcomes: Vec<SettleOutcome> = batch.results.iter().map(|r| r.outcome).collect();

@@ -11,16 +11,16 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use bridge_protocol::{
-    LeaseClose, LeaseProgress, LeaseReply, LeaseRequest, SettleOutcome, SettleReply, LEASE_PATH, MAX_PROGRESS,
-    SETTLE_PATH,
+    LeaseClose, LeaseProgress, LeaseReply, LeaseRequest, SettleBatch, SettleOutcome, SettleReply, LEASE_PATH,
+    MAX_PROGRESS, SETTLE_PATH,
 };
 use log::{debug, error, info, warn};
 
 use crate::config::PluginConfig;
 use crate::host::{call_sidecar, sidecar_reply, BadReply, Host};
 use crate::lease::{self, Renew, Slot};
-use crate::metrics::Metric;
-use crate::settle::{batch_of, Item};
+use crate::metrics::{Gauge, Metric};
+use crate::settle::{batch_of, Item, LaneKind};
 use crate::slot::{self, Step};
 
 mod vm;
@@ -31,13 +31,18 @@ pub struct Background {
     pub context_id: u32,
     pub config: Rc<PluginConfig>,
     pub vm: Vm,
-    /// Token of the settlement call in flight.
-    in_flight: Option<u32>,
+    /// Token of the call in flight on the control lane (lease closes and
+    /// progress reports), and on the records lane.
+    control_call: Option<u32>,
+    records_call: Option<u32>,
     /// Lease calls in flight, by callout token, with when they were sent.
     lease_calls: HashMap<u32, (LeaseRequest, u64)>,
-    /// What this VM last added to the pending gauge (a sum over all VMs, which
-    /// operators wait to reach 0 before stopping Envoy).
-    reported: i64,
+    /// What this VM last added to each gauge (a sum over all VMs; operators
+    /// wait for the pending one to reach 0 before stopping Envoy).
+    reported: [i64; Gauge::ALL.len()],
+    /// Whether the backlog was past a bound when last looked at (for one
+    /// log line a change, not one a shed request).
+    behind: bool,
     /// The live leases of this VM as last reported: lease id -> (slot, drawn, when).
     progress: HashMap<String, Reported>,
 }
@@ -69,15 +74,17 @@ impl Background {
             context_id,
             config,
             vm,
-            in_flight: None,
+            control_call: None,
+            records_call: None,
             lease_calls: HashMap::new(),
-            reported: 0,
+            reported: [0; Gauge::ALL.len()],
+            behind: false,
             progress: HashMap::new(),
         }
     }
 
-    fn keep(&self, item: Item) {
-        self.vm.keep(item, self.context_id);
+    fn keep(&self, host: &impl Host, item: Item) {
+        self.vm.keep(item, host.now_ms(), self.context_id);
     }
 
     pub fn on_tick(&mut self, host: &impl Host) {
@@ -89,10 +96,28 @@ impl Background {
         self.report_pending(host);
     }
 
+    /// Brings this VM's part of each gauge up to date.
     pub fn report_pending(&mut self, host: &impl Host) {
-        let now = self.vm.pending() as i64;
-        if now != self.reported && host.add_to_gauge(now - self.reported) {
-            self.reported = now;
+        let backlog = self.vm.settler.borrow().backlog(host.now_ms());
+        let oldest = i64::try_from(backlog.oldest_ms).unwrap_or(i64::MAX);
+        let behind =
+            backlog.records >= self.config.settle_backlog_max || backlog.oldest_ms >= self.config.settle_backlog_age_ms;
+        if behind != self.behind {
+            self.behind = behind;
+            match behind {
+                true => warn!(
+                    "[root {}] settlement behind ({} records, oldest {} ms): answering new requests 503 until it catches up",
+                    self.context_id, backlog.records, backlog.oldest_ms
+                ),
+                false => info!("[root {}] settlement caught up: admitting again", self.context_id),
+            }
+        }
+        let values = [self.vm.pending() as i64, backlog.records as i64, oldest];
+        for (gauge, now) in Gauge::ALL.into_iter().zip(values) {
+            let last = &mut self.reported[gauge.index()];
+            if now != *last && host.add_to_gauge(gauge, now - *last) {
+                *last = now;
+            }
         }
     }
 
@@ -114,7 +139,7 @@ impl Background {
                         "[root {}] lease {} closed: {} of {:?} drawn",
                         self.context_id, close.lease_id, close.drawn_tokens, close.tokens
                     );
-                    self.keep(Item::Close(close));
+                    self.keep(host, Item::Close(close));
                 }
                 Some(Swept::NotOurs) => {}
                 // Live, or every try lost: looked at again on the next tick.
@@ -150,52 +175,106 @@ impl Background {
             self.report_pending(host);
             return;
         }
-        if self.in_flight != Some(token) {
+        if self.control_call == Some(token) {
+            self.control_call = None;
+            self.control_answered(host, body_size);
+        } else if self.records_call == Some(token) {
+            self.records_call = None;
+            self.records_answered(host, body_size);
+        } else {
             return;
         }
-        self.in_flight = None;
+        // More may be waiting: send the next batch now rather than on the next tick.
+        self.send_due_batch(host);
+        self.report_pending(host);
+    }
+
+    /// The reply to a batch of lease closes and progress reports.
+    fn control_answered(&mut self, host: &impl Host, body_size: usize) {
         match sidecar_reply::<SettleReply>(host, body_size) {
             Ok(reply) => {
-                self.vm.settler.borrow_mut().sent();
-                for lease_id in &reply.recalled {
-                    self.recall(host, lease_id);
-                }
-                let results = reply.results.iter().chain(&reply.closes);
-                for r in
-                    results.filter(|r| !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled))
-                {
-                    warn!(
-                        "[root {}] settlement {} {:?}: {}",
-                        self.context_id,
-                        r.request_id,
-                        r.outcome,
-                        r.message.as_deref().unwrap_or("")
-                    );
-                }
-                // More may be waiting: send the next batch now rather than on the next tick.
-                self.send_due_batch(host);
-                self.report_pending(host);
+                self.vm.settler.borrow_mut().closes_sent();
+                self.answered(host, &reply);
             }
-            Err(BadReply::Status(Some(status))) if matches!(status.as_str(), "400" | "413" | "422") => {
-                let dropped = self.vm.settler.borrow_mut().rejected();
+            Err(why) => self.lane_failed(host, LaneKind::Control, &why),
+        }
+    }
+
+    /// The reply to a batch of records: each is settled, except those the
+    /// sidecar cannot take yet (`Later`), which go again shortly.
+    fn records_answered(&mut self, host: &impl Host, body_size: usize) {
+        match sidecar_reply::<SettleReply>(host, body_size) {
+            Ok(reply) => {
+                let later: Vec<&str> = reply
+                    .results
+                    .iter()
+                    .filter(|r| r.outcome == SettleOutcome::Later)
+                    .map(|r| r.request_id.as_str())
+                    .collect();
+                let done = self.vm.settler.borrow_mut().records_sent(&later, host.now_ms());
+                for record in &done {
+                    self.vm.record_done(record);
+                }
+                if !later.is_empty() {
+                    debug!("[root {}] {} records to settle again shortly", self.context_id, later.len());
+                }
+                self.answered(host, &reply);
+            }
+            Err(why) => self.lane_failed(host, LaneKind::Records, &why),
+        }
+    }
+
+    /// What a settlement reply says beyond the outcomes: leases recalled,
+    /// and the outcomes worth a line in the log.
+    fn answered(&mut self, host: &impl Host, reply: &SettleReply) {
+        for lease_id in &reply.recalled {
+            self.recall(host, lease_id);
+        }
+        let results = reply.results.iter().chain(&reply.closes);
+        let worth = |r: &&bridge_protocol::SettleResult| {
+            !matches!(r.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled | SettleOutcome::Later)
+        };
+        for r in results.filter(worth) {
+            warn!(
+                "[root {}] settlement {} {:?}: {}",
+                self.context_id,
+                r.request_id,
+                r.outcome,
+                r.message.as_deref().unwrap_or("")
+            );
+        }
+    }
+
+    /// A lane's call failed: a batch the sidecar refused as such is split
+    /// (or its one item given up); any other failure is retried after a backoff.
+    fn lane_failed(&mut self, host: &impl Host, lane: LaneKind, why: &BadReply) {
+        match why {
+            BadReply::Status(Some(status)) if matches!(status.as_str(), "400" | "413" | "422") => {
+                let dropped = self.vm.settler.borrow_mut().rejected(lane);
                 match dropped {
-                    Some(item) => error!(
-                        "[root {}] the sidecar refused settlement {} ({status}); given up, its hold will be charged at expiry",
-                        self.context_id,
-                        item.id()
+                    Some(item) => {
+                        error!(
+                            "[root {}] the sidecar refused settlement {} ({status}); given up, its hold will be charged at expiry",
+                            self.context_id,
+                            item.id()
+                        );
+                        if let Item::Settle(record) = &item {
+                            self.vm.record_done(record);
+                        }
+                    }
+                    None => warn!(
+                        "[root {}] the sidecar refused a settlement batch ({status}); sending it in halves",
+                        self.context_id
                     ),
-                    None => warn!("[root {}] the sidecar refused a settlement batch ({status}); sending it in halves", self.context_id),
                 }
-                self.send_due_batch(host);
-                self.report_pending(host);
             }
-            Err(why) => {
+            _ => {
                 warn!(
-                    "[root {}] sidecar did not take a settlement batch ({why}); {} records kept for retry",
+                    "[root {}] sidecar did not take a {lane:?} batch ({why}); {} items kept for retry",
                     self.context_id,
                     self.vm.settler.borrow().pending()
                 );
-                self.vm.settler.borrow_mut().failed(host.now_ms());
+                self.vm.settler.borrow_mut().failed(lane, host.now_ms());
             }
         }
     }
@@ -222,19 +301,22 @@ impl Background {
                     Some(Ok(replaced)) => {
                         debug!("[root {}] lease {} of {tokens} live", self.context_id, ask.lease_id);
                         if let Some(close) = replaced {
-                            self.keep(Item::Close(close));
+                            self.keep(host, Item::Close(close));
                         }
                         self.vm.leases.borrow_mut().insert(key);
                     }
-                    Some(Err(orphan)) => self.keep(Item::Close(orphan)),
+                    Some(Err(orphan)) => self.keep(host, Item::Close(orphan)),
                     // Never installed: nothing was drawn from it.
-                    None => self.keep(Item::Close(LeaseClose {
-                        key_hash: ask.key_hash,
-                        lease_id: ask.lease_id,
-                        tokens: Some(tokens),
-                        drawn_tokens: 0,
-                        drawn_n: 0,
-                    })),
+                    None => self.keep(
+                        host,
+                        Item::Close(LeaseClose {
+                            key_hash: ask.key_hash,
+                            lease_id: ask.lease_id,
+                            tokens: Some(tokens),
+                            drawn_tokens: 0,
+                            drawn_n: 0,
+                        }),
+                    ),
                 }
             }
             // Refused (frozen, no balance) or not now: the current lease runs
@@ -249,7 +331,7 @@ impl Background {
             Err(why) => {
                 warn!("[root {}] lease {} {why}; releasing it", self.context_id, ask.lease_id);
                 self.unanswered(host, &ask);
-                self.keep(Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
+                self.keep(host, Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
             }
         }
     }
@@ -264,40 +346,54 @@ impl Background {
         self.vm.wake(&key);
     }
 
+    /// Sends what is due on each lane whose last call was answered: lease
+    /// closes with the progress reports due (never behind records), and the
+    /// next batch of records.
     pub fn send_due_batch(&mut self, host: &impl Host) {
-        if self.in_flight.is_some() {
-            return;
-        }
         let now = host.now_ms();
-        let progress = self.progress_due(host, now);
-        let encoded = {
-            let mut settler = self.vm.settler.borrow_mut();
-            let backing_off = settler.backing_off(now);
-            let items = settler.next_batch(now);
-            if items.is_none() && (progress.is_empty() || backing_off) {
-                return;
+        if self.control_call.is_none() && !self.vm.settler.borrow().backing_off(LaneKind::Control, now) {
+            let progress = self.progress_due(host, now);
+            let closes = self.vm.settler.borrow_mut().next_closes(now, !progress.is_empty());
+            if let Some(closes) = closes {
+                let n = closes.len();
+                let batch = SettleBatch { records: Vec::new(), closes, progress };
+                self.control_call = self.send(host, LaneKind::Control, &batch, n);
             }
-            let items = items.unwrap_or_default();
-            let mut batch = batch_of(items);
-            batch.progress = progress;
-            (serde_json::to_vec(&batch), items.len())
-        };
-        let (body, n) = match encoded {
-            (Ok(b), n) => (b, n),
-            (Err(e), _) => {
+        }
+        if self.records_call.is_none() {
+            let records = self.vm.settler.borrow_mut().next_records(now);
+            if let Some(records) = records {
+                let n = records.len();
+                let batch = SettleBatch { records, closes: Vec::new(), progress: Vec::new() };
+                self.records_call = self.send(host, LaneKind::Records, &batch, n);
+            }
+        }
+    }
+
+    /// One lane's batch to the sidecar: the call's token, or `None` (the
+    /// lane then backs off).
+    fn send(&self, host: &impl Host, lane: LaneKind, batch: &SettleBatch, n: usize) -> Option<u32> {
+        let now = host.now_ms();
+        let body = match serde_json::to_vec(batch) {
+            Ok(b) => b,
+            Err(e) => {
                 error!("[root {}] cannot encode a settlement batch: {e}", self.context_id);
-                self.vm.settler.borrow_mut().failed(now);
-                return;
+                self.vm.settler.borrow_mut().failed(lane, now);
+                return None;
             }
         };
         match call_sidecar(host, &self.config, SETTLE_PATH, &body, self.config.settle_timeout_ms) {
             Ok(token) => {
-                debug!("[root {}] settling {n} records (call {token})", self.context_id);
-                self.in_flight = Some(token);
+                debug!("[root {}] settling {n} {lane:?} items (call {token})", self.context_id);
+                Some(token)
             }
             Err(e) => {
-                warn!("[root {}] cannot reach the sidecar to settle {n} records: {e}; will retry", self.context_id);
-                self.vm.settler.borrow_mut().failed(now);
+                warn!(
+                    "[root {}] cannot reach the sidecar to settle {n} {lane:?} items: {e}; will retry",
+                    self.context_id
+                );
+                self.vm.settler.borrow_mut().failed(lane, now);
+                None
             }
         }
     }
@@ -358,7 +454,7 @@ impl Background {
         if let Some(Some(close)) = closed {
             info!("[root {}] lease {lease_id} recalled: {} drawn", self.context_id, close.drawn_tokens);
             host.metric(Metric::LeaseRecalls, 1);
-            self.keep(Item::Close(close));
+            self.keep(host, Item::Close(close));
             self.vm.leases.borrow_mut().remove(&key);
             self.vm.wake(&key);
         }
@@ -372,7 +468,7 @@ impl Background {
         self.sweep_leases(host, true);
         // Lease calls whose replies will not come now: release what they may have got.
         for (_, (ask, _)) in std::mem::take(&mut self.lease_calls) {
-            self.keep(Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
+            self.keep(host, Item::Close(LeaseClose::release(ask.key_hash, ask.lease_id)));
         }
         let records = self.vm.settler.borrow_mut().take_all();
         if records.is_empty() {

@@ -5,8 +5,9 @@ use bridge_protocol::{LEASE_PATH, SETTLE_PATH};
 use serde_json::{json, Value};
 
 use crate::exchange::harness::*;
-use crate::host::Flow;
+use crate::host::{Flow, Host};
 use crate::lease::Slot;
+use crate::metrics::Gauge;
 use crate::settle::Item;
 
 #[test]
@@ -39,24 +40,27 @@ fn the_root_sends_batches_retries_with_backoff_and_sweeps_expired_leases() {
     respond(&mut ex, &s, "200", USAGE);
     ex.on_log(&s);
     gw.root.on_tick(&*gw.world);
-    assert_eq!(gw.world.gauge.get(), 2, "one record and one live lease pending");
-    let first = gw.world.calls_to(SETTLE_PATH);
+    assert_eq!(gw.world.gauge(Gauge::Pending), 2, "one record and one live lease pending");
+    let first = gw.settle_calls(true);
     assert_eq!(first[0].body["records"].as_array().unwrap().len(), 1);
-    // The sidecar fails: the batch is kept and sent again after the backoff.
-    let n = gw.world.reply_with("503", &json!(null));
-    gw.root.on_call_response(&*gw.world, first[0].token, n);
+    let report = gw.settle_calls(false).pop().unwrap();
+    assert_eq!(report.body["progress"][0]["drawn_n"], 1, "the lease's progress on its own lane");
+    gw.reply(report.token, "200", json!({"results": [], "closes": []}));
+    // The sidecar fails the records: the batch is kept and sent again after the backoff.
+    gw.reply(first[0].token, "503", json!(null));
     gw.root.on_tick(&*gw.world);
-    assert_eq!(gw.world.calls_to(SETTLE_PATH).len(), 1, "backing off");
+    assert_eq!(gw.settle_calls(true).len(), 1, "backing off");
     gw.world.advance(1_000);
     gw.root.on_tick(&*gw.world);
-    // The lease expired meanwhile: swept and closed in the same batch.
+    // The lease expired meanwhile: swept and closed.
     assert_eq!(gw.slot(), None);
-    let again = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    let again = gw.settle_calls(true).pop().unwrap();
     assert_eq!(again.body["records"][0]["request_id"], first[0].body["records"][0]["request_id"]);
-    assert_eq!(again.body["closes"][0]["drawn_n"], 1);
-    let n = gw.world.reply_with("200", &json!({"results": [], "closes": []}));
-    gw.root.on_call_response(&*gw.world, again.token, n);
-    assert_eq!(gw.world.gauge.get(), 0, "nothing pending");
+    let close = gw.settle_calls(false).pop().unwrap();
+    assert_eq!(close.body["closes"][0]["drawn_n"], 1);
+    gw.reply(close.token, "200", json!({"results": [], "closes": []}));
+    gw.reply(again.token, "200", json!({"results": [], "closes": []}));
+    assert_eq!(gw.world.gauge(Gauge::Pending), 0, "nothing pending");
 }
 
 #[test]
@@ -228,4 +232,162 @@ fn a_closed_lease_is_heartbeaten_while_requests_drawn_from_it_are_in_flight() {
     gw.world.advance(super::PROGRESS_HEARTBEAT_MS);
     gw.root.on_tick(&*gw.world);
     assert_eq!(gw.world.calls_to(SETTLE_PATH).last().unwrap().token, last.token, "nothing more to say");
+}
+
+/// The request id of the one record a records call carried.
+fn record_id(call: &crate::fake::Call) -> String {
+    call.body["records"][0]["request_id"].as_str().unwrap().to_owned()
+}
+
+fn settled(ids: &[&str], outcome: &str) -> Value {
+    let results: Vec<Value> = ids.iter().map(|id| json!({"request_id": id, "outcome": outcome})).collect();
+    json!({"results": results, "closes": []})
+}
+
+#[test]
+fn a_lease_is_heartbeaten_on_its_own_lane_until_its_records_are_settled_however_slow_settlement_is() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    let Some(Slot::Live(lease)) = gw.slot() else { panic!("no lease") };
+    respond(&mut ex, &s, "200", USAGE);
+    ex.on_log(&s);
+    gw.root.on_tick(&*gw.world);
+    // The records batch goes and the database is slow: no answer for 40 s,
+    // longer than the sidecar's LEASE_LOST_SECS (30 s).
+    let slow = gw.settle_calls(true).pop().unwrap();
+    let mut beats = Vec::new();
+    let mut closed = false;
+    for _ in 0..200 {
+        for call in gw.settle_calls(false) {
+            if gw.world.answered(call.token) {
+                continue;
+            }
+            closed |= call.body["closes"].as_array().into_iter().flatten().any(|c| c["lease_id"] == lease.id.as_str());
+            if call.body["progress"].as_array().is_some_and(|p| p.iter().any(|p| p["lease_id"] == lease.id.as_str())) {
+                beats.push(gw.world.now_ms());
+            }
+            gw.reply(call.token, "200", json!({"results": [], "closes": []}));
+        }
+        gw.world.advance(200);
+        gw.root.on_tick(&*gw.world);
+    }
+    assert!(closed, "the lease's window ended and its close went, not behind the records");
+    assert_eq!(gw.settle_calls(true).len(), 1, "the records batch is still in flight");
+    let gaps: Vec<u64> = beats.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(beats.len() >= 8 && gaps.iter().all(|g| *g <= super::PROGRESS_HEARTBEAT_MS), "{beats:?}");
+    // The batch is answered at last: the lease has nothing more waiting on it.
+    gw.reply(slow.token, "200", settled(&[&record_id(&slow)], "settled"));
+    let before = gw.settle_calls(false).len();
+    gw.world.advance(2 * super::PROGRESS_HEARTBEAT_MS);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.settle_calls(false).len(), before, "no heartbeat once its records are settled");
+    assert_eq!(gw.world.gauge(Gauge::Pending), 0);
+}
+
+#[test]
+fn records_the_sidecar_cannot_settle_yet_go_again_shortly_and_their_lease_stays_reported() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    respond(&mut ex, &s, "200", USAGE);
+    ex.on_log(&s);
+    gw.root.on_tick(&*gw.world);
+    let first = gw.settle_calls(true).pop().unwrap();
+    let id = record_id(&first);
+    // Its lease is being taken for lost at the sidecar right now: "later".
+    gw.reply(first.token, "200", settled(&[&id], "later"));
+    assert_eq!(gw.world.gauge(Gauge::Backlog), 1, "still unsettled");
+    gw.world.advance(super::super::settle::LATER_MS - 200);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.settle_calls(true).len(), 1, "not at once");
+    gw.world.advance(200);
+    gw.root.on_tick(&*gw.world);
+    let again = gw.settle_calls(true).pop().unwrap();
+    assert_eq!((again.token != first.token, record_id(&again)), (true, id.clone()));
+    // Meanwhile its lease was reported as still in use.
+    let lease_id = first.body["records"][0]["lease_id"].as_str().unwrap();
+    let reported = gw
+        .settle_calls(false)
+        .iter()
+        .any(|c| c.body["progress"].as_array().is_some_and(|p| p.iter().any(|p| p["lease_id"] == lease_id)));
+    assert!(reported);
+    gw.reply(again.token, "200", settled(&[&id], "settled"));
+    assert_eq!(gw.world.gauge(Gauge::Backlog), 0);
+    assert_eq!(gw.root.vm.drawn_leases(), [], "nothing waits on the lease any more");
+}
+
+/// Sends one request through to its end and queues its record.
+fn one_request(gw: &mut Gateway) -> (Flow, Option<u32>) {
+    let (mut ex, s, flow) = gw.send(BODY);
+    if flow == Flow::Pause && s.replied().is_none() {
+        gw.answer(&mut ex, &s, "200", grant(100_000));
+    }
+    let replied = s.replied();
+    if replied.is_none() {
+        respond(&mut ex, &s, "200", USAGE);
+    }
+    ex.on_log(&s);
+    (flow, replied)
+}
+
+#[test]
+fn past_the_backlog_bound_new_requests_get_503_with_retry_after_until_settlement_catches_up() {
+    let mut gw = Gateway::new(json!({"settle_backlog_max": 3}));
+    for _ in 0..3 {
+        assert_eq!(one_request(&mut gw).1, None, "admitted");
+    }
+    // Three records unsettled: the fourth request is refused before any upstream.
+    let (mut ex, s, flow) = gw.send(BODY);
+    assert_eq!((flow, s.replied()), (Flow::Pause, Some(503)));
+    let body: Value = serde_json::from_slice(&s.replies.borrow()[0].1).unwrap();
+    assert_eq!(body["error"]["code"], "gateway_overloaded");
+    assert!(s.reply_headers().iter().any(|(k, v)| k == "retry-after" && v == "5"));
+    assert_eq!(s.resumed.get(), 0, "its held headers never go upstream");
+    ex.on_log(&s);
+    assert_eq!(gw.records().len(), 3, "the refused request settles nothing");
+    assert_eq!(gw.world.counted(crate::metrics::Metric::Shed), 1);
+
+    // The same again, then settlement catches up: admitted again.
+    let mut gw = Gateway::new(json!({"settle_backlog_max": 3}));
+    for _ in 0..3 {
+        one_request(&mut gw);
+    }
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.world.gauge(Gauge::Backlog), 3);
+    assert_eq!(one_request(&mut gw).1, Some(503));
+    let batch = gw.settle_calls(true).pop().unwrap();
+    let ids: Vec<String> = batch.body["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["request_id"].as_str().unwrap().to_owned())
+        .collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    gw.reply(batch.token, "200", settled(&ids, "settled"));
+    assert_eq!(gw.world.gauge(Gauge::Backlog), 0);
+    assert_eq!(one_request(&mut gw).1, None, "admitted once the backlog drained");
+}
+
+#[test]
+fn a_record_waiting_past_the_age_bound_stops_admission_but_not_with_failure_mode_allow() {
+    for (mode, refused) in [("deny", true), ("allow", false)] {
+        let mut gw = Gateway::new(json!({"settle_backlog_age_ms": 2_000, "failure_mode": mode}));
+        one_request(&mut gw);
+        // The sidecar fails every records batch: the record stays, and ages.
+        for _ in 0..20 {
+            gw.root.on_tick(&*gw.world);
+            for call in gw.world.calls_to(SETTLE_PATH) {
+                if !gw.world.answered(call.token) {
+                    gw.reply(call.token, "503", json!(null));
+                }
+            }
+            gw.world.advance(100);
+        }
+        gw.root.on_tick(&*gw.world);
+        assert!(gw.world.gauge(Gauge::OldestMs) >= 2_000, "{mode}");
+        assert_eq!(gw.world.gauge(Gauge::Backlog), 1);
+        let (_, replied) = one_request(&mut gw);
+        assert_eq!(replied == Some(503), refused, "{mode}: {replied:?}");
+    }
 }

@@ -6,6 +6,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
 
+use bridge_protocol::SettleRecord;
 use log::error;
 
 use crate::settle::{Item, Settler};
@@ -28,7 +29,8 @@ pub struct Vm {
     /// which for a request woken from its wait is the root: the root passes
     /// the reply on to the request by this.
     callers: Rc<RefCell<HashMap<u32, u32>>>,
-    /// Requests drawn from each lease still in flight: lease id -> (key hash, count).
+    /// Requests drawn from each lease not yet settled (in flight, or their
+    /// records queued): lease id -> (key hash, count).
     in_flight: Rc<RefCell<HashMap<String, (String, i64)>>>,
 }
 
@@ -149,10 +151,24 @@ impl Vm {
         self.waits.borrow_mut().wake(slot);
     }
 
-    /// Queues an item; logs the oldest if it had to make room for it.
-    pub fn keep(&self, item: Item, context_id: u32) {
-        if let Some(old) = self.settler.borrow_mut().push(item) {
+    /// Queues an item at `now_ms`; logs the oldest if it had to make room for it.
+    pub fn keep(&self, item: Item, now_ms: u64, context_id: u32) {
+        let dropped = self.settler.borrow_mut().push(item, now_ms);
+        if let Some(old) = dropped {
             error!("[{context_id}] settlement queue full: {} dropped; its hold will be charged at expiry", old.id());
+            if let Item::Settle(record) = &old {
+                self.record_done(record);
+            }
+        }
+    }
+
+    /// `record` left the queue for good (settled, or given up): its lease,
+    /// if it was drawn from one, no longer waits on it. Until then the root
+    /// keeps reporting the lease, so the sidecar never takes it for lost
+    /// while the record is on its way.
+    pub fn record_done(&self, record: &SettleRecord) {
+        if let Some(lease_id) = &record.lease_id {
+            self.drawn_in_flight(lease_id, &record.key_hash, -1);
         }
     }
 

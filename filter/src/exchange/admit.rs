@@ -42,6 +42,12 @@ impl Exchange {
     /// The body is in (or the request was woken from its wait): draw, fetch,
     /// wait or reserve.
     pub(super) fn admit(&mut self, host: &impl HttpHost, mut req: Admitted) -> Flow {
+        if let Some(why) = self.settlement_behind(host) {
+            // Logged once a change by the root (`Background::report_pending`), not per request.
+            debug!("[{}] {}: {why}; answering 503", self.id, req.caller.request_id);
+            host.metric(Metric::Shed, 1);
+            return self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs));
+        }
         if self.cfg.lease_tokens == 0 {
             match self.over_taught_limit(host, &req) {
                 Some(Err(secs)) => {
@@ -66,7 +72,7 @@ impl Exchange {
                     same => (same, None),
                 };
                 if let Some(close) = other {
-                    self.keep(Item::Close(close));
+                    self.keep(host, Item::Close(close));
                 }
                 host.metric(Metric::LeaseFetches, 1);
                 let ask = LeaseRequest {
@@ -180,6 +186,21 @@ impl Exchange {
         if self.admit(host, req) == Flow::Continue {
             host.resume_request();
         }
+    }
+
+    /// Why this VM admits nothing now, if it does not: its settlement is
+    /// behind by more than `settle_backlog_max` records, or its oldest
+    /// record has waited longer than `settle_backlog_age_ms` (not with
+    /// `failure_mode: allow`, which forwards while the sidecar is down).
+    /// Admitting more would outrun what the ledger can write.
+    fn settlement_behind(&self, host: &impl HttpHost) -> Option<String> {
+        let backlog = self.vm.settler.borrow().backlog(host.now_ms());
+        if backlog.records >= self.cfg.settle_backlog_max {
+            return Some(format!("{} records wait for settlement", backlog.records));
+        }
+        let aged = backlog.oldest_ms >= self.cfg.settle_backlog_age_ms;
+        (aged && self.cfg.failure_mode == FailureMode::Deny)
+            .then(|| format!("the oldest record has waited {} ms for settlement", backlog.oldest_ms))
     }
 
     /// Load shed: answered 503 with Retry-After (in either failure mode: it is
@@ -430,10 +451,10 @@ impl Exchange {
             Some(None) => {
                 self.vm.leases.borrow_mut().insert(key);
             }
-            Some(Some(orphan)) => self.keep(Item::Close(orphan)),
+            Some(Some(orphan)) => self.keep(host, Item::Close(orphan)),
             None => {
                 let lease = lease::Lease::granted(id, key_hash, granted, (estimate, 1), 0);
-                self.keep(Item::Close(lease.close()));
+                self.keep(host, Item::Close(lease.close()));
             }
         }
     }
@@ -474,7 +495,7 @@ impl Exchange {
     fn end_fetch(&self, host: &impl HttpHost, req: &Admitted, lease_id: &str, replacing: Option<LeaseClose>) {
         self.clear_marker(host, req, lease_id);
         if let Some(close) = replacing {
-            self.keep(Item::Close(close));
+            self.keep(host, Item::Close(close));
         }
     }
 
@@ -488,11 +509,11 @@ impl Exchange {
         match wait {
             Wait::Lease { lease_id, replacing } => {
                 self.end_fetch(host, req, &lease_id, replacing);
-                self.keep(Item::Close(LeaseClose::release(req.caller.key_hash.clone(), lease_id)));
+                self.keep(host, Item::Close(LeaseClose::release(req.caller.key_hash.clone(), lease_id)));
             }
             Wait::Reserve => {
                 let record = record(host.now_ms(), req, &Hold::Reserved, status, (0, 0, UsageSource::Upstream), true);
-                self.keep(Item::Settle(record));
+                self.keep(host, Item::Settle(record));
             }
         }
     }

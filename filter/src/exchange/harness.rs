@@ -101,6 +101,20 @@ impl Gateway {
             .collect()
     }
 
+    /// The settlement calls so far on the records lane (`records`), or on
+    /// the control lane (lease closes and progress reports).
+    pub fn settle_calls(&self, records: bool) -> Vec<crate::fake::Call> {
+        let carries = |c: &crate::fake::Call| c.body["records"].as_array().is_some_and(|r| !r.is_empty());
+        self.world.calls_to(bridge_protocol::SETTLE_PATH).into_iter().filter(|c| carries(c) == records).collect()
+    }
+
+    /// The sidecar answers the root's call `token`.
+    pub fn reply(&mut self, token: u32, status: &str, body: Value) {
+        let n = self.world.reply_with(status, &body);
+        self.world.mark_answered(token);
+        self.root.on_call_response(&*self.world, token, n);
+    }
+
     pub fn slot(&self) -> Option<Slot> {
         self.world.slot(&lease::slot_key(&bridge_protocol::key_hash(KEY), self.root.config.lease_slots))
     }

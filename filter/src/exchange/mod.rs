@@ -32,7 +32,7 @@ use log::{debug, error};
 
 use crate::background::Vm;
 use crate::config::PluginConfig;
-use crate::host::{Flow, HttpHost};
+use crate::host::{Flow, Host, HttpHost};
 use crate::itemise::{time, Step};
 use crate::reply::{models_list, LocalReply};
 use crate::request::{client_key, Admission, Endpoint};
@@ -132,8 +132,8 @@ impl Exchange {
         Self { id, cfg, vm, state: State::Headers }
     }
 
-    fn keep(&self, item: Item) {
-        self.vm.keep(item, self.id);
+    fn keep(&self, host: &impl Host, item: Item) {
+        self.vm.keep(item, host.now_ms(), self.id);
     }
 
     fn answer(&mut self, host: &impl HttpHost, reply: LocalReply) -> Flow {
@@ -317,9 +317,6 @@ impl Exchange {
             // A stored-response lookup the client left: nothing to undo, its call permit goes.
             State::Looking(_) => {}
             State::Forwarded { req, hold, status, mut meter } => {
-                if let Hold::Drawn(lease_id) = &hold {
-                    self.vm.drawn_in_flight(lease_id, &req.caller.key_hash, -1);
-                }
                 if let Some(m) = &mut meter {
                     // A client that left mid-answer never reached the end: finish the count here.
                     m.on_end();
@@ -357,7 +354,7 @@ impl Exchange {
                     "[{}] {}: queued settlement {input}+{output} of {} ({source:?})",
                     self.id, record.request_id, record.reserved
                 );
-                self.keep(Item::Settle(record));
+                self.keep(host, Item::Settle(record));
             }
             other => self.state = other,
         }
