@@ -148,7 +148,10 @@ end
 """
 
 
-def wrk(url, body, headers, watch):
+def wrk(url, body, headers, watch, seconds=None, sample=None):
+    """One wrk run: its summary, CPU us a request and peak RSS of the `watch` processes;
+    `sample`, if given, is called every 0.25 s while it runs."""
+    seconds = seconds or SECONDS
     hdrs = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(LUA % (json.dumps(body), hdrs))
@@ -157,16 +160,18 @@ def wrk(url, body, headers, watch):
     peak = {name: 0.0 for name in watch}
     stop = threading.Event()
 
-    def sample():
+    def sampler():
         while not stop.is_set():
             for name, pid in watch.items():
                 peak[name] = max(peak[name], rss_mib(pid))
+            if sample:
+                sample()
             stop.wait(0.25)
 
-    t = threading.Thread(target=sample)
+    t = threading.Thread(target=sampler)
     t.start()
-    out = subprocess.run(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--timeout", "10s", "-s", script, url],
-                         capture_output=True, text=True, timeout=SECONDS + 60)
+    out = subprocess.run(["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "10s", "-s", script, url],
+                         capture_output=True, text=True, timeout=seconds + 60)
     stop.set()
     t.join()
     os.unlink(script)
@@ -376,6 +381,12 @@ def main():
         http_json(f"http://127.0.0.1:{sidecar_port}/admin/keys",
                   {"api_key": USER_KEY, "user_name": "bench", "balance_tokens": 10 ** 15}, ADMIN)
 
+        if os.environ.get("BENCH_ONLY") == "sustained":
+            # Only the sustained phase (BENCHMARKS.md is left as it is).
+            rows = sustained(uri, db, env, rel, sidecar, mock)
+            print("\n".join(render_sustained(rows)))
+            print(sustained_line(rows))
+            return
         if os.environ.get("BENCH_ONLY") == "itemise":
             # Only the filter's steps (BENCHMARKS.md is left as it is).
             print(json.dumps(itemise(env), indent=1))
@@ -454,12 +465,13 @@ def main():
 
         steps = itemise(env)
         many = three_gateways(uri, db, env, rel, sidecar, mock)
+        held = sustained(uri, db, env, rel, sidecar, mock)
         try:
             reports = report_timings(uri, db, rel)
         except (Exception, SystemExit) as e:  # the operator's reads are their own phase: the rest still counts
             print(f"bench: the operator's reads were not measured: {e}", file=sys.stderr)
             reports = {"error": str(e).splitlines()[0][:200] if str(e) else type(e).__name__}
-        report = render_report(results, extras, wasm, many, reports, steps)
+        report = render_report(results, extras, wasm, many, reports, steps, held)
         print(report)
         path = os.path.join(ROOT, "BENCHMARKS.md")
         # Keep the hand-written analysis below the marker across runs.
@@ -472,6 +484,7 @@ def main():
         with open(path, "w") as f:
             f.write(report + kept)
         print(ratio_line(results))
+        print(sustained_line(held))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -489,14 +502,7 @@ def three_gateways(uri, db, env, rel, sidecar, mock):
     """Three Envoy + sidecar pairs on one MongoDB, loaded at once (a wrk each, a third
     of the connections each), for the tiny and the OpenClaw-shaped request: the answers
     a second of all three, errors (a 429 or 503 counts), MongoDB operations a request."""
-    pairs = [(sidecar, env)]
-    for i in range(2):
-        port = free_port()
-        p = spawn([os.path.join(rel, "openclaw-sidecar")], env=dict(
-            os.environ, MONGODB_URI=uri, MONGODB_DB=db, ADMIN_TOKEN=ADMIN, SIDECAR_ADDR=f"127.0.0.1:{port}",
-            LOG_FILE=os.path.join(STATE, f"app-{i + 2}.log"), LOG_LEVEL=os.environ.get("BENCH_SIDECAR_LOG", "warn")))
-        wait_ok(f"http://127.0.0.1:{port}/healthz")
-        pairs.append((p, dict(env, SIDECAR_ADDR=f"127.0.0.1:{port}")))
+    pairs = [(sidecar, env)] + extra_sidecars(2, uri, db, rel, env)
     envoys = [start_envoy(f"gateway{i}", False, 1, e) for i, (_, e) in enumerate(pairs)]
     global CONNECTIONS
     connections, CONNECTIONS = CONNECTIONS, max(CONNECTIONS // 3, 1)
@@ -540,6 +546,136 @@ def three_gateways(uri, db, env, rel, sidecar, mock):
             p.terminate()
             p.wait(timeout=30)
     return rows
+
+
+SUSTAIN_SECONDS = int(os.environ.get("BENCH_SUSTAIN_SECONDS", "60"))
+
+
+def extra_sidecars(n, uri, db, rel, env):
+    """`n` more sidecars on the same database: (process, the Envoy environment that uses it)."""
+    pairs = []
+    for i in range(n):
+        port = free_port()
+        p = spawn([os.path.join(rel, "openclaw-sidecar")], env=dict(
+            os.environ, MONGODB_URI=uri, MONGODB_DB=db, ADMIN_TOKEN=ADMIN, SIDECAR_ADDR=f"127.0.0.1:{port}",
+            LOG_FILE=os.path.join(STATE, f"app-{len(procs)}.log"), LOG_LEVEL=os.environ.get("BENCH_SIDECAR_LOG", "warn")))
+        wait_ok(f"http://127.0.0.1:{port}/healthz")
+        pairs.append((p, dict(env, SIDECAR_ADDR=f"127.0.0.1:{port}")))
+    return pairs
+
+
+def gauge(admin, name):
+    try:
+        with urllib.request.urlopen(f"{admin}/stats?filter={name}", timeout=2) as r:
+            m = re.search(r": (-?\d+)", r.read().decode())
+            return int(m.group(1)) if m else 0
+    except OSError:
+        return 0
+
+
+def sustained(uri, db, env, rel, sidecar, mock):
+    """Load held for SUSTAIN_SECONDS on a fresh key, on one gateway and on three, for the tiny
+    capless and the OpenClaw request, beside a bare Envoy's run of the same length: what was
+    answered, what the ledger settled (audit rows of the key) and how long after the load it
+    took, the settled rate against bare Envoy's, Envoy's memory, the backlog's peak, and the
+    rows charged at estimate."""
+    import hashlib
+    import pymongo
+    audit = pymongo.MongoClient(uri)[db]["audit_logs"]
+    global CONNECTIONS
+    connections = CONNECTIONS
+    more = extra_sidecars(2, uri, db, rel, env)
+    sidecar_url = f"http://{env['SIDECAR_ADDR']}"
+    rows = []
+    try:
+        for kind, body in [s for s in SHAPES if s[0] in ("capless", "openclaw")]:
+            bare, bare_url, _ = start_envoy("sustain-bare", True, 1, env)
+            CONNECTIONS = connections
+            b = wrk(bare_url + "/v1/chat/completions", body, {}, {"envoy": bare.pid}, SUSTAIN_SECONDS)
+            bare.terminate()
+            bare.wait(timeout=30)
+            bare_rate = (b["requests"] - b["non2xx"]) / (b["us"] / 1e6)
+            print(f"  sustained {kind:8} bare      {bare_rate:8.0f} 2xx/s", file=sys.stderr)
+            for n in (1, 3):
+                key = f"sk-bench-sustain-{kind}-{n}-{int(time.time())}"
+                http_json(f"{sidecar_url}/admin/keys",
+                          {"api_key": key, "user_name": "sustain", "balance_tokens": 10 ** 15}, ADMIN)
+                key_id = hashlib.sha256(key.encode()).hexdigest()
+                envs = [env] + [e for _, e in more[:n - 1]]
+                envoys = [start_envoy(f"sustain-{kind}-{n}-{i}", False, 1, e) for i, e in enumerate(envs)]
+                rss0 = sum(rss_mib(p.pid) for p, _, _ in envoys)
+                peak = {"backlog": 0, "rss": rss0}
+
+                def sample():
+                    peak["backlog"] = max(peak["backlog"], sum(gauge(p.admin, "openclaw_bridge_settle_backlog")
+                                                               for p, _, _ in envoys))
+                    peak["rss"] = max(peak["rss"], sum(rss_mib(p.pid) for p, _, _ in envoys))
+
+                out = [None] * n
+                CONNECTIONS = max(connections // n, 1)
+
+                def one(i):
+                    out[i] = wrk(envoys[i][1] + "/v1/chat/completions", body, {"Authorization": f"Bearer {key}"},
+                                 {"envoy": envoys[i][0].pid}, SUSTAIN_SECONDS, sample if i == 0 else None)
+                threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                end = time.time()
+                answered = sum(r["requests"] - r["non2xx"] for r in out)
+                refused = sum(r["non2xx"] for r in out)
+                own = {"key_id": key_id, "expired_hold": {"$ne": True}}
+                lag = None
+                while time.time() < end + 120:
+                    if audit.count_documents(own) >= answered:
+                        lag = time.time() - end
+                        break
+                    time.sleep(0.25)
+                settled = audit.count_documents(own)
+                estimate = audit.count_documents({"key_id": key_id, "usage_source": "estimate"})
+                span = SUSTAIN_SECONDS + (lag if lag is not None else 120)
+                row = {"kind": kind, "gateways": n, "answered_rps": answered / SUSTAIN_SECONDS, "answered": answered,
+                       "refused": refused, "errors": sum(r["errors"] for r in out), "rows": settled, "lag_s": lag,
+                       "settled_rps": settled / span, "bare_rps": bare_rate, "rss0": rss0, "rss_peak": peak["rss"],
+                       "backlog_peak": peak["backlog"], "estimate_rows": estimate}
+                rows.append(row)
+                print(f"  sustained {kind:8} {n} gw     {row['answered_rps']:8.0f} 2xx/s, {refused} refused, "
+                      f"{settled}/{answered} rows, lag {lag}, settled {row['settled_rps']:.0f}/s "
+                      f"({row['settled_rps'] / bare_rate:.2f}x bare), backlog peak {peak['backlog']}, "
+                      f"{estimate} at estimate", file=sys.stderr)
+                for p, _, _ in envoys:
+                    p.terminate()
+                    p.wait(timeout=30)
+    finally:
+        CONNECTIONS = connections
+        for p, _ in more:
+            p.terminate()
+            p.wait(timeout=30)
+    return rows
+
+
+def render_sustained(rows):
+    lines = ["", f"Sustained load: {SUSTAIN_SECONDS} s on a fresh key, Envoy concurrency 1 per gateway, "
+             f"{CONNECTIONS} connections in all; bare Envoy alone on the same mock for the same time. "
+             "Settled/s is the key's own audit rows over the load plus the lag after it until every answered "
+             "request had its row. Requests past the settlement bound are answered 503 (refused).", "",
+             "| body | gateways | answered 2xx/s | refused 503 | audit rows / answered | lag s after load "
+             "| settled/s | vs bare 2xx/s | Envoy RSS MiB start / peak | backlog peak | rows at estimate |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lag = "not within 120" if r["lag_s"] is None else f"{r['lag_s']:.1f}"
+        lines.append(f"| {r['kind']} | {r['gateways']} | {r['answered_rps']:.0f} | {r['refused']} "
+                     f"| {r['rows']:,} / {r['answered']:,} | {lag} | {r['settled_rps']:.0f} "
+                     f"| {r['settled_rps'] / r['bare_rps']:.2f}x ({r['bare_rps']:.0f}) "
+                     f"| {r['rss0']:.0f} / {r['rss_peak']:.0f} | {r['backlog_peak']} | {r['estimate_rows']} |")
+    return lines
+
+
+def sustained_line(rows):
+    if not rows:
+        return "sustained settled/bare-envoy ratio: -"
+    return f"sustained settled/bare-envoy ratio: {min(r['settled_rps'] / r['bare_rps'] for r in rows):.2f}"
 
 
 def report_timings(uri, db, rel):
@@ -664,7 +800,7 @@ def render_steps(steps, results):
     return lines
 
 
-def render_report(results, extras, wasm, many, reports, steps=None):
+def render_report(results, extras, wasm, many, reports, steps=None, held=()):
     cpu = "?"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -714,6 +850,7 @@ def render_report(results, extras, wasm, many, reports, steps=None):
         ops = m["mongo_ops"]
         lines.append(f"| {m['kind']} | {m['rps']:.0f} | {single:.0f} | {m['errors']} | {m['p50']:.2f} | {m['p99']:.2f} "
                      f"| {'-' if ops is None else f'{ops:.3f}'} | {m['drain_s']:.1f} |")
+    lines += render_sustained(held)
     later = reports.get("later_ms")
     if "error" in reports:
         lines += ["", f"The operator's reads were not measured this run: {reports['error']}."]
@@ -727,6 +864,7 @@ def render_report(results, extras, wasm, many, reports, steps=None):
     if steps:
         lines[-1:-1] = [""] + render_steps(steps, results) + [""]
     lines.append(ratio_line(results))
+    lines.append(sustained_line(held))
     return "\n".join(lines) + "\n"
 
 

@@ -115,10 +115,13 @@ pub async fn settle(
         .tasks
         .spawn(tracing::Instrument::instrument(
             async move {
-                // Liveness first: a gateway's leases are never taken for lost
-                // because its records took long to write.
-                let recalled = store.report_progress(&progress).await?;
+                // Liveness before records (the filter sends them on lanes of
+                // their own, so they never wait behind records anyway). A
+                // close before its heartbeat: a closed lease reported after
+                // its close is one whose gateway still has requests of it to
+                // settle, and which is taken for lost if the gateway goes silent.
                 let closes = merge(store.close_leases(&closes).await?, unreadable_closes);
+                let recalled = store.report_progress(&progress).await?;
                 let results = merge(store.settle(&records).await?, unreadable_records);
                 store.record_owners(&records, &results).await;
                 log_batch(&records, &results, &closes, started.elapsed());

@@ -1287,6 +1287,30 @@ async fn a_lease_its_gateway_stopped_reporting_costs_only_its_reported_draws() {
 }
 
 #[tokio::test]
+async fn a_lease_closed_with_a_heartbeat_in_the_same_batch_is_taken_for_lost_when_its_gateway_goes_silent() {
+    let lost = LeasePolicy { share_percent: 100, lost_after: Duration::from_secs(1) };
+    let s = start_with_store(Duration::from_secs(1800), None, |store| store.with_lease_policy(lost)).await;
+    let key = "sk-leased-lost-02";
+    s.create(key, 1_000).await;
+    s.granted(key, "L1", 500, 60).await;
+    // The window ends with two requests drawn and still streaming: the filter
+    // sends the close and a heartbeat of the lease in one call, then dies.
+    let close =
+        LeaseClose { key_hash: key_hash(key), lease_id: "L1".into(), tokens: Some(500), drawn_tokens: 120, drawn_n: 2 };
+    let beat = json!({"key_hash": key_hash(key), "lease_id": "L1", "drawn_tokens": 0, "drawn_n": 0});
+    let reply = s.batch(json!({"records": [], "closes": [close], "progress": [beat]})).await;
+    assert_eq!(reply.closes[0].outcome, SettleOutcome::Settled);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // Lost, not left to the hold TTL: marked, and a grace later charged its draws.
+    sweeper::sweep_once(&s.state).await.unwrap();
+    assert!(s.key_doc(key).await.get_document("leases").unwrap().get_document("L1").unwrap().contains_key("expiring"));
+    tokio::time::sleep(Duration::from_millis(5_100)).await;
+    assert_eq!(sweeper::sweep_once(&s.state).await.unwrap().0, 1);
+    assert_eq!(s.balance(key).await, 1_000 - 120);
+    assert_eq!(s.key_doc(key).await.get_i64("leases_n"), Ok(0));
+}
+
+#[tokio::test]
 async fn balances_are_true_while_leases_are_open_and_a_key_reads_its_own() {
     let s = start().await;
     let key = "sk-true-balance-01";

@@ -62,7 +62,7 @@ pub struct Stack {
     pub sidecar: Option<Proc>,
     pub sidecar_log: PathBuf,
     envoy_config: PathBuf,
-    envoy_admin: String,
+    pub envoy_admin: String,
     mongo: String,
     opts: StackOptions,
 }
