@@ -148,11 +148,27 @@ end
 """
 
 
-def wrk(url, body, headers, watch, seconds=None, sample=None):
+# Requests spread evenly over `n` keys named prefix1..prefixN, in turn.
+LUA_KEYS = """
+local keys = {}
+for i = 1, %d do keys[i] = "Bearer %s" .. i end
+local n = 0
+request = function()
+  n = n + 1
+  wrk.headers["Authorization"] = keys[(n %% #keys) + 1]
+  return wrk.format(nil, nil, wrk.headers, wrk.body)
+end
+"""
+
+
+def wrk(url, body, headers, watch, seconds=None, sample=None, keys=None):
     """One wrk run: its summary, CPU us a request and peak RSS of the `watch` processes;
-    `sample`, if given, is called every 0.25 s while it runs."""
+    `sample`, if given, is called every 0.25 s while it runs; `keys` (prefix, n) spreads
+    the requests over n keys."""
     seconds = seconds or SECONDS
     hdrs = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
+    if keys:
+        hdrs += LUA_KEYS % (keys[1], keys[0])
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(LUA % (json.dumps(body), hdrs))
         script = f.name
@@ -381,6 +397,11 @@ def main():
         http_json(f"http://127.0.0.1:{sidecar_port}/admin/keys",
                   {"api_key": USER_KEY, "user_name": "bench", "balance_tokens": 10 ** 15}, ADMIN)
 
+        if os.environ.get("BENCH_ONLY") == "keys":
+            # Only the key-count dimension (BENCHMARKS.md is left as it is).
+            rows = many_keys(uri, db, env, sidecar, mock)
+            print("\n".join(render_keys(rows)))
+            return
         if os.environ.get("BENCH_ONLY") == "sustained":
             # Only the sustained phase (BENCHMARKS.md is left as it is).
             rows = sustained(uri, db, env, rel, sidecar, mock)
@@ -549,6 +570,91 @@ def three_gateways(uri, db, env, rel, sidecar, mock):
 
 
 SUSTAIN_SECONDS = int(os.environ.get("BENCH_SUSTAIN_SECONDS", "60"))
+KEY_COUNTS = [int(n) for n in os.environ.get("BENCH_KEY_COUNTS", "1,100,1000,10000").split(",")]
+
+
+def many_keys(uri, db, env, sidecar, mock):
+    """The tiny capless and the OpenClaw request spread evenly over 1, 100, 1,000 and
+    10,000 keys (BENCH_KEY_COUNTS), bridge and bare Envoy (concurrency 1) in turn: the
+    bridge's 2xx/s against bare's, and how long after the load every answered request
+    had its audit row."""
+    import pymongo
+    audit = pymongo.MongoClient(uri)[db]["audit_logs"]
+    sidecar_url = f"http://{env['SIDECAR_ADDR']}"
+    bare, bare_url, _ = start_envoy("keys-bare", True, 1, env)
+    bridge, bridge_url, _ = start_envoy("keys-bridge", False, 1, env)
+    rows, made = [], 0
+    prefix = f"sk-bench-tenant-{int(time.time())}-"
+    try:
+        for n in KEY_COUNTS:
+            if n > made:
+                t0 = time.time()
+                create_keys_from(sidecar_url, prefix, made + 1, n)
+                print(f"  keys: {n} created ({time.time() - t0:.0f} s)", file=sys.stderr)
+                made = n
+            for kind, body in [s for s in SHAPES if s[0] in ("capless", "openclaw")]:
+                runs = []
+                for _ in range(ROUNDS):
+                    b = wrk(bare_url + "/v1/chat/completions", body, {}, {"envoy": bare.pid}, keys=(prefix, n))
+                    before = audit.estimated_document_count()
+                    r = wrk(bridge_url + "/v1/chat/completions", body, {}, {"envoy": bridge.pid}, keys=(prefix, n))
+                    end = time.time()
+                    answered = r["requests"] - r["non2xx"]
+                    lag = None
+                    while time.time() < end + 120:
+                        if audit.estimated_document_count() - before >= answered:
+                            lag = time.time() - end
+                            break
+                        time.sleep(0.25)
+                    if lag is None:
+                        # Let the backlog drain before the next run, but say it was not in time.
+                        wait_until(lambda: audit.estimated_document_count() - before >= answered, 300)
+                    runs.append({"bare": (b["requests"] - b["non2xx"]) / (b["us"] / 1e6),
+                                 "bridge": answered / (r["us"] / 1e6), "errors": r["non2xx"] + r["errors"],
+                                 "lag": lag})
+                med = lambda f: statistics.median(f(x) for x in runs)
+                lags = [x["lag"] for x in runs]
+                row = {"keys": n, "kind": kind, "bare": med(lambda x: x["bare"]), "bridge": med(lambda x: x["bridge"]),
+                       "errors": sum(x["errors"] for x in runs),
+                       "lag": None if None in lags else max(lags)}
+                rows.append(row)
+                print(f"  keys {n:6} {kind:8} bridge {row['bridge']:8.0f} bare {row['bare']:8.0f} "
+                      f"({row['bridge'] / row['bare']:.2f}x) errors {row['errors']} lag {row['lag']}",
+                      file=sys.stderr)
+    finally:
+        for p in (bare, bridge):
+            p.terminate()
+            p.wait(timeout=30)
+    return rows
+
+
+def create_keys_from(sidecar_url, prefix, first, last):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i):
+        http_json(f"{sidecar_url}/admin/keys",
+                  {"api_key": f"{prefix}{i}", "user_name": f"tenant {i}", "balance_tokens": 10 ** 12}, ADMIN)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(first, last + 1)))
+
+
+def wait_until(done, timeout):
+    end = time.time() + timeout
+    while time.time() < end and not done():
+        time.sleep(0.5)
+
+
+def render_keys(rows):
+    lines = ["", f"Many tenants: requests spread evenly over N keys, Envoy concurrency 1, {CONNECTIONS} connections, "
+             f"{SECONDS} s a run, {ROUNDS} rounds (bare and bridge interleaved), medians; lag is the longest "
+             "over the rounds from the load's end until every answered request had its audit row.", "",
+             "| keys | body | bare 2xx/s | bridge 2xx/s | vs bare | errors | lag s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lag = "not within 120" if r["lag"] is None else f"{r['lag']:.1f}"
+        lines.append(f"| {r['keys']:,} | {r['kind']} | {r['bare']:.0f} | {r['bridge']:.0f} "
+                     f"| {r['bridge'] / r['bare']:.2f}x | {r['errors']} | {lag} |")
+    return lines
 
 
 def extra_sidecars(n, uri, db, rel, env):
@@ -588,7 +694,8 @@ def sustained(uri, db, env, rel, sidecar, mock):
     sidecar_url = f"http://{env['SIDECAR_ADDR']}"
     rows = []
     try:
-        for kind, body in [s for s in SHAPES if s[0] in ("capless", "openclaw")]:
+        shapes = os.environ.get("BENCH_SUSTAIN_SHAPES", "capless,openclaw").split(",")
+        for kind, body in [s for s in SHAPES if s[0] in shapes]:
             bare, bare_url, _ = start_envoy("sustain-bare", True, 1, env)
             CONNECTIONS = connections
             b = wrk(bare_url + "/v1/chat/completions", body, {}, {"envoy": bare.pid}, SUSTAIN_SECONDS)
@@ -596,7 +703,7 @@ def sustained(uri, db, env, rel, sidecar, mock):
             bare.wait(timeout=30)
             bare_rate = (b["requests"] - b["non2xx"]) / (b["us"] / 1e6)
             print(f"  sustained {kind:8} bare      {bare_rate:8.0f} 2xx/s", file=sys.stderr)
-            for n in (1, 3):
+            for n in [int(g) for g in os.environ.get("BENCH_SUSTAIN_GATEWAYS", "1,3").split(",")]:
                 key = f"sk-bench-sustain-{kind}-{n}-{int(time.time())}"
                 http_json(f"{sidecar_url}/admin/keys",
                           {"api_key": key, "user_name": "sustain", "balance_tokens": 10 ** 15}, ADMIN)
@@ -626,12 +733,17 @@ def sustained(uri, db, env, rel, sidecar, mock):
                 answered = sum(r["requests"] - r["non2xx"] for r in out)
                 refused = sum(r["non2xx"] for r in out)
                 own = {"key_id": key_id, "expired_hold": {"$ne": True}}
+                # Settled once the Envoys hold nothing unsettled and the key nothing open (cheap
+                # reads: counting the rows themselves on every poll slowed the database down).
+                keys = audit.database["api_keys"]
                 lag = None
                 while time.time() < end + 120:
-                    if audit.count_documents(own) >= answered:
+                    pending = sum(gauge(p.admin, "openclaw_bridge_pending_settlements") for p, _, _ in envoys)
+                    doc = keys.find_one({"_id": key_id}, {"holds_n": 1, "outbox_n": 1, "leases_n": 1}) or {}
+                    if pending == 0 and all(doc.get(f, 0) == 0 for f in ("holds_n", "outbox_n", "leases_n")):
                         lag = time.time() - end
                         break
-                    time.sleep(0.25)
+                    time.sleep(0.5)
                 settled = audit.count_documents(own)
                 estimate = audit.count_documents({"key_id": key_id, "usage_source": "estimate"})
                 span = SUSTAIN_SECONDS + (lag if lag is not None else 120)

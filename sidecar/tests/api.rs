@@ -765,6 +765,38 @@ fn close_of(key: &str, lease: &str, tokens: Option<i64>, drawn_tokens: i64, draw
 }
 
 #[tokio::test]
+async fn one_batch_settles_the_records_of_many_keys_leases_each_once_and_finalises_the_closed_ones() {
+    let s = start_with_store(Duration::from_secs(1800), None, whole_share).await;
+    let keys: Vec<String> = (0..20).map(|i| format!("sk-many-leases-{i:02}")).collect();
+    let mut records = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        s.create(key, 1_000).await;
+        let lease = format!("L{i}");
+        s.granted(key, &lease, 500, 100).await;
+        // Half the leases closed before their records arrive, half still open.
+        if i % 2 == 0 {
+            s.close(&[close_of(key, &lease, Some(500), 200, 2)]).await;
+        }
+        records.push(drawn(key, &lease, &format!("{key}-a"), 100, 20, 10));
+        records.push(drawn(key, &lease, &format!("{key}-b"), 100, 5, 5));
+    }
+    let reply = s.settle(&records).await;
+    assert!(reply.results.iter().all(|r| r.outcome == SettleOutcome::Settled), "{:?}", reply.results);
+    for (i, key) in keys.iter().enumerate() {
+        let d = s.key_doc(key).await;
+        match i % 2 {
+            // Finalised by the batch: the lease gone, the key paid its rows' 40.
+            0 => assert_eq!((d.get_i64("leases_n"), d.get_i64("balance_tokens")), (Ok(0), Ok(960)), "{key}"),
+            _ => assert_eq!((d.get_i64("leases_n"), d.get_i64("balance_tokens")), (Ok(1), Ok(500)), "{key}"),
+        }
+    }
+    assert_eq!(s.audit_rows().await.len(), 40);
+    let again = s.settle(&records).await;
+    assert!(again.results.iter().all(|r| r.outcome == SettleOutcome::AlreadySettled), "{:?}", again.results);
+    assert_eq!(s.audit_rows().await.len(), 40, "one row a request");
+}
+
+#[tokio::test]
 async fn a_lease_takes_at_most_the_balance_and_closes_and_settlements_commute() {
     let s = start_with_store(Duration::from_secs(1800), None, whole_share).await;
     let key = "sk-leased-key-01";

@@ -2,8 +2,11 @@
 //! requests drawn from a lease settle by their audit rows alone.
 
 use bridge_protocol::{SettleOutcome, SettleRecord, SettleResult};
+use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime, Document};
 use mongodb::error::ErrorKind;
+
+use super::docs::KeyDoc;
 
 use super::outbox::OutboxRow;
 use super::{
@@ -75,10 +78,11 @@ impl Store {
         }
         let (single_outcomes, group_outcomes) = futures::future::try_join(
             futures::future::try_join_all(singles.iter().map(|&i| self.settle_one(&records[i], now))),
-            futures::future::try_join_all(groups.iter().map(|(_, _, ids)| {
-                let group: Vec<&SettleRecord> = ids.iter().map(|&i| &records[i]).collect();
-                async move { self.settle_leased(&group, now).await }
-            })),
+            async {
+                let groups: Vec<Vec<&SettleRecord>> =
+                    groups.iter().map(|(_, _, ids)| ids.iter().map(|&i| &records[i]).collect()).collect();
+                self.settle_leases(&groups, now).await
+            },
         )
         .await?;
         let mut outcomes: Vec<Option<Settled>> = records.iter().map(|_| None).collect();
@@ -104,72 +108,128 @@ impl Store {
         Ok(results)
     }
 
-    /// Records drawn from one lease of one key. Their audit rows are the
-    /// lease's ledger: written once each (unique `request_id`), in one insert,
-    /// with no update of the key at all; the balance moves once for the whole
-    /// lease when it is finalised (see [`Store::finalize_lease`]).
+    /// Records drawn from one lease of one key.
     pub(super) async fn settle_leased(
         &self,
         group: &[&SettleRecord],
         now: DateTime,
     ) -> Result<Vec<Settled>, LedgerError> {
-        let (Some(first), Some(lease_id)) = (group.first(), group.first().and_then(|r| r.lease_id.as_deref())) else {
-            return Ok(Vec::new());
-        };
-        let path = lease_path(lease_id);
-        let key = self
-            .key_docs
-            .find_one(doc! {"_id": &first.key_hash})
-            .projection(doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1, &path: 1})
-            .await?;
-        let Some(owner) = key.as_ref() else {
-            let unknown = || (SettleOutcome::Unknown, Some("no such key".to_owned()), None);
-            return Ok(group.iter().map(|_| unknown()).collect());
-        };
-        match owner.leases.get(lease_id) {
-            // Its rows are being summed: a row now might be counted twice or
-            // not at all. Sent again once the expiry is done, it settles late.
-            Some(lease) if lease.expiring.is_some() => {
-                let later = || (SettleOutcome::Later, Some("its lease is being expired".to_owned()), None);
-                return Ok(group.iter().map(|_| later()).collect());
-            }
-            Some(_) => {}
-            // Finalised, expired, or never seen here: each settles late.
-            None => {
-                let mut out = Vec::with_capacity(group.len());
-                for r in group {
-                    out.push(self.settle_late(r, now).await?);
+        let mut out = self.settle_leases(&[group.to_vec()], now).await?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Records drawn from leases, grouped by lease (one key and lease a
+    /// group). Their audit rows are the leases' ledger: written once each
+    /// (unique `request_id`), with no update of the keys at all; a key's
+    /// balance moves once for a whole lease when it is finalised (see
+    /// [`Store::finalize_lease`]). However many leases and keys: one read of
+    /// the keys, one insert of every row, one read again for the leases
+    /// that closed meanwhile.
+    pub(super) async fn settle_leases(
+        &self,
+        groups: &[Vec<&SettleRecord>],
+        now: DateTime,
+    ) -> Result<Vec<Vec<Settled>>, LedgerError> {
+        let lease_of_group =
+            |g: &[&SettleRecord]| g.first().and_then(|r| Some((r.key_hash.clone(), r.lease_id.clone()?)));
+        let ids: Vec<Option<(String, String)>> = groups.iter().map(|g| lease_of_group(g)).collect();
+        let keys = self.keys_with_leases(ids.iter().flatten(), true).await?;
+        let mut out: Vec<Vec<Settled>> = groups.iter().map(|_| Vec::new()).collect();
+        // Rows to insert, with the group and the place in it of each.
+        let mut rows: Vec<Document> = Vec::new();
+        let mut places: Vec<(usize, usize)> = Vec::new();
+        for (g, (group, id)) in groups.iter().zip(&ids).enumerate() {
+            let Some((key_hash, lease_id)) = id else { continue };
+            let Some(owner) = keys.get(key_hash) else {
+                out[g] = group.iter().map(|_| (SettleOutcome::Unknown, Some("no such key".to_owned()), None)).collect();
+                continue;
+            };
+            match owner.leases.get(lease_id) {
+                // Its rows are being summed: a row now might be counted twice or
+                // not at all. Sent again once the expiry is done, it settles late.
+                Some(lease) if lease.expiring.is_some() => {
+                    let later = || (SettleOutcome::Later, Some("its lease is being expired".to_owned()), None);
+                    out[g] = group.iter().map(|_| later()).collect();
                 }
-                return Ok(out);
+                Some(_) => {
+                    out[g] = group.iter().map(|_| (SettleOutcome::Settled, None, None)).collect();
+                    for (i, r) in group.iter().enumerate() {
+                        let row =
+                            OutboxRow::new(&r.key_hash, &r.request_id, owner, audit_entry(r, r.charge(), false, now));
+                        rows.push(row.row);
+                        places.push((g, i));
+                    }
+                }
+                // Finalised, expired, or never seen here: each settles late.
+                None => {
+                    for r in group {
+                        out[g].push(self.settle_late(r, now).await?);
+                    }
+                }
             }
         }
-        let rows: Vec<Document> = group
-            .iter()
-            .map(|r| OutboxRow::new(&r.key_hash, &r.request_id, owner, audit_entry(r, r.charge(), false, now)).row)
-            .collect();
-        let mut duplicates = std::collections::BTreeSet::new();
+        if rows.is_empty() {
+            return Ok(out);
+        }
         match self.audit.insert_many(&rows).ordered(false).await {
             Ok(_) => {}
             Err(e) => match e.kind.as_ref() {
                 ErrorKind::InsertMany(m)
                     if m.write_errors.as_ref().is_some_and(|errs| errs.iter().all(|w| w.code == DUPLICATE_KEY)) =>
                 {
-                    duplicates.extend(m.write_errors.iter().flatten().map(|w| w.index));
+                    for w in m.write_errors.iter().flatten() {
+                        if let Some(&(g, i)) = places.get(w.index) {
+                            out[g][i] = (SettleOutcome::AlreadySettled, None, None);
+                        }
+                    }
                 }
                 _ => return Err(e.into()),
             },
         }
-        // Read afresh: a close may have come between our read and our insert.
-        self.finalize_lease(&first.key_hash, lease_id).await?;
-        Ok((0..group.len())
-            .map(|i| {
-                if duplicates.contains(&i) {
-                    (SettleOutcome::AlreadySettled, None, None)
-                } else {
-                    (SettleOutcome::Settled, None, None)
-                }
-            })
-            .collect())
+        // Read afresh: a close may have come between our read and our insert,
+        // and found rows missing that are there now.
+        let inserted: Vec<(String, String)> = {
+            let mut seen = std::collections::BTreeSet::new();
+            places.iter().filter_map(|(g, _)| ids[*g].clone()).filter(|id| seen.insert(id.clone())).collect()
+        };
+        let now_keys = self.keys_with_leases(inserted.iter(), false).await?;
+        for (key_hash, lease_id) in &inserted {
+            let closed = now_keys
+                .get(key_hash)
+                .and_then(|k| k.leases.get(lease_id))
+                .is_some_and(|l| l.closed && l.expiring.is_none());
+            if closed {
+                self.finalize_lease(key_hash, lease_id).await?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The key documents of `leases` (key hash, lease id), with those leases
+    /// (and, with `owner`, the fields an audit row names), in one read.
+    async fn keys_with_leases<'a>(
+        &self,
+        leases: impl Iterator<Item = &'a (String, String)>,
+        owner: bool,
+    ) -> Result<std::collections::HashMap<String, KeyDoc>, LedgerError> {
+        let mut hashes = Vec::new();
+        let mut projection = if owner {
+            doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1}
+        } else {
+            Document::new()
+        };
+        for (hash, lease_id) in leases {
+            if !hashes.contains(hash) {
+                hashes.push(hash.clone());
+            }
+            projection.insert(lease_path(lease_id), 1);
+        }
+        if hashes.is_empty() {
+            return Ok(Default::default());
+        }
+        let docs: Vec<KeyDoc> =
+            self.key_docs.find(doc! {"_id": {"$in": &hashes}}).projection(projection).await?.try_collect().await?;
+        Ok(docs.into_iter().map(|k| (k.hash.clone(), k)).collect())
     }
 
     /// One record: returns its outcome and, when it settled now, the owner and the
