@@ -4,7 +4,7 @@
 
 use bridge_protocol::{LeaseClose, LeaseProgress, LeaseRequest, SettleOutcome, SettleResult};
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Bson};
+use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::ReturnDocument;
 
 use super::docs::{KeyDoc, LeaseDoc, LeaseUsage};
@@ -148,32 +148,54 @@ impl Store {
     /// lease is its gateway's heartbeat while requests drawn from it are in
     /// flight. Returns the leases to stop drawing from: recalled, or gone
     /// (expired as lost, or never granted).
+    ///
+    /// However many leases: one `update` command of one guarded statement a
+    /// lease (one round trip), then one read of their keys for what to stop.
     pub async fn report_progress(&self, reports: &[LeaseProgress]) -> Result<Vec<String>, LedgerError> {
-        let outcomes = futures::future::try_join_all(reports.iter().map(|p| async move {
-            if p.validate().is_err() {
-                return Ok::<_, LedgerError>(None);
-            }
-            let at = lease_path(&p.lease_id);
-            let open = self
-                .key_docs
-                .find_one_and_update(
-                    doc! {"_id": &p.key_hash, format!("{at}.tokens"): {"$gte": p.drawn_tokens},
+        let valid: Vec<&LeaseProgress> = reports.iter().filter(|p| p.validate().is_ok()).collect();
+        if valid.is_empty() {
+            return Ok(Vec::new());
+        }
+        let updates: Vec<Document> = valid
+            .iter()
+            .map(|p| {
+                let at = lease_path(&p.lease_id);
+                doc! {
+                    "q": {"_id": &p.key_hash, format!("{at}.tokens"): {"$gte": p.drawn_tokens},
                         format!("{at}.expiring"): {"$exists": false}},
-                    doc! {
+                    "u": {
                         "$max": {format!("{at}.reported_tokens"): p.drawn_tokens, format!("{at}.reported_n"): p.drawn_n},
                         "$currentDate": {format!("{at}.seen"): true},
                     },
-                )
-                .projection(doc! {format!("{at}.recall"): 1})
-                .await?;
-            let recalled = match open {
-                Some(key) => lease_of(key, &p.lease_id).is_some_and(|l| l.recall.is_some()),
-                None => true,
-            };
-            Ok(recalled.then(|| p.lease_id.clone()))
-        }))
-        .await?;
-        Ok(outcomes.into_iter().flatten().collect())
+                }
+            })
+            .collect();
+        let ns = self.keys.namespace();
+        self.keys
+            .client()
+            .database(&ns.db)
+            .run_command(doc! {"update": &ns.coll, "updates": updates, "ordered": false})
+            .await?;
+        // Stop drawing from a lease recalled, expiring, gone, or smaller than
+        // what was drawn from it (the guard above).
+        let mut hashes: Vec<&str> = Vec::new();
+        let mut projection = Document::new();
+        for p in &valid {
+            if !hashes.contains(&p.key_hash.as_str()) {
+                hashes.push(&p.key_hash);
+            }
+            projection.insert(lease_path(&p.lease_id), 1);
+        }
+        let keys: Vec<KeyDoc> =
+            self.key_docs.find(doc! {"_id": {"$in": &hashes}}).projection(projection).await?.try_collect().await?;
+        Ok(valid
+            .iter()
+            .filter(|p| {
+                let lease = keys.iter().find(|k| k.hash == p.key_hash).and_then(|k| k.leases.get(&p.lease_id));
+                lease.is_none_or(|l| l.recall.is_some() || l.expiring.is_some() || l.tokens < p.drawn_tokens)
+            })
+            .map(|p| p.lease_id.clone())
+            .collect())
     }
 
     /// A closed lease whose drawn requests have all settled: the balance gets
