@@ -30,7 +30,7 @@ impl Item {
 
 /// Splits queued items into the batch the sidecar takes.
 pub fn batch_of(items: &[Item]) -> SettleBatch {
-    let mut batch = SettleBatch { records: Vec::new(), closes: Vec::new(), progress: Vec::new() };
+    let mut batch = SettleBatch { records: Vec::new(), closes: Vec::new(), progress: Vec::new(), changes_since: None };
     for item in items {
         match item {
             Item::Settle(r) => batch.records.push(r.clone()),

@@ -308,7 +308,24 @@ pub struct SettleBatch {
     /// The draws so far of the leases the gateway still draws from.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub progress: Vec<LeaseProgress>,
+    /// The cursor of the last reply's key changes: the reply names the keys
+    /// changed since (`SettleReply::changed`). `None`: only a cursor back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes_since: Option<i64>,
 }
+
+/// A key an admin changed (frozen, topped up, its controls edited) at
+/// `at_ms`: what a gateway holds for it (a lease, a cached refusal) was
+/// decided before and goes. `at_ms` is the key's own stamp, the same on
+/// every reply that names this change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyChange {
+    pub key_hash: String,
+    pub at_ms: i64,
+}
+
+/// Most key changes one reply names (the rest come with the next).
+pub const MAX_CHANGES: usize = 1_000;
 
 /// The most one record may charge (a bound against a filter's arithmetic gone wrong).
 pub const MAX_CHARGED_TOKENS: i64 = 1 << 50;
@@ -377,6 +394,12 @@ pub struct SettleReply {
     /// (expired as lost).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recalled: Vec<String>,
+    /// Keys changed since the batch's `changes_since` (see [`KeyChange`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<KeyChange>,
+    /// What the next batch sends as `changes_since`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<i64>,
 }
 
 /// The key from `Authorization: Bearer <key>` (or Azure-style `api-key`).
@@ -482,6 +505,8 @@ pub struct RawSettleBatch {
     pub closes: Vec<serde_json::Value>,
     #[serde(default)]
     pub progress: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub changes_since: Option<i64>,
 }
 
 impl RawSettleBatch {

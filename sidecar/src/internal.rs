@@ -105,13 +105,14 @@ pub async fn settle(
     let (closes, unreadable_closes) = decode_each::<LeaseClose>(batch.closes, "lease_id");
     // Unreadable progress reports are skipped: the next tick sends them again.
     let (progress, _) = decode_each::<LeaseProgress>(batch.progress, "lease_id");
+    let changes_since = batch.changes_since;
     let store = state.store.clone();
     let metrics = state.metrics.clone();
     let span = tracing::Span::current();
     let started = std::time::Instant::now();
     // A tracked task: if Envoy hangs up mid-batch the batch still completes
     // (and is logged), and shutdown waits for it.
-    let (results, closes, recalled) = state
+    let (results, closes, recalled, (changed, cursor)) = state
         .tasks
         .spawn(tracing::Instrument::instrument(
             async move {
@@ -122,11 +123,12 @@ pub async fn settle(
                 // settle, and which is taken for lost if the gateway goes silent.
                 let closes = merge(store.close_leases(&closes).await?, unreadable_closes);
                 let recalled = store.report_progress(&progress).await?;
+                let changes = store.key_changes(changes_since).await?;
                 let results = merge(store.settle(&records).await?, unreadable_records);
                 store.record_owners(&records, &results).await;
                 log_batch(&records, &results, &closes, started.elapsed());
                 count_batch(&metrics, &records, &results);
-                Ok::<_, AppError>((results, closes, recalled))
+                Ok::<_, AppError>((results, closes, recalled, changes))
             },
             span,
         ))
@@ -134,7 +136,7 @@ pub async fn settle(
         .map_err(|e| AppError::Internal(format!("settlement task: {e}")))??;
     state.metrics.ledger("settle", started.elapsed());
     state.metrics.batch();
-    Ok(Json(SettleReply { results, closes, recalled }))
+    Ok(Json(SettleReply { results, closes, recalled, changed, cursor: Some(cursor) }))
 }
 
 /// A refusal (or a retry) in the metrics, by reason.
@@ -212,6 +214,12 @@ fn log_batch(
 ) {
     let count = |o: SettleOutcome| results.iter().filter(|r| r.outcome == o).count();
     let tokens: i64 = records.iter().map(|r| r.input_tokens.saturating_add(r.output_tokens)).sum();
+    // A tick with nothing to settle or close (progress reports, the change
+    // read) comes five times a second from every gateway worker: not logged.
+    if records.is_empty() && closes.is_empty() {
+        tracing::debug!(ms = took.as_millis() as u64, "settlement tick");
+        return;
+    }
     tracing::info!(
         settled = count(SettleOutcome::Settled),
         already_settled = count(SettleOutcome::AlreadySettled),

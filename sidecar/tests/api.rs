@@ -797,6 +797,35 @@ async fn one_batch_settles_the_records_of_many_keys_leases_each_once_and_finalis
 }
 
 #[tokio::test]
+async fn every_tick_names_the_keys_changed_since_its_cursor() {
+    let s = start().await;
+    let (a, b) = ("sk-changed-key-01", "sk-changed-key-02");
+    s.create(a, 1_000).await;
+    s.create(b, 1_000).await;
+    // No cursor yet: a cursor back, no changes.
+    let first = s.batch(json!({"records": []})).await;
+    assert!(first.changed.is_empty());
+    let cursor = first.cursor.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, _) =
+        s.admin(reqwest::Method::PATCH, &format!("/admin/keys/{a}"), Some(json!({"status": "frozen"}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let reply = s.batch(json!({"records": [], "changes_since": cursor})).await;
+    let frozen = reply.changed.iter().find(|c| c.key_hash == key_hash(a)).expect("the frozen key is named");
+    let stamp = s.key_doc(a).await.get_datetime("updated_at").unwrap().timestamp_millis();
+    assert_eq!(frozen.at_ms, stamp, "by its own stamp, the same on every reply");
+    assert!(reply.cursor.unwrap() >= cursor);
+    // Named again while the read looks back a few seconds, with the same stamp.
+    let again = s.batch(json!({"records": [], "changes_since": reply.cursor})).await;
+    assert!(again.changed.iter().any(|c| c.key_hash == key_hash(a) && c.at_ms == stamp));
+    // Past the look-back, no more.
+    tokio::time::sleep(Duration::from_millis(openclaw_sidecar::ledger::CHANGE_SLACK_MS as u64 + 200)).await;
+    let past = s.batch(json!({"records": [], "changes_since": again.cursor})).await;
+    let later = s.batch(json!({"records": [], "changes_since": past.cursor})).await;
+    assert!(later.changed.iter().all(|c| c.key_hash != key_hash(a)), "{:?}", later.changed);
+}
+
+#[tokio::test]
 async fn a_lease_takes_at_most_the_balance_and_closes_and_settlements_commute() {
     let s = start_with_store(Duration::from_secs(1800), None, whole_share).await;
     let key = "sk-leased-key-01";

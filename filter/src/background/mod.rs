@@ -45,7 +45,18 @@ pub struct Background {
     behind: bool,
     /// The live leases of this VM as last reported: lease id -> (slot, drawn, when).
     progress: HashMap<String, Reported>,
+    /// When the last control call went: one a tick at least, for the key changes.
+    control_sent_ms: Option<u64>,
+    /// The sidecar's cursor of key changes, and the changes applied here
+    /// (key hash -> its stamp, when seen), kept while the sidecar may name
+    /// them again.
+    change_cursor: Option<i64>,
+    changes_seen: HashMap<String, (i64, u64)>,
 }
+
+/// How long an applied key change is remembered: longer than the sidecar
+/// names it again (`CHANGE_SLACK_MS`, 5 s, past its stamp).
+const CHANGES_KEPT_MS: u64 = 30_000;
 
 /// A lease's last progress report.
 #[derive(Debug, Clone)]
@@ -80,6 +91,9 @@ impl Background {
             reported: [0; Gauge::ALL.len()],
             behind: false,
             progress: HashMap::new(),
+            control_sent_ms: None,
+            change_cursor: None,
+            changes_seen: HashMap::new(),
         }
     }
 
@@ -195,6 +209,14 @@ impl Background {
             Ok(reply) => {
                 self.vm.settler.borrow_mut().closes_sent();
                 self.answered(host, &reply);
+                for change in &reply.changed {
+                    self.key_changed(host, change);
+                }
+                if reply.cursor.is_some() {
+                    self.change_cursor = reply.cursor;
+                }
+                let now = host.now_ms();
+                self.changes_seen.retain(|_, (_, seen)| now.saturating_sub(*seen) < CHANGES_KEPT_MS);
             }
             Err(why) => self.lane_failed(host, LaneKind::Control, &why),
         }
@@ -353,18 +375,23 @@ impl Background {
         let now = host.now_ms();
         if self.control_call.is_none() && !self.vm.settler.borrow().backing_off(LaneKind::Control, now) {
             let progress = self.progress_due(host, now);
-            let closes = self.vm.settler.borrow_mut().next_closes(now, !progress.is_empty());
+            // A call a tick at least, even with nothing to say: its reply
+            // carries the key changes.
+            let tick_due =
+                self.control_sent_ms.is_none_or(|at| now.saturating_sub(at) >= self.config.settle_interval_ms);
+            let closes = self.vm.settler.borrow_mut().next_closes(now, !progress.is_empty() || tick_due);
             if let Some(closes) = closes {
                 let n = closes.len();
-                let batch = SettleBatch { records: Vec::new(), closes, progress };
+                let batch = SettleBatch { records: Vec::new(), closes, progress, changes_since: self.change_cursor };
                 self.control_call = self.send(host, LaneKind::Control, &batch, n);
+                self.control_sent_ms = Some(now);
             }
         }
         if self.records_call.is_none() {
             let records = self.vm.settler.borrow_mut().next_records(now);
             if let Some(records) = records {
                 let n = records.len();
-                let batch = SettleBatch { records, closes: Vec::new(), progress: Vec::new() };
+                let batch = SettleBatch { records, closes: Vec::new(), progress: Vec::new(), changes_since: None };
                 self.records_call = self.send(host, LaneKind::Records, &batch, n);
             }
         }
@@ -455,6 +482,37 @@ impl Background {
             info!("[root {}] lease {lease_id} recalled: {} drawn", self.context_id, close.drawn_tokens);
             host.metric(Metric::LeaseRecalls, 1);
             self.keep(host, Item::Close(close));
+            self.vm.leases.borrow_mut().remove(&key);
+            self.vm.wake(&key);
+        }
+    }
+
+    /// An admin changed a key (frozen, topped up, new controls): its lease
+    /// leaves its slot and closes now, and a refusal cached for it goes, so
+    /// that its next request is decided afresh. Within a tick of the change,
+    /// however long the lease's window.
+    fn key_changed(&mut self, host: &impl Host, change: &bridge_protocol::KeyChange) {
+        let now = host.now_ms();
+        if self.changes_seen.get(&change.key_hash).is_some_and(|(at, _)| *at >= change.at_ms) {
+            return;
+        }
+        self.changes_seen.insert(change.key_hash.clone(), (change.at_ms, now));
+        let key = lease::slot_key(&change.key_hash, self.config.lease_slots);
+        let hash = change.key_hash.as_str();
+        let dropped = slot::update(host, &key, |slot, _| match slot {
+            Some(Slot::Live(lease)) if lease.key_hash == hash => Step::Write(None, Some(lease.close())),
+            Some(Slot::Refused { key_hash, .. }) if key_hash == hash => Step::Write(None, None),
+            _ => Step::Keep(None),
+        });
+        if let Some(closed) = dropped {
+            if let Some(close) = closed {
+                info!(
+                    "[root {}] key changed: lease {} closed, {} drawn",
+                    self.context_id, close.lease_id, close.drawn_tokens
+                );
+                host.metric(Metric::LeaseRecalls, 1);
+                self.keep(host, Item::Close(close));
+            }
             self.vm.leases.borrow_mut().remove(&key);
             self.vm.wake(&key);
         }

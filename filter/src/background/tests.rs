@@ -173,10 +173,12 @@ fn each_tick_reports_the_draws_of_live_leases_and_a_recall_closes_one_at_once() 
     assert_eq!(report.body["progress"][0]["drawn_tokens"], 2 * estimate);
     assert_eq!(report.body["progress"][0]["drawn_n"], 2);
     settled(&mut gw, report.token, json!({"results": [], "closes": []}));
-    // Nothing moved: nothing sent, until the heartbeat is due.
+    // Nothing moved: no report (the tick's call carries none), until the heartbeat is due.
     gw.world.advance(200);
     gw.root.on_tick(&*gw.world);
-    assert_eq!(gw.world.calls_to(SETTLE_PATH).len(), 1);
+    let quiet = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    assert!(quiet.body.get("progress").is_none(), "{}", quiet.body);
+    settled(&mut gw, quiet.token, json!({"results": [], "closes": []}));
     gw.world.advance(super::PROGRESS_HEARTBEAT_MS);
     gw.root.on_tick(&*gw.world);
     let beat = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
@@ -229,9 +231,15 @@ fn a_closed_lease_is_heartbeaten_while_requests_drawn_from_it_are_in_flight() {
     assert_eq!(last.body["records"][0]["lease_id"], lease_id.as_str());
     assert!(last.body.get("progress").is_none(), "{}", last.body);
     reply(&mut gw, last.token);
+    for call in gw.settle_calls(false) {
+        if !gw.world.answered(call.token) {
+            reply(&mut gw, call.token);
+        }
+    }
     gw.world.advance(super::PROGRESS_HEARTBEAT_MS);
     gw.root.on_tick(&*gw.world);
-    assert_eq!(gw.world.calls_to(SETTLE_PATH).last().unwrap().token, last.token, "nothing more to say");
+    let after = gw.world.calls_to(SETTLE_PATH).pop().unwrap();
+    assert!(after.body.get("progress").is_none(), "nothing more to say: {}", after.body);
 }
 
 /// The request id of the one record a records call carried.
@@ -390,4 +398,68 @@ fn a_record_waiting_past_the_age_bound_stops_admission_but_not_with_failure_mode
         let (_, replied) = one_request(&mut gw);
         assert_eq!(replied == Some(503), refused, "{mode}: {replied:?}");
     }
+}
+
+/// Answers the root's unanswered control calls with `body`; the last one's body.
+fn answer_control(gw: &mut Gateway, body: Value) -> Option<Value> {
+    let mut last = None;
+    for call in gw.settle_calls(false) {
+        if !gw.world.answered(call.token) {
+            gw.reply(call.token, "200", body.clone());
+            last = Some(call.body);
+        }
+    }
+    last
+}
+
+#[test]
+fn a_key_change_reaches_the_lease_within_a_tick_however_long_its_window_and_once() {
+    let mut gw = Gateway::new(json!({"lease_ms": 60_000}));
+    let hash = bridge_protocol::key_hash(KEY);
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    gw.send(BODY);
+    // The first tick's call asks for a cursor; the next names it.
+    gw.root.on_tick(&*gw.world);
+    let first = answer_control(&mut gw, json!({"results": [], "cursor": 1_000})).unwrap();
+    assert!(first.get("changes_since").is_none(), "{first}");
+    gw.world.advance(200);
+    gw.root.on_tick(&*gw.world);
+    let change = json!({"results": [], "changed": [{"key_hash": hash, "at_ms": 1_500}], "cursor": 2_000});
+    let second = answer_control(&mut gw, change.clone()).unwrap();
+    assert_eq!(second["changes_since"], 1_000);
+    // Frozen, say: the lease left its slot at once, its close with its two draws on its way.
+    assert_eq!(gw.slot(), None);
+    gw.world.advance(200);
+    gw.root.on_tick(&*gw.world);
+    let close = gw.settle_calls(false).pop().unwrap();
+    assert_eq!(
+        (close.body["closes"][0]["drawn_n"].as_i64(), close.body["changes_since"].as_i64()),
+        (Some(2), Some(2_000))
+    );
+    // The key's next request asks the sidecar afresh (which refuses it, frozen).
+    let (mut ex, s, _) = gw.send(BODY);
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 2);
+    gw.answer(&mut ex, &s, "200", grant(50_000));
+    // The sidecar names the same change again (it looks a few seconds back): the new lease stays.
+    answer_control(&mut gw, change);
+    assert!(matches!(gw.slot(), Some(Slot::Live(l)) if l.tokens == 50_000));
+    assert_eq!(gw.world.counted(crate::metrics::Metric::LeaseRecalls), 1);
+}
+
+#[test]
+fn a_key_change_clears_a_cached_refusal() {
+    let mut gw = Gateway::new(json!({}));
+    let hash = bridge_protocol::key_hash(KEY);
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", refuse(429, "insufficient_quota"));
+    assert_eq!(s.replied(), Some(429));
+    let (_, again, _) = gw.send(BODY);
+    assert_eq!((again.replied(), gw.world.calls_to(LEASE_PATH).len()), (Some(429), 1), "cached");
+    // Topped up: the refusal goes, and the next request asks again.
+    gw.root.on_tick(&*gw.world);
+    answer_control(&mut gw, json!({"results": [], "changed": [{"key_hash": hash, "at_ms": 7}], "cursor": 9}));
+    assert_eq!(gw.slot(), None);
+    let (_, asked, flow) = gw.send(BODY);
+    assert_eq!((flow, asked.replied(), gw.world.calls_to(LEASE_PATH).len()), (Flow::Pause, None, 2));
 }

@@ -1,11 +1,17 @@
 //! Keys: creating, listing, topping up and freezing them. A key's document
 //! is its account: the balance and everything held against it.
 
+use bridge_protocol::{KeyChange, MAX_CHANGES};
 use futures::TryStreamExt;
-use mongodb::bson::{doc, Document};
+use mongodb::bson::{doc, DateTime, Document};
 use mongodb::options::ReturnDocument;
 
 use super::docs::{KeyDoc, LeaseDoc};
+
+/// How much further back than its cursor a change read looks: more than
+/// the clocks of two sidecars differ (each corrects its own to the
+/// database's) plus a read's time.
+pub const CHANGE_SLACK_MS: i64 = 5_000;
 use super::{is_duplicate_key, rfc3339, LedgerError, Refusal, Store};
 use crate::keys;
 
@@ -335,6 +341,43 @@ impl Store {
             Some(d) => mongodb::bson::from_document(d).map_err(|e| LedgerError::Internal(e.to_string()))?,
             None => Usage::default(),
         })
+    }
+
+    /// The keys changed since the cursor `since` (their `updated_at`, set
+    /// by every admin change), and the next cursor: one indexed read, which
+    /// every gateway's settlement tick makes, so that a freeze, a top-up or
+    /// new controls reach every gateway within a tick. The read goes
+    /// [`CHANGE_SLACK_MS`] further back than the cursor, for a change whose
+    /// stamp (another sidecar's clock) lags; the gateway skips a change it
+    /// has seen by its stamp. `None`: a cursor only.
+    pub async fn key_changes(&self, since: Option<i64>) -> Result<(Vec<KeyChange>, i64), LedgerError> {
+        let now = self.local_now().timestamp_millis();
+        let Some(since) = since else { return Ok((Vec::new(), now)) };
+        let from = DateTime::from_millis(since.min(now).saturating_sub(CHANGE_SLACK_MS));
+        let docs: Vec<Document> = self
+            .keys
+            .find(doc! {"updated_at": {"$gte": from}})
+            .projection(doc! {"updated_at": 1})
+            .sort(doc! {"updated_at": 1})
+            .limit(MAX_CHANGES as i64)
+            .await?
+            .try_collect()
+            .await?;
+        let changes: Vec<KeyChange> = docs
+            .iter()
+            .filter_map(|d| {
+                Some(KeyChange {
+                    key_hash: d.get_str("_id").ok()?.to_owned(),
+                    at_ms: d.get_datetime("updated_at").ok()?.timestamp_millis(),
+                })
+            })
+            .collect();
+        // Cut short: the next read starts at the last change named.
+        let cursor = match changes.last() {
+            Some(last) if docs.len() >= MAX_CHANGES => last.at_ms.saturating_add(CHANGE_SLACK_MS),
+            _ => now,
+        };
+        Ok((changes, cursor))
     }
 
     /// Top-up (or deduction) and status change in one atomic update. A deduction

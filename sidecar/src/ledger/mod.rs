@@ -47,7 +47,7 @@ use mongodb::options::IndexOptions;
 use mongodb::{Client, Collection, IndexModel};
 
 pub use audit::{AuditPage, AuditQuery, Cursor};
-pub use keys::{Controls, KeyStatus, KeyView, NewKey, Usage};
+pub use keys::{Controls, KeyStatus, KeyView, NewKey, Usage, CHANGE_SLACK_MS};
 pub use lease::REFUNDS_DUE;
 pub use usage::GroupBy;
 
@@ -316,6 +316,8 @@ impl Store {
             self.keys.create_index(IndexModel::builder().keys(doc! {field: 1}).build()).await?;
         }
         self.keys.create_index(IndexModel::builder().keys(doc! {"created_at": 1, "_id": 1}).build()).await?;
+        // Every gateway's tick reads the keys changed in the last seconds.
+        self.keys.create_index(IndexModel::builder().keys(doc! {"updated_at": 1}).build()).await?;
         Ok(())
     }
 
