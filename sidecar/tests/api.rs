@@ -815,6 +815,7 @@ async fn every_tick_names_the_keys_changed_since_its_cursor() {
     let stamp = s.key_doc(a).await.get_datetime("updated_at").unwrap().timestamp_millis();
     assert_eq!(frozen.at_ms, stamp, "by its own stamp, the same on every reply");
     assert!(reply.cursor.unwrap() >= cursor);
+    assert!(reply.changed.iter().all(|c| c.key_hash != key_hash(b)), "a key only created is no change");
     // Named again while the read looks back a few seconds, with the same stamp.
     let again = s.batch(json!({"records": [], "changes_since": reply.cursor})).await;
     assert!(again.changed.iter().any(|c| c.key_hash == key_hash(a) && c.at_ms == stamp));

@@ -357,14 +357,17 @@ impl Store {
         let docs: Vec<Document> = self
             .keys
             .find(doc! {"updated_at": {"$gte": from}})
-            .projection(doc! {"updated_at": 1})
+            .projection(doc! {"updated_at": 1, "created_at": 1})
             .sort(doc! {"updated_at": 1})
             .limit(MAX_CHANGES as i64)
             .await?
             .try_collect()
             .await?;
+        // A key just created has nothing a gateway holds for it to drop.
+        let changed = |d: &&Document| d.get_datetime("updated_at").ok() != d.get_datetime("created_at").ok();
         let changes: Vec<KeyChange> = docs
             .iter()
+            .filter(changed)
             .filter_map(|d| {
                 Some(KeyChange {
                     key_hash: d.get_str("_id").ok()?.to_owned(),
@@ -373,8 +376,9 @@ impl Store {
             })
             .collect();
         // Cut short: the next read starts at the last change named.
-        let cursor = match changes.last() {
-            Some(last) if docs.len() >= MAX_CHANGES => last.at_ms.saturating_add(CHANGE_SLACK_MS),
+        let last = docs.last().and_then(|d| d.get_datetime("updated_at").ok()).map(|t| t.timestamp_millis());
+        let cursor = match last {
+            Some(last) if docs.len() >= MAX_CHANGES => last.saturating_add(CHANGE_SLACK_MS),
             _ => now,
         };
         Ok((changes, cursor))
