@@ -541,7 +541,11 @@ async fn requests_draw_from_a_lease_without_a_call_each_and_a_freeze_ends_it() {
             .unwrap_or_else(|| panic!("no {name} in {stats}"))
     };
     assert!(value("openclaw_bridge_lease_fetches") >= 1.0);
-    assert_eq!(value("openclaw_bridge_lease_fetches") + value("openclaw_bridge_lease_renewals"), leases.len() as f64);
+    // Every lease fetched served requests, but for the renewal asked for half
+    // way through the last window, which the loop may end before drawing from.
+    let fetched = value("openclaw_bridge_lease_fetches") + value("openclaw_bridge_lease_renewals");
+    let unused = fetched - leases.len() as f64;
+    assert!(unused == 0.0 || unused == 1.0, "{fetched} leases fetched, {} drawn from", leases.len());
     assert_eq!(value("openclaw_bridge_shed"), 0.0);
     assert!(stats.contains("openclaw_bridge_lease_fetch_ms_bucket"), "{stats}");
     assert_eq!(s.open_leases(key).await, 0);

@@ -132,11 +132,13 @@ impl LeaseDoc {
 
     /// Whether its gateway gave no sign of life since `cutoff_ms`: an open
     /// lease is reported every few seconds while it lives; a closed one is
-    /// only while its drawn requests are in flight, which its gateway says by
-    /// having reported it after the close (a gateway that never reports
-    /// leaves its closed leases to the hold TTL).
+    /// while requests drawn from it are in flight, which a closed lease
+    /// still here has (it is finalised once every drawn request has its
+    /// row): its gateway reported it after the close, or closed it in a call
+    /// without a report (a renewal's `replaces`) and was killed before the
+    /// next tick.
     pub fn lost_since(&self, cutoff_ms: i64) -> bool {
-        let heartbeats = !self.closed || self.seen.zip(self.closed_at).is_some_and(|(s, c)| s >= c);
+        let heartbeats = !self.closed || self.drawn_n > 0 || self.seen.zip(self.closed_at).is_some_and(|(s, c)| s >= c);
         heartbeats && self.last_seen_ms().unwrap_or(0) <= cutoff_ms
     }
 
