@@ -322,6 +322,11 @@ pub struct SettleBatch {
 pub struct KeyChange {
     pub key_hash: String,
     pub at_ms: i64,
+    /// The key was only created: no lease can predate it, but a refusal
+    /// cached for its hash (an agent that tried the key before the admin
+    /// made it) can, and goes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub created: bool,
 }
 
 /// Most key changes one reply names (the rest come with the next).

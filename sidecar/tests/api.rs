@@ -797,6 +797,66 @@ async fn one_batch_settles_the_records_of_many_keys_leases_each_once_and_finalis
 }
 
 #[tokio::test]
+async fn one_batch_closes_the_leases_of_many_keys_each_once_and_finalises_those_whose_rows_are_in() {
+    let s = start_with_store(Duration::from_secs(1800), None, whole_share).await;
+    let keys: Vec<String> = (0..30).map(|i| format!("sk-many-closes-{i:02}")).collect();
+    let mut closes = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        s.create(key, 1_000).await;
+        let lease = format!("C{i}");
+        s.granted(key, &lease, 500, 100).await;
+        // A third with their two rows in, a third with one of two, a third drawn from by none.
+        match i % 3 {
+            0 => {
+                let rows = [
+                    drawn(key, &lease, &format!("{key}-a"), 100, 20, 10),
+                    drawn(key, &lease, &format!("{key}-b"), 100, 5, 5),
+                ];
+                s.settle(&rows).await;
+                closes.push(close_of(key, &lease, Some(500), 200, 2));
+            }
+            1 => {
+                s.settle(&[drawn(key, &lease, &format!("{key}-a"), 100, 20, 10)]).await;
+                closes.push(close_of(key, &lease, Some(500), 200, 2));
+            }
+            _ => closes.push(close_of(key, &lease, Some(500), 0, 0)),
+        }
+    }
+    // One that claims more than its lease holds, and one of no lease at all.
+    closes.push(close_of(&keys[0], "C-none", Some(500), 0, 0));
+    let mut oversized = close_of(&keys[1], "C1", Some(500), 200, 2);
+    oversized.tokens = Some(900);
+    closes.push(oversized);
+    let reply = s.close(&closes).await;
+    let outcomes: Vec<SettleOutcome> = reply.closes.iter().map(|c| c.outcome).collect();
+    assert!(outcomes[..30].iter().all(|o| *o == SettleOutcome::Settled), "{:?}", reply.closes);
+    assert_eq!(&outcomes[30..], &[SettleOutcome::Unknown, SettleOutcome::Invalid]);
+    for (i, key) in keys.iter().enumerate() {
+        let d = s.key_doc(key).await;
+        let state = (d.get_i64("leases_n").unwrap(), d.get_i64("balance_tokens").unwrap());
+        match i % 3 {
+            // Finalised: the rows' 40 paid, the rest back.
+            0 => assert_eq!(state, (0, 960), "{key}"),
+            // Closed, waiting for its second row: the undrawn 300 back, 200 held.
+            1 => assert_eq!(state, (1, 800), "{key}"),
+            _ => assert_eq!(state, (0, 1_000), "{key}"),
+        }
+    }
+    // Sent again (a lost reply): nothing moves (a lease finalised is gone: unknown).
+    let again = s.close(&closes[..30]).await;
+    assert!(again.closes.iter().all(|c| c.outcome != SettleOutcome::Settled), "{:?}", again.closes);
+    for (i, key) in keys.iter().enumerate() {
+        let want = [960, 800, 1_000][i % 3];
+        assert_eq!(s.key_doc(key).await.get_i64("balance_tokens").unwrap(), want, "{key}");
+    }
+    for (i, key) in keys.iter().enumerate().filter(|(i, _)| i % 3 == 1) {
+        // The missing row arrives: the lease is finalised with it.
+        s.settle(&[drawn(key, &format!("C{i}"), &format!("{key}-b"), 100, 5, 5)]).await;
+        assert_eq!(s.key_doc(key).await.get_i64("balance_tokens").unwrap(), 960, "{key}");
+    }
+}
+
+#[tokio::test]
 async fn every_tick_names_the_keys_changed_since_its_cursor() {
     let s = start().await;
     let (a, b) = ("sk-changed-key-01", "sk-changed-key-02");
@@ -815,7 +875,10 @@ async fn every_tick_names_the_keys_changed_since_its_cursor() {
     let stamp = s.key_doc(a).await.get_datetime("updated_at").unwrap().timestamp_millis();
     assert_eq!(frozen.at_ms, stamp, "by its own stamp, the same on every reply");
     assert!(reply.cursor.unwrap() >= cursor);
-    assert!(reply.changed.iter().all(|c| c.key_hash != key_hash(b)), "a key only created is no change");
+    assert!(!frozen.created);
+    // A key only created has no lease to end, only a refusal cached before it was made.
+    let created: Vec<_> = reply.changed.iter().filter(|c| c.key_hash == key_hash(b)).collect();
+    assert!(created.iter().all(|c| c.created) && !created.is_empty(), "{:?}", reply.changed);
     // Named again while the read looks back a few seconds, with the same stamp.
     let again = s.batch(json!({"records": [], "changes_since": reply.cursor})).await;
     assert!(again.changed.iter().any(|c| c.key_hash == key_hash(a) && c.at_ms == stamp));

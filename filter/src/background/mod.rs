@@ -500,7 +500,7 @@ impl Background {
         let key = lease::slot_key(&change.key_hash, self.config.lease_slots);
         let hash = change.key_hash.as_str();
         // A lease another VM installed is that VM's to close (it reads the change too).
-        let ours = self.vm.leases.borrow().contains(&key);
+        let ours = !change.created && self.vm.leases.borrow().contains(&key);
         let dropped = slot::update(host, &key, |slot, _| match slot {
             Some(Slot::Live(lease)) if ours && lease.key_hash == hash => Step::Write(None, Some(lease.close())),
             Some(Slot::Refused { key_hash, .. }) if key_hash == hash => Step::Write(None, None),

@@ -448,6 +448,29 @@ fn a_key_change_reaches_the_lease_within_a_tick_however_long_its_window_and_once
 }
 
 #[test]
+fn a_key_only_created_keeps_its_lease_but_drops_a_refusal_cached_before_it() {
+    let mut gw = Gateway::new(json!({"lease_ms": 60_000}));
+    let hash = bridge_protocol::key_hash(KEY);
+    // Tried before the admin made it: unknown, cached.
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", refuse(401, "invalid_api_key"));
+    gw.root.on_tick(&*gw.world);
+    let created = json!({"results": [], "changed": [{"key_hash": hash, "at_ms": 7, "created": true}], "cursor": 9});
+    answer_control(&mut gw, created.clone());
+    assert_eq!(gw.slot(), None, "the refusal cached for the key's hash goes");
+    // Its first lease, then the same creation named again: the lease stays.
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    gw.world.advance(200);
+    gw.root.on_tick(&*gw.world);
+    let mut again = created;
+    again["changed"][0]["at_ms"] = json!(8);
+    answer_control(&mut gw, again);
+    assert!(matches!(gw.slot(), Some(Slot::Live(l)) if l.tokens == 100_000));
+    assert_eq!(gw.world.counted(crate::metrics::Metric::LeaseRecalls), 0);
+}
+
+#[test]
 fn a_key_change_clears_a_cached_refusal() {
     let mut gw = Gateway::new(json!({}));
     let hash = bridge_protocol::key_hash(KEY);

@@ -165,7 +165,7 @@ pub(super) struct LapsedDoc {
 }
 
 /// What the audit rows of a lease add up to (an aggregation's one document).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(default)]
 pub(super) struct LeaseUsage {
     #[serde(deserialize_with = "lenient")]

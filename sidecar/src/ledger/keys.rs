@@ -363,15 +363,16 @@ impl Store {
             .await?
             .try_collect()
             .await?;
-        // A key just created has nothing a gateway holds for it to drop.
-        let changed = |d: &&Document| d.get_datetime("updated_at").ok() != d.get_datetime("created_at").ok();
+        // A key just created has no lease to end (closing its first one
+        // churned every new key's requests), only a cached refusal.
+        let created = |d: &Document| d.get_datetime("updated_at").ok() == d.get_datetime("created_at").ok();
         let changes: Vec<KeyChange> = docs
             .iter()
-            .filter(changed)
             .filter_map(|d| {
                 Some(KeyChange {
                     key_hash: d.get_str("_id").ok()?.to_owned(),
                     at_ms: d.get_datetime("updated_at").ok()?.timestamp_millis(),
+                    created: created(d),
                 })
             })
             .collect();

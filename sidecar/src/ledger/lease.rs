@@ -239,15 +239,139 @@ impl Store {
         })
     }
 
-    /// Closes leases: what was not drawn returns to the balance. A release (no
-    /// `tokens`) of a lease not granted yet leaves a mark that refuses it later.
+    /// Closes leases: what was not drawn returns to the balance. However many
+    /// leases and keys: one read of their keys, one `update` command of one
+    /// guarded statement a close, one read again, and the closed leases
+    /// whose rows are all in finalised together ([`Store::finalize_leases`]).
+    /// A release (no `tokens`: a lease not granted yet leaves a mark that
+    /// refuses it later), or a close whose guard found its lease moved
+    /// meanwhile, goes on its own ([`Store::close_lease`]).
     pub async fn close_leases(&self, closes: &[LeaseClose]) -> Result<Vec<SettleResult>, LedgerError> {
-        let outcomes = futures::future::try_join_all(closes.iter().map(|c| self.close_lease(c))).await?;
+        type Outcome = (SettleOutcome, Option<String>);
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; closes.len()];
+        let ids = |which: &mut dyn Iterator<Item = usize>| -> Vec<(String, String)> {
+            which.map(|i| (closes[i].key_hash.clone(), closes[i].lease_id.clone())).collect()
+        };
+        let batched: Vec<usize> =
+            (0..closes.len()).filter(|&i| closes[i].validate().is_ok() && closes[i].tokens.is_some()).collect();
+        let before = self.keys_with_leases(ids(&mut batched.iter().copied()).iter(), false).await?;
+        let mut statements = Vec::new();
+        let mut sent = Vec::new();
+        for (i, c) in closes.iter().enumerate() {
+            if let Err(why) = c.validate() {
+                outcomes[i] = Some((SettleOutcome::Invalid, Some(why.message)));
+                continue;
+            }
+            let Some(claimed) = c.tokens else { continue };
+            match before.get(&c.key_hash).and_then(|k| k.leases.get(&c.lease_id)) {
+                None => outcomes[i] = Some((SettleOutcome::Unknown, Some("no such lease under this key".into()))),
+                Some(lease) if lease.closed => outcomes[i] = Some((SettleOutcome::AlreadySettled, None)),
+                Some(lease) if claimed != lease.tokens || c.drawn_tokens > lease.tokens => {
+                    let why = format!("the lease holds {} tokens", lease.tokens);
+                    outcomes[i] = Some((SettleOutcome::Invalid, Some(why)));
+                }
+                Some(lease) => {
+                    let (q, u) = close_statement(c, lease.tokens);
+                    statements.push(doc! {"q": q, "u": u});
+                    sent.push(i);
+                }
+            }
+        }
+        if !statements.is_empty() {
+            let ns = self.keys.namespace();
+            self.keys
+                .client()
+                .database(&ns.db)
+                .run_command(doc! {"update": &ns.coll, "updates": statements, "ordered": false})
+                .await?;
+        }
+        // Which closed, by the leases as they are now: ours carry our counts.
+        let after = self.keys_with_leases(ids(&mut sent.iter().copied()).iter(), false).await?;
+        let mut finalize = Vec::new();
+        for &i in &sent {
+            let c = &closes[i];
+            match after.get(&c.key_hash).and_then(|k| k.leases.get(&c.lease_id)) {
+                Some(l) if l.closed && (l.drawn_n, l.drawn_tokens) == (c.drawn_n, c.drawn_tokens) => {
+                    outcomes[i] = Some((SettleOutcome::Settled, None));
+                    if l.expiring.is_none() {
+                        finalize.push((c.key_hash.clone(), c.lease_id.clone(), l.clone()));
+                    }
+                }
+                // Gone: closed and finalised, or expired, since our read.
+                None => outcomes[i] = Some((SettleOutcome::AlreadySettled, Some("closed or expired meanwhile".into()))),
+                Some(_) => {}
+            }
+        }
+        self.finalize_leases(&finalize).await?;
+        let rest: Vec<usize> = (0..closes.len()).filter(|&i| outcomes[i].is_none()).collect();
+        let one_by_one = futures::future::try_join_all(rest.iter().map(|&i| self.close_lease(&closes[i]))).await?;
+        for (i, outcome) in rest.into_iter().zip(one_by_one) {
+            outcomes[i] = Some(outcome);
+        }
         Ok(closes
             .iter()
             .zip(outcomes)
-            .map(|(c, (outcome, message))| SettleResult { request_id: c.lease_id.clone(), outcome, message })
+            .map(|(c, outcome)| {
+                let (outcome, message) = outcome.unwrap_or((SettleOutcome::AlreadySettled, None));
+                SettleResult { request_id: c.lease_id.clone(), outcome, message }
+            })
             .collect())
+    }
+
+    /// Closed leases (as read, with their key) whose drawn requests all have
+    /// their rows: each key's balance gets back what was drawn less what the
+    /// rows used, and the lease goes away. One aggregation of their rows, one
+    /// `update` command; one whose rows are missing waits for them (the
+    /// records' settlement finalises it), as in [`Store::finalize_lease`].
+    pub(super) async fn finalize_leases(&self, leases: &[(String, String, LeaseDoc)]) -> Result<(), LedgerError> {
+        if leases.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = leases.iter().map(|(_, id, _)| id.as_str()).collect();
+        let used: std::collections::HashMap<String, LeaseUsage> = self
+            .audit
+            .aggregate([
+                doc! {"$match": {"lease_id": {"$in": &ids}, "expired_hold": false}},
+                doc! {"$group": {"_id": "$lease_id", "rows": {"$sum": 1_i64}, "total": {"$sum": super::usage::charged()},
+                "reserved": {"$sum": "$reserved_tokens"}}},
+            ])
+            .await?
+            .try_collect::<Vec<Document>>()
+            .await?
+            .into_iter()
+            .filter_map(|d| {
+                let id = d.get_str("_id").ok()?.to_owned();
+                let usage = LeaseUsage {
+                    rows: super::usage::int(d.get("rows")),
+                    total: super::usage::int(d.get("total")),
+                    reserved: super::usage::int(d.get("reserved")),
+                };
+                Some((id, usage))
+            })
+            .collect();
+        let statements: Vec<Document> = leases
+            .iter()
+            .filter_map(|(key_hash, lease_id, lease)| {
+                let used = used.get(lease_id).cloned().unwrap_or_default();
+                (used.rows >= lease.drawn_n).then(|| {
+                    let path = lease_path(lease_id);
+                    doc! {
+                        "q": {"_id": key_hash, format!("{path}.closed"): true, format!("{path}.expiring"): {"$exists": false}},
+                        "u": {"$inc": {"balance_tokens": lease.drawn_tokens - used.total, "leases_n": -1_i64},
+                            "$unset": {&path: ""}},
+                    }
+                })
+            })
+            .collect();
+        if !statements.is_empty() {
+            let ns = self.keys.namespace();
+            self.keys
+                .client()
+                .database(&ns.db)
+                .run_command(doc! {"update": &ns.coll, "updates": statements, "ordered": false})
+                .await?;
+        }
+        Ok(())
     }
 
     pub(super) async fn close_lease(&self, c: &LeaseClose) -> Result<(SettleOutcome, Option<String>), LedgerError> {
@@ -274,19 +398,8 @@ impl Store {
             if c.tokens.is_some_and(|t| t != tokens) || c.drawn_tokens > tokens {
                 return Ok((SettleOutcome::Invalid, Some(format!("the lease holds {tokens} tokens"))));
             }
-            let closed = self
-                .keys
-                .update_one(
-                    doc! {"_id": &c.key_hash, format!("{at}.tokens"): tokens, format!("{at}.closed"): {"$exists": false},
-                        format!("{at}.expiring"): {"$exists": false}},
-                    doc! {
-                        "$inc": {"balance_tokens": tokens - c.drawn_tokens},
-                        "$set": {format!("{at}.closed"): true, format!("{at}.drawn_n"): c.drawn_n,
-                            format!("{at}.drawn_tokens"): c.drawn_tokens},
-                        "$currentDate": {format!("{at}.closed_at"): true},
-                    },
-                )
-                .await?;
+            let (filter, update) = close_statement(c, tokens);
+            let closed = self.keys.update_one(filter, update).await?;
             if closed.modified_count == 1 {
                 self.finalize_lease(&c.key_hash, &c.lease_id).await?;
                 return Ok((SettleOutcome::Settled, None));
@@ -294,4 +407,20 @@ impl Store {
         }
         Ok((SettleOutcome::AlreadySettled, Some("closed or expiring meanwhile".into())))
     }
+}
+
+/// The guarded update that closes lease `c` of `tokens`: what was not drawn
+/// returns to the balance, once (filter, update).
+fn close_statement(c: &LeaseClose, tokens: i64) -> (Document, Document) {
+    let at = lease_path(&c.lease_id);
+    (
+        doc! {"_id": &c.key_hash, format!("{at}.tokens"): tokens, format!("{at}.closed"): {"$exists": false},
+        format!("{at}.expiring"): {"$exists": false}},
+        doc! {
+            "$inc": {"balance_tokens": tokens - c.drawn_tokens},
+            "$set": {format!("{at}.closed"): true, format!("{at}.drawn_n"): c.drawn_n,
+                format!("{at}.drawn_tokens"): c.drawn_tokens},
+            "$currentDate": {format!("{at}.closed_at"): true},
+        },
+    )
 }

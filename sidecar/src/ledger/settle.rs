@@ -207,7 +207,7 @@ impl Store {
 
     /// The key documents of `leases` (key hash, lease id), with those leases
     /// (and, with `owner`, the fields an audit row names), in one read.
-    async fn keys_with_leases<'a>(
+    pub(super) async fn keys_with_leases<'a>(
         &self,
         leases: impl Iterator<Item = &'a (String, String)>,
         owner: bool,
