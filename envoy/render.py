@@ -70,6 +70,7 @@ PLUGIN_INTS = [
     ("SETTLE_BACKLOG_AGE_MS", "settle_backlog_age_ms", 1),
     ("LEASE_TOKENS", "lease_tokens", 0),
     ("LEASE_MS", "lease_ms", 10),
+    ("LEASE_IDLE_MS", "lease_idle_ms", 10),
     ("LEASE_SLOTS", "lease_slots", 1),
     ("LEASE_WAIT_MS", "lease_wait_ms", 1),
     ("LEASE_WAITERS_MAX", "lease_waiters_max", 1),

@@ -96,7 +96,12 @@ fn default_admission_calls_max() -> usize {
     128
 }
 fn default_lease_ms() -> u64 {
-    1_000
+    30_000
+}
+/// At most this long a refusal is answered from the key's slot.
+pub const REFUSAL_CACHED_MS: u64 = 1_000;
+fn default_lease_idle_ms() -> u64 {
+    2_000
 }
 fn default_lease_slots() -> u32 {
     65_536
@@ -215,10 +220,15 @@ pub struct PluginConfig {
     /// database until every call times out.
     #[serde(default = "default_admission_calls_max")]
     pub admission_calls_max: usize,
-    /// How long a lease can be drawn from; also how long a freeze or a
-    /// top-up takes at most to reach requests.
+    /// How long a lease can be drawn from at most (an admin's change to the
+    /// key ends it within a settlement tick, pushed by the sidecar).
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
+    /// A lease nothing drew from for this long is closed by its root (a
+    /// quiet key holds no balance and costs no writes); past `lease_ms`
+    /// it expires anyway.
+    #[serde(default = "default_lease_idle_ms")]
+    pub lease_idle_ms: u64,
     /// Lease slots in Envoy shared data, shared by keys by hash: Envoy never
     /// frees shared data, so this bounds what made-up keys can make it hold
     /// (a few hundred bytes a slot).
@@ -231,6 +241,12 @@ pub struct PluginConfig {
 }
 
 impl PluginConfig {
+    /// How long a refusal is answered from its key's slot without a call
+    /// (a change to the key drops it sooner).
+    pub fn refusal_ms(&self) -> u64 {
+        self.lease_ms.min(REFUSAL_CACHED_MS)
+    }
+
     /// How this VM sizes leases and gives up on fetches.
     pub fn lease_policy(&self) -> crate::lease::Policy {
         crate::lease::Policy {
@@ -343,6 +359,9 @@ impl PluginConfig {
         }
         if self.lease_tokens > 0 && !(10..=60_000).contains(&self.lease_ms) {
             return fail("lease_ms", "must be 10 to 60000");
+        }
+        if self.lease_tokens > 0 && !(10..=60_000).contains(&self.lease_idle_ms) {
+            return fail("lease_idle_ms", "must be 10 to 60000");
         }
         if self.lease_waiters_max == 0 {
             return fail("lease_waiters_max", "must be >= 1");

@@ -52,6 +52,9 @@ pub struct Background {
     /// them again.
     change_cursor: Option<i64>,
     changes_seen: HashMap<String, (i64, u64)>,
+    /// The leases of this VM's slots as its sweeps last saw them: slot ->
+    /// (lease id, requests drawn, since when that count stands).
+    draws_seen: HashMap<String, (String, i64, u64)>,
 }
 
 /// How long an applied key change is remembered: longer than the sidecar
@@ -74,7 +77,8 @@ pub const PROGRESS_HEARTBEAT_MS: u64 = 5_000;
 /// How a sweep left one slot.
 enum Swept {
     Closed(LeaseClose),
-    StillLive,
+    /// Live: its id and requests drawn.
+    StillLive(String, i64),
     NotOurs,
 }
 
@@ -94,6 +98,7 @@ impl Background {
             control_sent_ms: None,
             change_cursor: None,
             changes_seen: HashMap::new(),
+            draws_seen: HashMap::new(),
         }
     }
 
@@ -139,12 +144,22 @@ impl Background {
     /// `force`), and forgets slots that are no longer live.
     pub fn sweep_leases(&mut self, host: &impl Host, force: bool) {
         let keys: Vec<String> = self.vm.leases.borrow().iter().cloned().collect();
+        let idle_ms = self.config.lease_idle_ms;
+        self.draws_seen.retain(|k, _| keys.contains(k));
         for key in keys {
-            let swept = slot::update(host, &key, |slot, now| match lease::expire(slot, now, force) {
-                Some(close) => Step::Write(None, Swept::Closed(close)),
-                None if matches!(slot, Some(Slot::Live(_))) => Step::Keep(Swept::StillLive),
+            // Nothing drawn since a sweep `idle_ms` ago: the key went quiet.
+            let seen = self.draws_seen.get(&key);
+            let idle = |l: &lease::Lease, now: u64| {
+                seen.is_some_and(|(id, n, since)| {
+                    *id == l.id && *n == l.drawn_n && now.saturating_sub(*since) >= idle_ms
+                })
+            };
+            let swept = slot::update(host, &key, |slot, now| match (lease::expire(slot, now, force), slot) {
+                (Some(close), _) => Step::Write(None, Swept::Closed(close)),
+                (None, Some(Slot::Live(l))) if idle(l, now) => Step::Write(None, Swept::Closed(l.close())),
+                (None, Some(Slot::Live(l))) => Step::Keep(Swept::StillLive(l.id.clone(), l.drawn_n)),
                 // Empty, or another worker is fetching: nothing of ours left.
-                None => Step::Keep(Swept::NotOurs),
+                (None, _) => Step::Keep(Swept::NotOurs),
             });
             match swept {
                 Some(Swept::Closed(close)) => {
@@ -156,9 +171,18 @@ impl Background {
                     self.keep(host, Item::Close(close));
                 }
                 Some(Swept::NotOurs) => {}
-                // Live, or every try lost: looked at again on the next tick.
-                Some(Swept::StillLive) | None => continue,
+                Some(Swept::StillLive(id, n)) => {
+                    let now = host.now_ms();
+                    let moved = self.draws_seen.get(&key).is_none_or(|(i, m, _)| *i != id || *m != n);
+                    if moved {
+                        self.draws_seen.insert(key, (id, n, now));
+                    }
+                    continue;
+                }
+                // Every try lost: looked at again on the next tick.
+                None => continue,
             }
+            self.draws_seen.remove(&key);
             self.vm.leases.borrow_mut().remove(&key);
         }
     }
@@ -496,28 +520,42 @@ impl Background {
         if self.changes_seen.get(&change.key_hash).is_some_and(|(at, _)| *at >= change.at_ms) {
             return;
         }
-        self.changes_seen.insert(change.key_hash.clone(), (change.at_ms, now));
         let key = lease::slot_key(&change.key_hash, self.config.lease_slots);
         let hash = change.key_hash.as_str();
         // A lease another VM installed is that VM's to close (it reads the change too).
         let ours = !change.created && self.vm.leases.borrow().contains(&key);
+        // What was dropped: a lease (its close), a refusal, or nothing.
+        enum Dropped {
+            Lease(LeaseClose),
+            Refusal,
+            Nothing,
+        }
         let dropped = slot::update(host, &key, |slot, _| match slot {
-            Some(Slot::Live(lease)) if ours && lease.key_hash == hash => Step::Write(None, Some(lease.close())),
-            Some(Slot::Refused { key_hash, .. }) if key_hash == hash => Step::Write(None, None),
-            _ => Step::Keep(None),
+            Some(Slot::Live(lease)) if ours && lease.key_hash == hash => {
+                Step::Write(None, Dropped::Lease(lease.close()))
+            }
+            Some(Slot::Refused { key_hash, .. }) if key_hash == hash => Step::Write(None, Dropped::Refusal),
+            _ => Step::Keep(Dropped::Nothing),
         });
-        if let Some(closed) = dropped {
-            if let Some(close) = closed {
+        match dropped {
+            Some(Dropped::Lease(close)) => {
                 info!(
                     "[root {}] key changed: lease {} closed, {} drawn",
                     self.context_id, close.lease_id, close.drawn_tokens
                 );
                 host.metric(Metric::LeaseRecalls, 1);
                 self.keep(host, Item::Close(close));
+                self.vm.leases.borrow_mut().remove(&key);
+                self.vm.wake(&key);
             }
-            self.vm.leases.borrow_mut().remove(&key);
-            self.vm.wake(&key);
+            Some(Dropped::Refusal) => self.vm.wake(&key),
+            // Nothing of the key's here.
+            Some(Dropped::Nothing) => {}
+            // Every try lost: the sidecar names the change again while it
+            // looks back, and it is applied then.
+            None => return,
         }
+        self.changes_seen.insert(change.key_hash.clone(), (change.at_ms, now));
     }
 
     /// The VM is going away (Envoy shutting down or reloading): send what is

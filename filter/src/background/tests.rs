@@ -12,7 +12,7 @@ use crate::settle::Item;
 
 #[test]
 fn half_way_through_a_lease_the_root_fetches_the_next_in_the_background() {
-    let mut gw = Gateway::new(json!({}));
+    let mut gw = Gateway::new(json!({"lease_ms": 1_000}));
     let (mut ex, s, _) = gw.send(BODY);
     gw.answer(&mut ex, &s, "200", grant(100_000));
     gw.world.advance(600);
@@ -34,7 +34,7 @@ fn half_way_through_a_lease_the_root_fetches_the_next_in_the_background() {
 
 #[test]
 fn the_root_sends_batches_retries_with_backoff_and_sweeps_expired_leases() {
-    let mut gw = Gateway::new(json!({}));
+    let mut gw = Gateway::new(json!({"lease_ms": 1_000}));
     let (mut ex, s, _) = gw.send(BODY);
     gw.answer(&mut ex, &s, "200", grant(100_000));
     respond(&mut ex, &s, "200", USAGE);
@@ -105,7 +105,7 @@ fn a_batch_the_sidecar_rejects_is_split_and_its_bad_record_dropped_alone() {
 /// A key's lease half way through its window, and the background ask for the
 /// next one the root sent.
 fn renewing() -> (Gateway, crate::fake::Call) {
-    let mut gw = Gateway::new(json!({}));
+    let mut gw = Gateway::new(json!({"lease_ms": 1_000}));
     let (mut ex, s, _) = gw.send(BODY);
     gw.answer(&mut ex, &s, "200", grant(100_000));
     gw.world.advance(600);
@@ -157,7 +157,7 @@ fn a_background_ask_that_fails_is_released_and_a_renewal_the_slot_outgrew_given_
 
 #[test]
 fn each_tick_reports_the_draws_of_live_leases_and_a_recall_closes_one_at_once() {
-    let mut gw = Gateway::new(json!({"lease_ms": 60_000}));
+    let mut gw = Gateway::new(json!({"lease_ms": 60_000, "lease_idle_ms": 60_000}));
     let (mut ex, s, _) = gw.send(BODY);
     gw.answer(&mut ex, &s, "200", grant(100_000));
     let estimate = gw.world.calls_to(LEASE_PATH)[0].body["min"].as_i64().unwrap();
@@ -196,8 +196,73 @@ fn each_tick_reports_the_draws_of_live_leases_and_a_recall_closes_one_at_once() 
 }
 
 #[test]
-fn a_closed_lease_is_heartbeaten_while_requests_drawn_from_it_are_in_flight() {
+fn a_lease_lives_while_its_key_is_active_and_a_quiet_key_holds_none_and_costs_no_writes() {
     let mut gw = Gateway::new(json!({}));
+    // A tick, its calls answered (every record settled): the control calls' bodies.
+    let tick = |gw: &mut Gateway| -> Vec<Value> {
+        gw.root.on_tick(&*gw.world);
+        let records: Vec<_> = gw.settle_calls(true).into_iter().filter(|c| !gw.world.answered(c.token)).collect();
+        for call in records {
+            let ids: Vec<String> = call.body["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["request_id"].as_str().unwrap().to_owned())
+                .collect();
+            gw.reply(call.token, "200", settled(&ids.iter().map(String::as_str).collect::<Vec<_>>(), "settled"));
+        }
+        let open: Vec<_> = gw.settle_calls(false).into_iter().filter(|c| !gw.world.answered(c.token)).collect();
+        for call in &open {
+            gw.reply(call.token, "200", json!({"results": [], "closes": [], "cursor": 1}));
+        }
+        open.into_iter().map(|c| c.body).collect()
+    };
+    let done = |ex: &mut crate::exchange::Exchange, s: &crate::fake::Stream| {
+        respond(ex, s, "200", USAGE);
+        ex.on_log(s);
+    };
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(1_000_000));
+    done(&mut ex, &s);
+    let Some(Slot::Live(first)) = gw.slot() else { panic!("no lease") };
+    // A request every second for twelve seconds: one lease serves them all
+    // (no fetch, no renewal: the default window is thirty seconds).
+    for _ in 0..12 {
+        gw.world.advance(1_000);
+        tick(&mut gw);
+        let (mut ex, s, flow) = gw.send(BODY);
+        assert_eq!(flow, Flow::Continue);
+        done(&mut ex, &s);
+    }
+    assert!(matches!(gw.slot(), Some(Slot::Live(l)) if l.id == first.id && l.drawn_n == 13));
+    assert_eq!((gw.world.calls_to(LEASE_PATH).len(), gw.world.lease_queue.borrow().len()), (1, 0));
+    // Then the key goes quiet: within LEASE_IDLE_MS (2 s) and a tick its
+    // lease is closed with its thirteen draws (the rest back to the balance).
+    let mut sent = Vec::new();
+    for _ in 0..11 {
+        gw.world.advance(200);
+        sent.extend(tick(&mut gw));
+    }
+    assert_eq!(gw.slot(), None, "an idle lease is closed");
+    let closes: Vec<&Value> = sent.iter().flat_map(|b| b["closes"].as_array().into_iter().flatten()).collect();
+    assert_eq!(closes.len(), 1, "{sent:?}");
+    assert_eq!((closes[0]["lease_id"].as_str(), closes[0]["drawn_n"].as_i64()), (Some(first.id.as_str()), Some(13)));
+    // Idle from here on: the ticks' calls carry nothing of the key (no
+    // progress, no heartbeat), for a minute.
+    for _ in 0..300 {
+        gw.world.advance(200);
+        for body in tick(&mut gw) {
+            assert!(body.get("progress").is_none() && body.get("closes").is_none(), "{body}");
+        }
+    }
+    // Its next request fetches a lease again.
+    gw.send(BODY);
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 2);
+}
+
+#[test]
+fn a_closed_lease_is_heartbeaten_while_requests_drawn_from_it_are_in_flight() {
+    let mut gw = Gateway::new(json!({"lease_ms": 1_000}));
     let (mut ex, s, _) = gw.send(BODY);
     gw.answer(&mut ex, &s, "200", grant(100_000));
     let lease_id = match gw.slot() {
@@ -468,6 +533,17 @@ fn a_key_only_created_keeps_its_lease_but_drops_a_refusal_cached_before_it() {
     answer_control(&mut gw, again);
     assert!(matches!(gw.slot(), Some(Slot::Live(l)) if l.tokens == 100_000));
     assert_eq!(gw.world.counted(crate::metrics::Metric::LeaseRecalls), 0);
+    // Still this VM's lease: reported, and closed by its sweep when it ends
+    // (a VM that forgot it left it to be taken for lost).
+    let before = gw.settle_calls(false).len();
+    gw.world.advance(5_000);
+    gw.root.on_tick(&*gw.world);
+    let reported: Vec<Value> = gw.settle_calls(false).into_iter().skip(before).map(|c| c.body).collect();
+    assert!(reported.iter().any(|b| b["progress"].as_array().is_some_and(|p| !p.is_empty())), "{reported:?}");
+    gw.world.advance(60_000);
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.slot(), None);
+    assert!(gw.queued().iter().any(|i| matches!(i, Item::Close(c) if c.tokens == Some(100_000))));
 }
 
 #[test]

@@ -468,7 +468,7 @@ impl Exchange {
     /// frozen key's agent retrying) are answered without a call.
     fn cache_refusal(&self, host: &impl HttpHost, req: &Admitted, lease_id: &str, status: u16, error: &ErrorBody) {
         let key = self.slot_of(req);
-        let until = host.now_ms().saturating_add(self.cfg.lease_ms);
+        let until = host.now_ms().saturating_add(self.cfg.refusal_ms());
         slot::update(host, &key, |slot, _| {
             match lease::refuse(slot, lease_id, &req.caller.key_hash, status, error, until) {
                 Some(refused) => Step::Write(Some(refused), ()),

@@ -3,13 +3,16 @@
 //! A lease is a slice of a key's balance that the sidecar took out of it in
 //! one guarded update. Envoy shared data holds one slot per key, shared by all
 //! worker VMs; a request draws its estimate from the live lease with a
-//! compare-and-swap and goes ahead at once. A lease lives for a short window
-//! (a second by default, so a freeze or a top-up takes effect within it); then
-//! whoever finds it expired replaces it and closes it with what was drawn, and
-//! the sidecar returns the rest to the balance. Before that, once half its time
-//! or half its tokens are gone, the draw that notices asks for the next lease in
-//! the background (through a root context, which always gets the reply), so a
-//! busy key's requests never wait for one. The sum of the estimates drawn
+//! compare-and-swap and goes ahead at once. A lease lives while its key is
+//! active: up to its window (`LEASE_MS`, 30 s by default; a freeze, a
+//! top-up or new controls end it within a settlement tick, pushed by the
+//! sidecar), and its root closes it sooner once nothing drew from it for
+//! `LEASE_IDLE_MS` (2 s), so a quiet key holds nothing and costs no writes.
+//! Then it is closed with what was drawn, and the sidecar returns the rest
+//! to the balance. Before that, once half its time or half its tokens are
+//! gone, the draw that notices asks for the next lease in the background
+//! (through a root context, which always gets the reply), so a busy key's
+//! requests never wait for one. The sum of the estimates drawn
 //! never exceeds what the sidecar granted, so nothing is spent that the
 //! balance did not hold; each drawn request still settles its actual usage.
 //!
@@ -200,7 +203,7 @@ fn decode_compact(mut bytes: &[u8]) -> Option<Lease> {
 pub struct Policy {
     /// A fetch marker older than this is its fetcher gone: replaced.
     pub stale_ms: u64,
-    /// How long a lease is drawn from.
+    /// How long a lease is drawn from at most.
     pub window_ms: u64,
     /// The most tokens one lease asks for (`LEASE_TOKENS`).
     pub ceiling: i64,
@@ -209,6 +212,12 @@ pub struct Policy {
 /// A key's first lease, with no draw rate to go by, asks for this many
 /// requests' estimates (within the ceiling).
 pub const FIRST_LEASE_REQUESTS: i64 = 16;
+
+/// A lease is sized to hold twice its key's draws over this long (or its
+/// window, if shorter): a long-lived lease of a busy key is renewed when
+/// half of it is drawn, not sized to hold its whole window's draws out of
+/// the balance that other gateways may need.
+pub const SIZED_FOR_MS: u64 = 1_000;
 
 impl Policy {
     /// Tokens a lease fetched after `prev` (the key's last lease, if it is
@@ -346,15 +355,16 @@ pub fn take(current: Option<&Slot>, key_hash: &str, now_ms: u64, estimate: i64) 
 }
 
 /// Tokens the next lease should ask for: twice what this one was drawn at,
-/// over a whole window, so a busy key's lease lasts its window rather than
-/// running out and sending requests to reserve alone. The plugin takes at
-/// least its configured size.
+/// over [`SIZED_FOR_MS`] (or the window, if shorter), so a busy key's lease
+/// is renewed in the background before it runs out rather than sending
+/// requests to reserve alone. The plugin takes at least its configured size.
 pub fn next_want(lease: &Lease, now_ms: u64, window_ms: u64) -> i64 {
     let granted_ms = lease.expires_ms.saturating_sub(window_ms);
-    // A burst just after the grant says little of a window: at least a tenth of one.
-    let elapsed = now_ms.saturating_sub(granted_ms).max(window_ms / 10).max(1);
-    let per_window = i128::from(lease.drawn_tokens) * i128::from(window_ms) / i128::from(elapsed);
-    i64::try_from(per_window.saturating_mul(2)).unwrap_or(i64::MAX)
+    let sized_for = window_ms.min(SIZED_FOR_MS);
+    // A burst just after the grant says little of a rate: at least a tenth of its span.
+    let elapsed = now_ms.saturating_sub(granted_ms).max(sized_for / 10).max(1);
+    let per_span = i128::from(lease.drawn_tokens) * i128::from(sized_for) / i128::from(elapsed);
+    i64::try_from(per_span.saturating_mul(2)).unwrap_or(i64::MAX)
 }
 
 /// What to do with a lease the sidecar granted.
