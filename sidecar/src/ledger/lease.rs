@@ -170,12 +170,7 @@ impl Store {
                 }
             })
             .collect();
-        let ns = self.keys.namespace();
-        self.keys
-            .client()
-            .database(&ns.db)
-            .run_command(doc! {"update": &ns.coll, "updates": updates, "ordered": false})
-            .await?;
+        self.update_each(updates).await?;
         // Stop drawing from a lease recalled, expiring, gone, or smaller than
         // what was drawn from it (the guard above).
         let mut hashes: Vec<&str> = Vec::new();
@@ -277,14 +272,7 @@ impl Store {
                 }
             }
         }
-        if !statements.is_empty() {
-            let ns = self.keys.namespace();
-            self.keys
-                .client()
-                .database(&ns.db)
-                .run_command(doc! {"update": &ns.coll, "updates": statements, "ordered": false})
-                .await?;
-        }
+        self.update_each(statements).await?;
         // Which closed, by the leases as they are now: ours carry our counts.
         let after = self.keys_with_leases(ids(&mut sent.iter().copied()).iter(), false).await?;
         let mut finalize = Vec::new();
@@ -316,6 +304,22 @@ impl Store {
                 SettleResult { request_id: c.lease_id.clone(), outcome, message }
             })
             .collect())
+    }
+
+    /// Guarded updates of key documents (`{q, u}` statements) in one
+    /// `update` command: one round trip however many, each applied or not by
+    /// its own guard (the caller reads back which).
+    async fn update_each(&self, statements: Vec<Document>) -> Result<(), LedgerError> {
+        if statements.is_empty() {
+            return Ok(());
+        }
+        let ns = self.keys.namespace();
+        self.keys
+            .client()
+            .database(&ns.db)
+            .run_command(doc! {"update": &ns.coll, "updates": statements, "ordered": false})
+            .await?;
+        Ok(())
     }
 
     /// Closed leases (as read, with their key) whose drawn requests all have
@@ -363,14 +367,7 @@ impl Store {
                 })
             })
             .collect();
-        if !statements.is_empty() {
-            let ns = self.keys.namespace();
-            self.keys
-                .client()
-                .database(&ns.db)
-                .run_command(doc! {"update": &ns.coll, "updates": statements, "ordered": false})
-                .await?;
-        }
+        self.update_each(statements).await?;
         Ok(())
     }
 
