@@ -145,7 +145,10 @@ impl Background {
     pub fn sweep_leases(&mut self, host: &impl Host, force: bool) {
         let keys: Vec<String> = self.vm.leases.borrow().iter().cloned().collect();
         let idle_ms = self.config.lease_idle_ms;
-        self.draws_seen.retain(|k, _| keys.contains(k));
+        {
+            let leases = self.vm.leases.borrow();
+            self.draws_seen.retain(|k, _| leases.contains(k));
+        }
         for key in keys {
             // Nothing drawn since a sweep `idle_ms` ago: the key went quiet.
             let seen = self.draws_seen.get(&key);
