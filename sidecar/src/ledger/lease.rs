@@ -173,20 +173,12 @@ impl Store {
         self.update_each(updates).await?;
         // Stop drawing from a lease recalled, expiring, gone, or smaller than
         // what was drawn from it (the guard above).
-        let mut hashes: Vec<&str> = Vec::new();
-        let mut projection = Document::new();
-        for p in &valid {
-            if !hashes.contains(&p.key_hash.as_str()) {
-                hashes.push(&p.key_hash);
-            }
-            projection.insert(lease_path(&p.lease_id), 1);
-        }
-        let keys: Vec<KeyDoc> =
-            self.key_docs.find(doc! {"_id": {"$in": &hashes}}).projection(projection).await?.try_collect().await?;
+        let named: Vec<(String, String)> = valid.iter().map(|p| (p.key_hash.clone(), p.lease_id.clone())).collect();
+        let keys = self.keys_with_leases(named.iter(), false).await?;
         Ok(valid
             .iter()
             .filter(|p| {
-                let lease = keys.iter().find(|k| k.hash == p.key_hash).and_then(|k| k.leases.get(&p.lease_id));
+                let lease = keys.get(&p.key_hash).and_then(|k| k.leases.get(&p.lease_id));
                 lease.is_none_or(|l| l.recall.is_some() || l.expiring.is_some() || l.tokens < p.drawn_tokens)
             })
             .map(|p| p.lease_id.clone())
@@ -332,18 +324,20 @@ impl Store {
             return Ok(());
         }
         let ids: Vec<&str> = leases.iter().map(|(_, id, _)| id.as_str()).collect();
-        let used: std::collections::HashMap<String, LeaseUsage> = self
-            .audit
-            .aggregate([
-                doc! {"$match": {"lease_id": {"$in": &ids}, "expired_hold": false}},
-                doc! {"$group": {"_id": "$lease_id", "rows": {"$sum": 1_i64}, "total": {"$sum": super::usage::charged()},
-                "reserved": {"$sum": "$reserved_tokens"}}},
-            ])
-            .await?
-            .try_collect::<Vec<Document>>()
-            .await?
-            .into_iter()
-            .filter_map(|d| {
+        // In chunks: one `$in` of many ids costs the embedded server quadratically.
+        let mut used: std::collections::HashMap<String, LeaseUsage> = std::collections::HashMap::new();
+        for chunk in ids.chunks(super::settle::KEY_READ_CHUNK) {
+            let groups = self
+                .audit
+                .aggregate([
+                    doc! {"$match": {"lease_id": {"$in": chunk}, "expired_hold": false}},
+                    doc! {"$group": {"_id": "$lease_id", "rows": {"$sum": 1_i64}, "total": {"$sum": super::usage::charged()},
+                    "reserved": {"$sum": "$reserved_tokens"}}},
+                ])
+                .await?
+                .try_collect::<Vec<Document>>()
+                .await?;
+            used.extend(groups.into_iter().filter_map(|d| {
                 let id = d.get_str("_id").ok()?.to_owned();
                 let usage = LeaseUsage {
                     rows: super::usage::int(d.get("rows")),
@@ -351,8 +345,8 @@ impl Store {
                     reserved: super::usage::int(d.get("reserved")),
                 };
                 Some((id, usage))
-            })
-            .collect();
+            }));
+        }
         let statements: Vec<Document> = leases
             .iter()
             .filter_map(|(key_hash, lease_id, lease)| {
