@@ -178,10 +178,15 @@ fn to_json(row: Document) -> serde_json::Value {
     Bson::Document(row).into_relaxed_extjson()
 }
 
-/// One CSV cell (RFC 4180): quoted when it holds a comma, a quote or a line break.
+/// One CSV cell (RFC 4180): quoted when it holds a comma, a quote or a line
+/// break. A text cell a spreadsheet would read as a formula (it begins with
+/// `=`, `+`, `-`, `@`, a tab or a carriage return: a user name, a model name
+/// an agent sent) gets a leading `'`, as OWASP's CSV-injection advice says;
+/// numbers stay numbers.
 fn csv_cell(value: Option<&Bson>) -> String {
     let text = match value {
         None | Some(Bson::Null) => String::new(),
+        Some(Bson::String(s)) if s.starts_with(['=', '+', '-', '@', '\t', '\r']) => format!("'{s}"),
         Some(Bson::String(s)) => s.clone(),
         Some(Bson::Int32(n)) => n.to_string(),
         Some(Bson::Int64(n)) => n.to_string(),
@@ -206,5 +211,18 @@ mod tests {
         assert_eq!(csv_cell(Some(&Bson::String("a,b \"c\"".into()))), "\"a,b \"\"c\"\"\"");
         assert_eq!(csv_cell(Some(&Bson::Int64(42))), "42");
         assert_eq!(csv_cell(None), "");
+    }
+
+    #[test]
+    fn a_text_cell_a_spreadsheet_would_run_as_a_formula_is_neutralised() {
+        for formula in ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"] {
+            let cell = csv_cell(Some(&Bson::String(formula.into())));
+            let unquoted = cell.strip_prefix('"').and_then(|c| c.strip_suffix('"')).unwrap_or(&cell);
+            assert!(unquoted.starts_with('\''), "{formula:?} -> {cell:?}");
+        }
+        // Quoting still applies on top, and numbers are left as numbers.
+        assert_eq!(csv_cell(Some(&Bson::String("=a,b".into()))), "\"'=a,b\"");
+        assert_eq!(csv_cell(Some(&Bson::Int64(-5))), "-5");
+        assert_eq!(csv_cell(Some(&Bson::String("gpt-5".into()))), "gpt-5");
     }
 }

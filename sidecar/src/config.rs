@@ -63,6 +63,9 @@ pub enum ConfigError {
     Invalid { var: &'static str, reason: String },
 }
 
+/// The shortest admin token the sidecar takes: 16 random bytes in hex.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
+
 pub const DEFAULT_MONGODB_URI: &str = "mongodb://127.0.0.1:27017/?retryWrites=false";
 
 impl Settings {
@@ -77,8 +80,14 @@ impl Settings {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &str| get(name).filter(|v| !v.trim().is_empty());
         let admin_token = get("ADMIN_TOKEN").ok_or(ConfigError::Missing("ADMIN_TOKEN"))?;
-        if admin_token.len() < 8 {
-            return Err(ConfigError::Invalid { var: "ADMIN_TOKEN", reason: "must be at least 8 characters".into() });
+        if admin_token.len() < MIN_ADMIN_TOKEN_LEN {
+            let reason =
+                format!("must be at least {MIN_ADMIN_TOKEN_LEN} characters (for example: openssl rand -hex 24)");
+            return Err(ConfigError::Invalid { var: "ADMIN_TOKEN", reason });
+        }
+        if admin_token.to_ascii_lowercase().contains("change-me") {
+            let reason = "is the documentation's example; set a random one (openssl rand -hex 24)".into();
+            return Err(ConfigError::Invalid { var: "ADMIN_TOKEN", reason });
         }
         let mongodb_uri = get("MONGODB_URI").unwrap_or_else(|| DEFAULT_MONGODB_URI.into());
         if !(mongodb_uri.starts_with("mongodb://") || mongodb_uri.starts_with("mongodb+srv://")) {
@@ -95,10 +104,21 @@ impl Settings {
             });
         }
         let listen_text = get("SIDECAR_ADDR").unwrap_or_else(|| "127.0.0.1:8001".into());
-        let listen = listen_text.parse().map_err(|_| ConfigError::Invalid {
+        let listen: std::net::SocketAddr = listen_text.parse().map_err(|_| ConfigError::Invalid {
             var: "SIDECAR_ADDR",
             reason: format!("{listen_text:?} is not an address like 127.0.0.1:8001"),
         })?;
+        let internal_token = get("INTERNAL_TOKEN");
+        if !listen.ip().is_loopback() && internal_token.is_none() {
+            // The internal API moves balances: beyond loopback, only a caller with the token may use it.
+            return Err(ConfigError::Invalid {
+                var: "SIDECAR_ADDR",
+                reason: format!(
+                    "{listen} is reachable beyond this machine: set INTERNAL_TOKEN (and the same in Envoy's \
+                     config), or listen on loopback"
+                ),
+            });
+        }
         let secs = |var: &'static str, default: u64| -> Result<Duration, ConfigError> {
             match get(var) {
                 None => Ok(Duration::from_secs(default)),
@@ -114,7 +134,7 @@ impl Settings {
             mongodb_uri: Secret::new(mongodb_uri),
             mongodb_db,
             admin_token: Secret::new(admin_token),
-            internal_token: get("INTERNAL_TOKEN").map(Secret::new),
+            internal_token: internal_token.map(Secret::new),
             listen,
             log_level: get("LOG_LEVEL").unwrap_or_else(|| "info".into()),
             log_file: get("LOG_FILE").unwrap_or_else(|| "app.log".into()),
@@ -150,14 +170,43 @@ mod tests {
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 
+    const ADMIN: &str = "secret-admin-token-of-32-characters";
+
     #[test]
     fn admin_token_is_required() {
         assert_eq!(settings(&[]).err(), Some(ConfigError::Missing("ADMIN_TOKEN")));
     }
 
     #[test]
+    fn a_short_or_example_admin_token_is_refused() {
+        for weak in ["change-me", "short-token-of-31-characters-xx", "change-me-admin-token-but-long-enough"] {
+            match settings(&[("ADMIN_TOKEN", weak)]).err() {
+                Some(ConfigError::Invalid { var: "ADMIN_TOKEN", .. }) => {}
+                other => panic!("{weak}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_internal_api_beyond_loopback_needs_its_token() {
+        for addr in ["0.0.0.0:8001", "[::]:8001", "192.168.1.5:8001"] {
+            match settings(&[("ADMIN_TOKEN", ADMIN), ("SIDECAR_ADDR", addr)]).err() {
+                Some(ConfigError::Invalid { var: "SIDECAR_ADDR", reason }) => {
+                    assert!(reason.contains("INTERNAL_TOKEN"), "{reason}")
+                }
+                other => panic!("{addr}: {other:?}"),
+            }
+            let s = settings(&[("ADMIN_TOKEN", ADMIN), ("SIDECAR_ADDR", addr), ("INTERNAL_TOKEN", "inner-token")]);
+            assert!(s.is_ok(), "{addr} with a token");
+        }
+        for addr in ["127.0.0.1:0", "[::1]:8001"] {
+            assert!(settings(&[("ADMIN_TOKEN", ADMIN), ("SIDECAR_ADDR", addr)]).is_ok(), "{addr}");
+        }
+    }
+
+    #[test]
     fn defaults_follow_the_seed() {
-        let s = settings(&[("ADMIN_TOKEN", "secret-admin")]).unwrap_or_else(|e| panic!("{e}"));
+        let s = settings(&[("ADMIN_TOKEN", ADMIN)]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.mongodb_db, "openclaw_llm_bridge");
         assert_eq!(s.listen.to_string(), "127.0.0.1:8001");
         assert_eq!(s.log_file, "app.log");
@@ -174,7 +223,7 @@ mod tests {
             ("MONGODB_URI", "http://x"),
             ("MONGODB_DB", "a.b"),
         ] {
-            let err = settings(&[("ADMIN_TOKEN", "secret-admin"), (var, value)]).err();
+            let err = settings(&[("ADMIN_TOKEN", ADMIN), (var, value)]).err();
             match err {
                 Some(ConfigError::Invalid { var: named, .. }) => assert_eq!(named, var),
                 other => panic!("{var}={value}: {other:?}"),
@@ -184,9 +233,9 @@ mod tests {
 
     #[test]
     fn secrets_redact_themselves() {
-        let s = settings(&[("ADMIN_TOKEN", "secret-admin"), ("INTERNAL_TOKEN", "inner-token")])
-            .unwrap_or_else(|e| panic!("{e}"));
+        let s =
+            settings(&[("ADMIN_TOKEN", ADMIN), ("INTERNAL_TOKEN", "inner-token")]).unwrap_or_else(|e| panic!("{e}"));
         let shown = format!("{s:?}");
-        assert!(!shown.contains("secret-admin") && !shown.contains("inner-token"), "{shown}");
+        assert!(!shown.contains(ADMIN) && !shown.contains("inner-token"), "{shown}");
     }
 }

@@ -17,7 +17,7 @@ use openclaw_sidecar::{app, sweeper, AppState};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
-const ADMIN: &str = "test-admin-token";
+const ADMIN: &str = "test-admin-token-0123456789abcdef";
 
 struct Sidecar {
     url: String,

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::{free_port, log_dir, mongo_uri, unique_db, workspace_bin, Proc};
 
-pub const ADMIN_TOKEN: &str = "stack-admin-token";
+pub const ADMIN_TOKEN: &str = "stack-admin-token-0123456789abcdef";
 pub const UPSTREAM_KEY: &str = "upstream-secret-key-0123";
 
 /// Options a test may change.

@@ -61,4 +61,13 @@ fn compose_passes_every_seed_setting() {
         Some("${ADMIN_TOKEN:?set ADMIN_TOKEN}"),
         "no default admin token"
     );
+    // The sidecar listens on the compose network: its internal API needs a token, in both places.
+    assert_eq!(sidecar[&Value::from("SIDECAR_ADDR")].as_str(), Some("0.0.0.0:8001"));
+    for env in [&sidecar, &render] {
+        assert_eq!(
+            env[&Value::from("INTERNAL_TOKEN")].as_str(),
+            Some("${INTERNAL_TOKEN:?set INTERNAL_TOKEN}"),
+            "no empty internal token"
+        );
+    }
 }
