@@ -64,6 +64,7 @@ PLUGIN_INTS = [
     ("SIDECAR_TIMEOUT_MS", "sidecar_timeout_ms", 1),
     ("RETRY_AFTER_SECS", "retry_after_secs", 1),
     ("MAX_BODY_BYTES", "max_body_bytes", 1),
+    ("UNADMITTED_BYTES_MAX", "unadmitted_bytes_max", 1),
     ("DEFAULT_OUTPUT_RESERVATION", "default_output_reservation", 1),
     ("SETTLE_INTERVAL_MS", "settle_interval_ms", 1),
     ("SETTLE_BACKLOG_MAX", "settle_backlog_max", 1),

@@ -23,6 +23,13 @@ out["plain"] = {
     "usage": response.usage.model_dump(),
 }
 
+# Read back at once, and continued, by the key that made it (the gateway knows
+# it is theirs before the request has settled).
+retrieved = client.responses.retrieve(response.id)
+raw = client.responses.with_raw_response.create(model="gpt-5-nano", input="Again.", previous_response_id=response.id)
+out["retrieved"] = {"made": response.id, "id": retrieved.id, "continued": raw.headers.get("x-bridge-request-id"),
+                    "continued_usage": raw.parse().usage.model_dump()}
+
 tools = [{"type": "function", "name": "read", "description": "Read a file",
           "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}]
 raw = client.responses.with_raw_response.create(model="gpt-5-nano", input="Read hello.txt.", tools=tools)

@@ -77,6 +77,9 @@ fn default_settle_timeout_ms() -> u64 {
 fn default_settle_batch() -> usize {
     200
 }
+fn default_unadmitted_bytes_max() -> usize {
+    128 * 1024 * 1024
+}
 fn default_settle_backlog_max() -> usize {
     20_000
 }
@@ -162,6 +165,12 @@ pub struct PluginConfig {
     /// `per_connection_buffer_limit_bytes` must be at least this.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Bytes of request bodies one VM holds for requests not yet admitted
+    /// (buffering, or waiting for their key's lease or the sidecar's
+    /// answer): past it, `503` + Retry-After. Bounds what made-up keys (or
+    /// any flood) cost in memory before their key is known.
+    #[serde(default = "default_unadmitted_bytes_max")]
+    pub unadmitted_bytes_max: usize,
     /// Output tokens held when the request sets neither `max_completion_tokens` nor `max_tokens`.
     #[serde(default = "default_output_reservation")]
     pub default_output_reservation: i64,
@@ -338,6 +347,9 @@ impl PluginConfig {
         }
         if self.estimate_bytes_per_token == 0 {
             return fail("estimate_bytes_per_token", "must be >= 1");
+        }
+        if self.unadmitted_bytes_max < self.max_body_bytes {
+            return fail("unadmitted_bytes_max", "must be at least max_body_bytes");
         }
         if self.settle_backlog_max == 0 {
             return fail("settle_backlog_max", "must be > 0");

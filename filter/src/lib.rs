@@ -11,6 +11,8 @@ pub mod host;
 pub mod itemise;
 pub mod lease;
 pub mod metrics;
+pub mod owners;
+pub mod policy;
 pub mod rate;
 pub mod reply;
 pub mod request;

@@ -1,5 +1,5 @@
 //! Per-key rate limits (`rpm_limit`, `tpm_limit`), counted per Envoy in a
-//! one-minute window in shared data next to the key's lease slot, by the
+//! one-minute window of the key's own in shared data, by the
 //! requests' estimates. Only keys whose lease carries a limit are counted, so
 //! unlimited keys pay nothing for it. Without leases (`lease_tokens: 0`) the
 //! limits come with each reservation's reply and are kept in the window
@@ -9,10 +9,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::slot::Stored;
 
-/// Prefix of the shared-data key of a rate window; the lease slot's number follows.
+/// Prefix of the shared-data key of a rate window; the key's hash follows.
 pub const RATE_PREFIX: &str = "openclaw_bridge_rate:";
 
 pub const WINDOW_MS: u64 = 60_000;
+
+/// The shared-data key of `key_hash`'s window: one per key (never shared
+/// with another key, whose requests would go uncounted while its window is
+/// current). Only keys with limits have one.
+pub fn window_key(key_hash: &str) -> String {
+    format!("{RATE_PREFIX}{key_hash}")
+}
 
 /// A key's requests and tokens in the current minute.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

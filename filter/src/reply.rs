@@ -51,6 +51,12 @@ impl LocalReply {
         Self::json(400, &ErrorEnvelope::new(message, "invalid_request_error", param, None))
     }
 
+    /// 400 for a field (or a value of it) the gateway does not forward:
+    /// `unsupported_parameter` or `unsupported_value`, as OpenAI words them.
+    pub fn unsupported(message: impl Into<String>, param: &str, code: &str) -> Self {
+        Self::json(400, &ErrorEnvelope::new(message, "invalid_request_error", Some(param), Some(code)))
+    }
+
     /// 401 for a missing or malformed key; answered without asking the sidecar.
     /// 404 `model_not_found`: a model the catalog does not list (answered
     /// without asking the sidecar).

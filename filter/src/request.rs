@@ -36,6 +36,9 @@ pub struct Admission {
     pub estimate: i64,
     /// The body to send upstream when it differs from the client's.
     pub rewritten: Option<Vec<u8>>,
+    /// The stored response it continues (`previous_response_id`): the key
+    /// must own it before anything goes upstream.
+    pub previous_response: Option<String>,
 }
 
 fn integer_param(fields: &Fields, name: &str) -> Result<Option<i64>, LocalReply> {
@@ -124,7 +127,7 @@ fn check_messages(fields: &Fields) -> Result<(), LocalReply> {
 }
 
 /// `input` of a Responses request: a string or an array of input items
-/// (objects); `previous_response_id`, if any, a string.
+/// (objects). (`previous_response_id` is the field policy's.)
 fn check_input(fields: &Fields) -> Result<(), LocalReply> {
     match fields.get("input") {
         None => return Err(LocalReply::bad_request("Missing required parameter: 'input'.", Some("input"))),
@@ -141,13 +144,7 @@ fn check_input(fields: &Fields) -> Result<(), LocalReply> {
             None => return Err(LocalReply::bad_request("'input' must be a string or an array.", Some("input"))),
         },
     }
-    match fields.get("previous_response_id") {
-        None => Ok(()),
-        Some(raw) if body::is_string(raw) => Ok(()),
-        Some(_) => {
-            Err(LocalReply::bad_request("'previous_response_id' must be a string.", Some("previous_response_id")))
-        }
-    }
+    Ok(())
 }
 
 /// `input` of an embeddings request: a string, an array of strings, an array
@@ -210,6 +207,7 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
         Endpoint::Responses => check_input(&fields)?,
         Endpoint::Embeddings => check_embedding_input(&fields)?,
     }
+    let checked = crate::policy::check(endpoint, &fields)?;
     let named = match fields.get("model").map(serde_json::from_str::<Cow<str>>) {
         None => None,
         Some(Ok(s)) if s.len() <= bridge_protocol::MAX_MODEL_LEN => Some(s),
@@ -261,7 +259,7 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
             integer_param(&fields, "max_output_tokens")?,
             1,
             Some("max_output_tokens"),
-            if fields.get("previous_response_id").is_some() { PREVIOUS_CONTEXT_ALLOWANCE } else { 0 },
+            if checked.previous_response.is_some() { PREVIOUS_CONTEXT_ALLOWANCE } else { 0 },
         ),
         // Embeddings write no output.
         Endpoint::Embeddings => (None, 0, None, 0),
@@ -298,7 +296,16 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
         }
     }
     let rewritten = crate::itemise::time(crate::itemise::Step::Reencode, || edits.finish());
-    Ok(Admission { endpoint, model_index, model, stream, client_wants_usage, estimate, rewritten })
+    Ok(Admission {
+        endpoint,
+        model_index,
+        model,
+        stream,
+        client_wants_usage,
+        estimate,
+        rewritten,
+        previous_response: checked.previous_response,
+    })
 }
 
 #[cfg(test)]

@@ -13,9 +13,14 @@ use crate::config::Encoding;
 use crate::sse::{Event, SseParser};
 use crate::tokens::{collect_choice_text, collect_output_item, MAX_EXACT_BYTES};
 
-/// Plain responses are copied up to this size to read their `usage`; beyond it
-/// the text is counted from what was copied (a chat answer is far smaller).
-const MAX_PLAIN_COPY: usize = 32 * 1024 * 1024;
+/// Plain responses are copied up to this size to read their `usage` (a chat
+/// answer is far smaller). Beyond it only the last `PLAIN_TAIL` bytes are
+/// kept, where a long answer's `usage` stands (its last field: 2,048
+/// embeddings of 3,072 dimensions are some 60 MB); a cut answer without one
+/// is charged its hold, never a count of a fragment. Memory per request stays
+/// bounded by the two.
+pub const MAX_PLAIN_COPY: usize = 4 * 1024 * 1024;
+pub const PLAIN_TAIL: usize = 64 * 1024;
 
 /// Token counts the upstream reported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,6 +53,8 @@ struct Tally {
     error_event: bool,
     /// The id of the response the upstream stored (the Responses API).
     response_id: Option<String>,
+    /// The plain answer was longer than what was copied of it.
+    cut: bool,
 }
 
 impl Tally {
@@ -219,6 +226,9 @@ pub struct ResponseMeter {
     sse: Option<SseParser>,
     drop_usage_event: bool,
     plain: Vec<u8>,
+    /// Past `MAX_PLAIN_COPY`: the plain answer's last bytes (at most twice
+    /// `PLAIN_TAIL`, trimmed to it as they come).
+    tail: Option<Vec<u8>>,
     tally: Tally,
     ended: bool,
 }
@@ -232,6 +242,7 @@ impl ResponseMeter {
             sse: is_sse.then(|| SseParser::new(drop)),
             drop_usage_event: drop,
             plain: Vec::new(),
+            tail: None,
             tally: Tally::default(),
             ended: false,
         }
@@ -256,7 +267,17 @@ impl ResponseMeter {
             }
             None => {
                 let room = MAX_PLAIN_COPY.saturating_sub(self.plain.len());
-                self.plain.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                let (head, rest) = chunk.split_at(chunk.len().min(room));
+                self.plain.extend_from_slice(head);
+                if !rest.is_empty() {
+                    let plain = &self.plain;
+                    let tail =
+                        self.tail.get_or_insert_with(|| plain[plain.len().saturating_sub(PLAIN_TAIL)..].to_vec());
+                    tail.extend_from_slice(rest);
+                    if tail.len() > 2 * PLAIN_TAIL {
+                        tail.drain(..tail.len() - PLAIN_TAIL);
+                    }
+                }
                 Forward::Unchanged
             }
         }
@@ -273,6 +294,16 @@ impl ResponseMeter {
             Some(parser) => {
                 let tally = &mut self.tally;
                 parser.finish(&mut |e| tally.on_event(e, drop))
+            }
+            None if self.tail.is_some() => {
+                // Cut: the usage from the end, or nothing (charged its hold).
+                if let Some(usage) = self.tail.as_deref().and_then(last_usage) {
+                    self.tally.take_usage(&serde_json::json!({ "usage": usage }));
+                }
+                self.plain = Vec::new();
+                self.tail = None;
+                self.tally.cut = true;
+                Vec::new()
             }
             None => {
                 let fields = std::str::from_utf8(&self.plain).ok().and_then(|t| crate::body::Fields::parse(t).ok());
@@ -340,6 +371,34 @@ impl ResponseMeter {
     pub fn saw_error_event(&self) -> bool {
         self.tally.error_event
     }
+
+    /// A plain answer longer than what is copied of it: without usage, its
+    /// text cannot be counted and its hold is charged.
+    pub fn was_cut(&self) -> bool {
+        self.tally.cut || self.tail.is_some()
+    }
+}
+
+/// The object after the last `"usage":` in a plain answer's last bytes (its
+/// quotes are JSON's own: in a string they would be escaped).
+fn last_usage(tail: &[u8]) -> Option<Value> {
+    const NAME: &[u8] = b"\"usage\"";
+    let mut end = tail.len();
+    while let Some(at) = tail[..end].windows(NAME.len()).rposition(|w| w == NAME) {
+        end = at;
+        let escaped = tail[..at].iter().rev().take_while(|b| **b == b'\\').count() % 2 == 1;
+        let rest = &tail[at + NAME.len()..];
+        let rest = &rest[rest.iter().take_while(|b| b.is_ascii_whitespace()).count()..];
+        let Some(value) = rest.strip_prefix(b":") else { continue };
+        if escaped {
+            continue;
+        }
+        if let Some(Ok(v @ Value::Object(_))) = serde_json::Deserializer::from_slice(value).into_iter::<Value>().next()
+        {
+            return Some(v);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -527,5 +586,40 @@ mod tests {
         let mut m = ResponseMeter::new(false, true);
         run(&mut m, without, 17);
         assert_eq!((m.usage(), m.output_text()), (None, "Hi there"));
+    }
+
+    /// 2,048 embeddings of 3,072 dimensions, as an upstream writes them: usage last.
+    fn huge_embeddings(usage: bool) -> Vec<u8> {
+        let vector = format!("[{}]", ["-0.0123456789"; 3072].join(","));
+        let data: Vec<String> =
+            (0..2048).map(|i| format!(r#"{{"object":"embedding","index":{i},"embedding":{vector}}}"#)).collect();
+        let usage = if usage { r#","usage":{"prompt_tokens":70000,"total_tokens":70000}"# } else { "" };
+        format!(r#"{{"object":"list","data":[{}],"model":"text-embedding-3-large"{usage}}}"#, data.join(","))
+            .into_bytes()
+    }
+
+    #[test]
+    fn an_answer_beyond_the_copy_is_metered_from_its_end_and_copied_only_so_far() {
+        let body = huge_embeddings(true);
+        assert!(body.len() > 16 * MAX_PLAIN_COPY, "{} bytes", body.len());
+        let mut m = ResponseMeter::new(false, false);
+        for chunk in body.chunks(16 * 1024) {
+            assert_eq!(m.on_chunk(chunk), Forward::Unchanged);
+            assert!(m.plain.len() <= MAX_PLAIN_COPY && m.tail.as_ref().map_or(0, Vec::len) <= 2 * PLAIN_TAIL);
+        }
+        m.on_end();
+        assert_eq!(m.usage(), Some(Usage { input: 70000, output: 0, ..Usage::default() }));
+        // Without usage: nothing counted from a fragment, and the meter says it was cut.
+        let mut m = ResponseMeter::new(false, false);
+        for chunk in huge_embeddings(false).chunks(1 << 20) {
+            m.on_chunk(chunk);
+        }
+        m.on_end();
+        assert_eq!((m.usage(), m.output_text(), m.was_cut()), (None, "", true));
+        // A usage name inside a string, or escaped, is not the usage.
+        assert_eq!(last_usage(br#"{"a":"x\"usage\":{\"prompt_tokens\":9}"}"#), None);
+        assert_eq!(last_usage(br#""usage": {"prompt_tokens":2}}"#), Some(serde_json::json!({"prompt_tokens": 2})));
+        let small = ResponseMeter::new(false, false);
+        assert!(!small.was_cut());
     }
 }

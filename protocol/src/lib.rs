@@ -31,9 +31,20 @@ pub struct OwnerRequest {
 }
 
 /// The model the response was made on, or `None`: not this key's (or unknown).
+/// `refused`: the key may not be used at all (unknown, frozen, expired) or
+/// not on that model, with the status and words the client gets, as on
+/// every other endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnerReply {
     pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<OwnerRefusal>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRefusal {
+    pub status: u16,
+    pub error: ErrorBody,
 }
 /// Header carrying the optional shared secret of the internal API.
 pub const INTERNAL_TOKEN_HEADER: &str = "x-bridge-internal-token";

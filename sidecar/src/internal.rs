@@ -253,6 +253,27 @@ pub async fn response_owner(
     if !bridge_protocol::valid_key_hash(&req.key_hash) || !bridge_protocol::valid_request_id(&req.response_id) {
         return Err(AppError::bad_request("key_hash or response_id is malformed.", Some("response_id")));
     }
+    let refused = |why: &crate::ledger::Refusal| {
+        let (status, error) = crate::refusal::reply(why);
+        Json(bridge_protocol::OwnerReply {
+            model: None,
+            refused: Some(bridge_protocol::OwnerRefusal { status, error }),
+        })
+    };
+    // The key's own rules first, as for a billed request: a made-up key is a
+    // 401, a frozen or expired one refused, whoever's response it names.
+    let allowed = match state.store.key_models(&req.key_hash).await? {
+        Err(why) => return Ok(refused(&why)),
+        Ok(allowed) => allowed,
+    };
     let model = state.store.response_owner(&req.key_hash, &req.response_id).await?;
-    Ok(Json(bridge_protocol::OwnerReply { model }))
+    if let (Some(m), Some(allowed)) = (&model, &allowed) {
+        if !allowed.iter().any(|a| a == m) {
+            return Ok(refused(&crate::ledger::Refusal::ModelNotAllowed {
+                model: m.clone(),
+                allowed: allowed.clone(),
+            }));
+        }
+    }
+    Ok(Json(bridge_protocol::OwnerReply { model, refused: None }))
 }

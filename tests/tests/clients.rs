@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tokio::process::Command;
 
 use bridge_tests::stack::{Stack, StackOptions, ADMIN_TOKEN, UPSTREAM_KEY};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -78,7 +78,7 @@ async fn the_openai_python_sdk_is_billed_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_sdks_responses_and_embeddings_are_billed_exactly() {
     let key = "sk-python-sdk-user-2";
-    let (s, r) = run_sdk_script("sdk_responses.py", key).await;
+    let (s, mut r) = run_sdk_script("sdk_responses.py", key).await;
     assert_eq!(r["plain"]["text"], "word0 word1 word2 word3 word4 ");
     assert_eq!(
         (r["tool"]["name"].as_str(), r["tool"]["arguments"]["path"].as_str()),
@@ -86,7 +86,10 @@ async fn the_openai_python_sdks_responses_and_embeddings_are_billed_exactly() {
     );
     assert_eq!(r["stream"]["text"], "the file says 42");
     assert_eq!((r["embeddings"]["vectors"].as_i64(), r["embeddings"]["dimensions"].as_i64()), (Some(2), Some(4)));
-    for call in ["plain", "tool", "stream", "embeddings"] {
+    // responses.retrieve right after responses.create, and a continuation: the maker's, at once.
+    assert_eq!(r["retrieved"]["id"], r["retrieved"]["made"]);
+    r["continued"] = json!({"request_id": r["retrieved"]["continued"], "usage": r["retrieved"]["continued_usage"]});
+    for call in ["plain", "continued", "tool", "stream", "embeddings"] {
         let row = s.settled_row(r[call]["request_id"].as_str().unwrap()).await;
         assert_eq!(row.get_str("usage_source"), Ok("upstream"), "{call}");
         if let Some(usage) = r[call].get("usage").filter(|u| !u.is_null()) {
@@ -95,8 +98,9 @@ async fn the_openai_python_sdks_responses_and_embeddings_are_billed_exactly() {
         }
     }
     let served = s.served().await;
-    assert_eq!(served.len(), 4);
-    assert!(served[3].path.ends_with("/embeddings"), "{}", served[3].path);
+    assert_eq!(served.len(), 6, "create, retrieve, continue, tool, stream, embeddings");
+    assert!(served[1].path.ends_with(r["retrieved"]["id"].as_str().unwrap()), "{}", served[1].path);
+    assert!(served[5].path.ends_with("/embeddings"), "{}", served[5].path);
     let served_total: i64 = served.iter().map(|x| x.prompt_tokens + x.completion_tokens).sum();
     assert_eq!(s.settled_balance(key).await, 200_000 - served_total);
 }

@@ -197,8 +197,66 @@ async fn a_stored_response_is_read_and_deleted_by_the_key_that_made_it_only() {
     assert_eq!(call(reqwest::Method::GET, owner, "/v1/responses/resp_made_up".into()).await.0, 404);
     let resp = s.http.get(format!("{}/v1/responses/{}", s.base, ids[0])).send().await.unwrap();
     assert_eq!(resp.status(), 401);
+    // A made-up key gets 401, as on every other endpoint (never 404).
+    let (status, body) = call(reqwest::Method::GET, "sk-made-up-key-000009", format!("/v1/responses/{}", ids[0])).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("invalid_api_key")), "{body}");
     // None of it is billed.
     assert_eq!(s.settled_balance(owner).await, balance);
     assert_eq!(s.audit_rows(owner).await.len(), 2);
     assert!(s.audit_rows(other).await.is_empty());
+    // A frozen owner is refused its own responses too.
+    s.patch_key(owner, json!({"status": "frozen"})).await;
+    let mut frozen = (0, Value::Null);
+    for _ in 0..50 {
+        frozen = call(reqwest::Method::GET, owner, format!("/v1/responses/{}", ids[1])).await;
+        if frozen.0 == 403 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!((frozen.0, frozen.1["error"]["code"].as_str()), (403, Some("key_frozen")), "{}", frozen.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_is_continued_by_the_key_that_made_it_only_and_unpriced_fields_never_reach_the_upstream() {
+    let s = Stack::start(StackOptions::default()).await;
+    let (owner, other) = ("sk-responses-owner-2", "sk-responses-other-2");
+    s.create_key(owner, 100_000).await;
+    s.create_key(other, 100_000).await;
+    let made = json!({"model": "gpt-5-nano", "input": "remember 7", "max_output_tokens": 20});
+    let resp = responses(&s, owner, &made).send().await.unwrap();
+    let id = resp.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    // At once, before its settlement: the owner continues it.
+    let follow =
+        json!({"model": "gpt-5-nano", "input": "which number?", "previous_response_id": id, "max_output_tokens": 20});
+    let resp = responses(&s, owner, &follow).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let continued = request_id(&resp);
+    let before = s.served().await.len();
+    // Another key: 404, and the upstream never sees it.
+    let resp = responses(&s, other, &follow).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        (v["error"]["param"].as_str(), v["error"]["code"].as_str()),
+        (Some("previous_response_id"), Some("previous_response_not_found"))
+    );
+    // Fields that cost beyond the tokens, or name the operator's account's objects: 400, naming them.
+    for (body, param) in [
+        (json!({"model": "gpt-5-nano", "input": "x", "background": true}), "background"),
+        (json!({"model": "gpt-5-nano", "input": "x", "tools": [{"type": "web_search"}]}), "tools[0].type"),
+        (json!({"model": "gpt-5-nano", "input": "x", "conversation": "conv_1"}), "conversation"),
+        (json!({"model": "gpt-5-nano", "input": "x", "service_tier": "priority"}), "service_tier"),
+        (json!({"model": "gpt-5-nano", "input": [{"type": "item_reference", "id": "msg_1"}]}), "input[0].type"),
+    ] {
+        let resp = responses(&s, owner, &body).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{body}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert!(v["error"]["code"].as_str().unwrap().starts_with("unsupported_"), "{v}");
+    }
+    assert_eq!(s.served().await.len(), before, "none of them reached the upstream");
+    let row = s.settled_row(&continued).await;
+    assert_eq!(row.get_str("usage_source"), Ok("upstream"));
+    assert!(s.audit_rows(other).await.is_empty(), "nothing billed to the other key");
 }

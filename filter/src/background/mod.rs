@@ -24,7 +24,7 @@ use crate::settle::{batch_of, Item, LaneKind};
 use crate::slot::{self, Step};
 
 mod vm;
-pub use vm::{CallPermit, Vm, Waits};
+pub use vm::{BodyBytes, CallPermit, Vm, Waits};
 
 /// The root context's state.
 pub struct Background {

@@ -32,6 +32,36 @@ pub struct Vm {
     /// Requests drawn from each lease not yet settled (in flight, or their
     /// records queued): lease id -> (key hash, count).
     in_flight: Rc<RefCell<HashMap<String, (String, i64)>>>,
+    /// Bytes of bodies held for requests not yet admitted (see [`BodyBytes`]).
+    unadmitted: Rc<Cell<usize>>,
+}
+
+/// The body bytes one request holds before its admission, counted in its
+/// VM's total while it lives.
+#[derive(Debug)]
+pub struct BodyBytes {
+    total: Rc<Cell<usize>>,
+    n: usize,
+}
+
+impl BodyBytes {
+    /// The request now holds `n` bytes: `false` (and nothing counted) when
+    /// that would take the VM's total past `max`.
+    pub fn grow_to(&mut self, n: usize, max: usize) -> bool {
+        let others = self.total.get().saturating_sub(self.n);
+        if n > self.n && others.saturating_add(n) > max {
+            return false;
+        }
+        self.total.set(others + n);
+        self.n = n;
+        true
+    }
+}
+
+impl Drop for BodyBytes {
+    fn drop(&mut self) {
+        self.total.set(self.total.get().saturating_sub(self.n));
+    }
 }
 
 /// The requests of one VM waiting for a lease that another request (or the
@@ -105,7 +135,18 @@ impl Vm {
             calls: Rc::default(),
             callers: Rc::default(),
             in_flight: Rc::default(),
+            unadmitted: Rc::default(),
         }
+    }
+
+    /// A counter of one request's body bytes before admission.
+    pub fn body_bytes(&self) -> BodyBytes {
+        BodyBytes { total: self.unadmitted.clone(), n: 0 }
+    }
+
+    /// Bytes of bodies this VM holds for requests not yet admitted.
+    pub fn unadmitted_bytes(&self) -> usize {
+        self.unadmitted.get()
     }
 
     /// The leases (id, key hash) that requests in flight were drawn from.

@@ -89,7 +89,19 @@ impl Exchange {
                 self.call(host, req, wait, LEASE_PATH, serde_json::to_vec(&ask))
             }
             Precheck::Wait => self.wait(host, req),
-            Precheck::Reserve => self.reserve(host, req),
+            // Reserving alone (another key's lease in the slot, a lost race):
+            // the key's limits as its replies taught them still count it.
+            Precheck::Reserve => match self.over_taught_limit(host, &req) {
+                Some(Err(secs)) => {
+                    info!("[{}] {}: over the key's rate limit", self.id, req.caller.request_id);
+                    self.answer(host, LocalReply::rate_limited(secs))
+                }
+                Some(Ok(())) => {
+                    req.rate_counted = true;
+                    self.reserve(host, req)
+                }
+                None => self.reserve(host, req),
+            },
             Precheck::Refused(status, error) => {
                 self.refuse(host, &req, status, error);
                 Flow::Pause
@@ -103,15 +115,8 @@ impl Exchange {
 
     /// This request counted in the key's minute under its rate limits, or
     /// refused: the seconds to retry after.
-    fn over_limit(
-        &self,
-        host: &impl HttpHost,
-        req: &Admitted,
-        key: &str,
-        rpm: Option<i64>,
-        tpm: Option<i64>,
-    ) -> Option<u64> {
-        let rate_key = key.replacen(lease::SLOT_PREFIX, rate::RATE_PREFIX, 1);
+    fn over_limit(&self, host: &impl HttpHost, req: &Admitted, rpm: Option<i64>, tpm: Option<i64>) -> Option<u64> {
+        let rate_key = rate::window_key(&req.caller.key_hash);
         let (key_hash, estimate) = (req.caller.key_hash.as_str(), req.admission.estimate);
         slot::update(host, &rate_key, |current: Option<&rate::Rate>, now| {
             match rate::count(current, key_hash, now, estimate, rpm, tpm) {
@@ -127,7 +132,7 @@ impl Exchange {
     /// reservation reply taught (`Ok`), refused with the seconds to retry
     /// after (`Err`), or `None` where none were taught (or every try lost).
     fn over_taught_limit(&self, host: &impl HttpHost, req: &Admitted) -> Option<Result<(), u64>> {
-        let rate_key = self.slot_of(req).replacen(lease::SLOT_PREFIX, rate::RATE_PREFIX, 1);
+        let rate_key = rate::window_key(&req.caller.key_hash);
         let (key_hash, estimate) = (req.caller.key_hash.as_str(), req.admission.estimate);
         slot::update(host, &rate_key, |current: Option<&rate::Rate>, now| {
             let Some((rpm, tpm)) = rate::learned_limits(current, key_hash, now) else { return Step::Keep(None) };
@@ -143,7 +148,7 @@ impl Exchange {
     /// Without leases: keeps the limits a reservation reply gave for the
     /// key's next requests, counting this admitted one if it was not yet.
     fn learn_limits(&self, host: &impl HttpHost, req: &Admitted, policy: &KeyPolicy) {
-        let rate_key = self.slot_of(req).replacen(lease::SLOT_PREFIX, rate::RATE_PREFIX, 1);
+        let rate_key = rate::window_key(&req.caller.key_hash);
         let (key_hash, estimate) = (req.caller.key_hash.as_str(), req.admission.estimate);
         let limits = (policy.rpm_limit, policy.tpm_limit);
         slot::update(host, &rate_key, |current: Option<&rate::Rate>, now| {
@@ -234,7 +239,7 @@ impl Exchange {
                 decide_draw(lease::draw(slot, key_hash, now, estimate, &new_id, &policy), &new_id)
             });
             match decided {
-                Some(Err((rpm, tpm))) => match self.over_limit(host, req, &key, rpm, tpm) {
+                Some(Err((rpm, tpm))) => match self.over_limit(host, req, rpm, tpm) {
                     Some(secs) => return Precheck::Limited(secs),
                     None => counted = true,
                 },
@@ -334,6 +339,12 @@ impl Exchange {
             }
             return;
         }
+        if matches!(&self.state, State::Checking { callout, .. } if *callout == token) {
+            // Its call permit goes before admission may ask for another.
+            let State::Checking { req, .. } = std::mem::replace(&mut self.state, State::Settled) else { return };
+            self.on_previous_reply(host, req, body_size);
+            return;
+        }
         if !matches!(&self.state, State::Admitting { callout, .. } if *callout == token) {
             return;
         }
@@ -343,9 +354,8 @@ impl Exchange {
         match wait {
             Wait::Reserve => match sidecar_reply::<ReserveReply>(host, body_size) {
                 Ok(ReserveReply::Admit { policy, .. }) => {
-                    if self.cfg.lease_tokens == 0 {
-                        self.learn_limits(host, &req, &policy);
-                    }
+                    // Kept for the key's next requests that reserve alone (all of them without leases).
+                    self.learn_limits(host, &req, &policy);
                     self.forward(host, req, Hold::Reserved)
                 }
                 Ok(ReserveReply::Refuse { status: 429, error }) => match self.draw_only(host, &req) {
@@ -405,6 +415,7 @@ impl Exchange {
     /// lease is counted on it until then (the root keeps reporting the lease
     /// while any is in flight, so the sidecar never takes it for lost).
     fn forwarded(&mut self, req: Admitted, hold: Hold) {
+        self.unadmitted = None;
         if let Hold::Drawn(lease_id) = &hold {
             self.vm.drawn_in_flight(lease_id, &req.caller.key_hash, 1);
         }

@@ -49,6 +49,19 @@ impl Gateway {
         (ex, s, flow)
     }
 
+    /// A request to `path` with `headers` besides the key, its whole body arrived.
+    pub fn post(&mut self, key: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (Exchange, Stream, Flow) {
+        let mut ex = self.exchange();
+        let auth = format!("Bearer {key}");
+        let mut all = vec![(":method", "POST"), (":path", path), ("authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        let s = Stream::new(&self.world, &all);
+        assert_eq!(ex.on_request_headers(&s, false), Flow::Pause);
+        *s.request_body.borrow_mut() = body.to_vec();
+        let flow = ex.on_request_body(&s, body.len(), true);
+        (ex, s, flow)
+    }
+
     pub fn headers(&mut self, key: &str) -> (Exchange, Stream) {
         let mut ex = self.exchange();
         let auth = format!("Bearer {key}");

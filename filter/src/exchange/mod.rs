@@ -28,7 +28,7 @@ mod tests;
 use std::rc::Rc;
 
 use bridge_protocol::{SettleRecord, UsageSource};
-use log::{debug, error};
+use log::{debug, error, warn};
 
 use crate::background::Vm;
 use crate::config::PluginConfig;
@@ -63,6 +63,8 @@ struct Admitted {
     rate_counted: bool,
     /// The upstream host that answered, once the answer began.
     upstream: Option<String>,
+    /// The answer's response id was noted as this key's (`owners`).
+    owner_noted: bool,
 }
 
 /// What the sidecar is deciding while the request waits.
@@ -116,6 +118,13 @@ enum State {
     },
     /// Asking the sidecar whose stored response the request names.
     Looking(stored::Lookup),
+    /// Asking the sidecar whose response `previous_response_id` names,
+    /// before admission.
+    Checking {
+        req: Admitted,
+        callout: u32,
+        _permit: crate::background::CallPermit,
+    },
     /// The settlement record is queued (or was never owed).
     Settled,
 }
@@ -125,11 +134,13 @@ pub struct Exchange {
     cfg: Rc<PluginConfig>,
     vm: Vm,
     state: State,
+    /// Its body's bytes, counted in the VM's bound until it is admitted or answered.
+    unadmitted: Option<crate::background::BodyBytes>,
 }
 
 impl Exchange {
     pub fn new(id: u32, cfg: Rc<PluginConfig>, vm: Vm) -> Self {
-        Self { id, cfg, vm, state: State::Headers }
+        Self { id, cfg, vm, state: State::Headers, unadmitted: None }
     }
 
     fn keep(&self, host: &impl Host, item: Item) {
@@ -141,6 +152,7 @@ impl Exchange {
         headers.extend(reply.headers.iter().map(|(k, v)| (*k, v.as_str())));
         host.send_reply(reply.status, &headers, &reply.body);
         self.state = State::Answered;
+        self.unadmitted = None;
         Flow::Pause
     }
 
@@ -163,6 +175,11 @@ impl Exchange {
         if target == Route::Passthrough {
             self.state = State::Passthrough;
             return Flow::Continue;
+        }
+        // They pick the organization and project of the operator's upstream
+        // account whose state (files, stored objects, limits) a request uses.
+        for name in crate::policy::ACCOUNT_HEADERS {
+            remove(name);
         }
         let key = client_key(header("authorization"), header("api-key")).map(str::to_owned);
         match target {
@@ -210,6 +227,7 @@ impl Exchange {
             _ => Endpoint::Chat,
         };
         host.set_request_header(&cfg.route_header, Some("upstream"));
+        self.unadmitted = Some(self.vm.body_bytes());
         self.state = State::Body(Caller {
             key_hash: bridge_protocol::key_hash(&key),
             request_id,
@@ -225,6 +243,12 @@ impl Exchange {
         }
         if body_size > self.cfg.max_body_bytes {
             return self.answer(host, LocalReply::too_large(self.cfg.max_body_bytes));
+        }
+        let max = self.cfg.unadmitted_bytes_max;
+        if self.unadmitted.as_mut().is_some_and(|b| !b.grow_to(body_size, max)) {
+            warn!("[{}] {} bytes of bodies wait for admission; answering 503", self.id, self.vm.unadmitted_bytes());
+            host.metric(crate::metrics::Metric::Shed, 1);
+            return self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs));
         }
         if !end_of_stream {
             return Flow::Pause;
@@ -251,7 +275,20 @@ impl Exchange {
                 }
             }
         });
-        self.admit(host, Admitted { caller, body, admission, waiting_since: None, rate_counted: false, upstream: None })
+        let previous = admission.previous_response.clone();
+        let req = Admitted {
+            caller,
+            body,
+            admission,
+            waiting_since: None,
+            rate_counted: false,
+            upstream: None,
+            owner_noted: false,
+        };
+        match previous {
+            Some(id) => self.check_previous(host, req, id),
+            None => self.admit(host, req),
+        }
     }
 
     /// Trailers end a body that never said it ended: until admission has
@@ -263,7 +300,7 @@ impl Exchange {
                 host,
                 LocalReply::bad_request("Request trailers are not accepted; send the body without trailers.", None),
             ),
-            State::Admitting { .. } | State::Waiting { .. } => Flow::Pause,
+            State::Admitting { .. } | State::Waiting { .. } | State::Checking { .. } => Flow::Pause,
             _ => Flow::Continue,
         }
     }
@@ -286,7 +323,7 @@ impl Exchange {
     }
 
     pub fn on_response_body(&mut self, host: &impl HttpHost, body_size: usize, end_of_stream: bool) -> Flow {
-        let State::Forwarded { meter: Some(meter), .. } = &mut self.state else { return Flow::Continue };
+        let State::Forwarded { req, status, meter: Some(meter), .. } = &mut self.state else { return Flow::Continue };
         let chunk = if body_size > 0 { host.response_body(body_size) } else { Vec::new() };
         let mut out = match meter.on_chunk(&chunk) {
             Forward::Unchanged => None,
@@ -300,6 +337,13 @@ impl Exchange {
                 out = Some(all);
             }
         }
+        if !req.owner_noted && req.admission.endpoint == Endpoint::Responses && *status < 400 {
+            // Before the client can have the id: it may continue or read the response at once.
+            if let Some(id) = meter.response_id() {
+                crate::owners::note(host, id, &req.caller.key_hash, &req.admission.model);
+                req.owner_noted = true;
+            }
+        }
         if let Some(bytes) = out {
             host.set_response_body(body_size, &bytes);
         }
@@ -309,13 +353,14 @@ impl Exchange {
     /// The stream is over, however it ended: the one place a forwarded
     /// request settles.
     pub fn on_log(&mut self, host: &impl HttpHost) {
+        self.unadmitted = None;
         match std::mem::replace(&mut self.state, State::Settled) {
             // The client left while the sidecar decided: whatever it decided is undone.
             State::Admitting { req, wait, .. } => self.give_back(host, &req, wait, 499),
             // Nothing was granted to it: it only leaves the wait list.
             State::Waiting { .. } => self.vm.waits.borrow_mut().forget(self.id),
-            // A stored-response lookup the client left: nothing to undo, its call permit goes.
-            State::Looking(_) => {}
+            // A lookup the client left: nothing was granted, its call permit goes.
+            State::Looking(_) | State::Checking { .. } => {}
             State::Forwarded { req, hold, status, mut meter } => {
                 if let Some(m) = &mut meter {
                     // A client that left mid-answer never reached the end: finish the count here.
@@ -329,7 +374,8 @@ impl Exchange {
                     status,
                     &req.body,
                     encoding,
-                    reasons.then_some(req.admission.estimate),
+                    // A plain answer cut without its usage pays its hold, as a reasoning model does.
+                    (reasons || meter.as_ref().is_some_and(ResponseMeter::was_cut)).then_some(req.admission.estimate),
                 );
                 let mut record = record(host.now_ms(), &req, &hold, status, (input, output, source), false);
                 let details = meter.as_ref().and_then(ResponseMeter::usage).filter(|_| source == UsageSource::Upstream);
@@ -369,7 +415,10 @@ impl Exchange {
     /// reachable from other contexts meanwhile ([`Exchange::on_woken`], and
     /// replies to calls it made while woken, which reach the root).
     pub fn is_pending(&self) -> bool {
-        matches!(self.state, State::Waiting { .. } | State::Admitting { .. } | State::Looking(_))
+        matches!(
+            self.state,
+            State::Waiting { .. } | State::Admitting { .. } | State::Looking(_) | State::Checking { .. }
+        )
     }
 
     pub fn context_id(&self) -> u32 {

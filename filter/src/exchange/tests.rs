@@ -761,3 +761,202 @@ fn a_stored_response_goes_on_only_for_its_owner_and_only_after_asking() {
     assert_eq!(s.replied(), Some(503));
     assert!(gw.queued().is_empty(), "none of it is billed");
 }
+
+fn error_of(s: &Stream) -> Value {
+    serde_json::from_slice(&s.replies.borrow().last().unwrap().1).unwrap()
+}
+
+#[test]
+fn a_previous_response_of_another_key_is_a_404_that_never_reaches_admission_or_the_upstream() {
+    let mut gw = Gateway::new(json!({}));
+    let body = br#"{"model":"gpt-5-nano","input":"and then?","previous_response_id":"resp_theirs"}"#;
+    let (mut ex, s, flow) = gw.post(KEY, "/v1/responses", &[], body);
+    assert_eq!(flow, Flow::Pause);
+    let ask = gw.world.calls_to(bridge_protocol::OWNER_PATH).pop().expect("asked whose it is");
+    assert_eq!(
+        (ask.body["response_id"].as_str(), ask.body["key_hash"].as_str()),
+        (Some("resp_theirs"), Some(bridge_protocol::key_hash(KEY).as_str()))
+    );
+    assert!(ex.is_pending());
+    // A trailer while it is asked holds, as during admission.
+    assert_eq!(ex.on_request_trailers(&s), Flow::Pause);
+    gw.answer(&mut ex, &s, "200", json!({"model": null}));
+    assert_eq!((s.replied(), s.resumed.get()), (Some(404), 0));
+    let e = error_of(&s);
+    assert_eq!(
+        (e["error"]["param"].as_str(), e["error"]["code"].as_str()),
+        (Some("previous_response_id"), Some("previous_response_not_found"))
+    );
+    assert!(gw.world.calls_to(LEASE_PATH).is_empty() && gw.world.calls_to(RESERVE_PATH).is_empty(), "nothing held");
+    ex.on_log(&s);
+    assert!(gw.queued().is_empty(), "nothing to settle");
+
+    // The key's own: on to admission (a lease fetched), then upstream.
+    let (mut ex, s, _) = gw.post(KEY, "/v1/responses", &[], body);
+    gw.answer(&mut ex, &s, "200", json!({"model": "gpt-5-nano"}));
+    assert_eq!(s.resumed.get(), 0, "not before admission");
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 1);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    assert_eq!(s.resumed.get(), 1);
+    // The sidecar failing, or the client leaving while it is asked: 503, or nothing owed.
+    let (mut ex, s, _) = gw.post(KEY, "/v1/responses", &[], body);
+    gw.answer(&mut ex, &s, "503", json!(null));
+    assert_eq!(s.replied(), Some(503));
+    let (mut ex, s, _) = gw.post(KEY, "/v1/responses", &[], body);
+    ex.on_log(&s);
+    assert!(ex.is_settled());
+}
+
+#[test]
+fn a_response_just_made_is_its_makers_at_once_and_no_one_elses_before_it_settles() {
+    let mut gw = Gateway::new(json!({}));
+    let other = "sk-someone-else-0002";
+    let (mut ex, s, _) = gw.post(KEY, "/v1/responses", &[], br#"{"model":"gpt-5-nano","input":"remember 7"}"#);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    respond(
+        &mut ex,
+        &s,
+        "200",
+        br#"{"id":"resp_made_now","object":"response","usage":{"input_tokens":5,"output_tokens":2}}"#,
+    );
+    // Not yet settled (on_log has not run): the sidecar knows nothing of it.
+    let asked = gw.world.calls_to(bridge_protocol::OWNER_PATH).len();
+    let follow = br#"{"model":"gpt-5-nano","input":"which number?","previous_response_id":"resp_made_now"}"#;
+    let (_ex2, s2, flow) = gw.post(KEY, "/v1/responses", &[], follow);
+    assert_eq!((flow, s2.replied()), (Flow::Continue, None), "drawn from the key's lease at once");
+    let read = |gw: &mut Gateway, key: &str| {
+        let mut ex = gw.exchange();
+        let auth = format!("Bearer {key}");
+        let s = Stream::new(
+            &gw.world,
+            &[(":method", "GET"), (":path", "/v1/responses/resp_made_now"), ("authorization", &auth)],
+        );
+        let flow = ex.on_request_headers(&s, true);
+        (ex, flow, s)
+    };
+    let (_e4, flow, s4) = read(&mut gw, KEY);
+    assert_eq!(flow, Flow::Continue);
+    assert_eq!(s4.header(":path").as_deref(), Some("/openai/v1/responses/resp_made_now"));
+    assert_eq!(gw.world.calls_to(bridge_protocol::OWNER_PATH).len(), asked, "none of it asked the sidecar");
+    // Another key with a live lease of its own: 404 at once, for either.
+    let (mut exo, so, _) = gw.post(other, "/v1/chat/completions", &[], BODY);
+    gw.answer(&mut exo, &so, "200", grant(100_000));
+    let (_ex3, s3, _) = gw.post(other, "/v1/responses", &[], follow);
+    assert_eq!(s3.replied(), Some(404));
+    let (_e5, _, s5) = read(&mut gw, other);
+    assert_eq!(s5.replied(), Some(404));
+    assert_eq!(gw.world.calls_to(bridge_protocol::OWNER_PATH).len(), asked);
+    // A key nothing vouches for (made up, say) is the sidecar's to answer: 401 as elsewhere.
+    let (mut ex6, _, s6) = read(&mut gw, "sk-made-up-key-0003");
+    let refused = json!({"model": null, "refused": {"status": 401, "error": {"message": "Incorrect API key provided.",
+        "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}}});
+    gw.answer(&mut ex6, &s6, "200", refused.clone());
+    assert_eq!((s6.replied(), error_of(&s6)["error"]["code"].as_str()), (Some(401), Some("invalid_api_key")));
+    let (mut ex7, s7, _) = gw.post("sk-made-up-key-0003", "/v1/responses", &[], follow);
+    gw.answer(&mut ex7, &s7, "200", refused);
+    assert_eq!((s7.replied(), s7.resumed.get()), (Some(401), 0));
+    ex.on_log(&s);
+    assert_eq!(
+        gw.records()[0].detail.response_id.as_deref(),
+        Some("resp_made_now"),
+        "and the sidecar is told with the settlement"
+    );
+}
+
+#[test]
+fn refused_fields_and_account_headers_never_reach_the_upstream() {
+    let mut gw = Gateway::new(json!({}));
+    let (_ex, s, _) = gw.post(
+        KEY,
+        "/v1/chat/completions",
+        &[("openai-organization", "org-operator"), ("openai-project", "proj_x")],
+        BODY,
+    );
+    assert_eq!((s.header("openai-organization"), s.header("openai-project")), (None, None));
+    for (path, body, param) in [
+        ("/v1/responses", &br#"{"input":"x","background":true}"#[..], "background"),
+        ("/v1/responses", br#"{"input":"x","tools":[{"type":"web_search"}]}"#, "tools[0].type"),
+        (
+            "/v1/chat/completions",
+            br#"{"messages":[{"role":"user","content":"x"}],"service_tier":"priority"}"#,
+            "service_tier",
+        ),
+    ] {
+        let before = gw.world.calls().len();
+        let (_ex, s, _) = gw.post(KEY, path, &[], body);
+        assert_eq!((s.replied(), s.resumed.get()), (Some(400), 0));
+        assert_eq!(error_of(&s)["error"]["param"], param);
+        assert_eq!(gw.world.calls().len(), before, "refused before any call");
+    }
+}
+
+#[test]
+fn a_plain_answer_cut_without_its_usage_is_charged_its_hold_not_a_count_of_its_fragment() {
+    let mut gw = Gateway::new(json!({}));
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    let text = "word ".repeat(crate::response::MAX_PLAIN_COPY / 5 + 1000);
+    let body = format!(r#"{{"choices":[{{"message":{{"role":"assistant","content":"{text}"}}}}]}}"#);
+    respond(&mut ex, &s, "200", body.as_bytes());
+    ex.on_log(&s);
+    let r = &gw.records()[0];
+    assert_eq!(r.usage_source, UsageSource::Estimate);
+    assert_eq!(r.input_tokens + r.output_tokens, r.reserved, "the hold, whatever the fragment would count");
+}
+
+#[test]
+fn bodies_held_before_admission_are_bounded_per_vm_and_freed_when_admitted_answered_or_gone() {
+    let mut gw = Gateway::new(json!({"max_body_bytes": 1_000, "unadmitted_bytes_max": 2_500}));
+    // Made-up keys sending large bodies slowly: two fit, the third is 503 with Retry-After.
+    let mut slow = Vec::new();
+    for i in 0..3 {
+        let (mut ex, s) = gw.headers(&format!("sk-made-up-key-{i:04}"));
+        let flow = ex.on_request_body(&s, 900, false);
+        slow.push((ex, s, flow));
+    }
+    assert_eq!(slow.iter().map(|(_, s, _)| s.replied()).collect::<Vec<_>>(), [None, None, Some(503)]);
+    assert!(slow[2].1.reply_headers().iter().any(|(k, _)| k == "retry-after"));
+    assert_eq!(gw.root.vm.unadmitted_bytes(), 1_800);
+    // One leaves: its bytes are freed, and a real request fits again.
+    let (mut gone, s, _) = slow.remove(0);
+    gone.on_log(&s);
+    assert_eq!(gw.root.vm.unadmitted_bytes(), 900);
+    let (mut ex, s, flow) = gw.send(BODY);
+    assert_eq!((flow, s.replied()), (Flow::Pause, None), "counted while its lease is fetched");
+    assert_eq!(gw.root.vm.unadmitted_bytes(), 900 + BODY.len());
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    assert_eq!(gw.root.vm.unadmitted_bytes(), 900, "admitted: no longer counted");
+    // An answered one (refused, here) frees its bytes too.
+    let (mut ex, s) = gw.headers("sk-made-up-key-0001");
+    *s.request_body.borrow_mut() = b"{not json".to_vec();
+    ex.on_request_body(&s, 9, true);
+    assert_eq!((s.replied(), gw.root.vm.unadmitted_bytes()), (Some(400), 900));
+}
+
+#[test]
+fn a_key_reserving_alone_beside_another_keys_lease_is_still_held_to_its_rate_limit() {
+    // One lease slot: another key's live lease sits in it, so this key's requests reserve alone.
+    let mut gw = Gateway::new(json!({"lease_slots": 1}));
+    let other = "sk-someone-else-0002";
+    let (mut ex, s, _) = gw.post(other, "/v1/chat/completions", &[], BODY);
+    gw.answer(
+        &mut ex,
+        &s,
+        "200",
+        json!({"verdict": "grant", "tokens": 100_000, "balance_tokens": 0, "policy": {"rpm_limit": 1}}),
+    );
+    let admit = json!({"verdict": "admit", "balance_tokens": 0, "policy": {"rpm_limit": 2}});
+    for _ in 0..2 {
+        let (mut ex, s, _) = gw.send(BODY);
+        assert_eq!(gw.world.calls().last().unwrap().path, RESERVE_PATH, "reserves alone");
+        gw.answer(&mut ex, &s, "200", admit.clone());
+        assert_eq!(s.resumed.get(), 1);
+    }
+    let calls = gw.world.calls().len();
+    let (_, s, _) = gw.send(BODY);
+    assert_eq!(s.replied(), Some(429), "its third in the minute");
+    assert_eq!(gw.world.calls().len(), calls, "refused without a call");
+    // The other key's own limit is its own window's: one request counted (the fetcher, before it was known), then 429.
+    assert_eq!(gw.post(other, "/v1/chat/completions", &[], BODY).1.replied(), None);
+    assert_eq!(gw.post(other, "/v1/chat/completions", &[], BODY).1.replied(), Some(429));
+}

@@ -103,10 +103,15 @@ impl Lease {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Slot {
-    /// A worker is asking the sidecar for lease `id`; others reserve per request meanwhile.
+    /// A worker is asking the sidecar for lease `id` of key `key_hash`; the
+    /// key's other requests wait for it, another key's reserve alone (a
+    /// made-up key's fetch never holds up a real key sharing its slot).
     Fetching {
         id: String,
         since_ms: u64,
+        /// Empty in a marker written by an older build: then everyone waits.
+        #[serde(default)]
+        key_hash: String,
     },
     Live(Lease),
     /// The sidecar refused this key (unknown, frozen, no balance): its
@@ -217,7 +222,7 @@ pub const FIRST_LEASE_REQUESTS: i64 = 16;
 /// window, if shorter): a long-lived lease of a busy key is renewed when
 /// half of it is drawn, not sized to hold its whole window's draws out of
 /// the balance that other gateways may need.
-pub const SIZED_FOR_MS: u64 = 1_000;
+pub const SIZED_FOR_MS: u64 = 10_000;
 
 impl Policy {
     /// Tokens a lease fetched after `prev` (the key's last lease, if it is
@@ -295,7 +300,7 @@ pub fn draw(current: Option<&Slot>, key_hash: &str, now_ms: u64, estimate: i64, 
     // The lease replaced, if any, is closed (another key's, expired, by its
     // own close; ours in the fetch); only ours tells this key's draw rate.
     let fetch = |prev: Option<&Lease>| Draw::Fetch {
-        slot: Slot::Fetching { id: new_id.to_owned(), since_ms: now_ms },
+        slot: Slot::Fetching { id: new_id.to_owned(), since_ms: now_ms, key_hash: key_hash.to_owned() },
         close: prev.map(Lease::close),
         want: policy.want(prev.filter(|l| l.key_hash == key_hash), now_ms, estimate),
     };
@@ -314,7 +319,14 @@ pub fn draw(current: Option<&Slot>, key_hash: &str, now_ms: u64, estimate: i64, 
     }
     match current {
         None => fetch(None),
-        Some(Slot::Fetching { since_ms, .. }) if now_ms.saturating_sub(*since_ms) < policy.stale_ms => Draw::Wait,
+        Some(Slot::Fetching { since_ms, key_hash: fetching, .. })
+            if now_ms.saturating_sub(*since_ms) < policy.stale_ms =>
+        {
+            match fetching.is_empty() || fetching == key_hash {
+                true => Draw::Wait,
+                false => Draw::Reserve,
+            }
+        }
         Some(Slot::Fetching { .. }) => fetch(None),
         // Another key's live lease shares this slot: leave it be.
         Some(Slot::Live(lease)) if lease.key_hash != key_hash && now_ms < lease.expires_ms => Draw::Reserve,

@@ -20,11 +20,22 @@ fn live(tokens: i64, drawn: i64, expires_ms: u64) -> Slot {
 #[test]
 fn an_empty_slot_fetches_and_others_wait_meanwhile() {
     let Draw::Fetch { slot, close: None, want } = draw(None, KEY, 1_000, 10, "L2", &P) else { panic!("no fetch") };
-    assert_eq!(slot, Slot::Fetching { id: "L2".into(), since_ms: 1_000 });
+    assert_eq!(slot, Slot::Fetching { id: "L2".into(), since_ms: 1_000, key_hash: KEY.into() });
     assert_eq!(want, 10 * FIRST_LEASE_REQUESTS, "no draw rate yet: sixteen requests' estimates");
     assert_eq!(draw(Some(&slot), KEY, 1_100, 10, "L3", &P), Draw::Wait);
     // A fetcher that never came back is replaced.
     assert!(matches!(draw(Some(&slot), KEY, 6_000, 10, "L3", &P), Draw::Fetch { close: None, .. }));
+}
+
+#[test]
+fn another_keys_fetch_in_a_shared_slot_holds_up_no_one_but_its_own_key() {
+    // A made-up key fetching (to be refused) in the slot a real key shares: the real key reserves alone.
+    let Draw::Fetch { slot, .. } = draw(None, "made-up", 1_000, 10, "L2", &P) else { panic!("no fetch") };
+    assert_eq!(draw(Some(&slot), KEY, 1_100, 10, "L3", &P), Draw::Reserve);
+    assert_eq!(draw(Some(&slot), "made-up", 1_100, 10, "L3", &P), Draw::Wait);
+    // A marker of an older build names no key: everyone waits on it, as before.
+    let old: Slot = serde_json::from_str(r#"{"state":"fetching","id":"L2","since_ms":1000}"#).unwrap();
+    assert_eq!(draw(Some(&old), KEY, 1_100, 10, "L3", &P), Draw::Wait);
 }
 
 #[test]
@@ -92,14 +103,14 @@ fn an_expired_lease_is_replaced_and_closed() {
 
 #[test]
 fn a_grant_goes_live_only_over_its_own_marker() {
-    let marker = Slot::Fetching { id: "L2".into(), since_ms: 0 };
+    let marker = Slot::Fetching { id: "L2".into(), since_ms: 0, key_hash: KEY.into() };
     let Install::Live(Slot::Live(lease)) =
         install(Some(&marker), "L2", KEY, (500, &KeyPolicy::default()), 20, 1_000, 1_000)
     else {
         panic!("not installed")
     };
     assert_eq!((lease.tokens, lease.drawn_tokens, lease.drawn_n, lease.expires_ms), (500, 20, 1, 2_000));
-    let other = Slot::Fetching { id: "L9".into(), since_ms: 0 };
+    let other = Slot::Fetching { id: "L9".into(), since_ms: 0, key_hash: KEY.into() };
     let Install::Orphan(close) = install(Some(&other), "L2", KEY, (500, &KeyPolicy::default()), 20, 1_000, 1_000)
     else {
         panic!("installed over another's marker")
@@ -141,7 +152,7 @@ fn take_draws_only_from_a_live_lease_with_enough_left() {
     assert_eq!(take(Some(&slot), KEY, 1_000, 40).map(|l| (l.drawn_tokens, l.drawn_n)), Some((100, 2)));
     assert_eq!(take(Some(&slot), KEY, 1_000, 41), None, "more than is left");
     assert_eq!(take(Some(&slot), KEY, 2_000, 1), None, "expired");
-    assert_eq!(take(Some(&Slot::Fetching { id: "x".into(), since_ms: 0 }), KEY, 0, 1), None);
+    assert_eq!(take(Some(&Slot::Fetching { id: "x".into(), since_ms: 0, key_hash: KEY.into() }), KEY, 0, 1), None);
     assert_eq!(take(Some(&slot), "another-key", 1_000, 1), None, "another key's lease");
 }
 
@@ -172,7 +183,7 @@ fn slots_are_bounded_and_keys_sharing_one_never_draw_from_each_other() {
 #[test]
 fn a_refusal_is_cached_for_its_key_until_it_runs_out() {
     let error = bridge_protocol::ErrorEnvelope::new("no", "invalid_request_error", None, Some("invalid_api_key")).error;
-    let marker = Slot::Fetching { id: "L2".into(), since_ms: 0 };
+    let marker = Slot::Fetching { id: "L2".into(), since_ms: 0, key_hash: KEY.into() };
     assert_eq!(refuse(Some(&marker), "L9", KEY, 401, &error, 2_000), None, "not our marker");
     let cached = refuse(Some(&marker), "L2", KEY, 401, &error, 2_000).unwrap();
     assert_eq!(draw(Some(&cached), KEY, 1_999, 1, "L3", &P), Draw::Refused { status: 401, error });
@@ -191,7 +202,12 @@ fn slots_round_trip_and_garbage_reads_as_empty() {
     if let Slot::Live(l) = &mut controlled {
         l.policy.rpm_limit = Some(3);
     }
-    for slot in [live(5, 1, 9), renewing.clone(), controlled.clone(), Slot::Fetching { id: "x".into(), since_ms: 3 }] {
+    for slot in [
+        live(5, 1, 9),
+        renewing.clone(),
+        controlled.clone(),
+        Slot::Fetching { id: "x".into(), since_ms: 3, key_hash: KEY.into() },
+    ] {
         assert_eq!(Slot::decode(&slot.encode()), Some(slot));
     }
     // Every draw reads and writes a live lease: compact, not JSON; one with key controls stays JSON.
