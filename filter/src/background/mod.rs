@@ -74,6 +74,17 @@ struct Reported {
 /// be several times this).
 pub const PROGRESS_HEARTBEAT_MS: u64 = 5_000;
 
+/// A lease whose draws moved is reported again after this long at the
+/// soonest: its draws reach the sidecar within about a second (what a lease
+/// lost with its gateway is charged), and a busy key costs the ledger one
+/// guarded write a second, not one a tick.
+pub const PROGRESS_MIN_MS: u64 = 1_000;
+
+/// Progress reports one tick carries at least; with more live leases than
+/// this many ticks of a heartbeat can carry, as many as keep every lease
+/// reported within a heartbeat. The longest unreported first.
+pub const PROGRESS_PER_TICK: usize = 64;
+
 /// How a sweep left one slot.
 enum Swept {
     Closed(LeaseClose),
@@ -458,42 +469,57 @@ impl Background {
     /// still wait on (closed, its rows to come), so that the sidecar takes
     /// neither for lost while this gateway lives.
     fn progress_due(&mut self, host: &impl Host, now: u64) -> Vec<LeaseProgress> {
-        let mut due = Vec::new();
-        let mut seen = HashMap::new();
-        let mut report = |id: &str, key_hash: &str, slot: &str, drawn: (i64, i64), due: &mut Vec<LeaseProgress>| {
-            let last = self.progress.remove(id);
-            let moved = last
-                .as_ref()
-                .is_none_or(|r| r.drawn_tokens != drawn.0 || now.saturating_sub(r.at_ms) >= PROGRESS_HEARTBEAT_MS);
-            let reported = match last {
-                Some(r) if !moved || due.len() >= MAX_PROGRESS => r,
-                _ => {
-                    due.push(LeaseProgress {
-                        key_hash: key_hash.to_owned(),
-                        lease_id: id.to_owned(),
-                        drawn_tokens: drawn.0,
-                        drawn_n: drawn.1,
-                    });
-                    Reported { slot: slot.to_owned(), drawn_tokens: drawn.0, at_ms: now }
-                }
-            };
-            seen.insert(id.to_owned(), reported);
-        };
+        // Every lease this VM answers for: (id, key hash, slot, drawn tokens and requests).
+        let mut leases: Vec<(String, String, String, (i64, i64))> = Vec::new();
         let mut live = std::collections::HashSet::new();
         for key in self.vm.leases.borrow().iter() {
             let (bytes, _) = host.shared_get(key);
             let Some(Slot::Live(lease)) = bytes.as_deref().and_then(Slot::decode) else { continue };
             live.insert(lease.id.clone());
-            report(&lease.id, &lease.key_hash, key, (lease.drawn_tokens, lease.drawn_n), &mut due);
+            leases.push((lease.id, lease.key_hash, key.clone(), (lease.drawn_tokens, lease.drawn_n)));
         }
         for (id, key_hash) in self.vm.drawn_leases() {
             if !live.contains(&id) {
                 // Closed (its counts went with the close): a heartbeat only.
-                report(&id, &key_hash, "", (0, 0), &mut due);
+                leases.push((id, key_hash, String::new(), (0, 0)));
+            }
+        }
+        let ticks_a_heartbeat = (PROGRESS_HEARTBEAT_MS / self.config.settle_interval_ms.max(1)).max(1) as usize;
+        let budget = PROGRESS_PER_TICK.max(leases.len().div_ceil(ticks_a_heartbeat)).min(MAX_PROGRESS);
+        // Due: never reported, moved and not reported for a second, or a heartbeat old.
+        let mut due: Vec<(u64, usize)> = Vec::new();
+        for (i, (id, _, _, drawn)) in leases.iter().enumerate() {
+            let last = self.progress.get(id);
+            let since = last.map_or(u64::MAX, |r| now.saturating_sub(r.at_ms));
+            let moved = last.is_none_or(|r| r.drawn_tokens != drawn.0);
+            if since >= PROGRESS_HEARTBEAT_MS || (moved && since >= PROGRESS_MIN_MS) {
+                due.push((since, i));
+            }
+        }
+        due.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        due.truncate(budget);
+        let mut out = Vec::with_capacity(due.len());
+        let mut seen = HashMap::with_capacity(leases.len());
+        for &(_, i) in &due {
+            let (id, key_hash, slot, drawn) = &leases[i];
+            out.push(LeaseProgress {
+                key_hash: key_hash.clone(),
+                lease_id: id.clone(),
+                drawn_tokens: drawn.0,
+                drawn_n: drawn.1,
+            });
+            seen.insert(id.clone(), Reported { slot: slot.clone(), drawn_tokens: drawn.0, at_ms: now });
+        }
+        // The others keep their last report (or, never reported, wait first in line next tick).
+        for (id, _, slot, _) in &leases {
+            if !seen.contains_key(id) {
+                let last = self.progress.remove(id);
+                let r = last.unwrap_or(Reported { slot: String::new(), drawn_tokens: -1, at_ms: 0 });
+                seen.insert(id.clone(), Reported { slot: slot.clone(), ..r });
             }
         }
         self.progress = seen;
-        due
+        out
     }
 
     /// The sidecar recalled lease `lease_id` (another gateway needs the

@@ -562,3 +562,43 @@ fn a_key_change_clears_a_cached_refusal() {
     let (_, asked, flow) = gw.send(BODY);
     assert_eq!((flow, asked.replied(), gw.world.calls_to(LEASE_PATH).len()), (Flow::Pause, None, 2));
 }
+
+#[test]
+fn many_busy_leases_cost_the_ledger_a_report_a_second_each_and_every_one_is_reported_within_a_heartbeat() {
+    let mut gw = Gateway::new(json!({"lease_ms": 60_000, "lease_idle_ms": 60_000}));
+    let keys: Vec<String> = (0..200).map(|i| format!("sk-busy-tenant-{i:04}")).collect();
+    let draw_all = |gw: &mut Gateway, first: bool| {
+        for k in &keys {
+            let (mut ex, s, _) = gw.post(k, "/v1/chat/completions", &[], BODY);
+            if first {
+                gw.answer(&mut ex, &s, "200", grant(100_000));
+            }
+        }
+    };
+    draw_all(&mut gw, true);
+    let mut reported: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
+    let mut per_tick = Vec::new();
+    // Twenty seconds of ticks, every key drawing between each two.
+    for _ in 0..100 {
+        gw.root.on_tick(&*gw.world);
+        let calls = gw.settle_calls(false);
+        let call = calls.last().unwrap();
+        let progress = call.body["progress"].as_array().cloned().unwrap_or_default();
+        per_tick.push(progress.len());
+        for p in &progress {
+            reported.entry(p["lease_id"].as_str().unwrap().to_owned()).or_default().push(gw.world.now_ms());
+        }
+        gw.reply(call.token, "200", json!({"results": [], "closes": []}));
+        gw.world.advance(200);
+        draw_all(&mut gw, false);
+    }
+    assert!(per_tick.iter().all(|n| *n <= super::PROGRESS_PER_TICK), "{per_tick:?}");
+    assert_eq!(reported.len(), keys.len(), "every lease reported");
+    for (id, at) in &reported {
+        let gaps: Vec<u64> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|g| *g >= super::PROGRESS_MIN_MS), "{id} reported too often: {gaps:?}");
+        assert!(gaps.iter().all(|g| *g <= super::PROGRESS_HEARTBEAT_MS), "{id} unreported too long: {gaps:?}");
+    }
+    let total: usize = per_tick.iter().sum();
+    assert!(total <= keys.len() * 20 + keys.len(), "{total} reports for {} leases over 20 s", keys.len());
+}

@@ -5,7 +5,6 @@
 use bridge_protocol::{LeaseClose, LeaseProgress, LeaseRequest, SettleOutcome, SettleResult};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, Bson, Document};
-use mongodb::options::ReturnDocument;
 
 use super::docs::{KeyDoc, LeaseDoc, LeaseUsage};
 use super::reserve::Why;
@@ -42,26 +41,21 @@ impl Store {
         };
         let mut want = req.want.max(req.min);
         for _ in 0..4 {
-            let filter = doc! {
+            let mut filter = doc! {
                 "_id": &req.key_hash,
                 "status": "active",
                 "balance_tokens": {"$gte": needs(want)},
                 "leases_n": {"$not": {"$gte": self.limits.leases as i64}},
                 &at: {"$exists": false},
                 released_path(&req.lease_id): {"$exists": false},
-                "$and": policy_clauses(&req.model, self.local_now()),
             };
+            filter.extend(policy_clauses(&req.model, self.local_now()));
             let update = doc! {
                 "$inc": {"balance_tokens": -want, "leases_n": 1_i64},
                 "$set": {format!("{at}.tokens"): want, format!("{at}.model"): &req.model},
                 "$currentDate": {format!("{at}.at"): true},
             };
-            let granted = self
-                .key_docs
-                .find_one_and_update(filter, update)
-                .return_document(ReturnDocument::After)
-                .projection(grant_projection())
-                .await?;
+            let granted = self.update_then_read(&req.key_hash, filter, update, grant_projection()).await?;
             if let Some(d) = granted {
                 return Ok(Decision::Granted { tokens: want, balance_tokens: d.balance_tokens, policy: d.policy() });
             }

@@ -3,7 +3,6 @@
 
 use bridge_protocol::ReserveRequest;
 use mongodb::bson::doc;
-use mongodb::options::ReturnDocument;
 
 use super::keys::access_refusal;
 use super::{grant_projection, hold_path, policy_clauses, released_path, Decision, LedgerError, Refusal, Store};
@@ -39,7 +38,7 @@ impl Store {
     /// Takes `estimate` tokens from the balance and records the hold, in one update.
     pub async fn reserve(&self, req: &ReserveRequest) -> Result<Decision, LedgerError> {
         let hold = hold_path(&req.request_id);
-        let filter = doc! {
+        let mut filter = doc! {
             "_id": &req.key_hash,
             "status": "active",
             "balance_tokens": {"$gte": req.estimate},
@@ -47,20 +46,15 @@ impl Store {
             &hold: {"$exists": false},
             // Released before it got here: the client has its 503 already.
             released_path(&req.request_id): {"$exists": false},
-            "$and": policy_clauses(&req.model, self.local_now()),
         };
+        filter.extend(policy_clauses(&req.model, self.local_now()));
         let update = doc! {
             "$inc": {"balance_tokens": -req.estimate, "holds_n": 1_i64},
             "$set": {format!("{hold}.tokens"): req.estimate, format!("{hold}.model"): &req.model},
             // The database's clock, as every time the expiry compares: sidecars' clocks may differ.
             "$currentDate": {format!("{hold}.at"): true},
         };
-        let admitted = self
-            .key_docs
-            .find_one_and_update(filter, update)
-            .return_document(ReturnDocument::After)
-            .projection(grant_projection())
-            .await?;
+        let admitted = self.update_then_read(&req.key_hash, filter, update, grant_projection()).await?;
         if let Some(d) = admitted {
             return Ok(Decision::Granted {
                 tokens: req.estimate,

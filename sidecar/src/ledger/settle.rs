@@ -268,16 +268,16 @@ impl Store {
         let owner = loop {
             attempt += 1;
             let owner = self
-                .key_docs
-                .find_one_and_update(
+                .update_then_read(
+                    &r.key_hash,
                     doc! {"_id": &r.key_hash, format!("{hold}.tokens"): r.reserved},
                     doc! {
                         "$inc": {"balance_tokens": r.reserved - total, "holds_n": -1_i64, "outbox_n": 1_i64},
                         "$unset": {&hold: ""},
                         "$set": {&outbox: &entry},
                     },
+                    projection.clone(),
                 )
-                .projection(projection.clone())
                 .await?;
             if owner.is_some() || !r.release {
                 break owner;
