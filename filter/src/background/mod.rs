@@ -496,7 +496,7 @@ impl Background {
                 due.push((since, i));
             }
         }
-        due.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        due.sort_unstable_by_key(|d| std::cmp::Reverse(d.0));
         due.truncate(budget);
         let mut out = Vec::with_capacity(due.len());
         let mut seen = HashMap::with_capacity(leases.len());
