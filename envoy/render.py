@@ -133,7 +133,7 @@ def cluster(name, host, port, tls_sni=None, timeout="2s"):
 
 # The keys of a model in MODELS_FILE, and of its upstream.
 MODEL_KEYS = {"name", "upstream", "upstreams", "endpoints", "encoding", "default_output_tokens",
-              "max_output_tokens", "reasoning", "prices"}
+              "max_output_tokens", "reasoning", "prices", "service_tiers"}
 PRICE_KEYS = {"input", "cached_input", "output"}
 UPSTREAM_KEYS = {"style", "base_url", "deployment", "model", "api_key_env", "api_version"}
 STYLES = ("azure", "azure_v1", "openai")
@@ -281,6 +281,12 @@ def catalog():
                     or not all(isinstance(w, (int, float)) and 0 <= w <= 1000 for w in prices.values())):
                 raise SettingError(f"{at} prices must map {', '.join(sorted(PRICE_KEYS))} to weights 0 to 1000")
             entry["prices"] = prices
+        if "service_tiers" in m:
+            tiers = m["service_tiers"]
+            if (not isinstance(tiers, dict) or not all(isinstance(t, str) and t not in ("auto", "default") for t in tiers)
+                    or not all(isinstance(w, (int, float)) and 0 < w <= 1000 for w in tiers.values())):
+                raise SettingError(f"{at} service_tiers must map tier names (not auto or default) to multipliers above 0, at most 1000")
+            entry["service_tiers"] = tiers
         if len(members) == 1:
             tls = url.hostname if url.scheme == "https" else None
             out.append((entry, cluster(f"model_{i}", url.hostname, port, tls_sni=tls), False))

@@ -67,6 +67,11 @@ impl Default for Prices {
 }
 
 impl Prices {
+    /// Every weight times `by` (a service tier's multiplier).
+    pub fn scaled(&self, by: f64) -> Prices {
+        Prices { input: self.input * by, cached_input: self.cached_input * by, output: self.output * by }
+    }
+
     /// What `input` tokens (`cached` of them cached) and `output` tokens
     /// charge. Exact integers when every weight is 1.
     pub fn charge(&self, input: i64, cached: i64, output: i64) -> i64 {
@@ -133,6 +138,11 @@ pub struct Model {
     /// Price weights of its token kinds (default: all 1).
     #[serde(default)]
     pub prices: Prices,
+    /// Service tiers a request may name beyond `auto` and `default`, each
+    /// with the multiplier of every price weight (`{"priority": 2, "flex":
+    /// 0.5}`); a tier not named here is refused.
+    #[serde(default)]
+    pub service_tiers: std::collections::BTreeMap<String, f64>,
     /// The one model of a configuration without a catalog, with no model
     /// configured: the client's `model` goes upstream as sent.
     #[serde(skip)]
@@ -144,6 +154,15 @@ fn valid_name(s: &str) -> bool {
 }
 
 impl Model {
+    /// Its prices for a request naming `tier` (`None`, `auto` and `default`:
+    /// its own); `None` for a tier it does not price.
+    pub fn prices_for(&self, tier: Option<&str>) -> Option<Prices> {
+        match tier {
+            None | Some("auto" | "default") => Some(self.prices),
+            Some(t) => self.service_tiers.get(t).map(|by| self.prices.scaled(*by)),
+        }
+    }
+
     pub(crate) fn validate(&self, at: &str) -> Result<(), String> {
         let fail = |field: &str, why: &str| Err(format!("plugin configuration: {at}.{field} {why}"));
         if !valid_name(&self.name) {

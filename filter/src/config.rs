@@ -298,6 +298,7 @@ impl PluginConfig {
                 max_output_reservation: None,
                 reasoning: self.reasoning,
                 prices: crate::catalog::Prices::default(),
+                service_tiers: Default::default(),
                 keeps_client_model: self.model.is_none(),
             }]);
         }

@@ -67,8 +67,8 @@ use Class::{Metered, Owned, Passed, Priced, Read, Refused};
 const TOOLS: &str = "`function` and `custom` tools pass; built-in tools (`web_search`, `file_search`, \
 `code_interpreter`, `image_generation`, `mcp`, `computer_use_preview`, `local_shell`, ...) carry per-call fees \
 and loops the usage does not show: refused";
-const SERVICE_TIER: &str = "`auto` and `default` pass; `priority`, `flex` and `scale` are billed at other rates: \
-refused";
+const SERVICE_TIER: &str = "`auto` and `default` pass; another tier (`priority`, `flex`, `scale`) passes only where \
+the model's catalog entry prices it (`service_tiers`, a multiplier of its prices), and is refused elsewhere";
 
 /// `POST /v1/chat/completions`.
 pub const CHAT: &[Rule] = &[
@@ -178,6 +178,8 @@ pub fn rules(endpoint: Endpoint) -> &'static [Rule] {
 pub struct Checked {
     /// A stored response the request continues: the key must own it.
     pub previous_response: Option<String>,
+    /// The service tier it names: priced by the model's entry, or refused (`request::admit`).
+    pub service_tier: Option<String>,
 }
 
 fn unsupported_parameter(field: &str, why: &str) -> LocalReply {
@@ -185,7 +187,7 @@ fn unsupported_parameter(field: &str, why: &str) -> LocalReply {
     LocalReply::unsupported(message, field, "unsupported_parameter")
 }
 
-fn unsupported_value(field: &str, value: &str, why: &str) -> LocalReply {
+pub fn unsupported_value(field: &str, value: &str, why: &str) -> LocalReply {
     let message = format!("'{field}' may not be {value} through this gateway: {why}.");
     LocalReply::unsupported(message, field, "unsupported_value")
 }
@@ -199,15 +201,8 @@ pub fn check(endpoint: Endpoint, fields: &Fields) -> Result<Checked, LocalReply>
         let Some(raw) = fields.get(rule.field) else { continue };
         match (endpoint, rule.field) {
             (_, "tools") => check_tools(raw)?,
-            (_, "service_tier") => match serde_json::from_str::<&str>(raw) {
-                Ok("auto" | "default") => {}
-                Ok(tier) => {
-                    return Err(unsupported_value(
-                        "service_tier",
-                        &format!("'{tier}'"),
-                        "only auto and default are priced",
-                    ))
-                }
+            (_, "service_tier") => match serde_json::from_str::<String>(raw) {
+                Ok(tier) => checked.service_tier = Some(tier),
                 Err(_) => {
                     return Err(LocalReply::bad_request("'service_tier' must be a string.", Some("service_tier")))
                 }
@@ -442,12 +437,10 @@ mod tests {
             assert!(checked(Endpoint::Chat, &format!(r#"{{"service_tier":"{tier}"}}"#)).is_ok());
         }
         assert!(checked(Endpoint::Chat, r#"{"service_tier":null}"#).is_ok(), "null reads as absent");
-        for tier in ["priority", "flex", "scale"] {
-            let body = format!(r#"{{"service_tier":"{tier}"}}"#);
-            for endpoint in [Endpoint::Chat, Endpoint::Responses] {
-                assert_eq!(refused(endpoint, &body), ("service_tier".into(), "unsupported_value".into()));
-            }
-        }
+        // Other tiers come back for the model's entry to price (or refuse: `request::admit`).
+        let priority = checked(Endpoint::Responses, r#"{"service_tier":"priority"}"#).unwrap();
+        assert_eq!(priority.service_tier.as_deref(), Some("priority"));
+        assert_eq!(refused(Endpoint::Chat, r#"{"service_tier":7}"#).0, "service_tier");
         assert!(checked(Endpoint::Chat, r#"{"modalities":["text"]}"#).is_ok());
         assert_eq!(refused(Endpoint::Chat, r#"{"modalities":["text","audio"]}"#).1, "unsupported_value");
         for (field, value) in [("audio", r#"{"voice":"alloy","format":"wav"}"#), ("web_search_options", "{}")] {

@@ -39,6 +39,8 @@ pub struct Admission {
     /// The stored response it continues (`previous_response_id`): the key
     /// must own it before anything goes upstream.
     pub previous_response: Option<String>,
+    /// The service tier it names, priced by the model's entry (`Model::prices_for`).
+    pub service_tier: Option<String>,
 }
 
 fn integer_param(fields: &Fields, name: &str) -> Result<Option<i64>, LocalReply> {
@@ -272,8 +274,13 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
     }
     let output = client_max.unwrap_or(entry.default_output_reservation.unwrap_or(cfg.default_output_reservation));
     let input = body.len().div_ceil(cfg.estimate_bytes_per_token as usize) as i64 + 16 + earlier;
-    // In charged tokens: what the model's prices make of the input and output held.
-    let estimate = entry.prices.hold(input, output.saturating_mul(choices));
+    // In charged tokens: what the model's prices (at the tier named) make of the input and output held.
+    let Some(prices) = entry.prices_for(checked.service_tier.as_deref()) else {
+        let tier = checked.service_tier.as_deref().unwrap_or_default();
+        let why = format!("the model '{}' prices no such tier; auto and default pass", entry.name);
+        return Err(crate::policy::unsupported_value("service_tier", &format!("'{tier}'"), &why));
+    };
+    let estimate = prices.hold(input, output.saturating_mul(choices));
 
     let mut edits = fields.edit();
     if stream && !client_wants_usage {
@@ -305,6 +312,7 @@ pub fn admit(body: &[u8], cfg: &PluginConfig, endpoint: Endpoint) -> Result<Admi
         estimate,
         rewritten,
         previous_response: checked.previous_response,
+        service_tier: checked.service_tier,
     })
 }
 
@@ -428,6 +436,44 @@ mod tests {
         let a = admit(off, &cfg(), Endpoint::Chat).unwrap();
         let text = String::from_utf8(a.rewritten.unwrap()).unwrap();
         assert!(text.contains(r#""stream_options":{"include_usage":true}"#), "{text}");
+    }
+
+    #[test]
+    fn a_service_tier_passes_only_where_its_model_prices_it_and_is_held_at_its_multiplier() {
+        let body = |tier: &str| {
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"max_completion_tokens":100,"service_tier":"{tier}"}}"#
+            )
+        };
+        // Without tier prices: auto and default only.
+        for tier in ["auto", "default"] {
+            assert!(admit(body(tier).as_bytes(), &cfg(), Endpoint::Chat).is_ok());
+        }
+        for tier in ["priority", "flex", "scale"] {
+            let r = admit(body(tier).as_bytes(), &cfg(), Endpoint::Chat).unwrap_err();
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(
+                (r.status, v["error"]["param"].as_str(), v["error"]["code"].as_str()),
+                (400, Some("service_tier"), Some("unsupported_value"))
+            );
+        }
+        // A catalog that prices priority at twice and flex at half.
+        let priced = PluginConfig::from_json(
+            br#"{"sidecar_cluster":"s","models":[{"name":"m","deployment":"d","upstream_key":"k","service_tiers":{"priority":2.0,"flex":0.5}}]}"#,
+        )
+        .unwrap();
+        // What the default prices hold for a body: its input estimate and the 100 output tokens it names.
+        let held = |tier: &str| body(tier).len().div_ceil(2) as i64 + 16 + 100;
+        let plain = admit(body("default").as_bytes(), &priced, Endpoint::Chat).unwrap().estimate;
+        assert_eq!(plain, held("default"));
+        let priority = admit(body("priority").as_bytes(), &priced, Endpoint::Chat).unwrap();
+        assert_eq!(priority.estimate, 2 * held("priority"), "held at twice");
+        assert_eq!(priority.service_tier.as_deref(), Some("priority"));
+        let flex = admit(body("flex").as_bytes(), &priced, Endpoint::Chat).unwrap().estimate;
+        assert_eq!(flex, (held("flex") + 1) / 2, "at half, rounded up");
+        assert!(admit(body("scale").as_bytes(), &priced, Endpoint::Chat).is_err(), "still refused: not priced");
+        let m = &priced.catalog[0];
+        assert_eq!(m.prices_for(Some("priority")).unwrap().charge(10, 0, 5), 30);
     }
 
     #[test]

@@ -387,7 +387,8 @@ impl Exchange {
                 }
                 record.detail.cached_tokens = details.map_or(0, |u| u.cached);
                 record.detail.reasoning_tokens = details.map_or(0, |u| u.reasoning);
-                let prices = model.map(|m| m.prices).unwrap_or_default();
+                let tier = req.admission.service_tier.as_deref();
+                let prices = model.and_then(|m| m.prices_for(tier)).unwrap_or_default();
                 if prices != crate::catalog::Prices::default() {
                     // A reasoning model without usage pays its hold, which is in charged tokens already.
                     record.detail.charged_tokens = Some(if source == UsageSource::Estimate {

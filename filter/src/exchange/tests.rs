@@ -960,3 +960,18 @@ fn a_key_reserving_alone_beside_another_keys_lease_is_still_held_to_its_rate_lim
     assert_eq!(gw.post(other, "/v1/chat/completions", &[], BODY).1.replied(), None);
     assert_eq!(gw.post(other, "/v1/chat/completions", &[], BODY).1.replied(), Some(429));
 }
+
+#[test]
+fn a_priced_service_tier_is_charged_at_its_multiplier() {
+    let models = json!([{"name": "gpt-5-nano", "deployment": "gpt-5-nano", "upstream_key": "k",
+        "service_tiers": {"priority": 2.0}}]);
+    let mut gw = Gateway::new(json!({"models": models}));
+    let body = br#"{"model":"gpt-5-nano","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":64,"service_tier":"priority"}"#;
+    let (mut ex, s, _) = gw.post(KEY, "/v1/chat/completions", &[], body);
+    gw.answer(&mut ex, &s, "200", grant(100_000));
+    assert_eq!(s.resumed.get(), 1);
+    respond(&mut ex, &s, "200", USAGE);
+    ex.on_log(&s);
+    let r = &gw.records()[0];
+    assert_eq!((r.input_tokens, r.output_tokens, r.detail.charged_tokens), (7, 3, Some(20)), "twice 7 + 3");
+}
