@@ -155,6 +155,11 @@ pub struct Settler {
     closes: Lane<LeaseClose>,
     /// Records answered `Later`, with when they go again.
     later: Vec<(Queued, u64)>,
+    /// When the records batch in flight went.
+    sent_ms: u64,
+    /// Records the sidecar settles a millisecond, as its recent batches
+    /// went (a moving average); `None` until one was answered.
+    rate_per_ms: Option<f64>,
 }
 
 /// How far behind the records lane is.
@@ -164,11 +169,20 @@ pub struct Backlog {
     pub records: usize,
     /// Milliseconds the oldest of them has waited.
     pub oldest_ms: u64,
+    /// Milliseconds they would take to settle at the rate the sidecar has
+    /// been settling them (`None` before its first answer).
+    pub drain_ms: Option<u64>,
 }
 
 impl Settler {
     pub fn new(batch_max: usize) -> Self {
-        Self { records: Lane::new(batch_max), closes: Lane::new(batch_max), later: Vec::new() }
+        Self {
+            records: Lane::new(batch_max),
+            closes: Lane::new(batch_max),
+            later: Vec::new(),
+            sent_ms: 0,
+            rate_per_ms: None,
+        }
     }
 
     /// Queues an item at `now_ms`; returns the oldest record if it had to
@@ -201,9 +215,11 @@ impl Settler {
             .map(|q| q.since_ms)
             .chain(self.later.iter().map(|(q, _)| q.since_ms))
             .min();
+        let records = self.records.len() + self.later.len();
         Backlog {
-            records: self.records.len() + self.later.len(),
+            records,
             oldest_ms: oldest.map_or(0, |t| now_ms.saturating_sub(t)),
+            drain_ms: self.rate_per_ms.filter(|_| records > 0).map(|r| (records as f64 / r.max(1e-6)) as u64),
         }
     }
 
@@ -219,6 +235,7 @@ impl Settler {
             }
         }
         let batch = self.records.next(now_ms, false)?;
+        self.sent_ms = now_ms;
         Some(batch.iter().map(|q| q.record.clone()).collect())
     }
 
@@ -239,6 +256,17 @@ impl Settler {
     /// The sidecar answered the records batch: those it named in `later` go
     /// again after [`LATER_MS`]; the others are settled, and returned.
     pub fn records_sent(&mut self, later: &[&str], now_ms: u64) -> Vec<SettleRecord> {
+        let n = self.records.in_flight.as_ref().map_or(0, Vec::len);
+        if n > 0 {
+            // This batch's rate, into the average (a batch of a few records
+            // says less of what the sidecar can do: weighed by its size).
+            let sample = n as f64 / now_ms.saturating_sub(self.sent_ms).max(1) as f64;
+            let weight = (n as f64 / self.records.batch_max as f64).clamp(0.05, 1.0) * 0.3;
+            self.rate_per_ms = Some(match self.rate_per_ms {
+                None => sample,
+                Some(r) => r * (1.0 - weight) + sample * weight,
+            });
+        }
         let mut done = Vec::new();
         for q in self.records.sent() {
             if later.contains(&q.record.request_id.as_str()) {
@@ -390,13 +418,41 @@ mod tests {
         s.next_records(100).unwrap();
         let done = s.records_sent(&["r1"], 100);
         assert_eq!(ids(&done), ["r0"]);
-        assert_eq!(s.backlog(600), Backlog { records: 2, oldest_ms: 600 }, "r1 still waits, since 0");
+        let b = s.backlog(600);
+        assert_eq!((b.records, b.oldest_ms), (2, 600), "r1 still waits, since 0");
         assert_eq!(ids(&s.next_records(600).unwrap()), ["r2"], "r1 waits out its pause");
         s.records_sent(&[], 600);
         assert!(s.next_records(1_000).is_none(), "not yet");
         assert_eq!(ids(&s.next_records(1_100).unwrap()), ["r1"]);
         assert_eq!(ids(&s.records_sent(&[], 1_100)), ["r1"]);
         assert_eq!((s.pending(), s.backlog(2_000)), (0, Backlog::default()));
+    }
+
+    #[test]
+    fn the_backlog_says_how_long_it_would_take_at_the_rate_batches_have_been_settling() {
+        let mut s = Settler::new(100);
+        for i in 0..1_000 {
+            s.push(rec(i), 0);
+        }
+        assert_eq!(s.backlog(0).drain_ms, None, "no rate before an answer");
+        // Full batches settled in 500 ms each: 0.2 records a millisecond.
+        let mut now = 0;
+        for _ in 0..5 {
+            s.next_records(now).unwrap();
+            now += 500;
+            s.records_sent(&[], now);
+        }
+        let b = s.backlog(now);
+        assert_eq!(b.records, 500);
+        assert_eq!(b.drain_ms, Some(2_500), "500 records at 0.2 a millisecond");
+        // A faster sidecar moves the average towards its rate.
+        for _ in 0..10 {
+            s.next_records(now).unwrap();
+            now += 100;
+            s.records_sent(&[], now);
+            s.push(rec(9_999), now);
+        }
+        assert!(s.backlog(now).drain_ms.unwrap() < 1_000, "{:?}", s.backlog(now));
     }
 
     #[test]
@@ -407,7 +463,7 @@ mod tests {
         s.push(rec(0), 1_000);
         s.push(rec(1), 2_000);
         s.next_records(2_000);
-        assert_eq!(s.backlog(4_000), Backlog { records: 2, oldest_ms: 3_000 }, "in flight counts");
+        assert_eq!(s.backlog(4_000), Backlog { records: 2, oldest_ms: 3_000, drain_ms: None }, "in flight counts");
         s.records_sent(&[], 4_000);
         assert_eq!(s.backlog(4_000).records, 0);
     }

@@ -602,3 +602,44 @@ fn many_busy_leases_cost_the_ledger_a_report_a_second_each_and_every_one_is_repo
     let total: usize = per_tick.iter().sum();
     assert!(total <= keys.len() * 20 + keys.len(), "{total} reports for {} leases over 20 s", keys.len());
 }
+
+#[test]
+fn a_backlog_the_sidecar_would_take_longer_than_the_age_bound_to_settle_is_refused_before_it_ages() {
+    let mut gw = Gateway::new(json!({"settle_batch_max": 10, "settle_backlog_age_ms": 3_000}));
+    let mut sent = 0;
+    // The sidecar settles a batch of ten in a second: one record every 100 ms.
+    let settle_one_batch = |gw: &mut Gateway| {
+        gw.root.on_tick(&*gw.world);
+        let Some(batch) = gw.settle_calls(true).into_iter().find(|c| !gw.world.answered(c.token)) else { return };
+        gw.world.advance(1_000);
+        let ids: Vec<String> = batch.body["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["request_id"].as_str().unwrap().to_owned())
+            .collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        gw.reply(batch.token, "200", settled(&ids, "settled"));
+    };
+    for _ in 0..12 {
+        assert_eq!(one_request(&mut gw).1, None);
+        sent += 1;
+    }
+    settle_one_batch(&mut gw);
+    // Now it knows the rate: 0.01 records a millisecond. Twenty more records are two seconds of it.
+    let mut refused_at = None;
+    for i in 0..40 {
+        if let (_, Some(503)) = one_request(&mut gw) {
+            refused_at = Some(i);
+            break;
+        }
+        sent += 1;
+    }
+    let backlog = gw.root.vm.settler.borrow().backlog(gw.world.now_ms());
+    assert!(backlog.oldest_ms < 3_000, "refused before the oldest aged: {backlog:?}");
+    let at = refused_at.expect("refused once the backlog would take 3 s to settle");
+    assert!((28..=31).contains(&backlog.records), "{backlog:?} after {at} more ({sent} sent)");
+    // As it settles, admission comes back.
+    settle_one_batch(&mut gw);
+    assert_eq!(one_request(&mut gw).1, None);
+}

@@ -203,9 +203,20 @@ impl Exchange {
         if backlog.records >= self.cfg.settle_backlog_max {
             return Some(format!("{} records wait for settlement", backlog.records));
         }
-        let aged = backlog.oldest_ms >= self.cfg.settle_backlog_age_ms;
-        (aged && self.cfg.failure_mode == FailureMode::Deny)
-            .then(|| format!("the oldest record has waited {} ms for settlement", backlog.oldest_ms))
+        if self.cfg.failure_mode == FailureMode::Allow {
+            return None;
+        }
+        if backlog.oldest_ms >= self.cfg.settle_backlog_age_ms {
+            return Some(format!("the oldest record has waited {} ms for settlement", backlog.oldest_ms));
+        }
+        // Ahead of the age: a backlog the sidecar would take longer than the
+        // age bound to settle, at the rate it has been settling, is refused
+        // now, not once its oldest record has aged (by then as many again
+        // would be queued behind it). A few batches always pass.
+        let drain = backlog.drain_ms.unwrap_or(0);
+        let few = 2 * self.cfg.settle_batch_max;
+        (drain >= self.cfg.settle_backlog_age_ms && backlog.records > few)
+            .then(|| format!("{} records would take {drain} ms to settle", backlog.records))
     }
 
     /// Load shed: answered 503 with Retry-After (in either failure mode: it is
