@@ -317,6 +317,13 @@ fn settled(ids: &[&str], outcome: &str) -> Value {
     json!({"results": results, "closes": []})
 }
 
+/// The sidecar's answer settling every record a records call carried.
+fn all_settled(call: &crate::fake::Call) -> Value {
+    let ids: Vec<&str> =
+        call.body["records"].as_array().unwrap().iter().map(|r| r["request_id"].as_str().unwrap()).collect();
+    settled(&ids, "settled")
+}
+
 #[test]
 fn a_lease_is_heartbeaten_on_its_own_lane_until_its_records_are_settled_however_slow_settlement_is() {
     let mut gw = Gateway::new(json!({}));
@@ -430,14 +437,7 @@ fn past_the_backlog_bound_new_requests_get_503_with_retry_after_until_settlement
     assert_eq!(gw.world.gauge(Gauge::Backlog), 3);
     assert_eq!(one_request(&mut gw).1, Some(503));
     let batch = gw.settle_calls(true).pop().unwrap();
-    let ids: Vec<String> = batch.body["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["request_id"].as_str().unwrap().to_owned())
-        .collect();
-    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-    gw.reply(batch.token, "200", settled(&ids, "settled"));
+    gw.reply(batch.token, "200", all_settled(&batch));
     assert_eq!(gw.world.gauge(Gauge::Backlog), 0);
     assert_eq!(one_request(&mut gw).1, None, "admitted once the backlog drained");
 }
@@ -612,14 +612,7 @@ fn a_backlog_the_sidecar_would_take_longer_than_the_age_bound_to_settle_is_refus
         gw.root.on_tick(&*gw.world);
         let Some(batch) = gw.settle_calls(true).into_iter().find(|c| !gw.world.answered(c.token)) else { return };
         gw.world.advance(1_000);
-        let ids: Vec<String> = batch.body["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["request_id"].as_str().unwrap().to_owned())
-            .collect();
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-        gw.reply(batch.token, "200", settled(&ids, "settled"));
+        gw.reply(batch.token, "200", all_settled(&batch));
     };
     for _ in 0..12 {
         assert_eq!(one_request(&mut gw).1, None);
