@@ -41,7 +41,7 @@ type Decided = Result<(Precheck, Option<(String, i64)>), (Option<i64>, Option<i6
 impl Exchange {
     /// The body is in (or the request was woken from its wait): draw, fetch,
     /// wait or reserve.
-    pub(super) fn admit(&mut self, host: &impl HttpHost, mut req: Admitted) -> Flow {
+    pub(super) fn admit(&mut self, host: &impl HttpHost, req: Admitted) -> Flow {
         if let Some(why) = self.settlement_behind(host) {
             // Logged once a change by the root (`Background::report_pending`), not per request.
             debug!("[{}] {}: {why}; answering 503", self.id, req.caller.request_id);
@@ -49,14 +49,6 @@ impl Exchange {
             return self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs));
         }
         if self.cfg.lease_tokens == 0 {
-            match self.over_taught_limit(host, &req) {
-                Some(Err(secs)) => {
-                    info!("[{}] {}: over the key's rate limit", self.id, req.caller.request_id);
-                    return self.answer(host, LocalReply::rate_limited(secs));
-                }
-                Some(Ok(())) => req.rate_counted = true,
-                None => {}
-            }
             return self.reserve(host, req);
         }
         match crate::itemise::time(crate::itemise::Step::Draw, || self.precheck(host, &req)) {
@@ -89,19 +81,7 @@ impl Exchange {
                 self.call(host, req, wait, LEASE_PATH, serde_json::to_vec(&ask))
             }
             Precheck::Wait => self.wait(host, req),
-            // Reserving alone (another key's lease in the slot, a lost race):
-            // the key's limits as its replies taught them still count it.
-            Precheck::Reserve => match self.over_taught_limit(host, &req) {
-                Some(Err(secs)) => {
-                    info!("[{}] {}: over the key's rate limit", self.id, req.caller.request_id);
-                    self.answer(host, LocalReply::rate_limited(secs))
-                }
-                Some(Ok(())) => {
-                    req.rate_counted = true;
-                    self.reserve(host, req)
-                }
-                None => self.reserve(host, req),
-            },
+            Precheck::Reserve => self.reserve(host, req),
             Precheck::Refused(status, error) => {
                 self.refuse(host, &req, status, error);
                 Flow::Pause
@@ -299,8 +279,19 @@ impl Exchange {
         }
     }
 
-    /// Asks the sidecar to hold this request's estimate on its own.
-    fn reserve(&mut self, host: &impl HttpHost, req: Admitted) -> Flow {
+    /// Asks the sidecar to hold this request's estimate on its own, once it
+    /// counted under the limits the key's reservation replies taught (every
+    /// way of reserving alone: without leases, beside another key's lease in
+    /// its slot, after a lost race).
+    fn reserve(&mut self, host: &impl HttpHost, mut req: Admitted) -> Flow {
+        match self.over_taught_limit(host, &req) {
+            Some(Err(secs)) => {
+                info!("[{}] {}: over the key's rate limit", self.id, req.caller.request_id);
+                return self.answer(host, LocalReply::rate_limited(secs));
+            }
+            Some(Ok(())) => req.rate_counted = true,
+            None => {}
+        }
         host.metric(Metric::Reservations, 1);
         let reserve = ReserveRequest {
             key_hash: req.caller.key_hash.clone(),

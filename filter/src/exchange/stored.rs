@@ -79,20 +79,9 @@ impl Exchange {
             }
             Known::Other | Known::Unknown => {}
         }
-        let Some(permit) = self.vm.call_permit(self.cfg.admission_calls_max) else {
-            warn!("[{}] too many admission calls in flight; answering 503", self.id);
-            return self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs));
-        };
-        match self.ask_owner(host, key_hash, &id) {
-            Ok(callout) => {
-                self.state = State::Looking(Lookup { callout, id, tail: format!("{tail}{query}"), _permit: permit });
-                Flow::Pause
-            }
-            Err(why) => {
-                warn!("[{}] cannot ask whose response {id} is: {why}", self.id);
-                self.answer(host, LocalReply::unavailable(self.cfg.retry_after_secs))
-            }
-        }
+        let Some((callout, permit)) = self.ask_owner(host, key_hash, &id) else { return Flow::Pause };
+        self.state = State::Looking(Lookup { callout, id, tail: format!("{tail}{query}"), _permit: permit });
+        Flow::Pause
     }
 
     /// What the key's live lease says of using it (on `model`, if named):
@@ -115,13 +104,35 @@ impl Exchange {
         }
     }
 
-    fn ask_owner(&self, host: &impl HttpHost, key_hash: String, id: &str) -> Result<u32, String> {
+    /// Asks the sidecar whose response `id` is, as one of the VM's
+    /// admission calls: the callout and its permit, or `None` once answered
+    /// 503 (too many calls in flight, or the call could not be sent).
+    fn ask_owner(
+        &mut self,
+        host: &impl HttpHost,
+        key_hash: String,
+        id: &str,
+    ) -> Option<(u32, crate::background::CallPermit)> {
+        let Some(permit) = self.vm.call_permit(self.cfg.admission_calls_max) else {
+            warn!("[{}] too many admission calls in flight; answering 503", self.id);
+            self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs));
+            return None;
+        };
         let ask = OwnerRequest { key_hash, response_id: id.to_owned() };
-        let callout = serde_json::to_vec(&ask)
+        let sent = serde_json::to_vec(&ask)
             .map_err(|e| e.to_string())
-            .and_then(|body| call_sidecar(host, &self.cfg, OWNER_PATH, &body, self.cfg.sidecar_timeout_ms))?;
-        self.vm.called(callout, self.id);
-        Ok(callout)
+            .and_then(|body| call_sidecar(host, &self.cfg, OWNER_PATH, &body, self.cfg.sidecar_timeout_ms));
+        match sent {
+            Ok(callout) => {
+                self.vm.called(callout, self.id);
+                Some((callout, permit))
+            }
+            Err(why) => {
+                warn!("[{}] cannot ask whose response {id} is: {why}", self.id);
+                self.answer(host, LocalReply::unavailable(self.cfg.retry_after_secs));
+                None
+            }
+        }
     }
 
     /// A request continuing response `id`: admitted only if the key made
@@ -135,20 +146,11 @@ impl Exchange {
             }
             Known::Other | Known::Unknown => {}
         }
-        let Some(permit) = self.vm.call_permit(self.cfg.admission_calls_max) else {
-            warn!("[{}] too many admission calls in flight; answering 503", self.id);
-            return self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs));
+        let Some((callout, permit)) = self.ask_owner(host, req.caller.key_hash.clone(), &id) else {
+            return Flow::Pause;
         };
-        match self.ask_owner(host, req.caller.key_hash.clone(), &id) {
-            Ok(callout) => {
-                self.state = State::Checking { req, callout, _permit: permit };
-                Flow::Pause
-            }
-            Err(why) => {
-                warn!("[{}] cannot ask whose response {id} is: {why}", self.id);
-                self.answer(host, LocalReply::unavailable(self.cfg.retry_after_secs))
-            }
-        }
+        self.state = State::Checking { req, callout, _permit: permit };
+        Flow::Pause
     }
 
     /// The sidecar's answer on the previous response: the key's own goes on
