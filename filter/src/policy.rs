@@ -8,6 +8,7 @@
 
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::body::{self, Fields};
@@ -261,7 +262,8 @@ impl<'de> Deserialize<'de> for ToolType {
                 let mut kind = None;
                 while let Some(name) = map.next_key::<body::Name<'de>>()? {
                     if name.0 == "type" {
-                        kind = map.next_value::<Option<String>>().ok().flatten();
+                        // Read whole whatever it is (a non-string is no type), unescaped if a string.
+                        kind = serde_json::from_str::<String>(map.next_value::<&'de RawValue>()?.get()).ok();
                     } else {
                         map.next_value::<IgnoredAny>()?;
                     }
