@@ -157,8 +157,9 @@ pub struct Settler {
     later: Vec<(Queued, u64)>,
     /// When the records batch in flight went.
     sent_ms: u64,
-    /// Records the sidecar settles a millisecond, as its recent batches
-    /// went (a moving average); `None` until one was answered.
+    /// Records the sidecar settles a millisecond, as its recent batches of
+    /// at least half the most a batch holds went (a moving average); `None`
+    /// until one was answered.
     rate_per_ms: Option<f64>,
 }
 
@@ -257,11 +258,12 @@ impl Settler {
     /// again after [`LATER_MS`]; the others are settled, and returned.
     pub fn records_sent(&mut self, later: &[&str], now_ms: u64) -> Vec<SettleRecord> {
         let n = self.records.in_flight.as_ref().map_or(0, Vec::len);
-        if n > 0 {
-            // This batch's rate, into the average (a batch of a few records
-            // says less of what the sidecar can do: weighed by its size).
+        // This batch's rate, into the average. A batch under half the most
+        // a batch holds is left out: its time is mostly the call's, and the
+        // backlog it would judge leaves in full batches.
+        if n > 0 && 2 * n >= self.records.batch_max {
             let sample = n as f64 / now_ms.saturating_sub(self.sent_ms).max(1) as f64;
-            let weight = (n as f64 / self.records.batch_max as f64).clamp(0.05, 1.0) * 0.3;
+            let weight = (n as f64 / self.records.batch_max as f64).min(1.0) * 0.3;
             self.rate_per_ms = Some(match self.rate_per_ms {
                 None => sample,
                 Some(r) => r * (1.0 - weight) + sample * weight,
@@ -453,6 +455,23 @@ mod tests {
             s.push(rec(9_999), now);
         }
         assert!(s.backlog(now).drain_ms.unwrap() < 1_000, "{:?}", s.backlog(now));
+    }
+
+    #[test]
+    fn a_batch_of_a_few_records_says_nothing_of_the_rate_the_sidecar_can_settle() {
+        // A quiet lane sends batches of one: their time is the call's, not
+        // the records'. The burst behind them is not refused on their rate.
+        let mut s = Settler::new(100);
+        s.push(rec(0), 0);
+        s.next_records(0).unwrap();
+        s.records_sent(&[], 40);
+        for i in 1..=300 {
+            s.push(rec(i), 40);
+        }
+        assert_eq!(s.backlog(40).drain_ms, None, "one record in 40 ms is no rate for 300");
+        s.next_records(40).unwrap();
+        s.records_sent(&[], 240);
+        assert_eq!(s.backlog(240).drain_ms, Some(400), "200 records at a full batch's 0.5 a millisecond");
     }
 
     #[test]
