@@ -4,6 +4,7 @@
 //! `models` (rendered by `envoy/render.py` from `MODELS_FILE`), or, without
 //! one, a single model from the top-level settings, as the seed had it.
 
+use bridge_protocol::Secret;
 use serde::Deserialize;
 
 use crate::config::{Encoding, UpstreamStyle};
@@ -120,7 +121,7 @@ pub struct Model {
     #[serde(default)]
     pub api_version: Option<String>,
     /// Its upstream's key. Stays in Envoy's configuration; never logged.
-    pub upstream_key: String,
+    pub upstream_key: Secret,
     #[serde(default = "default_endpoints")]
     pub endpoints: Vec<Endpoint>,
     /// Unset: the plugin's `tiktoken_encoding`.
@@ -171,7 +172,7 @@ impl Model {
         if self.cluster.trim().is_empty() {
             return fail("cluster", "must name an Envoy cluster");
         }
-        if self.upstream_key.trim().is_empty() {
+        if self.upstream_key.expose().trim().is_empty() {
             return fail("upstream_key", "must not be empty");
         }
         if self.upstream != UpstreamStyle::Openai {
@@ -247,8 +248,8 @@ impl Model {
     /// The header carrying the upstream key: (name, value).
     pub fn auth(&self) -> (&'static str, String) {
         match self.upstream {
-            UpstreamStyle::Azure | UpstreamStyle::AzureV1 => ("api-key", self.upstream_key.clone()),
-            UpstreamStyle::Openai => ("authorization", format!("Bearer {}", self.upstream_key)),
+            UpstreamStyle::Azure | UpstreamStyle::AzureV1 => ("api-key", self.upstream_key.expose().to_owned()),
+            UpstreamStyle::Openai => ("authorization", format!("Bearer {}", self.upstream_key.expose())),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! in the root context. Unknown fields are refused so a typo does not silently
 //! fall back to a default.
 
+use bridge_protocol::Secret;
 use serde::Deserialize;
 
 /// How the upstream expects to be addressed.
@@ -128,7 +129,7 @@ pub struct PluginConfig {
     pub sidecar_timeout_ms: u64,
     /// Shared secret for the sidecar's internal API, if it requires one.
     #[serde(default)]
-    pub internal_token: Option<String>,
+    pub internal_token: Option<Secret>,
     #[serde(default = "default_upstream")]
     pub upstream: UpstreamStyle,
     /// Azure deployment name (required for `azure`).
@@ -142,7 +143,7 @@ pub struct PluginConfig {
     /// The upstream's key. Stays in Envoy's configuration; never logged.
     /// Required unless `models` is given (each model has its own).
     #[serde(default)]
-    pub upstream_key: Option<String>,
+    pub upstream_key: Option<Secret>,
     /// The model catalog (`envoy/render.py` renders it from `MODELS_FILE`);
     /// empty: one model from the settings above.
     #[serde(default)]
@@ -325,7 +326,7 @@ impl PluginConfig {
         if self.sidecar_cluster.trim().is_empty() {
             return fail("sidecar_cluster", "must name an Envoy cluster");
         }
-        if self.models.is_empty() && self.upstream_key.as_deref().is_none_or(|k| k.trim().is_empty()) {
+        if self.models.is_empty() && self.upstream_key.as_ref().is_none_or(|k| k.expose().trim().is_empty()) {
             return fail("upstream_key", "must not be empty (or give models, each with its key)");
         }
         if self.models.is_empty() && self.upstream != UpstreamStyle::Openai {
@@ -425,6 +426,18 @@ mod tests {
     use super::*;
 
     const MIN: &str = r#"{"sidecar_cluster":"sidecar","upstream_key":"k","deployment":"gpt-5-nano"}"#;
+
+    #[test]
+    fn secrets_never_print_in_debug() {
+        let json = r#"{"sidecar_cluster":"s","upstream_key":"upstream-secret-1","internal_token":"internal-secret-2",
+            "models":[{"name":"m","deployment":"d","upstream_key":"model-secret-3"}]}"#;
+        let c = PluginConfig::from_json(json.as_bytes()).unwrap();
+        let printed = format!("{c:?} {:?}", c.model(Some("m")));
+        for secret in ["upstream-secret-1", "internal-secret-2", "model-secret-3"] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        assert_eq!(c.model(Some("m")).unwrap().auth(), ("api-key", "model-secret-3".to_owned()));
+    }
 
     #[test]
     fn defaults_match_the_seed() {

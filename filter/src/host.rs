@@ -83,7 +83,7 @@ pub fn call_sidecar(
         ("content-type", "application/json"),
     ];
     if let Some(t) = &cfg.internal_token {
-        headers.push((bridge_protocol::INTERNAL_TOKEN_HEADER, t.as_str()));
+        headers.push((bridge_protocol::INTERNAL_TOKEN_HEADER, t.expose()));
     }
     host.dispatch(&cfg.sidecar_cluster, &headers, body, timeout_ms)
 }

@@ -2,35 +2,10 @@
 //! start, so a typo fails the launch with the variable's name instead of failing
 //! the first request.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// A secret that never prints itself: `Debug` and `Display` show `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The only way to the value; call sites are easy to audit.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
+pub use bridge_protocol::Secret;
 
 #[derive(Debug, Clone)]
 pub struct Settings {

@@ -90,7 +90,7 @@ fn each_variable_that_is_set_reaches_its_field() {
     assert_eq!((c.default_output_reservation, c.settle_interval_ms, c.lease_tokens, c.lease_ms), (77, 50, 0, 20));
     assert_eq!(c.failure_mode, openclaw_filter::config::FailureMode::Allow);
     assert_eq!(c.tiktoken_encoding, openclaw_filter::config::Encoding::O200kBase);
-    assert_eq!((c.api_version.as_str(), c.internal_token.as_deref()), ("2025-01-01", Some("shh")));
+    assert_eq!((c.api_version.as_str(), c.internal_token.as_ref().map(|t| t.expose())), ("2025-01-01", Some("shh")));
     assert!(buffer_limit >= 1000);
     assert!(!c.cap_output);
     assert_eq!(c.reasoning, Some(false));
@@ -142,7 +142,7 @@ fn a_models_file_renders_a_cluster_per_model_and_the_filters_catalog_with_keys_f
     let c = PluginConfig::from_json(plugin.to_string().as_bytes()).unwrap();
     let mini = c.model(Some("gpt-5-mini")).unwrap();
     assert_eq!((mini.cluster.as_str(), mini.authority.as_deref()), ("model_0", Some("east.openai.azure.com")));
-    assert_eq!((mini.upstream_key.as_str(), mini.deployment.as_deref()), ("east-secret", Some("mini-east")));
+    assert_eq!((mini.upstream_key.expose(), mini.deployment.as_deref()), ("east-secret", Some("mini-east")));
     assert_eq!((mini.default_output_reservation, mini.max_output_reservation), (Some(2048), Some(32768)));
     assert_eq!(mini.tiktoken_encoding, Some(openclaw_filter::config::Encoding::O200kBase));
     let embed = c.model(Some("embed")).unwrap();
