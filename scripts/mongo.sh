@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
-# Starts and stops the MongoDB-wire-compatible server (SecantusDB from PyPI) on
-# loopback, on a free port, for tests and local runs. MONGO_SERVER names another
-# build of it with the same flags (`secantus-mdb` from crates.io, for `make bench`).
+# Starts and stops the MongoDB-wire-compatible server (SecantusDB) on loopback,
+# on a free port, for tests and local runs. Which build: MONGO_SERVER if set,
+# else the compiled one from crates.io where `make db` installed it
+# (target/db/bin/secantusd-rs: it settles about 3.5 times faster, BENCHMARKS.md),
+# else the PyPI one (`secantusd-py`, installed by scripts/deps.sh). Tests pin
+# the PyPI build (scripts/with-mongo.sh), as CI has it.
 #   scripts/mongo.sh start DIR   -> prints the connection URI; DIR holds pid, uri, log, data
 #   scripts/mongo.sh stop DIR    -> stops the server started there (by pid)
 set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [ "${1:-}" = "server" ]; then
+  if [ -n "${MONGO_SERVER:-}" ]; then echo "$MONGO_SERVER"
+  elif [ -x "$root/target/db/bin/secantusd-rs" ]; then echo "$root/target/db/bin/secantusd-rs"
+  else echo secantusd-py; fi
+  exit 0
+fi
 cmd="${1:-}"; dir="${2:-}"
-[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop DIR, or $0 server" >&2; exit 2; }
 mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
 
@@ -19,7 +29,7 @@ start)
   # setsid: its own process group, so a Ctrl-C at the terminal reaches it only through us.
   # MONGO_ARGS: extra server flags, e.g. --sync-on-commit where a test restarts it.
   # shellcheck disable=SC2086
-  setsid "${MONGO_SERVER:-secantusd-py}" --host 127.0.0.1 --port "$port" --storage-path "$storage" --log-level WARNING ${MONGO_ARGS:-} \
+  setsid "$("$0" server)" --host 127.0.0.1 --port "$port" --storage-path "$storage" --log-level WARNING ${MONGO_ARGS:-} \
     >"$dir/log" 2>&1 < /dev/null &
   echo $! > "$dir/pid"
   # retryWrites=false: the server's retry bookkeeping slows writes after ~10k.

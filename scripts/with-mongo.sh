@@ -5,6 +5,9 @@
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 if [ -n "${MONGODB_URI:-}" ]; then exec "$@"; fi
+# The PyPI build, as CI has it, unless MONGO_SERVER names another; exported for
+# the tests that restart the server themselves.
+export MONGO_SERVER="${MONGO_SERVER:-secantusd-py}"
 dir="$(mktemp -d "${TMPDIR:-/tmp}/bridge-mongo.XXXXXX")"
 trap '"$here/mongo.sh" stop "$dir"; rm -rf "$dir"' EXIT
 MONGO_STORAGE=":memory:" MONGODB_URI="$("$here/mongo.sh" start "$dir")" || exit 1
