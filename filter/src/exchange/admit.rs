@@ -41,7 +41,7 @@ type Decided = Result<(Precheck, Option<(String, i64)>), (Option<i64>, Option<i6
 impl Exchange {
     /// The body is in (or the request was woken from its wait): draw, fetch,
     /// wait or reserve.
-    pub(super) fn admit(&mut self, host: &impl HttpHost, req: Admitted) -> Flow {
+    pub(super) fn admit(&mut self, host: &impl HttpHost, mut req: Admitted) -> Flow {
         if let Some(why) = self.settlement_behind(host) {
             // Logged once a change by the root (`Background::report_pending`), not per request.
             debug!("[{}] {}: {why}; answering 503", self.id, req.caller.request_id);
@@ -51,7 +51,7 @@ impl Exchange {
         if self.cfg.lease_tokens == 0 {
             return self.reserve(host, req);
         }
-        match crate::itemise::time(crate::itemise::Step::Draw, || self.precheck(host, &req)) {
+        match crate::itemise::time(crate::itemise::Step::Draw, || self.precheck(host, &mut req)) {
             // Headers were held for this body: continuing the body releases both.
             Precheck::Drawn(lease_id) => {
                 self.forwarded(req, Hold::Drawn(lease_id));
@@ -209,15 +209,16 @@ impl Exchange {
 
     /// Draws this request's estimate from the key's lease, or takes the job of
     /// fetching the next one; waits while another request fetches it.
-    fn precheck(&self, host: &impl HttpHost, req: &Admitted) -> Precheck {
+    fn precheck(&self, host: &impl HttpHost, req: &mut Admitted) -> Precheck {
         let Some(new_id) = crate::new_request_id() else { return Precheck::Reserve };
         let estimate = req.admission.estimate;
         let policy = self.cfg.lease_policy();
         let key = self.slot_of(req);
         let key_hash = req.caller.key_hash.as_str();
         let model = req.admission.model.as_str();
-        // Twice at most: a key with rate limits is counted between the two.
-        let mut counted = false;
+        // Twice at most: a key with rate limits is counted between the two
+        // (once in the request's life: not again after a wait).
+        let mut counted = req.rate_counted;
         let decided = loop {
             let decided = slot::update(host, &key, |slot, now| -> Step<Decided> {
                 // The key's controls, as its live lease carries them: no call.
@@ -232,7 +233,7 @@ impl Exchange {
             match decided {
                 Some(Err((rpm, tpm))) => match self.over_limit(host, req, rpm, tpm) {
                     Some(secs) => return Precheck::Limited(secs),
-                    None => counted = true,
+                    None => (counted, req.rate_counted) = (true, true),
                 },
                 Some(Ok(decided)) => break decided,
                 None => return Precheck::Reserve,
@@ -284,7 +285,8 @@ impl Exchange {
     /// way of reserving alone: without leases, beside another key's lease in
     /// its slot, after a lost race).
     fn reserve(&mut self, host: &impl HttpHost, mut req: Admitted) -> Flow {
-        match self.over_taught_limit(host, &req) {
+        let counted = if req.rate_counted { None } else { self.over_taught_limit(host, &req) };
+        match counted {
             Some(Err(secs)) => {
                 info!("[{}] {}: over the key's rate limit", self.id, req.caller.request_id);
                 return self.answer(host, LocalReply::rate_limited(secs));

@@ -58,8 +58,9 @@ struct Admitted {
     admission: Admission,
     /// When it first waited for its key's lease, if it did.
     waiting_since: Option<u64>,
-    /// Counted under limits a reservation reply taught (no leases): its own
-    /// reply must not count it again.
+    /// Counted in its key's minute (under a live lease's limits or those a
+    /// reservation reply taught): however often it waits, looks again or
+    /// asks again, it is not counted again, nor by its own reply.
     rate_counted: bool,
     /// The upstream host that answered, once the answer began.
     upstream: Option<String>,

@@ -975,3 +975,53 @@ fn a_priced_service_tier_is_charged_at_its_multiplier() {
     let r = &gw.records()[0];
     assert_eq!((r.input_tokens, r.output_tokens, r.detail.charged_tokens), (7, 3, Some(20)), "twice 7 + 3");
 }
+
+#[test]
+fn a_reservation_asked_again_after_retry_counts_once_in_the_keys_minute() {
+    let mut gw = Gateway::new(json!({"lease_tokens": 0}));
+    let admit = json!({"verdict": "admit", "balance_tokens": 0, "policy": {"rpm_limit": 2}});
+    let (mut ex, s, _) = gw.send(BODY);
+    gw.answer(&mut ex, &s, "200", admit.clone());
+    assert_eq!(s.resumed.get(), 1, "the first in the minute; the limit is taught");
+    // The second: not now (the balance is in recalled leases), twice, then admitted.
+    let (mut ex, s, _) = gw.send(BODY);
+    for asked in 2..4 {
+        gw.answer(&mut ex, &s, "200", json!({"verdict": "retry"}));
+        gw.world.advance(200);
+        gw.root.on_tick(&*gw.world);
+        gw.run_woken(&mut [(&mut ex, &s)]);
+        assert_eq!(s.replied(), None, "the second in the minute, however often it asks: not 429");
+        assert_eq!(gw.world.calls_to(RESERVE_PATH).len(), asked + 1, "asked again");
+    }
+    gw.answer(&mut ex, &s, "200", admit);
+    assert_eq!((s.replied(), s.resumed.get()), (None, 1));
+    let (_, s, _) = gw.send(BODY);
+    assert_eq!(s.replied(), Some(429), "the third is over the limit");
+}
+
+#[test]
+fn a_request_waiting_for_the_keys_next_lease_counts_once_in_its_minute() {
+    let mut gw = Gateway::new(json!({}));
+    let limited =
+        |tokens: i64| json!({"verdict": "grant", "tokens": tokens, "balance_tokens": 0, "policy": {"rpm_limit": 2}});
+    // A live lease with room for exactly one request, under a limit of two a minute.
+    let (mut ex, s, _) = gw.send(BODY);
+    let estimate = gw.world.calls_to(LEASE_PATH)[0].body["min"].as_i64().unwrap();
+    gw.answer(&mut ex, &s, "200", limited(estimate));
+    assert_eq!(s.resumed.get(), 1, "the fetcher, before the limit was known: not counted");
+    // The second is counted and fetches the next lease; the third waits for it.
+    let (mut fetcher, fs, _) = gw.send(BODY);
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len(), 2, "the second fetches the next lease");
+    let (mut waiter, ws, _) = gw.send(BODY);
+    assert!(waiter.is_waiting() && ws.replied().is_none());
+    gw.answer(&mut fetcher, &fs, "200", limited(100_000));
+    assert_eq!(fs.resumed.get(), 1);
+    for _ in 0..3 {
+        gw.world.advance(100);
+        gw.root.on_tick(&*gw.world);
+        gw.run_woken(&mut [(&mut waiter, &ws)]);
+    }
+    assert_eq!((ws.replied(), ws.resumed.get()), (None, 1), "the second counted, drawn once woken: not 429");
+    let (_, s, _) = gw.send(BODY);
+    assert_eq!(s.replied(), Some(429), "the fourth is over the limit");
+}
