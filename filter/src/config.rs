@@ -427,6 +427,28 @@ mod tests {
 
     const MIN: &str = r#"{"sidecar_cluster":"sidecar","upstream_key":"k","deployment":"gpt-5-nano"}"#;
 
+    /// Every field the filter accepts, as serde names them in its answer to
+    /// an unknown one ("expected one of ...").
+    fn accepted_fields() -> Vec<String> {
+        let err = serde_json::from_str::<PluginConfig>(r#"{"no such field":1}"#).unwrap_err().to_string();
+        let list = err.split("expected one of").nth(1).expect("serde lists the fields");
+        list.split('`').skip(1).step_by(2).map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn the_readme_lists_every_plugin_setting_and_no_other() {
+        let readme = include_str!("../../README.md");
+        let section = readme.split("The filter's plugin configuration").nth(1).expect("the README's plugin settings");
+        let table = section.split("| field | default | meaning |").nth(1).expect("its table");
+        let listed: Vec<&str> =
+            table.lines().skip(2).take_while(|l| l.starts_with("| `")).filter_map(|l| l.split('`').nth(1)).collect();
+        let accepted = accepted_fields();
+        assert!(accepted.len() > 20, "{accepted:?}");
+        let missing: Vec<_> = accepted.iter().filter(|f| !listed.contains(&f.as_str())).collect();
+        let unknown: Vec<_> = listed.iter().filter(|f| !accepted.iter().any(|a| a == *f)).collect();
+        assert!(missing.is_empty() && unknown.is_empty(), "not in the README: {missing:?}; not a field: {unknown:?}");
+    }
+
     #[test]
     fn secrets_never_print_in_debug() {
         let json = r#"{"sidecar_cluster":"s","upstream_key":"upstream-secret-1","internal_token":"internal-secret-2",
