@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: deps db build wasm test run bench lint clean
+.PHONY: deps db build wasm test run bench fuzz lint clean
 
 # The whole stack on port 8000 (GATEWAY_PORT), local defaults for what is not set.
 run: deps
@@ -39,6 +39,11 @@ bench: db
 	@test -x target/bench-venv/bin/litellm || (python3 -m venv target/bench-venv && \
 		target/bench-venv/bin/pip install -q 'litellm[proxy]') || echo "bench: LiteLLM not installed; its rows are left out"
 	python3 scripts/bench.py
+
+# Each fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS (60) on libFuzzer; `make
+# test` runs a short pass of each.
+fuzz: deps
+	scripts/fuzz.sh
 
 # Formatting (rustfmt.toml) and clippy, natively and for the .wasm: the
 # proxy-wasm shell (filter/src/plugin.rs) only compiles for wasm32.

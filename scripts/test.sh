@@ -3,7 +3,8 @@
 #  0. formatting and lints (scripts/lint.sh): a failure fails the run, after the tests;
 #  1. the filter's and protocol's unit tests compiled to wasm32-wasip1, run under Node's WASI;
 #  2. the whole workspace natively, with a MongoDB-wire server (scripts/with-mongo.sh):
-#     unit tests, the sidecar on MongoDB, the .wasm in real Envoy, real clients.
+#     unit tests, the sidecar on MongoDB, the .wasm in real Envoy, real clients;
+#  3. a short pass of each fuzz target (scripts/fuzz.sh, FUZZ_SECONDS 10 here; `make fuzz` runs longer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log="$(mktemp)"
@@ -24,6 +25,15 @@ CARGO_TARGET_WASM32_WASIP1_RUNNER="node --no-warnings $(pwd)/scripts/wasi-run.mj
 scripts/with-mongo.sh cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee -a "$log" || status=1
 # make bench's itemise build: its step timing.
 cargo test -p openclaw-filter --features itemise --lib itemise 2>&1 | tee -a "$log" || status=1
+
+# A short pass of each fuzz target; a crash fails the run (counted as one failure).
+fuzz_targets=$(ls fuzz/fuzz_targets/*.rs | wc -l)
+if FUZZ_SECONDS="${FUZZ_SECONDS:-10}" scripts/fuzz.sh 2>&1 | tee -a "$log"; then
+  echo "test result: ok. $fuzz_targets passed; 0 failed (fuzz targets, ${FUZZ_SECONDS:-10} s each)" | tee -a "$log"
+else
+  echo "test result: FAILED. 0 passed; 1 failed (a fuzz target crashed: scripts/fuzz.sh)" | tee -a "$log"
+  status=1
+fi
 
 passed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s += $4} END {print s + 0}')
 failed=$(grep -oE '^test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed' "$log" | awk '{s += $6} END {print s + 0}')

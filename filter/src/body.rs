@@ -93,6 +93,11 @@ impl<'a> Fields<'a> {
         self.fields.iter().find(|(n, _)| n == name).map(|(_, raw)| raw.get()).filter(|raw| *raw != "null")
     }
 
+    /// The fields' names, in the body's order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.fields.iter().map(|(n, _)| n.as_ref())
+    }
+
     /// Where a field's value stands in the body.
     fn span(&self, name: &str) -> Option<Range<usize>> {
         let (_, raw) = self.fields.iter().find(|(n, _)| n == name)?;
@@ -180,6 +185,21 @@ pub fn elements(raw: &str) -> Option<Vec<&str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_number_beyond_f64_is_kept_as_written() {
+        // Found by the splice fuzz target: serde_json's Value refuses the
+        // number; the splice leaves its text alone, as it does every field's.
+        let text = r#" { "\u1212" : [21E1111111111111111111111111111111111,{"a":null}] }  "#;
+        let fields = Fields::parse(text).unwrap();
+        let mut edits = fields.edit();
+        edits.set("model", "\"m\"".into());
+        let out = String::from_utf8(edits.finish().unwrap()).unwrap();
+        let again = Fields::parse(&out).unwrap();
+        assert_eq!(again.get("\u{1212}"), Some(r#"[21E1111111111111111111111111111111111,{"a":null}]"#));
+        assert_eq!(again.get("model"), Some("\"m\""));
+        assert_eq!(again.names().collect::<Vec<_>>(), ["\u{1212}", "model"]);
+    }
 
     #[test]
     fn fields_are_read_one_level_deep_and_spliced_in_place() {
