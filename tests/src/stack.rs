@@ -33,7 +33,28 @@ pub struct StackOptions {
     /// A model catalog (`MODELS_FILE`), in which `{mock}` stands for the
     /// stack's mock upstream; its keys' variables go in `extra_env`.
     pub models: Option<Value>,
+    /// The sidecar elsewhere than on loopback beside Envoy (the network
+    /// fault tests); else on a free loopback port.
+    pub sidecar_place: Option<SidecarPlace>,
 }
+
+/// Where the sidecar runs and how the others reach it.
+#[derive(Clone, Debug)]
+pub struct SidecarPlace {
+    /// The network namespace it runs in (`net::Host`), if any.
+    pub netns: Option<String>,
+    /// The address it listens on (beyond loopback it needs an internal
+    /// token, which the stack sets on both sides).
+    pub listen: String,
+    /// The address Envoy is given for it (a `net::Link` in between).
+    pub reached_at: String,
+    /// The MongoDB URI it is given (a `net::Link` in between); the stack's
+    /// own reads use `mongo_uri`.
+    pub mongo_uri: String,
+}
+
+/// The internal token of a stack whose sidecar listens beyond loopback.
+const INTERNAL_TOKEN: &str = "stack-internal-token-0123456789";
 
 impl Default for StackOptions {
     fn default() -> Self {
@@ -47,6 +68,7 @@ impl Default for StackOptions {
             sidecar_env: vec![],
             db_name: None,
             models: None,
+            sidecar_place: None,
         }
     }
 }
@@ -105,6 +127,9 @@ fn render_config(
     if let Some(n) = opts.max_body_bytes {
         render.env("MAX_BODY_BYTES", n.to_string());
     }
+    if opts.sidecar_place.is_some() {
+        render.env("INTERNAL_TOKEN", INTERNAL_TOKEN);
+    }
     for (k, v) in &opts.extra_env {
         render.env(k, v);
     }
@@ -151,12 +176,18 @@ impl Stack {
         let mut tries = 0;
         loop {
             tries += 1;
-            let sidecar_addr = format!("127.0.0.1:{}", free_port());
+            let (sidecar_addr, envoy_sees) = match &opts.sidecar_place {
+                Some(place) => (place.listen.clone(), place.reached_at.clone()),
+                None => {
+                    let addr = format!("127.0.0.1:{}", free_port());
+                    (addr.clone(), addr)
+                }
+            };
             let sidecar_log = log_dir().join(format!("{db_name}-{}-app.log", free_port()));
             let gateway_port = free_port();
             let admin_port = free_port();
             let config = log_dir().join(format!("{db_name}-{gateway_port}-envoy.json"));
-            render_config(&opts, &config, &mock, &sidecar_addr, gateway_port, admin_port);
+            render_config(&opts, &config, &mock, &envoy_sees, gateway_port, admin_port);
             let mut stack = Stack {
                 base: format!("http://127.0.0.1:{gateway_port}"),
                 mock: mock.clone(),
@@ -223,6 +254,26 @@ impl Stack {
         self.restart_envoy().await;
     }
 
+    /// Upgrades this gateway in place, as a rolling upgrade does one gateway
+    /// at a time once the load balancer sends it nothing more: drain Envoy's
+    /// listeners, wait until the filter's gauge (queued records and open
+    /// leases) reaches 0 (the test fails if not within `wait`), stop Envoy,
+    /// stop the sidecar (SIGTERM), start the sidecar, start Envoy.
+    pub async fn upgrade(&mut self, wait: Duration) {
+        let _ = self.http.post(format!("{}/drain_listeners?graceful", self.envoy_admin)).send().await;
+        let deadline = std::time::Instant::now() + wait;
+        while self.pending_settlements().await != Some(0) {
+            assert!(std::time::Instant::now() < deadline, "{}: the gauge did not reach 0 within {wait:?}", self.base);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.envoy.stop(Duration::from_secs(15));
+        self.stop_sidecar();
+        self.start_sidecar();
+        self.envoy = spawn_envoy(&self.envoy_config);
+        self.envoy.wait_for(ENVOY_READY, ENVOY_START);
+        crate::wait_http_ok(&format!("{}/healthz", self.base), Duration::from_secs(30)).await;
+    }
+
     /// Kills Envoy at once (SIGKILL) and starts it again: what its VMs had
     /// queued is lost, as in a crash.
     pub async fn crash_envoy(&mut self) {
@@ -249,17 +300,23 @@ impl Stack {
     fn spawn_sidecar(&self) -> Proc {
         let log = self.sidecar_log.to_string_lossy().into_owned();
         let ttl = self.opts.hold_ttl_secs.map(|t| t.to_string());
+        let place = self.opts.sidecar_place.as_ref();
+        let mongo = place.map_or(self.mongo.as_str(), |p| p.mongo_uri.as_str());
         let mut env = vec![
-            ("MONGODB_URI", self.mongo.as_str()),
+            ("MONGODB_URI", mongo),
             ("SIDECAR_ADDR", self.sidecar_addr.as_str()),
             ("LOG_FILE", log.as_str()),
             ("SWEEP_INTERVAL_SECS", "1"),
         ];
+        if place.is_some() {
+            env.push(("INTERNAL_TOKEN", INTERNAL_TOKEN));
+        }
         if let Some(ttl) = &ttl {
             env.push(("HOLD_TTL_SECS", ttl.as_str()));
         }
         env.extend(self.opts.sidecar_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        crate::spawn_sidecar(&workspace_bin("openclaw-sidecar"), &self.db_name, ADMIN_TOKEN, &env)
+        let netns = place.and_then(|p| p.netns.as_deref());
+        crate::spawn_sidecar_on(netns, &workspace_bin("openclaw-sidecar"), &self.db_name, ADMIN_TOKEN, &env)
     }
 
     /// Kills this gateway hard (SIGKILL to Envoy and its sidecar), for good:
