@@ -35,7 +35,7 @@ pub fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> 
 }
 
 /// A host of its own: a network namespace with one veth pair to the test's
-/// namespace. Processes started with `command` see only their own address
+/// namespace. Processes started in it (`command_in`) see only their own address
 /// and the test's end of the pair (no forwarding: they reach the other
 /// parts only through the test's links).
 pub struct Host {
@@ -77,12 +77,6 @@ impl Host {
             return None;
         }
         Some(host)
-    }
-
-    /// A command that runs `program` on this host (`ip netns exec`, which
-    /// execs it: the child's pid is the program's).
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        command_in(Some(&self.name), program)
     }
 
     /// Cuts the host off: its end of the pair goes down, so packets to and

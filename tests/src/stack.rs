@@ -269,9 +269,7 @@ impl Stack {
         self.envoy.stop(Duration::from_secs(15));
         self.stop_sidecar();
         self.start_sidecar();
-        self.envoy = spawn_envoy(&self.envoy_config);
-        self.envoy.wait_for(ENVOY_READY, ENVOY_START);
-        crate::wait_http_ok(&format!("{}/healthz", self.base), Duration::from_secs(30)).await;
+        self.start_envoy().await;
     }
 
     /// Kills Envoy at once (SIGKILL) and starts it again: what its VMs had
@@ -285,6 +283,11 @@ impl Stack {
     /// still had queued is lost.
     pub async fn restart_envoy(&mut self) {
         self.envoy.stop(Duration::from_secs(15));
+        self.start_envoy().await;
+    }
+
+    /// Starts Envoy on this stack's configuration and waits until it serves.
+    async fn start_envoy(&mut self) {
         self.envoy = spawn_envoy(&self.envoy_config);
         self.envoy.wait_for(ENVOY_READY, ENVOY_START);
         crate::wait_http_ok(&format!("{}/healthz", self.base), Duration::from_secs(30)).await;
