@@ -394,6 +394,47 @@ impl Stack {
         }
     }
 
+    /// The history checker's ledger side, shared by the soak and the network
+    /// scenarios: waits (up to `within`) until no key of `keys` holds, leases
+    /// or has an audit row pending and no Envoy of `envoys` holds a record,
+    /// then proves for each key that its balance never went below zero and
+    /// that what left it (from `balance`) is exactly its audit rows' sum.
+    /// Returns the rows of all the keys, for the per-request checks.
+    pub async fn settled_ledger(&self, envoys: &[&Stack], keys: &[String], balance: i64, within: Duration) -> Ledger {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let mut open = 0;
+            for s in envoys {
+                open += s.pending_settlements().await.unwrap_or(0);
+            }
+            for key in keys {
+                let d = self.key_doc(key).await;
+                open += ["holds_n", "leases_n", "outbox_n"].iter().map(|c| d.get_i64(c).unwrap_or(0)).sum::<i64>();
+            }
+            if open == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{open} holds, leases or audit rows still pending after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let mut ledger = Ledger::default();
+        for key in keys {
+            let rows = self.audit_rows(key).await;
+            let audited: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
+            let left = self.balance(key).await;
+            assert!(left >= 0, "{key} went below zero");
+            assert_eq!(balance - left, audited, "{key}: what left the balance and its audit rows disagree");
+            for r in rows {
+                *ledger.rows_by_id.entry(r.get_str("request_id").unwrap().to_owned()).or_default() += 1;
+                ledger.rows.push(r);
+            }
+        }
+        ledger
+    }
+
     /// Number of leases still open on the key.
     pub async fn open_leases(&self, key: &str) -> i64 {
         self.key_doc(key).await.get_i64("leases_n").unwrap_or(0)
@@ -439,5 +480,20 @@ impl Stack {
 
     pub fn chat(&self, key: &str, body: &Value) -> reqwest::RequestBuilder {
         self.http.post(format!("{}/v1/chat/completions", self.base)).bearer_auth(key).json(body)
+    }
+}
+
+/// Every audit row of the keys a [`Stack::settled_ledger`] checked, and how
+/// many rows each request id has.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    pub rows: Vec<Document>,
+    pub rows_by_id: std::collections::HashMap<String, usize>,
+}
+
+impl Ledger {
+    /// Rows charged at an estimate (no usage from the upstream).
+    pub fn estimated(&self) -> usize {
+        self.rows.iter().filter(|r| r.get_str("usage_source") == Ok("estimate")).count()
     }
 }

@@ -16,7 +16,7 @@
 //! and the same scenarios run on loopback through the same links.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -279,36 +279,9 @@ struct Findings {
 /// The history checker: waits until nothing is held any more, then checks
 /// every invariant over every key, every client-seen request and every row.
 async fn check(stacks: &[&Stack], shots: &[Shot]) -> Findings {
-    let stack = stacks[0];
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut open = 0;
-        for s in stacks {
-            open += s.pending_settlements().await.unwrap_or(0);
-        }
-        for i in 0..KEYS {
-            let d = stack.key_doc(&key(i)).await;
-            open += ["holds_n", "leases_n", "outbox_n"].iter().map(|c| d.get_i64(c).unwrap_or(0)).sum::<i64>();
-        }
-        if open == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{open} holds, leases or audit rows still pending 120 s after the load");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let mut rows_by_id: HashMap<String, usize> = HashMap::new();
-    let mut estimated = 0;
-    for i in 0..KEYS {
-        let rows = stack.audit_rows(&key(i)).await;
-        let audited: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
-        let balance = stack.balance(&key(i)).await;
-        assert!(balance >= 0, "{} went below zero", key(i));
-        assert_eq!(BALANCE - balance, audited, "{}: what left the balance and its audit rows disagree", key(i));
-        for r in &rows {
-            *rows_by_id.entry(r.get_str("request_id").unwrap().to_owned()).or_default() += 1;
-            estimated += usize::from(r.get_str("usage_source") == Ok("estimate"));
-        }
-    }
+    let keys: Vec<String> = (0..KEYS).map(key).collect();
+    let ledger = stacks[0].settled_ledger(stacks, &keys, BALANCE, Duration::from_secs(120)).await;
+    let rows_by_id = &ledger.rows_by_id;
     let mut outcomes = BTreeMap::new();
     let mut admitted = 0;
     let mut wrong = Vec::new();
@@ -334,7 +307,7 @@ async fn check(stacks: &[&Stack], shots: &[Shot]) -> Findings {
         rows_by_id.len(),
         &wrong[..wrong.len().min(5)]
     );
-    Findings { outcomes, admitted, rows: rows_by_id.len(), estimated }
+    Findings { outcomes, admitted, rows: rows_by_id.len(), estimated: ledger.estimated() }
 }
 
 /// Prints the scenario's row of figures and keeps it in the summary file.

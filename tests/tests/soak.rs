@@ -11,7 +11,7 @@
 //! `SOAK_REQUESTS=10000 scripts/with-mongo.sh cargo test -p bridge-tests --test soak -- --nocapture`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -193,42 +193,20 @@ async fn soak_with_faults_loses_no_token() {
     let elapsed = started.elapsed();
 
     // Everything settles or expires: no hold and no pending audit row anywhere.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut open = 0;
-        for key in KEYS {
-            let d = stack.key_doc(key).await;
-            open += d.get_i64("holds_n").unwrap_or(0)
-                + d.get_i64("outbox_n").unwrap_or(0)
-                + d.get_i64("leases_n").unwrap_or(0);
-        }
-        if open == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{open} holds, leases or audit rows still pending after 120 s");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-
+    let keys: Vec<String> = KEYS.iter().map(|k| k.to_string()).collect();
+    let ledger = stack.settled_ledger(&[], &keys, BALANCE, Duration::from_secs(120)).await;
     let o = std::mem::take(&mut *outcomes.lock().unwrap());
-    let mut rows_by_id: HashMap<String, i64> = HashMap::new();
-    let mut expired = 0;
-    let mut expired_leases = 0;
-    for key in KEYS {
-        let rows = stack.audit_rows(key).await;
-        let audited: i64 = rows.iter().map(|r| r.get_i64("total_tokens").unwrap()).sum();
-        let balance = stack.balance(key).await;
-        assert!(balance >= 0, "{key} went below zero");
-        assert_eq!(BALANCE - balance, audited, "{key}: debits and audit rows disagree");
-        for r in &rows {
-            *rows_by_id.entry(r.get_str("request_id").unwrap().to_owned()).or_default() += 1;
-            let lost = r.get_bool("expired_hold").unwrap_or(false);
-            expired += usize::from(lost);
-            // The row of a lease whose drawn requests never settled (Envoy was
-            // killed with their records queued) carries the lease's id.
-            expired_leases +=
-                usize::from(lost && r.get_str("lease_id").is_ok_and(|l| r.get_str("request_id") == Ok(l)));
-        }
-    }
+    let rows_by_id = &ledger.rows_by_id;
+    let lost = |r: &&mongodb::bson::Document| r.get_bool("expired_hold").unwrap_or(false);
+    let expired = ledger.rows.iter().filter(lost).count();
+    // The row of a lease whose drawn requests never settled (Envoy was
+    // killed with their records queued) carries the lease's id.
+    let expired_leases = ledger
+        .rows
+        .iter()
+        .filter(lost)
+        .filter(|r| r.get_str("lease_id").is_ok_and(|l| r.get_str("request_id") == Ok(l)))
+        .count();
     let mut charged_by_lease = 0;
     for id in &o.admitted_ids {
         match rows_by_id.get(id) {
