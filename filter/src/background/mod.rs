@@ -45,7 +45,7 @@ pub struct Background {
     behind: bool,
     /// The live leases of this VM as last reported: lease id -> (slot, drawn, when).
     progress: HashMap<String, Reported>,
-    /// When the last control call went: one a tick at least, for the key changes.
+    /// When the last tick's control call went (progress, and the key changes on its reply): one a tick.
     control_sent_ms: Option<u64>,
     /// The sidecar's cursor of key changes, and the changes applied here
     /// (key hash -> its stamp, when seen), kept while the sidecar may name
@@ -412,17 +412,22 @@ impl Background {
     pub fn send_due_batch(&mut self, host: &impl Host) {
         let now = host.now_ms();
         if self.control_call.is_none() && !self.vm.settler.borrow().backing_off(LaneKind::Control, now) {
-            let progress = self.progress_due(host, now);
             // A call a tick at least, even with nothing to say: its reply
-            // carries the key changes.
+            // carries the key changes. Progress goes once a tick, not with
+            // every close: gathering it reads every live lease's slot, and
+            // with many keys the lane would run back to back on reports
+            // alone (a tick's budget a call, not a tick).
             let tick_due =
                 self.control_sent_ms.is_none_or(|at| now.saturating_sub(at) >= self.config.settle_interval_ms);
-            let closes = self.vm.settler.borrow_mut().next_closes(now, !progress.is_empty() || tick_due);
+            let progress = if tick_due { self.progress_due(host, now) } else { Vec::new() };
+            let closes = self.vm.settler.borrow_mut().next_closes(now, tick_due);
             if let Some(closes) = closes {
                 let n = closes.len();
                 let batch = SettleBatch { records: Vec::new(), closes, progress, changes_since: self.change_cursor };
                 self.control_call = self.send(host, LaneKind::Control, &batch, n);
-                self.control_sent_ms = Some(now);
+                if tick_due {
+                    self.control_sent_ms = Some(now);
+                }
             }
         }
         if self.records_call.is_none() {

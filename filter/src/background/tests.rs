@@ -604,6 +604,70 @@ fn many_busy_leases_cost_the_ledger_a_report_a_second_each_and_every_one_is_repo
 }
 
 #[test]
+fn however_fast_the_sidecar_answers_progress_goes_once_a_tick_and_closes_do_not_hold_it_back() {
+    // Gathering progress reads every live lease's slot: with many keys, a
+    // control lane that sent progress again with each reply ran back to back
+    // (a tick's budget a call), reading all the slots each time.
+    let mut gw = Gateway::new(json!({"lease_ms": 60_000, "lease_idle_ms": 60_000}));
+    let keys: Vec<String> = (0..200).map(|i| format!("sk-quick-tenant-{i:04}")).collect();
+    for k in &keys {
+        let (mut ex, s, _) = gw.post(k, "/v1/chat/completions", &[], BODY);
+        gw.answer(&mut ex, &s, "200", grant(100_000));
+    }
+    let mut reported: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
+    let mut calls_with_progress_a_tick = Vec::new();
+    let mut answered = 0;
+    for tick in 0..50 {
+        // A close waits on every tick: the lane always has something to send.
+        gw.root.vm.keep(Item::Close(close_of(tick)), gw.world.now_ms(), gw.root.context_id);
+        gw.root.on_tick(&*gw.world);
+        let mut with_progress = 0;
+        // The sidecar answers each call at once, which sends the lane's next.
+        loop {
+            let open: Vec<_> = gw.settle_calls(false).into_iter().filter(|c| !gw.world.answered(c.token)).collect();
+            let Some(call) = open.first() else { break };
+            let progress = call.body["progress"].as_array().cloned().unwrap_or_default();
+            with_progress += usize::from(!progress.is_empty());
+            for p in &progress {
+                reported.entry(p["lease_id"].as_str().unwrap().to_owned()).or_default().push(gw.world.now_ms());
+            }
+            let closes: Vec<Value> = call.body["closes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| json!({"request_id": c["lease_id"], "outcome": "settled"}))
+                .collect();
+            gw.reply(call.token, "200", json!({"results": [], "closes": closes}));
+            answered += 1;
+            assert!(answered < 10_000, "the control lane never stops");
+        }
+        calls_with_progress_a_tick.push(with_progress);
+        gw.world.advance(200);
+        for k in &keys {
+            gw.post(k, "/v1/chat/completions", &[], BODY);
+        }
+    }
+    assert!(calls_with_progress_a_tick.iter().all(|n| *n <= 1), "{calls_with_progress_a_tick:?}");
+    assert_eq!(reported.len(), keys.len(), "every lease reported");
+    for (id, at) in &reported {
+        let gaps: Vec<u64> = at.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|g| *g <= super::PROGRESS_HEARTBEAT_MS), "{id} unreported too long: {gaps:?}");
+    }
+}
+
+/// A close of a lease of no key of the test's, `n`th of its kind.
+fn close_of(n: usize) -> bridge_protocol::LeaseClose {
+    bridge_protocol::LeaseClose {
+        key_hash: bridge_protocol::key_hash("sk-elsewhere"),
+        lease_id: format!("gone-{n}"),
+        tokens: Some(10),
+        drawn_tokens: 0,
+        drawn_n: 0,
+    }
+}
+
+#[test]
 fn a_backlog_the_sidecar_would_take_longer_than_the_age_bound_to_settle_is_refused_before_it_ages() {
     let mut gw = Gateway::new(json!({"settle_batch_max": 10, "settle_backlog_age_ms": 3_000}));
     let mut sent = 0;
