@@ -522,7 +522,7 @@ async fn requests_draw_from_a_lease_without_a_call_each_and_a_freeze_ends_it() {
         billed += total(&row);
     }
     // One renewal each half window, plus the first few: the key's first lease
-    // is sized for sixteen requests, and its successors grow to its draw rate.
+    // is sized for 64 requests, and its successors grow to its draw rate.
     assert!(
         leases.len() as u64 <= elapsed_ms / (lease_ms / 2) + 4,
         "{} leases for {} requests in {elapsed_ms} ms",

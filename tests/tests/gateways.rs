@@ -78,7 +78,7 @@ async fn three_gateways_serve_every_affordable_request_and_a_killed_one_costs_it
     let b = body("spread me over three gateways");
     let estimate = estimate_of(&b);
     // The small key holds what 45 requests hold, less than one lease (a first
-    // lease asks for sixteen requests on each of three gateways).
+    // lease asks for 64 requests on each of three gateways).
     let small_requests = 45;
     let small_balance = small_requests * estimate;
     gws[0].create_key(BIG, 50_000_000).await;

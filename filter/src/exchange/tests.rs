@@ -17,7 +17,7 @@ fn the_first_request_fetches_a_lease_and_the_next_draws_without_a_call() {
     assert_eq!(flow, Flow::Pause, "waits for the lease");
     let call = &gw.world.calls_to(LEASE_PATH)[0];
     let estimate = call.body["min"].as_i64().unwrap();
-    assert_eq!(call.body["want"], estimate * crate::lease::FIRST_LEASE_REQUESTS, "no rate yet: sixteen requests");
+    assert_eq!(call.body["want"], estimate * crate::lease::FIRST_LEASE_REQUESTS, "no rate yet: 64 requests");
     assert_eq!(s.resumed.get(), 0, "nothing forwarded before the grant");
     gw.answer(&mut ex, &s, "200", grant(100_000));
     assert_eq!(s.resumed.get(), 1);

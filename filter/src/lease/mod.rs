@@ -215,8 +215,12 @@ pub struct Policy {
 }
 
 /// A key's first lease, with no draw rate to go by, asks for this many
-/// requests' estimates (within the ceiling).
-pub const FIRST_LEASE_REQUESTS: i64 = 16;
+/// requests' estimates (within the ceiling), and no lease asks for fewer.
+/// With 16, a key sending a request every second renewed its lease after
+/// eight: at 1,000 keys the grants took the ledger's time and the gateway
+/// answered a third fewer requests (BENCHMARKS.md). The sidecar's share of the
+/// balance bounds what this holds of a small balance.
+pub const FIRST_LEASE_REQUESTS: i64 = 64;
 
 /// A lease is sized to hold twice its key's draws over this long (or its
 /// window, if shorter): a long-lived lease of a busy key is renewed when

@@ -21,7 +21,7 @@ fn live(tokens: i64, drawn: i64, expires_ms: u64) -> Slot {
 fn an_empty_slot_fetches_and_others_wait_meanwhile() {
     let Draw::Fetch { slot, close: None, want } = draw(None, KEY, 1_000, 10, "L2", &P) else { panic!("no fetch") };
     assert_eq!(slot, Slot::Fetching { id: "L2".into(), since_ms: 1_000, key_hash: KEY.into() });
-    assert_eq!(want, 10 * FIRST_LEASE_REQUESTS, "no draw rate yet: sixteen requests' estimates");
+    assert_eq!(want, 10 * FIRST_LEASE_REQUESTS, "no draw rate yet: 64 requests' estimates");
     assert_eq!(draw(Some(&slot), KEY, 1_100, 10, "L3", &P), Draw::Wait);
     // A fetcher that never came back is replaced.
     assert!(matches!(draw(Some(&slot), KEY, 6_000, 10, "L3", &P), Draw::Fetch { close: None, .. }));
@@ -50,7 +50,7 @@ fn draws_never_exceed_the_grant() {
                 // 60 drawn in the first 0 ms (of a 1000 ms window ending at 2000 => granted
                 // at 1000), taken as drawn in a tenth of the window.
                 if let Some((_, want)) = &refresh {
-                    assert_eq!(*want, 2 * 60 * 10);
+                    assert_eq!(*want, (2 * 60 * 10).max(30 * FIRST_LEASE_REQUESTS));
                 }
                 drawn += 30;
                 // Half the tokens gone (60 of 100): the next lease is asked for, once.
@@ -85,7 +85,8 @@ fn leases_are_sized_by_the_draw_rate_within_the_ceiling() {
     assert_eq!(p.want(Some(&lease), 1_100, 10), 50_000, "60,000 by rate, held to the ceiling");
     lease.drawn_tokens = 1_000;
     assert_eq!(p.want(Some(&lease), 1_100, 10), 20_000, "by rate");
-    assert_eq!(p.want(Some(&lease), 1_100, 2_000), 32_000, "at least sixteen of this request");
+    assert_eq!(p.want(Some(&lease), 1_100, 500), 500 * FIRST_LEASE_REQUESTS, "at least 64 of this request");
+    assert_eq!(p.want(Some(&lease), 1_100, 2_000), 50_000, "64 of this request, held to the ceiling");
     assert_eq!(p.want(None, 0, 100_000), 100_000, "one request over the ceiling leases its own estimate");
 }
 
@@ -128,7 +129,7 @@ fn half_way_through_its_window_a_lease_asks_for_the_next_and_the_grant_replaces_
     let Draw::Drawn { slot, refresh: Some(id), .. } = draw(Some(&slot), KEY, 1_500, 1, "R1", &P) else {
         panic!("no refresh at half time")
     };
-    // By rate 2 * 1_000 / 500 = 4; sixteen requests' estimates at least.
+    // By rate 2 * 1_000 / 500 = 4; 64 requests' estimates at least.
     assert_eq!(id, ("R1".to_owned(), FIRST_LEASE_REQUESTS));
     // Granted: the new lease replaces the old, which closes with its draws.
     let Renew::Live { slot: Slot::Live(new), close: Some(old) } =
