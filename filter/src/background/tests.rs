@@ -424,9 +424,12 @@ fn past_the_backlog_bound_new_requests_get_503_with_retry_after_until_settlement
     assert_eq!(body["error"]["code"], "gateway_overloaded");
     assert!(s.reply_headers().iter().any(|(k, v)| k == "retry-after" && v == "5"));
     assert_eq!(s.resumed.get(), 0, "its held headers never go upstream");
+    // Shed before its body is read: one that would be a 400 is a 503 too.
+    let (_, bad, _) = gw.send(b"{not json");
+    assert_eq!(bad.replied(), Some(503), "the body was read before shedding");
     ex.on_log(&s);
     assert_eq!(gw.records().len(), 3, "the refused request settles nothing");
-    assert_eq!(gw.world.counted(crate::metrics::Metric::Shed), 1);
+    assert_eq!(gw.world.counted(crate::metrics::Metric::Shed), 2);
 
     // The same again, then settlement catches up: admitted again.
     let mut gw = Gateway::new(json!({"settle_backlog_max": 3}));

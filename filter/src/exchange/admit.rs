@@ -178,7 +178,7 @@ impl Exchange {
     /// record has waited longer than `settle_backlog_age_ms` (not with
     /// `failure_mode: allow`, which forwards while the sidecar is down).
     /// Admitting more would outrun what the ledger can write.
-    fn settlement_behind(&self, host: &impl HttpHost) -> Option<String> {
+    pub(super) fn settlement_behind(&self, host: &impl HttpHost) -> Option<String> {
         let backlog = self.vm.settler.borrow().backlog(host.now_ms());
         if backlog.records >= self.cfg.settle_backlog_max {
             return Some(format!("{} records wait for settlement", backlog.records));
