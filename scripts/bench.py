@@ -316,13 +316,20 @@ def itemise(env):
         return {}
     p, url, _ = start_envoy("itemise", False, 1, dict(env, WASM_PATH=wasm))
     headers = {"Authorization": f"Bearer {USER_KEY}"}
+    # BENCH_ITEMISE_KEYS=n: the requests spread over n keys instead of one.
+    spread = int(os.environ.get("BENCH_ITEMISE_KEYS", "1"))
+    keys = None
+    if spread > 1:
+        keys = (f"sk-bench-itemise-{int(time.time())}-", spread)
+        create_keys_from(f"http://{env['SIDECAR_ADDR']}", keys[0], 1, spread)
+        headers = {}
     out = {}
     try:
         for kind, body in SHAPES:
-            wrk(url + "/v1/chat/completions", body, headers, {"envoy": p.pid})   # warm up, not counted
+            wrk(url + "/v1/chat/completions", body, headers, {"envoy": p.pid}, keys=keys)   # warm up, not counted
             time.sleep(1.0)
             urllib.request.urlopen(urllib.request.Request(p.admin + "/reset_counters", method="POST"), timeout=10)
-            r = wrk(url + "/v1/chat/completions", body, headers, {"envoy": p.pid})
+            r = wrk(url + "/v1/chat/completions", body, headers, {"envoy": p.pid}, keys=keys)
             time.sleep(1.5)  # every VM's tick adds its sums
             c = stats(p.admin, "openclaw_bridge_step_")
             n = max(c.get("openclaw_bridge_step_log_n", 0), 1)
@@ -574,6 +581,8 @@ def three_gateways(uri, db, env, rel, sidecar, mock):
 
 
 SUSTAIN_SECONDS = int(os.environ.get("BENCH_SUSTAIN_SECONDS", "60"))
+TRACE = os.environ.get("BENCH_TRACE") == "1"   # the keys runs print Envoy's backlog every 0.25 s
+KEY_SHAPES = os.environ.get("BENCH_KEY_SHAPES", "capless,openclaw").split(",")
 KEY_COUNTS = [int(n) for n in os.environ.get("BENCH_KEY_COUNTS", "1,100,1000,10000").split(",")]
 
 
@@ -596,7 +605,7 @@ def many_keys(uri, db, env, sidecar, mock):
                 create_keys_from(sidecar_url, prefix, made + 1, n)
                 print(f"  keys: {n} created ({time.time() - t0:.0f} s)", file=sys.stderr)
                 made = n
-            for (kind, body), warm in [(s, w) for s in SHAPES if s[0] in ("capless", "openclaw") for w in (False, True)]:
+            for (kind, body), warm in [(s, w) for s in SHAPES if s[0] in KEY_SHAPES for w in (False, True)]:
                 runs = []
                 for _ in range(ROUNDS):
                     b = wrk(bare_url + "/v1/chat/completions", body, {}, {"envoy": bare.pid}, keys=(prefix, n))
@@ -608,7 +617,20 @@ def many_keys(uri, db, env, sidecar, mock):
                         w = wrk(bridge_url + "/v1/chat/completions", body, {}, {"envoy": bridge.pid}, keys=(prefix, n))
                         answered += w["requests"] - w["non2xx"]
                     classes = answered_by_class(bridge.admin)
-                    r = wrk(bridge_url + "/v1/chat/completions", body, {}, {"envoy": bridge.pid}, keys=(prefix, n))
+                    ops_before, db_before = ledger_ops(sidecar_url), mongo_ops(uri)
+                    watch = {"envoy": bridge.pid, "sidecar": sidecar.pid, "mongodb": MONGO_PID[0], "mock": mock.pid}
+                    trace = []
+                    t0 = time.time()
+
+                    def sample():
+                        if TRACE:
+                            trace.append(f"{time.time() - t0:.1f}s {answered_by_class(bridge.admin)} backlog "
+                                         f"{gauge(bridge.admin, 'openclaw_bridge_settle_backlog')} oldest "
+                                         f"{gauge(bridge.admin, 'openclaw_bridge_settle_oldest_ms')} ms")
+                    r = wrk(bridge_url + "/v1/chat/completions", body, {}, {k: v for k, v in watch.items() if v},
+                            keys=(prefix, n), sample=sample)
+                    for line in trace:
+                        print("    trace " + line, file=sys.stderr)
                     end = time.time()
                     after = answered_by_class(bridge.admin)
                     refused = {c: after[c] - classes.get(c, 0) for c in after if c != "2xx" and after[c] > classes.get(c, 0)}
@@ -625,18 +647,28 @@ def many_keys(uri, db, env, sidecar, mock):
                         wait_until(lambda: audit.estimated_document_count() - before >= answered, 300)
                     runs.append({"bare": (b["requests"] - b["non2xx"]) / (b["us"] / 1e6),
                                  "bridge": timed / (r["us"] / 1e6), "errors": r["non2xx"] + r["errors"],
-                                 "refused": refused, "lag": lag})
+                                 "refused": refused, "lag": lag,
+                                 "ops": ops_between(ops_before, ledger_ops(sidecar_url), timed),
+                                 "db_ops": ((mongo_ops(uri) or 0) - (db_before or 0)) / max(timed, 1),
+                                 # CPU us per answered request (wrk's figures are per request sent).
+                                 "cpu": {k: v * r["requests"] / max(timed, 1) for k, v in r["cpu_us"].items()}})
                 med = lambda f: statistics.median(f(x) for x in runs)
                 lags = [x["lag"] for x in runs]
                 row = {"keys": n, "kind": kind, "warm": warm, "bare": med(lambda x: x["bare"]),
                        "bridge": med(lambda x: x["bridge"]), "errors": sum(x["errors"] for x in runs),
                        "refused": " ".join(f"{c} {sum(x['refused'].get(c, 0) for x in runs)}"
                                            for c in sorted({c for x in runs for c in x["refused"]})) or "none",
-                       "lag": None if None in lags else max(lags)}
+                       "lag": None if None in lags else max(lags), "ops": runs[-1]["ops"], "cpu": runs[-1]["cpu"],
+                       "db_ops": runs[-1]["db_ops"]}
                 rows.append(row)
                 print(f"  keys {n:6} {kind:8} {'warm' if warm else 'cold'} bridge {row['bridge']:8.0f} "
                       f"bare {row['bare']:8.0f} ({row['bridge'] / row['bare']:.2f}x) errors {row['errors']} "
                       f"({row['refused']}) lag {row['lag']}", file=sys.stderr)
+                print(f"    MongoDB ops per answered: {row['db_ops']:.2f}; CPU us per answered: "
+                      + ", ".join(f"{k} {v:.0f}" for k, v in row["cpu"].items()),
+                      file=sys.stderr)
+                print("    ledger per 1,000 answered (calls, ms a call): " + ", ".join(
+                    f"{op} {c:.0f} x {ms:.1f}" for op, (c, ms) in sorted(row["ops"].items())), file=sys.stderr)
     finally:
         for p in (bare, bridge):
             p.terminate()
@@ -672,6 +704,20 @@ def render_keys(rows):
         lag = "not within 120" if r["lag"] is None else f"{r['lag']:.1f}"
         lines.append(f"| {r['keys']:,} | {r['kind']} | {'warm' if r.get('warm') else 'cold'} | {r['bare']:.0f} "
                      f"| {r['bridge']:.0f} | {r['bridge'] / r['bare']:.2f}x | {r['errors']} | {r.get('refused', '-')} | {lag} |")
+    ops = sorted({op for r in rows for op in r.get("ops", {})})
+    if ops:
+        lines += ["", "The sidecar's ledger calls during the timed run (its last round): calls per 1,000 answered "
+                  "requests x ms a call. `lease` is a grant (with the close it replaces); `settle` is one "
+                  "control or records call, made of the steps after it.", "",
+                  "| keys | body | keys were | " + " | ".join(ops) + " | MongoDB ops a request | CPU us a request: "
+                  "Envoy / sidecar / MongoDB |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in ops) + " | --- | --- |"]
+        for r in rows:
+            cells = [f"{r['ops'][op][0]:.0f} x {r['ops'][op][1]:.1f}" if op in r.get("ops", {}) else "-" for op in ops]
+            cpu = r.get("cpu", {})
+            cells.append(f"{r.get('db_ops', 0):.2f}")
+            cells.append(" / ".join(f"{cpu[k]:.0f}" if k in cpu else "-" for k in ("envoy", "sidecar", "mongodb")))
+            lines.append(f"| {r['keys']:,} | {r['kind']} | {'warm' if r.get('warm') else 'cold'} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -695,6 +741,32 @@ def answered_by_class(admin):
             return {m.group(1): int(m.group(2)) for m in re.finditer(r"downstream_rq_(\dxx): (\d+)", r.read().decode())}
     except OSError:
         return {}
+
+
+def ledger_ops(sidecar_url):
+    """The sidecar's ledger operations so far: {op: (calls, seconds)} from its metrics."""
+    req = urllib.request.Request(f"{sidecar_url}/admin/metrics")
+    req.add_header("authorization", f"Bearer {ADMIN}")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    calls = {m.group(1): int(m.group(2)) for m in
+             re.finditer(r'openclaw_bridge_ledger_seconds_count\{op="(\w+)"\} (\d+)', text)}
+    secs = {m.group(1): float(m.group(2)) for m in
+            re.finditer(r'openclaw_bridge_ledger_seconds_sum\{op="(\w+)"\} ([0-9.e+-]+)', text)}
+    return {op: (n, secs.get(op, 0.0)) for op, n in calls.items()}
+
+
+def ops_between(before, after, answered):
+    """Per op between two `ledger_ops` readings: calls per 1,000 answered requests and ms a call."""
+    out = {}
+    for op, (n, s) in after.items():
+        n0, s0 = before.get(op, (0, 0.0))
+        if n > n0:
+            out[op] = ((n - n0) * 1000 / max(answered, 1), (s - s0) * 1000 / (n - n0))
+    return out
 
 
 def gauge(admin, name):
