@@ -1808,3 +1808,40 @@ async fn allowed_models_and_expiry_are_set_cleared_and_enforced_on_reservations_
         assert_eq!((status, err["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some(param)), "{body}: {err}");
     }
 }
+
+#[tokio::test]
+async fn a_batch_records_whose_each_response_is_once_and_a_resend_changes_nothing() {
+    let s = start().await;
+    let (alice, bob) = ("sk-owner-alice-0001", "sk-owner-bob-0001");
+    s.create(alice, 10_000).await;
+    s.create(bob, 10_000).await;
+    let mut records = Vec::new();
+    for (key, id, response) in [(alice, "own-1", "resp_a1"), (alice, "own-2", "resp_a2"), (bob, "own-3", "resp_b1")] {
+        assert!(matches!(s.reserve(key, id, 100).await, ReserveReply::Admit { .. }));
+        let mut r = record(key, id, 100, 10, 10);
+        r.detail.response_id = Some(response.into());
+        records.push(r);
+    }
+    // A record refused settles nothing and owns nothing.
+    let mut unknown = record(bob, "own-never-reserved", 100, 10, 10);
+    unknown.detail.response_id = Some("resp_nobody".into());
+    records.push(unknown);
+    for _ in 0..2 {
+        s.settle(&records).await;
+    }
+    let owner = |key: &'static str, id: &'static str| {
+        let http = s.http.clone();
+        let url = format!("{}{}", s.url, bridge_protocol::OWNER_PATH);
+        async move {
+            let ask = bridge_protocol::OwnerRequest { key_hash: key_hash(key), response_id: id.into() };
+            let reply: bridge_protocol::OwnerReply =
+                http.post(url).json(&ask).send().await.unwrap().json().await.unwrap();
+            reply.model
+        }
+    };
+    assert_eq!(owner(alice, "resp_a1").await.as_deref(), Some("gpt-5-nano"));
+    assert_eq!(owner(alice, "resp_a2").await.as_deref(), Some("gpt-5-nano"));
+    assert_eq!(owner(bob, "resp_b1").await.as_deref(), Some("gpt-5-nano"));
+    assert_eq!(owner(bob, "resp_a1").await, None, "another key's response");
+    assert_eq!(owner(bob, "resp_nobody").await, None, "a record that settled nothing owns nothing");
+}

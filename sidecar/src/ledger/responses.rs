@@ -10,25 +10,33 @@ use super::{is_duplicate_key, LedgerError, Store};
 
 impl Store {
     /// Records the owner of each settled record's response (once: a record
-    /// sent again finds it there). Outside the money path: a failure here is
-    /// logged, and that response is then readable by nobody.
+    /// sent again finds it there), in one unordered insert for the batch.
+    /// Outside the money path: a failure here is logged, and those responses
+    /// are then readable by nobody.
     pub async fn record_owners(&self, records: &[SettleRecord], results: &[SettleResult]) {
-        for r in records {
-            let Some(id) = &r.detail.response_id else { continue };
-            let settled = results.iter().any(|x| {
-                x.request_id == r.request_id
-                    && matches!(x.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled)
-            });
-            if !settled {
-                continue;
-            }
-            let owner = doc! {"_id": id, "key_id": &r.key_hash, "model": &r.model, "request_id": &r.request_id,
-            "created_at": self.local_now()};
-            match self.responses.insert_one(owner).await {
-                Ok(_) => {}
-                Err(e) if is_duplicate_key(&e) => {}
-                Err(e) => tracing::warn!(error = %e, "could not record whose response this is"),
-            }
+        let now = self.local_now();
+        let owners: Vec<_> = records
+            .iter()
+            .filter_map(|r| {
+                let id = r.detail.response_id.as_ref()?;
+                let settled = results.iter().any(|x| {
+                    x.request_id == r.request_id
+                        && matches!(x.outcome, SettleOutcome::Settled | SettleOutcome::AlreadySettled)
+                });
+                settled.then(|| {
+                    doc! {"_id": id, "key_id": &r.key_hash, "model": &r.model, "request_id": &r.request_id,
+                    "created_at": now}
+                })
+            })
+            .collect();
+        if owners.is_empty() {
+            return;
+        }
+        match self.responses.insert_many(owners).ordered(false).await {
+            Ok(_) => {}
+            // Each one there already was recorded by a record sent before.
+            Err(e) if is_duplicate_key(&e) => {}
+            Err(e) => tracing::warn!(error = %e, "could not record whose responses these are"),
         }
     }
 
