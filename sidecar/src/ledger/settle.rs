@@ -228,8 +228,8 @@ impl Store {
             });
             by_key[at].1.push(lease_id);
         }
-        let mut out = std::collections::HashMap::with_capacity(by_key.len());
-        for chunk in by_key.chunks(KEY_READ_CHUNK) {
+        // The chunks at once: each waits on the database, not on the others.
+        let reads = by_key.chunks(KEY_READ_CHUNK).map(|chunk| {
             let mut projection = if owner {
                 doc! {"user_name": 1, "key_prefix": 1, "key_last4": 1}
             } else {
@@ -241,11 +241,13 @@ impl Store {
                 }
             }
             let hashes: Vec<&str> = chunk.iter().map(|(h, _)| h.as_str()).collect();
-            let docs: Vec<KeyDoc> =
-                self.key_docs.find(doc! {"_id": {"$in": &hashes}}).projection(projection).await?.try_collect().await?;
-            out.extend(docs.into_iter().map(|k| (k.hash.clone(), k)));
-        }
-        Ok(out)
+            async move {
+                let found = self.key_docs.find(doc! {"_id": {"$in": &hashes}}).projection(projection).await?;
+                found.try_collect::<Vec<KeyDoc>>().await
+            }
+        });
+        let chunks = futures::future::try_join_all(reads).await?;
+        Ok(chunks.into_iter().flatten().map(|k| (k.hash.clone(), k)).collect())
     }
 
     /// One record: returns its outcome and, when it settled now, the owner and the
