@@ -85,6 +85,13 @@ pub const PROGRESS_MIN_MS: u64 = 1_000;
 /// reported within a heartbeat. The longest unreported first.
 pub const PROGRESS_PER_TICK: usize = 64;
 
+/// Background lease asks one VM has in flight at most; the rest wait in the
+/// queue and go as answers come. Renewals are asked when half a lease is
+/// left, so a wait of a few grants costs no request anything, and keys that
+/// came to half their leases together no longer queue a thousand grants at
+/// the ledger ahead of the records.
+pub const LEASE_ASKS_IN_FLIGHT: usize = 16;
+
 /// How a sweep left one slot.
 enum Swept {
     Closed(LeaseClose),
@@ -201,9 +208,11 @@ impl Background {
         }
     }
 
-    /// Sends the background lease requests waiting on the queue.
+    /// Sends the background lease requests waiting on the queue, up to
+    /// [`LEASE_ASKS_IN_FLIGHT`] at a time.
     pub fn ask_for_leases(&mut self, host: &impl Host) {
-        while let Some(bytes) = host.dequeue_lease_ask() {
+        while self.lease_calls.len() < LEASE_ASKS_IN_FLIGHT {
+            let Some(bytes) = host.dequeue_lease_ask() else { break };
             let Ok(ask) = serde_json::from_slice::<LeaseRequest>(&bytes) else { continue };
             match call_sidecar(host, &self.config, LEASE_PATH, &bytes, self.config.sidecar_timeout_ms) {
                 Ok(token) => {
@@ -224,6 +233,8 @@ impl Background {
                 crate::metrics::granted(host, *tokens, host.now_ms().saturating_sub(sent_ms));
             }
             self.lease_answered(host, ask, reply);
+            // Its place goes to the next ask waiting, if any.
+            self.ask_for_leases(host);
             self.report_pending(host);
             return;
         }

@@ -116,6 +116,38 @@ fn renewing() -> (Gateway, crate::fake::Call) {
 }
 
 #[test]
+fn renewals_due_together_go_a_few_at_a_time_and_each_answer_sends_the_next() {
+    // Keys that became active together come to half their leases together:
+    // a thousand renewals sent at once queued at the ledger ahead of the
+    // records (a fifth of a second a grant), and the backlog grew.
+    let mut gw = Gateway::new(json!({"lease_ms": 1_000}));
+    let keys: Vec<String> = (0..100).map(|i| format!("sk-together-tenant-{i:04}")).collect();
+    for k in &keys {
+        let (mut ex, s, _) = gw.post(k, "/v1/chat/completions", &[], BODY);
+        gw.answer(&mut ex, &s, "200", grant(100_000));
+    }
+    gw.world.advance(600);
+    let before = gw.world.calls_to(LEASE_PATH).len();
+    for k in &keys {
+        gw.post(k, "/v1/chat/completions", &[], BODY);
+    }
+    assert_eq!(gw.world.lease_queue.borrow().len(), keys.len(), "every key asks for its next lease");
+    gw.root.on_tick(&*gw.world);
+    let sent = |gw: &Gateway| gw.world.calls_to(LEASE_PATH)[before..].to_vec();
+    assert_eq!(sent(&gw).len(), super::LEASE_ASKS_IN_FLIGHT, "a few at a time");
+    // Each answer sends the next at once, and every ask goes in the end.
+    let mut answered = 0;
+    while let Some(ask) = sent(&gw).into_iter().find(|c| !gw.world.answered(c.token)) {
+        let open = sent(&gw).iter().filter(|c| !gw.world.answered(c.token)).count();
+        assert!(open <= super::LEASE_ASKS_IN_FLIGHT, "{open} asks in flight");
+        gw.reply(ask.token, "200", grant(50_000));
+        answered += 1;
+    }
+    assert_eq!(answered, keys.len());
+    assert!(gw.world.lease_queue.borrow().is_empty());
+}
+
+#[test]
 fn shutdown_closes_live_leases_and_releases_asks_in_flight() {
     let (mut gw, _) = renewing();
     let before = gw.world.calls().len();
