@@ -214,6 +214,14 @@ impl Background {
         while self.lease_calls.len() < LEASE_ASKS_IN_FLIGHT {
             let Some(bytes) = host.dequeue_lease_ask() else { break };
             let Ok(ask) = serde_json::from_slice::<LeaseRequest>(&bytes) else { continue };
+            // Waited so long that a later ask replaced it (a slow sidecar):
+            // dropped here, so the queue cannot grow with asks nobody wants.
+            let key = lease::slot_key(&ask.key_hash, self.config.lease_slots);
+            let (current, _) = host.shared_get(&key);
+            if !lease::still_asked(current.as_deref().and_then(Slot::decode).as_ref(), &ask.lease_id) {
+                debug!("[root {}] lease ask {} replaced while it waited; not sent", self.context_id, ask.lease_id);
+                continue;
+            }
             match call_sidecar(host, &self.config, LEASE_PATH, &bytes, self.config.sidecar_timeout_ms) {
                 Ok(token) => {
                     host.metric(Metric::LeaseRenewals, 1);

@@ -148,6 +148,42 @@ fn renewals_due_together_go_a_few_at_a_time_and_each_answer_sends_the_next() {
 }
 
 #[test]
+fn an_ask_that_waited_until_a_later_one_replaced_it_is_dropped_not_sent() {
+    // A slow sidecar: the asks queue behind the ones in flight, their markers
+    // go stale, the keys' draws ask again. The first asks are then nobody's.
+    let mut gw = Gateway::new(json!({"lease_ms": 60_000, "sidecar_timeout_ms": 1_000}));
+    let keys: Vec<String> = (0..40).map(|i| format!("sk-slow-tenant-{i:04}")).collect();
+    for k in &keys {
+        let (mut ex, s, _) = gw.post(k, "/v1/chat/completions", &[], BODY);
+        gw.answer(&mut ex, &s, "200", grant(1_000_000));
+    }
+    gw.world.advance(40_000);
+    let before = gw.world.calls_to(LEASE_PATH).len();
+    for k in &keys {
+        gw.post(k, "/v1/chat/completions", &[], BODY);
+    }
+    gw.root.on_tick(&*gw.world);
+    assert_eq!(gw.world.calls_to(LEASE_PATH).len() - before, super::LEASE_ASKS_IN_FLIGHT);
+    // Unanswered past their staleness: every key asks again.
+    gw.world.advance(3_000);
+    for k in &keys {
+        gw.post(k, "/v1/chat/completions", &[], BODY);
+    }
+    assert_eq!(gw.world.lease_queue.borrow().len(), 2 * keys.len() - super::LEASE_ASKS_IN_FLIGHT);
+    // The sidecar answers the first ones; what the queue then sends is the second asks alone.
+    for call in gw.world.calls_to(LEASE_PATH)[before..].to_vec() {
+        gw.reply(call.token, "503", json!(null));
+    }
+    while let Some(ask) = gw.world.calls_to(LEASE_PATH)[before..].iter().find(|c| !gw.world.answered(c.token)).cloned()
+    {
+        gw.reply(ask.token, "200", grant(50_000));
+    }
+    let sent = gw.world.calls_to(LEASE_PATH).len() - before;
+    assert_eq!(sent, super::LEASE_ASKS_IN_FLIGHT + keys.len(), "the stale asks were sent too");
+    assert!(gw.world.lease_queue.borrow().is_empty());
+}
+
+#[test]
 fn shutdown_closes_live_leases_and_releases_asks_in_flight() {
     let (mut gw, _) = renewing();
     let before = gw.world.calls().len();

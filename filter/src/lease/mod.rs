@@ -440,6 +440,18 @@ pub fn renew(
     }
 }
 
+/// Whether background ask `id`, waiting in the queue, is still wanted: the
+/// live lease it is to replace still names it, or the slot is empty. Else a
+/// later ask (this one gone stale) or a fetch took its place, and a grant
+/// for it would only be given back.
+pub fn still_asked(current: Option<&Slot>, id: &str) -> bool {
+    match current {
+        Some(Slot::Live(old)) => old.refresh.as_ref().is_some_and(|r| r.id == id),
+        None => true,
+        _ => false,
+    }
+}
+
 /// A background ask answered without a grant: the live lease it was to
 /// replace, marked so that requests stop waiting for it (the next that finds
 /// the lease short fetches in the foreground and gets the answer itself).
