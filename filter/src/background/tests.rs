@@ -104,6 +104,16 @@ fn a_batch_the_sidecar_rejects_is_split_and_its_bad_record_dropped_alone() {
 
 /// A key's lease half way through its window, and the background ask for the
 /// next one the root sent.
+/// `n` keys (`sk-{name}-tenant-0000`...), each with a lease of `tokens` granted to its first request.
+fn leased_keys(gw: &mut Gateway, name: &str, n: usize, tokens: i64) -> Vec<String> {
+    let keys: Vec<String> = (0..n).map(|i| format!("sk-{name}-tenant-{i:04}")).collect();
+    for k in &keys {
+        let (mut ex, s, _) = gw.post(k, "/v1/chat/completions", &[], BODY);
+        gw.answer(&mut ex, &s, "200", grant(tokens));
+    }
+    keys
+}
+
 fn renewing() -> (Gateway, crate::fake::Call) {
     let mut gw = Gateway::new(json!({"lease_ms": 1_000}));
     let (mut ex, s, _) = gw.send(BODY);
@@ -121,11 +131,7 @@ fn renewals_due_together_go_a_few_at_a_time_and_each_answer_sends_the_next() {
     // a thousand renewals sent at once queued at the ledger ahead of the
     // records (a fifth of a second a grant), and the backlog grew.
     let mut gw = Gateway::new(json!({"lease_ms": 1_000}));
-    let keys: Vec<String> = (0..100).map(|i| format!("sk-together-tenant-{i:04}")).collect();
-    for k in &keys {
-        let (mut ex, s, _) = gw.post(k, "/v1/chat/completions", &[], BODY);
-        gw.answer(&mut ex, &s, "200", grant(100_000));
-    }
+    let keys = leased_keys(&mut gw, "together", 100, 100_000);
     gw.world.advance(600);
     let before = gw.world.calls_to(LEASE_PATH).len();
     for k in &keys {
@@ -152,11 +158,7 @@ fn an_ask_that_waited_until_a_later_one_replaced_it_is_dropped_not_sent() {
     // A slow sidecar: the asks queue behind the ones in flight, their markers
     // go stale, the keys' draws ask again. The first asks are then nobody's.
     let mut gw = Gateway::new(json!({"lease_ms": 60_000, "sidecar_timeout_ms": 1_000}));
-    let keys: Vec<String> = (0..40).map(|i| format!("sk-slow-tenant-{i:04}")).collect();
-    for k in &keys {
-        let (mut ex, s, _) = gw.post(k, "/v1/chat/completions", &[], BODY);
-        gw.answer(&mut ex, &s, "200", grant(1_000_000));
-    }
+    let keys = leased_keys(&mut gw, "slow", 40, 1_000_000);
     gw.world.advance(40_000);
     let before = gw.world.calls_to(LEASE_PATH).len();
     for k in &keys {
@@ -680,11 +682,7 @@ fn however_fast_the_sidecar_answers_progress_goes_once_a_tick_and_closes_do_not_
     // control lane that sent progress again with each reply ran back to back
     // (a tick's budget a call), reading all the slots each time.
     let mut gw = Gateway::new(json!({"lease_ms": 60_000, "lease_idle_ms": 60_000}));
-    let keys: Vec<String> = (0..200).map(|i| format!("sk-quick-tenant-{i:04}")).collect();
-    for k in &keys {
-        let (mut ex, s, _) = gw.post(k, "/v1/chat/completions", &[], BODY);
-        gw.answer(&mut ex, &s, "200", grant(100_000));
-    }
+    let keys = leased_keys(&mut gw, "quick", 200, 100_000);
     let mut reported: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
     let mut calls_with_progress_a_tick = Vec::new();
     let mut answered = 0;
