@@ -20,7 +20,7 @@ BENCHMARKS.md and ends with `bridge/bare-envoy ratio: R`: the least over every s
 every key count of the keys runs (BENCH_KEY_COUNTS).
 
 Loopback only; every load is bounded in time. Settings: BENCH_SECONDS (5),
-BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), BENCH_SIDECAR_LOG (warn), BENCH_AUDIT_ROWS (100000),
+BENCH_ROUNDS (3), BENCH_CONNECTIONS (32), BENCH_HONOUR_RETRY_AFTER (0: 1 holds a request back by a 503's Retry-After), BENCH_SIDECAR_LOG (warn), BENCH_AUDIT_ROWS (100000),
 BENCH_ONLY=reports (only the usage report and audit-log timings) or itemise (only the filter's steps),
 MONGODB_URI (else a local MongoDB-wire server is started: MONGO_SERVER names its binary, else the one
 scripts/mongo.sh picks: the compiled build `make db` installs, or the PyPI build; the PyPI one in memory with a BENCH_MONGO_CACHE (12G) cache).
@@ -162,6 +162,24 @@ end
 """
 
 
+# BENCH_HONOUR_RETRY_AFTER=1: each 503 holds back one next request by its
+# Retry-After, as the OpenAI SDKs do (wrk alone asks again at once).
+LUA_RETRY_AFTER = """
+local backoffs, backoff_ms = 0, 0
+response = function(status, headers, body)
+  if status == 503 then
+    backoffs = backoffs + 1
+    backoff_ms = (tonumber(headers["Retry-After"] or headers["retry-after"] or "1") or 1) * 1000
+  end
+end
+delay = function()
+  if backoffs > 0 then backoffs = backoffs - 1; return backoff_ms end
+  return 0
+end
+"""
+HONOUR_RETRY_AFTER = os.environ.get("BENCH_HONOUR_RETRY_AFTER") == "1"
+
+
 def wrk(url, body, headers, watch, seconds=None, sample=None, keys=None):
     """One wrk run: its summary, CPU us a request and peak RSS of the `watch` processes;
     `sample`, if given, is called every 0.25 s while it runs; `keys` (prefix, n) spreads
@@ -170,6 +188,8 @@ def wrk(url, body, headers, watch, seconds=None, sample=None, keys=None):
     hdrs = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
     if keys:
         hdrs += LUA_KEYS % (keys[1], keys[0])
+    if HONOUR_RETRY_AFTER:
+        hdrs += LUA_RETRY_AFTER
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(LUA % (json.dumps(body), hdrs))
         script = f.name
