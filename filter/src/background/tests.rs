@@ -102,8 +102,6 @@ fn a_batch_the_sidecar_rejects_is_split_and_its_bad_record_dropped_alone() {
     assert_eq!(gw.root.vm.pending(), 0, "nothing wedged: the bad record was dropped");
 }
 
-/// A key's lease half way through its window, and the background ask for the
-/// next one the root sent.
 /// `n` keys (`sk-{name}-tenant-0000`...), each with a lease of `tokens` granted to its first request.
 fn leased_keys(gw: &mut Gateway, name: &str, n: usize, tokens: i64) -> Vec<String> {
     let keys: Vec<String> = (0..n).map(|i| format!("sk-{name}-tenant-{i:04}")).collect();
@@ -114,6 +112,8 @@ fn leased_keys(gw: &mut Gateway, name: &str, n: usize, tokens: i64) -> Vec<Strin
     keys
 }
 
+/// A key's lease half way through its window, and the background ask for the
+/// next one the root sent.
 fn renewing() -> (Gateway, crate::fake::Call) {
     let mut gw = Gateway::new(json!({"lease_ms": 1_000}));
     let (mut ex, s, _) = gw.send(BODY);
