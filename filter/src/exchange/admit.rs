@@ -42,11 +42,8 @@ impl Exchange {
     /// The body is in (or the request was woken from its wait): draw, fetch,
     /// wait or reserve.
     pub(super) fn admit(&mut self, host: &impl HttpHost, mut req: Admitted) -> Flow {
-        if let Some(why) = self.settlement_behind(host) {
-            // Logged once a change by the root (`Background::report_pending`), not per request.
-            debug!("[{}] {}: {why}; answering 503", self.id, req.caller.request_id);
-            host.metric(Metric::Shed, 1);
-            return self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs));
+        if let Some(shed) = self.shed_if_behind(host, &req.caller.request_id) {
+            return shed;
         }
         if self.cfg.lease_tokens == 0 {
             return self.reserve(host, req);
@@ -178,7 +175,17 @@ impl Exchange {
     /// record has waited longer than `settle_backlog_age_ms` (not with
     /// `failure_mode: allow`, which forwards while the sidecar is down).
     /// Admitting more would outrun what the ledger can write.
-    pub(super) fn settlement_behind(&self, host: &impl HttpHost) -> Option<String> {
+    /// Answered 503 with Retry-After if this VM's settlement is behind
+    /// ([`Self::settlement_behind`]); logged once a change by the root
+    /// (`Background::report_pending`), not per request.
+    pub(super) fn shed_if_behind(&mut self, host: &impl HttpHost, request_id: &str) -> Option<Flow> {
+        let why = self.settlement_behind(host)?;
+        debug!("[{}] {request_id}: {why}; answering 503", self.id);
+        host.metric(Metric::Shed, 1);
+        Some(self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs)))
+    }
+
+    fn settlement_behind(&self, host: &impl HttpHost) -> Option<String> {
         let backlog = self.vm.settler.borrow().backlog(host.now_ms());
         if backlog.records >= self.cfg.settle_backlog_max {
             return Some(format!("{} records wait for settlement", backlog.records));

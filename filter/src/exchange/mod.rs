@@ -255,13 +255,11 @@ impl Exchange {
             return Flow::Pause;
         }
         let State::Body(caller) = std::mem::replace(&mut self.state, State::Settled) else { return Flow::Continue };
-        if self.settlement_behind(host).is_some() {
-            // Shed before the body is copied out of Envoy and read: under a
-            // flood of retries (a client that ignores Retry-After) each 503
-            // costs the CPU the ledger needs to catch up. Logged once a
-            // change by the root (`Background::report_pending`).
-            host.metric(crate::metrics::Metric::Shed, 1);
-            return self.answer(host, LocalReply::overloaded(self.cfg.retry_after_secs));
+        // Shed before the body is copied out of Envoy and read: under a flood
+        // of retries (a client that ignores Retry-After) each 503 costs the
+        // CPU the ledger needs to catch up.
+        if let Some(shed) = self.shed_if_behind(host, &caller.request_id) {
+            return shed;
         }
         let body = time(Step::BodyCopy, || host.request_body(body_size));
         let admission = match time(Step::Admit, || crate::request::admit(&body, &self.cfg, caller.endpoint)) {
