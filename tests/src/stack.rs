@@ -385,8 +385,7 @@ impl Stack {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let d = self.key_doc(key).await;
-            let counts = ["holds_n", "leases_n", "outbox_n"];
-            if counts.iter().all(|c| d.get_i64(c).unwrap_or(0) == 0) {
+            if pending_in(&d) == 0 {
                 return d.get_i64("balance_tokens").unwrap();
             }
             assert!(std::time::Instant::now() < deadline, "{key} still holds tokens: {d:?}");
@@ -409,7 +408,7 @@ impl Stack {
             }
             for key in keys {
                 let d = self.key_doc(key).await;
-                open += ["holds_n", "leases_n", "outbox_n"].iter().map(|c| d.get_i64(c).unwrap_or(0)).sum::<i64>();
+                open += pending_in(&d);
             }
             if open == 0 {
                 break;
@@ -481,6 +480,12 @@ impl Stack {
     pub fn chat(&self, key: &str, body: &Value) -> reqwest::RequestBuilder {
         self.http.post(format!("{}/v1/chat/completions", self.base)).bearer_auth(key).json(body)
     }
+}
+
+/// What a key document still holds open: holds, leases, and audit rows in
+/// its outbox (0 only when each count is 0).
+fn pending_in(key: &Document) -> i64 {
+    ["holds_n", "leases_n", "outbox_n"].iter().map(|c| key.get_i64(c).unwrap_or(0).abs()).sum()
 }
 
 /// Every audit row of the keys a [`Stack::settled_ledger`] checked, and how
